@@ -1,0 +1,392 @@
+//! Typed settings. Every field has a documented default (see `config/octd.toml`), so an
+//! empty file — or no file at all — is a valid configuration that runs end to end.
+//!
+//! Sources, later ones win: built-in defaults, the TOML file, then environment variables
+//! `OCTD_<SECTION>__<KEY>` (for example `OCTD_MQTT__URL=mqtt://broker:1883`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Sections that environment overrides may address; anything else in the `OCTD_`
+/// namespace (for example test switches) is not configuration.
+const SECTIONS: &[&str] = &["device", "ingest", "deid", "model", "triage", "pipeline", "store", "mqtt"];
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub device: DeviceConfig,
+    pub ingest: IngestConfig,
+    pub deid: DeidConfig,
+    pub model: ModelConfig,
+    pub triage: TriageConfig,
+    pub pipeline: PipelineConfig,
+    pub store: StoreConfig,
+    pub mqtt: MqttConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Clinic identifier, the second level of every MQTT topic.
+    pub site: String,
+    /// This device's identifier, the third level of every MQTT topic.
+    pub id: String,
+    /// Holds the store, spool, de-identified artefacts, quarantine and the device secret.
+    pub state_dir: PathBuf,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self { site: "local".into(), id: "octd-dev".into(), state_dir: PathBuf::from("var/octd") }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Export folders of the scanner(s).
+    pub watch: Vec<PathBuf>,
+    /// A file is taken once its size and mtime are unchanged across this interval.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+    /// Full rescan of every folder (missed events, network mounts).
+    #[serde(with = "humantime_serde")]
+    pub rescan_interval: Duration,
+    /// Larger inputs are quarantined unread.
+    pub max_file_bytes: u64,
+    /// Upper bound on width x height of one frame, checked before any pixel is allocated.
+    pub max_frame_pixels: u64,
+    /// Upper bound on frames in one DICOM object.
+    pub max_frames: u32,
+    /// Upper bound on decoded pixel bytes of one input (all frames).
+    pub max_decoded_bytes: u64,
+    /// Intake stops (and an alarm is raised) while the state directory has less free space.
+    pub min_free_bytes: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            watch: vec![PathBuf::from("inbox")],
+            settle: Duration::from_secs(2),
+            rescan_interval: Duration::from_secs(10),
+            max_file_bytes: 1 << 30,
+            max_frame_pixels: 8192 * 8192,
+            max_frames: 2048,
+            max_decoded_bytes: 1 << 30,
+            min_free_bytes: 256 << 20,
+        }
+    }
+}
+
+/// A rectangle to black out, in pixels: x, y, width, height.
+pub type Rect = [u32; 4];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BurnedInMask {
+    /// Matches DICOM Manufacturer (0008,0070), case-insensitive.
+    pub manufacturer: String,
+    /// Matches ManufacturerModelName (0008,1090), case-insensitive; empty matches any model.
+    #[serde(default)]
+    pub model: String,
+    pub rects: Vec<Rect>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeidConfig {
+    /// Pixel masks for scanners that burn identity into the image. A DICOM object with
+    /// BurnedInAnnotation = YES and no matching mask is quarantined.
+    pub burned_in_masks: Vec<BurnedInMask>,
+    /// How long the on-device linkage (scan_id -> original identifiers) is kept.
+    #[serde(with = "humantime_serde")]
+    pub linkage_retention: Duration,
+}
+
+impl Default for DeidConfig {
+    fn default() -> Self {
+        Self { burned_in_masks: Vec::new(), linkage_retention: Duration::from_secs(365 * 86_400) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum BackendKind {
+    Tract,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Folder with model.onnx and manifest.json.
+    pub dir: PathBuf,
+    pub backend: BackendKind,
+    /// Inference threads; 0 = one per core.
+    pub threads: usize,
+    /// B-scans per inference call for volumes.
+    pub batch_size: usize,
+    /// Overrides the manifest's review threshold when set.
+    pub min_confidence: Option<f32>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("models/default"),
+            backend: BackendKind::Tract,
+            threads: 0,
+            batch_size: 8,
+            min_confidence: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Urgent,
+    FollowUp,
+    Routine,
+}
+
+impl Priority {
+    /// 1 is seen first.
+    pub fn rank(self) -> u8 {
+        match self {
+            Priority::Urgent => 1,
+            Priority::FollowUp => 2,
+            Priority::Routine => 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TriageConfig {
+    /// Class name -> priority. Classes not listed are routine.
+    pub priorities: BTreeMap<String, Priority>,
+    /// Priority of a scan flagged for review, when that is more urgent than its label's.
+    pub review_priority: Priority,
+}
+
+impl Default for TriageConfig {
+    fn default() -> Self {
+        let priorities = [
+            ("CNV", Priority::Urgent),
+            ("DME", Priority::Urgent),
+            ("DRUSEN", Priority::FollowUp),
+            ("NORMAL", Priority::Routine),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Self { priorities, review_priority: Priority::FollowUp }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Scans processed concurrently.
+    pub workers: usize,
+    /// Claimed scans waiting for a worker; intake pauses when full.
+    pub queue_capacity: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self { workers: 2, queue_capacity: 32 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Published scans and their de-identified artefacts are pruned after this.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { retention: Duration::from_secs(30 * 86_400), prune_interval: Duration::from_secs(3600) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` or `mqtts://host:port`. Empty: start the embedded broker.
+    pub url: String,
+    /// Where the embedded broker listens.
+    pub embedded_listen: SocketAddr,
+    /// Defaults to `octd-<device id>`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM CA bundle for mqtts.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key for mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Unacknowledged QoS 1 publishes in flight.
+    pub max_inflight: u16,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_delay: Duration,
+    pub topic_prefix: String,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            embedded_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            client_id: None,
+            username: None,
+            password: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            keep_alive: Duration::from_secs(15),
+            max_inflight: 16,
+            reconnect_delay: Duration::from_secs(1),
+            topic_prefix: "oct".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `path` (which must exist when given), then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError::Missing(path.to_path_buf()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(
+            Env::prefixed("OCTD_")
+                .split("__")
+                .filter(|key| SECTIONS.iter().any(|s| key.as_str().starts_with(&format!("{s}.")))),
+        );
+        let config: Config = figment.extract().map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
+        let topic_safe = |s: &str| !s.is_empty() && !s.contains(['/', '+', '#']);
+        if !topic_safe(&self.device.site) {
+            return invalid("device.site", "must be non-empty and contain no '/', '+' or '#'");
+        }
+        if !topic_safe(&self.device.id) {
+            return invalid("device.id", "must be non-empty and contain no '/', '+' or '#'");
+        }
+        if self.ingest.watch.is_empty() {
+            return invalid("ingest.watch", "needs at least one folder");
+        }
+        if self.ingest.settle.is_zero() {
+            return invalid("ingest.settle", "must be greater than zero");
+        }
+        if self.pipeline.workers == 0 || self.pipeline.queue_capacity == 0 {
+            return invalid("pipeline", "workers and queue_capacity must be at least 1");
+        }
+        if self.model.batch_size == 0 {
+            return invalid("model.batch_size", "must be at least 1");
+        }
+        if let Some(c) = self.model.min_confidence {
+            if !(0.0..=1.0).contains(&c) {
+                return invalid("model.min_confidence", "must be within 0..1");
+            }
+        }
+        if self.mqtt.max_inflight == 0 {
+            return invalid("mqtt.max_inflight", "must be at least 1");
+        }
+        if !self.mqtt.url.is_empty() {
+            crate::publish::BrokerAddress::parse(&self.mqtt.url)
+                .map_err(|reason| ConfigError::Invalid { field: "mqtt.url", reason })?;
+        }
+        if self.mqtt.client_cert.is_some() != self.mqtt.client_key.is_some() {
+            return invalid("mqtt.client_cert", "client_cert and client_key go together");
+        }
+        for mask in &self.deid.burned_in_masks {
+            if mask.manufacturer.trim().is_empty() || mask.rects.is_empty() {
+                return invalid("deid.burned_in_masks", "each mask needs a manufacturer and rects");
+            }
+        }
+        if !topic_safe(&self.mqtt.topic_prefix) {
+            return invalid("mqtt.topic_prefix", "must be non-empty and contain no '/', '+' or '#'");
+        }
+        Ok(())
+    }
+
+    pub fn client_id(&self) -> String {
+        self.mqtt.client_id.clone().unwrap_or_else(|| format!("octd-{}", self.device.id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("octd.toml");
+        std::fs::write(&path, "").unwrap();
+        let cfg = Config::load(Some(&path)).unwrap();
+        assert_eq!(cfg.ingest.watch, vec![PathBuf::from("inbox")]);
+        assert_eq!(cfg.ingest.settle, Duration::from_secs(2));
+        assert_eq!(cfg.model.dir, PathBuf::from("models/default"));
+        assert!(cfg.mqtt.url.is_empty(), "no broker configured means the embedded one");
+        assert_eq!(cfg.triage.priorities["CNV"], Priority::Urgent);
+        assert_eq!(cfg.triage.priorities["DRUSEN"], Priority::FollowUp);
+    }
+
+    #[test]
+    fn shipped_config_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/octd.toml");
+        let cfg = Config::load(Some(&path)).unwrap();
+        let defaults = Config::default();
+        assert_eq!(cfg.ingest.settle, defaults.ingest.settle);
+        assert_eq!(cfg.mqtt.embedded_listen, defaults.mqtt.embedded_listen);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("octd.toml");
+        std::fs::write(&path, "[ingest]\nsetle = \"1s\"\n").unwrap();
+        assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Parse(_))));
+        std::fs::write(&path, "[device]\nsite = \"a/b\"\n").unwrap();
+        assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "device.site", .. })));
+        std::fs::write(&path, "[mqtt]\nurl = \"http://x\"\n").unwrap();
+        assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "mqtt.url", .. })));
+        assert!(matches!(Config::load(Some(&dir.path().join("nope.toml"))), Err(ConfigError::Missing(_))));
+    }
+}

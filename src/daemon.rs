@@ -1,0 +1,456 @@
+//! `octd run`: wires the stages together and keeps them going.
+//!
+//! ingest --Job--> worker (deid -> infer -> store result + outbox) --wake--> publisher
+//!
+//! Every step of a worker first reads the scan's state from the store and does only what is
+//! left, so a job re-sent after a crash resumes where the last commit left it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Mutex, Notify};
+
+use crate::config::Config;
+use crate::deid::{DeidError, Deidentifier, InputLimits};
+use crate::infer::{Classifier, InferError};
+use crate::ingest::{self, DiskGuard, Ingest, Job};
+use crate::publish::{self, LinkState, Publisher, Topics};
+use crate::scan::{
+    now_ms, rfc3339_ms, EventKind, EventMessage, ResultMessage, ScanId, ScanRecord, ScanState, StageTimings,
+    EVENT_SCHEMA, RESULT_SCHEMA,
+};
+use crate::secret::DeviceSecret;
+use crate::store::{OutboxMessage, Store, StoreError, STORE_FILE};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// Settings or files an operator must fix; a restart will not help.
+    #[error("{0}")]
+    Config(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The folders under the state directory.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    pub state: PathBuf,
+    pub spool: PathBuf,
+    pub deid: PathBuf,
+    pub quarantine: PathBuf,
+}
+
+impl Dirs {
+    pub fn new(state: &Path) -> Self {
+        Dirs {
+            state: state.to_path_buf(),
+            spool: state.join("spool"),
+            deid: state.join("deid"),
+            quarantine: state.join("quarantine"),
+        }
+    }
+
+    pub fn create(&self) -> std::io::Result<()> {
+        for d in [&self.state, &self.spool, &self.deid, &self.quarantine] {
+            std::fs::create_dir_all(d)?;
+        }
+        Ok(())
+    }
+}
+
+/// The reason file beside a quarantined input. Holds no identity.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QuarantineReason {
+    pub scan_id: ScanId,
+    pub code: String,
+    pub detail: String,
+    pub kind: EventKind,
+    pub at: String,
+}
+
+struct Context {
+    config: Config,
+    dirs: Dirs,
+    store: Arc<Store>,
+    deid: Deidentifier,
+    classifier: Classifier,
+    topics: Topics,
+    wake: Arc<Notify>,
+}
+
+/// Low-disk alarm: intake stops below `min_free_bytes` and an alarm goes out once.
+struct Disk {
+    dir: PathBuf,
+    min_free: u64,
+    low: AtomicBool,
+    store: Arc<Store>,
+    topics: Topics,
+    config: Config,
+    wake: Arc<Notify>,
+}
+
+impl DiskGuard for Disk {
+    fn intake_allowed(&self) -> bool {
+        let free = fs4::available_space(&self.dir).unwrap_or(u64::MAX);
+        let low = free < self.min_free;
+        if low != self.low.swap(low, Ordering::Relaxed) {
+            let (kind, detail) = if low {
+                tracing::error!(free, min = self.min_free, "disk almost full: intake stopped");
+                (EventKind::Alarm, format!("{free} bytes free, below {}; intake stopped", self.min_free))
+            } else {
+                tracing::info!(free, "disk space back: intake resumed");
+                (EventKind::AlarmCleared, format!("{free} bytes free; intake resumed"))
+            };
+            let message = event_message(&self.config, &self.topics, kind, None, "disk_low", &detail);
+            if let Err(e) = self.store.enqueue(&message) {
+                tracing::error!(error = %e, "cannot record the disk alarm");
+            }
+            self.wake.notify_one();
+        }
+        !low
+    }
+}
+
+fn event_message(config: &Config, topics: &Topics, kind: EventKind, scan_id: Option<ScanId>, code: &str, detail: &str) -> OutboxMessage {
+    let event = EventMessage {
+        schema: EVENT_SCHEMA.into(),
+        kind,
+        site: config.device.site.clone(),
+        device: config.device.id.clone(),
+        at: rfc3339_ms(now_ms()),
+        scan_id,
+        code: code.into(),
+        detail: detail.into(),
+    };
+    OutboxMessage {
+        topic: topics.events(),
+        payload: serde_json::to_string(&event).unwrap_or_default(),
+        retain: false,
+        completes_scan: None,
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, DaemonError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| DaemonError::Runtime(format!("worker task: {e}")))
+}
+
+/// Run until SIGINT/SIGTERM (or `stop` turns true). `ready` is called once every stage is up.
+pub async fn run(config: Config, stop: Option<watch::Receiver<bool>>) -> Result<(), DaemonError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dirs = Dirs::new(&config.device.state_dir);
+    dirs.create().map_err(|e| DaemonError::Config(format!("cannot create {}: {e}", dirs.state.display())))?;
+    let secret = DeviceSecret::load_or_create(&dirs.state)
+        .map_err(|e| DaemonError::Config(format!("device secret in {}: {e}", dirs.state.display())))?;
+    let store = Arc::new(Store::open(&dirs.state.join(STORE_FILE), &secret)?);
+    let model_config = config.model.clone();
+    let triage = config.triage.clone();
+    let classifier = blocking(move || Classifier::load(&model_config, &triage))
+        .await?
+        .map_err(|e| DaemonError::Config(e.to_string()))?;
+    tracing::info!(model = %classifier.stamp().name, version = %classifier.stamp().version, backend = %classifier.stamp().backend, "model loaded");
+
+    if config.mqtt.url.is_empty() {
+        publish::start_embedded_broker(config.mqtt.embedded_listen).map_err(|e| DaemonError::Config(e.to_string()))?;
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let wake = Arc::new(Notify::new());
+    let link = Arc::new(LinkState::default());
+    let topics = Topics::new(&config);
+    let publisher = Publisher::new(store.clone(), config.clone(), wake.clone(), classifier.stamp().clone(), link.clone());
+    let publisher = tokio::spawn(publisher.run(shutdown_rx.clone()));
+
+    let ctx = Arc::new(Context {
+        deid: Deidentifier::new(secret, config.deid.burned_in_masks.clone(), InputLimits::from(&config.ingest)),
+        config: config.clone(),
+        dirs: dirs.clone(),
+        store: store.clone(),
+        classifier,
+        topics: topics.clone(),
+        wake: wake.clone(),
+    });
+
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(config.pipeline.queue_capacity);
+    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+    let mut workers = Vec::new();
+    for _ in 0..config.pipeline.workers {
+        let ctx = ctx.clone();
+        let rx = jobs_rx.clone();
+        workers.push(tokio::spawn(async move {
+            loop {
+                let job = { rx.lock().await.recv().await };
+                let Some(job) = job else { break };
+                if let Err(e) = process(&ctx, job).await {
+                    tracing::error!(scan_id = %job.scan_id, error = %e, "scan left for retry at next start");
+                }
+            }
+        }));
+    }
+
+    // Resume what a crash interrupted, before new files are looked at.
+    let unfinished = {
+        let store = store.clone();
+        blocking(move || store.unfinished()).await??
+    };
+    if !unfinished.is_empty() {
+        tracing::info!(count = unfinished.len(), "resuming interrupted scans");
+    }
+    for record in unfinished {
+        if record.state == ScanState::Received {
+            let (store, spool, id) = (store.clone(), dirs.spool.clone(), record.scan_id);
+            blocking(move || ingest::recover_claim(&store, &spool, id)).await??;
+        }
+        if jobs_tx.send(Job { scan_id: record.scan_id, queued_at: Instant::now() }).await.is_err() {
+            break;
+        }
+    }
+    wake.notify_one();
+
+    let disk = Arc::new(Disk {
+        dir: dirs.state.clone(),
+        min_free: config.ingest.min_free_bytes,
+        low: AtomicBool::new(false),
+        store: store.clone(),
+        topics: topics.clone(),
+        config: config.clone(),
+        wake: wake.clone(),
+    });
+    let ingest = Ingest::new(config.ingest.clone(), store.clone(), dirs.spool.clone(), jobs_tx, disk);
+    let mut ingest = tokio::spawn(ingest.run(shutdown_rx.clone()));
+    let pruner = tokio::spawn(prune_loop(ctx.clone(), shutdown_rx.clone()));
+    tracing::info!(folders = config.ingest.watch.len(), "watching");
+
+    let stopped = async {
+        match stop {
+            Some(mut stop) => {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+            None => wait_for_signal().await,
+        }
+    };
+    tokio::select! {
+        _ = stopped => tracing::info!("shutting down"),
+        result = &mut ingest => {
+            let _ = shutdown_tx.send(true);
+            return match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(DaemonError::Config(e.to_string())),
+                Err(e) => Err(DaemonError::Runtime(e.to_string())),
+            };
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    let _ = ingest.await;
+    // Workers finish the scan in hand; the channel closed with ingest.
+    for w in workers {
+        let _ = w.await;
+    }
+    let _ = pruner.await;
+    let _ = publisher.await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn prune_loop(ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(ctx.config.store.prune_interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let now = now_ms();
+        let cutoff = now.saturating_sub(ctx.config.store.retention.as_millis() as u64);
+        let linkage_cutoff = now.saturating_sub(ctx.config.deid.linkage_retention.as_millis() as u64);
+        let c = ctx.clone();
+        match blocking(move || c.store.prune(cutoff, linkage_cutoff)).await {
+            Ok(Ok(artefacts)) => {
+                for name in &artefacts {
+                    let _ = std::fs::remove_file(ctx.dirs.deid.join(name));
+                }
+                if !artefacts.is_empty() {
+                    tracing::info!(count = artefacts.len(), "pruned published scans past retention");
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "pruning failed"),
+            Err(e) => tracing::error!(error = %e, "pruning task failed"),
+        }
+    }
+}
+
+/// Drive one scan from whatever state it is in to classified (or quarantined).
+async fn process(ctx: &Arc<Context>, job: Job) -> Result<(), DaemonError> {
+    let queue_ms = job.queued_at.elapsed().as_millis() as u64;
+    let c = ctx.clone();
+    let id = job.scan_id;
+    let Some(mut record) = blocking(move || c.store.get(id)).await?? else {
+        return Err(DaemonError::Store(StoreError::UnknownScan(id)));
+    };
+    if record.state == ScanState::Received {
+        let c = ctx.clone();
+        let r = record.clone();
+        match blocking(move || deidentify_step(&c, r)).await?? {
+            Some(next) => record = next,
+            None => return Ok(()), // quarantined
+        }
+    }
+    if record.state == ScanState::Deidentified {
+        let c = ctx.clone();
+        blocking(move || classify_step(&c, record, queue_ms)).await??;
+        ctx.wake.notify_one();
+    }
+    Ok(())
+}
+
+/// Returns the de-identified record, or None when the scan went to quarantine.
+fn deidentify_step(ctx: &Context, mut record: ScanRecord) -> Result<Option<ScanRecord>, DaemonError> {
+    let id = record.scan_id;
+    let spooled = ctx.dirs.spool.join(id.to_string());
+    if !spooled.exists() {
+        // Either a quarantine a crash interrupted, or a file that vanished before its claim.
+        let reason_path = ctx.dirs.quarantine.join(format!("{id}.reason.json"));
+        let reason = std::fs::read(&reason_path).ok().and_then(|b| serde_json::from_slice::<QuarantineReason>(&b).ok());
+        match reason {
+            Some(r) => quarantine(ctx, record, r.kind, &r.code, &r.detail)?,
+            None => quarantine(ctx, record, EventKind::Rejected, "source_missing", "the claimed file disappeared before it could be read")?,
+        }
+        return Ok(None);
+    }
+    let started = Instant::now();
+    let mut attempt = 0;
+    let outcome = loop {
+        match ctx.deid.deidentify(&spooled, &ctx.dirs.deid, id) {
+            Err(DeidError::Io(e)) if attempt < 3 => {
+                attempt += 1;
+                tracing::warn!(scan_id = %id, error = %e.kind(), attempt, "i/o error while de-identifying; retrying");
+                std::thread::sleep(Duration::from_secs(1 << attempt));
+            }
+            other => break other,
+        }
+    };
+    match outcome {
+        Ok(out) => {
+            if !out.identifiers.is_empty() {
+                ctx.store.extend_linkage(id, out.identifiers)?;
+            }
+            record.state = ScanState::Deidentified;
+            record.kind = Some(out.kind);
+            record.frames = Some(out.frames);
+            record.artifact = out.artifact.file_name().map(|n| n.to_string_lossy().into_owned());
+            record.study_uid = out.study_uid;
+            record.laterality = out.laterality;
+            record.deid_ms = Some(started.elapsed().as_millis() as u64);
+            ctx.store.transition(&record, None)?;
+            // The de-identified artefact is committed; the identified original may go. Its
+            // identity stays in the sealed linkage.
+            let _ = std::fs::remove_file(&spooled);
+            let _ = crate::fsutil::sync_dir(&ctx.dirs.spool);
+            tracing::info!(scan_id = %id, frames = out.frames, "de-identified");
+            Ok(Some(record))
+        }
+        Err(e) => {
+            quarantine(ctx, record, e.event_kind(), e.code(), &e.to_string())?;
+            Ok(None)
+        }
+    }
+}
+
+fn classify_step(ctx: &Context, mut record: ScanRecord, queue_ms: u64) -> Result<(), DaemonError> {
+    let id = record.scan_id;
+    let artifact = ctx.dirs.deid.join(record.artifact.clone().unwrap_or_default());
+    let started = Instant::now();
+    let classification = match ctx.classifier.classify_artifact(&artifact) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e {
+                InferError::Input(_) => "undecodable",
+                _ => "inference_failed",
+            };
+            tracing::error!(scan_id = %id, error = %e, "classification failed");
+            return quarantine(ctx, record, EventKind::Rejected, code, &e.to_string());
+        }
+    };
+    let infer_ms = started.elapsed().as_millis() as u64;
+    let now = now_ms();
+    let kind = record.kind.ok_or_else(|| DaemonError::Runtime("de-identified scan without input kind".into()))?;
+    let message = ResultMessage {
+        schema: RESULT_SCHEMA.into(),
+        scan_id: id,
+        site: ctx.config.device.site.clone(),
+        device: ctx.config.device.id.clone(),
+        received_at: rfc3339_ms(record.received_at_ms),
+        classified_at: rfc3339_ms(now),
+        input_kind: kind,
+        study_uid: record.study_uid.clone(),
+        laterality: record.laterality.clone(),
+        classification: classification.clone(),
+        model: ctx.classifier.stamp().clone(),
+        timings_ms: StageTimings {
+            queue_ms,
+            deid_ms: record.deid_ms.unwrap_or(0),
+            infer_ms,
+            total_ms: now.saturating_sub(record.received_at_ms),
+        },
+    };
+    let outbox = OutboxMessage {
+        topic: ctx.topics.result(id),
+        payload: serde_json::to_string(&message).map_err(|e| DaemonError::Runtime(e.to_string()))?,
+        retain: false,
+        completes_scan: Some(id),
+    };
+    record.state = ScanState::Classified;
+    record.label = Some(classification.label.clone());
+    record.priority = Some(classification.priority);
+    ctx.store.transition(&record, Some(&outbox))?;
+    tracing::info!(scan_id = %id, label = %classification.label, confidence = classification.confidence,
+        needs_review = classification.needs_review, infer_ms, "classified");
+    Ok(())
+}
+
+/// Move the input aside with a reason file, record it, and announce it — in that order, so
+/// a crash in between is finished by the next start (see `deidentify_step`).
+fn quarantine(ctx: &Context, mut record: ScanRecord, kind: EventKind, code: &str, detail: &str) -> Result<(), DaemonError> {
+    let id = record.scan_id;
+    let spooled = ctx.dirs.spool.join(id.to_string());
+    let target = ctx.dirs.quarantine.join(id.to_string());
+    if spooled.exists() {
+        crate::fsutil::move_file(&spooled, &target).map_err(|e| DaemonError::Runtime(format!("quarantine move: {e}")))?;
+    }
+    if let Some(artifact) = &record.artifact {
+        let _ = std::fs::remove_file(ctx.dirs.deid.join(artifact));
+    }
+    let reason = QuarantineReason { scan_id: id, code: code.into(), detail: detail.into(), kind, at: rfc3339_ms(now_ms()) };
+    let reason_json = serde_json::to_vec_pretty(&reason).map_err(|e| DaemonError::Runtime(e.to_string()))?;
+    crate::fsutil::write_atomic(&ctx.dirs.quarantine.join(format!("{id}.reason.json")), &reason_json)
+        .map_err(|e| DaemonError::Runtime(format!("quarantine reason: {e}")))?;
+    record.state = ScanState::Quarantined;
+    record.reason = Some(format!("{code}: {detail}"));
+    let event = event_message(&ctx.config, &ctx.topics, kind, Some(id), code, detail);
+    ctx.store.transition(&record, Some(&event))?;
+    ctx.wake.notify_one();
+    tracing::warn!(scan_id = %id, code, "quarantined");
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! DICOM de-identification with dicom-rs: header checks and limits before any pixel is
+//! decoded, the Annex E profile at every sequence depth, keyed-hash UIDs, burned-in masks.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use dicom_core::header::Header;
+use dicom_core::value::{PrimitiveValue, Value};
+use dicom_core::{DataElement, Length, Tag, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::meta::FileMetaTableBuilder;
+use dicom_object::{FileDicomObject, FileMetaTable, InMemDicomObject, OpenFileOptions};
+use dicom_pixeldata::PixelDecoder;
+use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
+
+use super::profile::{self, Action};
+use super::{check_frame_limits, DeidError, InputLimits};
+use crate::config::BurnedInMask;
+use crate::secret::DeviceSecret;
+
+const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
+/// octd's implementation class UID (under the UUID-derived 2.25 arc).
+const IMPLEMENTATION_CLASS_UID: &str = "2.25.214148914328734529126339407264358741283";
+const STANDARD_UID_ROOT: &str = "1.2.840.10008.";
+
+/// Attributes copied into the sealed linkage before they are removed.
+const LINKAGE_ATTRIBUTES: &[(Tag, &str)] = &[
+    (tags::PATIENT_NAME, "PatientName"),
+    (tags::PATIENT_ID, "PatientID"),
+    (tags::PATIENT_BIRTH_DATE, "PatientBirthDate"),
+    (Tag(0x0010, 0x1000), "OtherPatientIDs"),
+    (tags::ACCESSION_NUMBER, "AccessionNumber"),
+    (tags::STUDY_INSTANCE_UID, "StudyInstanceUID"),
+    (tags::SERIES_INSTANCE_UID, "SeriesInstanceUID"),
+    (tags::SOP_INSTANCE_UID, "SOPInstanceUID"),
+    (tags::STUDY_DATE, "StudyDate"),
+    (tags::INSTITUTION_NAME, "InstitutionName"),
+];
+
+pub(super) struct DicomOutput {
+    pub frames: u32,
+    pub identifiers: BTreeMap<String, String>,
+    pub study_uid: Option<String>,
+    pub laterality: Option<String>,
+}
+
+type Obj = FileDicomObject<InMemDicomObject>;
+
+fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
+    obj.get(tag)
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+fn int(obj: &InMemDicomObject, tag: Tag) -> Option<u64> {
+    obj.get(tag).and_then(|e| e.to_int::<i64>().ok()).and_then(|v| u64::try_from(v).ok())
+}
+
+/// Read the file meta group alone, to refuse an unknown transfer syntax with a clear reason
+/// before parsing the data set.
+fn read_transfer_syntax(input: &Path) -> Result<String, DeidError> {
+    let mut reader = BufReader::new(File::open(input)?);
+    reader.seek(SeekFrom::Start(128))?;
+    let meta = FileMetaTable::from_reader(reader.by_ref().take(1 << 20))
+        .map_err(|e| DeidError::Corrupt(format!("DICOM file meta: {e}")))?;
+    Ok(meta.transfer_syntax().trim_end_matches(['\0', ' ']).to_string())
+}
+
+pub(super) fn deidentify(
+    input: &Path,
+    artifact: &Path,
+    secret: &DeviceSecret,
+    masks: &[BurnedInMask],
+    limits: &InputLimits,
+) -> Result<DicomOutput, DeidError> {
+    let ts_uid = read_transfer_syntax(input)?;
+    let ts = TransferSyntaxRegistry
+        .get(&ts_uid)
+        .filter(|ts| !ts.is_unsupported() && !ts.is_unsupported_pixel_encapsulation() && ts.can_decode_all())
+        .ok_or_else(|| DeidError::UnsupportedTransferSyntax(ts_uid.clone()))?;
+    let encapsulated = ts.is_encapsulated_pixel_data();
+
+    let obj: Obj = OpenFileOptions::new().open_file(input).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("end of file") || msg.contains("UnexpectedEof") || msg.contains("failed to fill whole buffer") {
+            DeidError::Truncated(format!("DICOM data set: {msg}"))
+        } else {
+            DeidError::Corrupt(format!("DICOM data set: {msg}"))
+        }
+    })?;
+
+    let frames = check_pixel_data(&obj, encapsulated, limits)?;
+
+    // Decoding every frame proves the pixels are whole before anything downstream relies
+    // on them (truncated JPEG / JPEG 2000 streams fail here).
+    let decoded = obj
+        .decode_pixel_data()
+        .map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {e}")))?;
+    if decoded.data().is_empty() {
+        return Err(DeidError::Corrupt("pixel data decodes to nothing".into()));
+    }
+
+    let mut identifiers = BTreeMap::new();
+    for (tag, keyword) in LINKAGE_ATTRIBUTES {
+        if let Some(v) = text(&obj, *tag) {
+            identifiers.insert((*keyword).to_string(), v);
+        }
+    }
+    let laterality = text(&obj, tags::IMAGE_LATERALITY).or_else(|| text(&obj, tags::LATERALITY));
+
+    let cleaner = Cleaner { secret };
+    let mut cleaned = cleaner.clean(&obj);
+    let mut out_ts = if ts_uid == DEFLATED_EXPLICIT_VR_LE { EXPLICIT_VR_LE.to_string() } else { ts_uid.clone() };
+
+    if text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES")) {
+        let manufacturer = text(&obj, tags::MANUFACTURER).unwrap_or_default();
+        let model = text(&obj, tags::MANUFACTURER_MODEL_NAME).unwrap_or_default();
+        let mask = masks
+            .iter()
+            .find(|m| {
+                m.manufacturer.eq_ignore_ascii_case(&manufacturer)
+                    && (m.model.is_empty() || m.model.eq_ignore_ascii_case(&model))
+            })
+            .ok_or(DeidError::BurnedInAnnotation)?;
+        apply_mask(&mut cleaned, &decoded, &mask.rects)?;
+        out_ts = EXPLICIT_VR_LE.to_string();
+    }
+
+    cleaned.put(DataElement::new(tags::PATIENT_IDENTITY_REMOVED, VR::CS, PrimitiveValue::from("YES")));
+    cleaned.put(DataElement::new(
+        tags::DEIDENTIFICATION_METHOD,
+        VR::LO,
+        PrimitiveValue::from("PS3.15 Annex E Basic Profile; keyed-hash UIDs; octd"),
+    ));
+    let code = InMemDicomObject::from_element_iter([
+        DataElement::new(tags::CODE_VALUE, VR::SH, PrimitiveValue::from("113100")),
+        DataElement::new(tags::CODING_SCHEME_DESIGNATOR, VR::SH, PrimitiveValue::from("DCM")),
+        DataElement::new(tags::CODE_MEANING, VR::LO, PrimitiveValue::from("Basic Application Confidentiality Profile")),
+    ]);
+    cleaned.put(DataElement::new(
+        tags::DEIDENTIFICATION_METHOD_CODE_SEQUENCE,
+        VR::SQ,
+        Value::new_sequence(vec![code], Length::UNDEFINED),
+    ));
+    cleaned.put(DataElement::new(
+        tags::LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED,
+        VR::CS,
+        PrimitiveValue::from("REMOVED"),
+    ));
+
+    let sop_class = obj.meta().media_storage_sop_class_uid().trim_end_matches(['\0', ' ']).to_string();
+    let sop_instance = cleaner.uid(obj.meta().media_storage_sop_instance_uid().trim_end_matches(['\0', ' ']));
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(sop_class)
+        .media_storage_sop_instance_uid(sop_instance)
+        .transfer_syntax(out_ts)
+        .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+        .implementation_version_name(format!("OCTD_{}", env!("CARGO_PKG_VERSION").replace('.', "_")))
+        .build()
+        .map_err(|e| DeidError::Corrupt(format!("file meta: {e}")))?;
+    let study_uid = text(&cleaned, tags::STUDY_INSTANCE_UID);
+    let file = cleaned.with_exact_meta(meta);
+
+    let dir = artifact.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        artifact.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    file.write_to_file(&tmp).map_err(|e| DeidError::Corrupt(format!("writing de-identified DICOM: {e}")))?;
+    File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, artifact)?;
+    crate::fsutil::sync_dir(dir)?;
+
+    Ok(DicomOutput { frames, identifiers, study_uid, laterality })
+}
+
+/// Declared geometry against the limits and against the bytes actually present.
+fn check_pixel_data(obj: &InMemDicomObject, encapsulated: bool, limits: &InputLimits) -> Result<u32, DeidError> {
+    let rows = int(obj, tags::ROWS).ok_or_else(|| DeidError::NoPixelData("Rows missing".into()))?;
+    let cols = int(obj, tags::COLUMNS).ok_or_else(|| DeidError::NoPixelData("Columns missing".into()))?;
+    let frames = int(obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+    let samples = int(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1);
+    let bits = int(obj, tags::BITS_ALLOCATED).unwrap_or(8);
+    if !matches!(bits, 8 | 16) || !matches!(samples, 1 | 3) {
+        return Err(DeidError::Corrupt(format!("{bits}-bit, {samples}-sample pixels are not an OCT image")));
+    }
+    let bytes_per_pixel = samples * bits / 8;
+    check_frame_limits(cols, rows, frames, bytes_per_pixel, limits)?;
+    let pixel_data = obj.get(tags::PIXEL_DATA).ok_or_else(|| DeidError::NoPixelData("PixelData missing".into()))?;
+    match pixel_data.value() {
+        Value::PixelSequence(seq) => {
+            if seq.fragments().is_empty() {
+                return Err(DeidError::Truncated("encapsulated pixel data has no fragments".into()));
+            }
+        }
+        Value::Primitive(p) if !encapsulated => {
+            let declared = rows * cols * frames * bytes_per_pixel;
+            let found = p.to_bytes().len() as u64;
+            if found < declared {
+                return Err(DeidError::PixelDataShort { declared, found });
+            }
+        }
+        _ => return Err(DeidError::Corrupt("pixel data encoding does not match the transfer syntax".into())),
+    }
+    u32::try_from(frames).map_err(|_| DeidError::OverLimits(format!("{frames} frames")))
+}
+
+fn apply_mask(
+    cleaned: &mut InMemDicomObject,
+    decoded: &dicom_pixeldata::DecodedPixelData<'_>,
+    rects: &[crate::config::Rect],
+) -> Result<(), DeidError> {
+    let rows = decoded.rows() as usize;
+    let cols = decoded.columns() as usize;
+    let samples = decoded.samples_per_pixel() as usize;
+    let bytes = (decoded.bits_allocated() as usize).div_ceil(8);
+    if samples == 3 && decoded.planar_configuration() != dicom_pixeldata::PlanarConfiguration::Standard {
+        return Err(DeidError::Corrupt("pixel masks need interleaved colour samples".into()));
+    }
+    let mut data = decoded.data().to_vec();
+    let pixel = samples * bytes;
+    let frame_len = rows * cols * pixel;
+    for frame in data.chunks_mut(frame_len) {
+        for &[x, y, w, h] in rects {
+            let (x, y, w, h) = (x as usize, y as usize, w as usize, h as usize);
+            for row in y.min(rows)..(y + h).min(rows) {
+                let start = (row * cols + x.min(cols)) * pixel;
+                let end = (row * cols + (x + w).min(cols)) * pixel;
+                if let Some(span) = frame.get_mut(start..end) {
+                    span.fill(0);
+                }
+            }
+        }
+    }
+    let value = if bytes == 1 {
+        PrimitiveValue::U8(data.into())
+    } else {
+        PrimitiveValue::U16(data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+    };
+    cleaned.put(DataElement::new(tags::PIXEL_DATA, if bytes == 1 { VR::OB } else { VR::OW }, value));
+    if samples == 3 {
+        cleaned.put(DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from("RGB")));
+        cleaned.put(DataElement::new(tags::PLANAR_CONFIGURATION, VR::US, PrimitiveValue::from(0u16)));
+    }
+    cleaned.put(DataElement::new(tags::BURNED_IN_ANNOTATION, VR::CS, PrimitiveValue::from("NO")));
+    Ok(())
+}
+
+struct Cleaner<'a> {
+    secret: &'a DeviceSecret,
+}
+
+impl Cleaner<'_> {
+    /// Keyed hash into the 2.25 (UUID-derived) arc: the same UID on this device always gives
+    /// the same pseudonym, and nobody without the device key can go back.
+    fn uid(&self, uid: &str) -> String {
+        if uid.is_empty() || uid.starts_with(STANDARD_UID_ROOT) {
+            return uid.to_string();
+        }
+        let mac = self.secret.mac("uid", uid.as_bytes());
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&mac[..16]);
+        format!("2.25.{}", u128::from_be_bytes(first))
+    }
+
+    fn pseudonym(&self, value: &str) -> String {
+        let mac = self.secret.mac("patient-id", value.as_bytes());
+        format!("OCTD-{}", hex::encode(&mac[..8]))
+    }
+
+    fn clean(&self, dataset: &InMemDicomObject) -> InMemDicomObject {
+        let mut out = InMemDicomObject::new_empty();
+        for element in dataset.iter() {
+            let tag = element.tag();
+            if tag.group() % 2 == 1 {
+                continue; // private attributes and their creators, at any depth
+            }
+            let vr = element.vr();
+            match profile::action_for(tag, vr) {
+                Action::Remove => {}
+                Action::Empty if vr == VR::SQ => {
+                    out.put(DataElement::new(tag, VR::SQ, Value::new_sequence(Vec::<InMemDicomObject>::new(), Length::UNDEFINED)));
+                }
+                Action::Empty => {
+                    out.put(DataElement::empty(tag, vr));
+                }
+                Action::Uid => {
+                    let value = element.to_str().map(|s| s.into_owned()).unwrap_or_default();
+                    let mapped: Vec<String> = value
+                        .split('\\')
+                        .map(|u| self.uid(u.trim_end_matches(['\0', ' ']).trim()))
+                        .collect();
+                    out.put(DataElement::new(tag, VR::UI, PrimitiveValue::Strs(mapped.into())));
+                }
+                Action::Pseudonym => {
+                    let value = element.to_str().map(|s| s.trim().to_string()).unwrap_or_default();
+                    let replaced = if value.is_empty() { String::new() } else { self.pseudonym(&value) };
+                    out.put(DataElement::new(tag, vr, PrimitiveValue::from(replaced)));
+                }
+                Action::Keep => match element.value() {
+                    Value::Sequence(seq) => {
+                        let items: Vec<InMemDicomObject> = seq.items().iter().map(|item| self.clean(item)).collect();
+                        out.put(DataElement::new(tag, VR::SQ, Value::new_sequence(items, Length::UNDEFINED)));
+                    }
+                    _ => {
+                        out.put(element.clone());
+                    }
+                },
+            }
+        }
+        out
+    }
+}

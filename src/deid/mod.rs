@@ -1,0 +1,293 @@
+//! De-identification: the only stage that reads scanner bytes. Its output — a DICOM object
+//! cleaned by the PS3.15 Annex E Basic profile, or a PNG with nothing but pixels — is all
+//! that later stages see. It also enforces the input limits, so a malformed or hostile file
+//! is refused here, before any large allocation.
+
+mod dicom;
+pub mod profile;
+
+use std::collections::BTreeMap;
+use std::io::{Cursor, Read};
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageFormat, ImageReader};
+
+use crate::config::{BurnedInMask, IngestConfig};
+use crate::scan::{EventKind, InputKind, ScanId};
+use crate::secret::DeviceSecret;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeidError {
+    #[error("input is empty (zero bytes)")]
+    Empty,
+    #[error("input is {size} bytes, over the limit of {limit}")]
+    FileTooLarge { size: u64, limit: u64 },
+    #[error("not an image: content is none of DICOM, JPEG, PNG, TIFF or BMP")]
+    NotAnImage,
+    #[error("DICOM object has no image: {0}")]
+    NoPixelData(String),
+    #[error("unsupported transfer syntax {0}")]
+    UnsupportedTransferSyntax(String),
+    #[error("declared image size is over the limits (possible decompression bomb): {0}")]
+    OverLimits(String),
+    #[error("pixel data is shorter than declared: {found} of {declared} bytes")]
+    PixelDataShort { declared: u64, found: u64 },
+    #[error("truncated: {0}")]
+    Truncated(String),
+    #[error("corrupt: {0}")]
+    Corrupt(String),
+    #[error("burned-in annotation and no pixel mask configured for this scanner model")]
+    BurnedInAnnotation,
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl DeidError {
+    /// Stable, machine-readable reason for events and quarantine records.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DeidError::Empty => "empty",
+            DeidError::FileTooLarge { .. } => "file_too_large",
+            DeidError::NotAnImage => "not_an_image",
+            DeidError::NoPixelData(_) => "no_pixel_data",
+            DeidError::UnsupportedTransferSyntax(_) => "unsupported_transfer_syntax",
+            DeidError::OverLimits(_) => "over_limits",
+            DeidError::PixelDataShort { .. } => "pixel_data_short",
+            DeidError::Truncated(_) => "truncated",
+            DeidError::Corrupt(_) => "corrupt",
+            DeidError::BurnedInAnnotation => "burned_in_annotation",
+            DeidError::Io(_) => "io_error",
+        }
+    }
+
+    /// Policy refusals are "quarantined"; inputs that cannot be read are "rejected".
+    pub fn event_kind(&self) -> EventKind {
+        match self {
+            DeidError::BurnedInAnnotation => EventKind::Quarantined,
+            _ => EventKind::Rejected,
+        }
+    }
+
+    /// An I/O failure of our own (disk full, permissions) says nothing about the input.
+    pub fn is_input_fault(&self) -> bool {
+        !matches!(self, DeidError::Io(_))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct InputLimits {
+    pub max_file_bytes: u64,
+    pub max_frame_pixels: u64,
+    pub max_frames: u32,
+    pub max_decoded_bytes: u64,
+}
+
+impl From<&IngestConfig> for InputLimits {
+    fn from(c: &IngestConfig) -> Self {
+        InputLimits {
+            max_file_bytes: c.max_file_bytes,
+            max_frame_pixels: c.max_frame_pixels,
+            max_frames: c.max_frames,
+            max_decoded_bytes: c.max_decoded_bytes,
+        }
+    }
+}
+
+/// What de-identification produced. Holds no identity except `identifiers`, which goes
+/// straight into the sealed linkage table.
+#[derive(Debug, Clone)]
+pub struct Deidentified {
+    pub kind: InputKind,
+    /// Path of the written de-identified artefact.
+    pub artifact: PathBuf,
+    pub frames: u32,
+    pub identifiers: BTreeMap<String, String>,
+    /// Keyed-hash pseudonym of the StudyInstanceUID.
+    pub study_uid: Option<String>,
+    pub laterality: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Deidentifier {
+    secret: DeviceSecret,
+    masks: Vec<BurnedInMask>,
+    limits: InputLimits,
+}
+
+impl Deidentifier {
+    pub fn new(secret: DeviceSecret, masks: Vec<BurnedInMask>, limits: InputLimits) -> Self {
+        Deidentifier { secret, masks, limits }
+    }
+
+    /// De-identify `input` into `out_dir/<scan_id>.{dcm,png}`. The artefact is written
+    /// atomically, so it either exists whole or not at all.
+    pub fn deidentify(&self, input: &Path, out_dir: &Path, scan_id: ScanId) -> Result<Deidentified, DeidError> {
+        let size = std::fs::metadata(input)?.len();
+        if size == 0 {
+            return Err(DeidError::Empty);
+        }
+        if size > self.limits.max_file_bytes {
+            return Err(DeidError::FileTooLarge { size, limit: self.limits.max_file_bytes });
+        }
+        let mut head = Vec::with_capacity(132);
+        std::fs::File::open(input)?.take(132).read_to_end(&mut head)?;
+        let kind = InputKind::sniff(&head).ok_or(DeidError::NotAnImage)?;
+        std::fs::create_dir_all(out_dir)?;
+        if kind == InputKind::Dicom {
+            let artifact = out_dir.join(format!("{scan_id}.dcm"));
+            let out = dicom::deidentify(input, &artifact, &self.secret, &self.masks, &self.limits)?;
+            return Ok(Deidentified {
+                kind,
+                artifact,
+                frames: out.frames,
+                identifiers: out.identifiers,
+                study_uid: out.study_uid,
+                laterality: out.laterality,
+            });
+        }
+        let bytes = std::fs::read(input)?;
+        let png = reencode_image(&bytes, kind, &self.limits)?;
+        let artifact = out_dir.join(format!("{scan_id}.png"));
+        crate::fsutil::write_atomic(&artifact, &png)?;
+        Ok(Deidentified { kind, artifact, frames: 1, identifiers: BTreeMap::new(), study_uid: None, laterality: None })
+    }
+}
+
+/// Decode and re-encode as PNG: only pixels survive, so EXIF, XMP, IPTC, JPEG comments,
+/// PNG text chunks and ICC profiles are all gone.
+fn reencode_image(bytes: &[u8], kind: InputKind, limits: &InputLimits) -> Result<Vec<u8>, DeidError> {
+    let format = match kind {
+        InputKind::Jpeg => ImageFormat::Jpeg,
+        InputKind::Png => ImageFormat::Png,
+        InputKind::Tiff => ImageFormat::Tiff,
+        InputKind::Bmp => ImageFormat::Bmp,
+        InputKind::Dicom => return Err(DeidError::NotAnImage),
+    };
+    if kind == InputKind::Jpeg && !jpeg_has_end_marker(bytes) {
+        return Err(DeidError::Truncated("JPEG has no end-of-image marker".into()));
+    }
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| DeidError::Corrupt(format!("image header: {e}")))?;
+    check_frame_limits(width.into(), height.into(), 1, 8, limits)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut decode_limits = image::Limits::default();
+    decode_limits.max_image_width = Some(width);
+    decode_limits.max_image_height = Some(height);
+    decode_limits.max_alloc = Some(limits.max_decoded_bytes);
+    reader.limits(decode_limits);
+    let image = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(l) => DeidError::OverLimits(l.to_string()),
+        image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            DeidError::Truncated(io.to_string())
+        }
+        other => DeidError::Corrupt(format!("image data: {other}")),
+    })?;
+    let image = match image {
+        DynamicImage::ImageLuma8(_)
+        | DynamicImage::ImageLuma16(_)
+        | DynamicImage::ImageRgb8(_)
+        | DynamicImage::ImageRgb16(_) => image,
+        DynamicImage::ImageLumaA8(_) => DynamicImage::ImageLuma8(image.to_luma8()),
+        DynamicImage::ImageLumaA16(_) => DynamicImage::ImageLuma16(image.to_luma16()),
+        DynamicImage::ImageRgba16(_) | DynamicImage::ImageRgb32F(_) | DynamicImage::ImageRgba32F(_) => {
+            DynamicImage::ImageRgb16(image.to_rgb16())
+        }
+        _ => DynamicImage::ImageRgb8(image.to_rgb8()),
+    };
+    let mut png = Vec::new();
+    image
+        .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+        .map_err(|e| DeidError::Corrupt(format!("re-encoding: {e}")))?;
+    Ok(png)
+}
+
+/// A JPEG cut short still decodes (to a grey tail) with most decoders, so look for EOI.
+fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
+    let trimmed = bytes.iter().rposition(|&b| b != 0).map(|i| &bytes[..=i]).unwrap_or(&[]);
+    trimmed.ends_with(&[0xFF, 0xD9])
+}
+
+fn check_frame_limits(width: u64, height: u64, frames: u64, bytes_per_pixel: u64, limits: &InputLimits) -> Result<(), DeidError> {
+    if width == 0 || height == 0 {
+        return Err(DeidError::Corrupt(format!("image is {width}x{height}")));
+    }
+    if width.saturating_mul(height) > limits.max_frame_pixels {
+        return Err(DeidError::OverLimits(format!(
+            "{width}x{height} pixels per frame, limit {}",
+            limits.max_frame_pixels
+        )));
+    }
+    if frames > u64::from(limits.max_frames) {
+        return Err(DeidError::OverLimits(format!("{frames} frames, limit {}", limits.max_frames)));
+    }
+    let decoded = width.saturating_mul(height).saturating_mul(frames).saturating_mul(bytes_per_pixel);
+    if decoded > limits.max_decoded_bytes {
+        return Err(DeidError::OverLimits(format!(
+            "{decoded} decoded bytes, limit {}",
+            limits.max_decoded_bytes
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> InputLimits {
+        InputLimits::from(&IngestConfig::default())
+    }
+
+    #[test]
+    fn jpeg_end_marker_tolerates_padding() {
+        assert!(jpeg_has_end_marker(&[0xFF, 0xD8, 0xFF, 0xD9]));
+        assert!(jpeg_has_end_marker(&[0xFF, 0xD8, 0xFF, 0xD9, 0, 0]));
+        assert!(!jpeg_has_end_marker(&[0xFF, 0xD8, 0x12, 0x34]));
+    }
+
+    #[test]
+    fn frame_limits_refuse_bombs_before_decoding() {
+        let l = limits();
+        assert!(check_frame_limits(512, 496, 1, 1, &l).is_ok());
+        assert!(matches!(check_frame_limits(100_000, 100_000, 1, 1, &l), Err(DeidError::OverLimits(_))));
+        assert!(matches!(check_frame_limits(512, 512, 100_000, 1, &l), Err(DeidError::OverLimits(_))));
+        assert!(matches!(check_frame_limits(0, 512, 1, 1, &l), Err(DeidError::Corrupt(_))));
+    }
+
+    #[test]
+    fn png_reencoding_drops_text_chunks() {
+        let mut img = image::GrayImage::new(8, 8);
+        img.put_pixel(3, 3, image::Luma([200]));
+        let mut plain = Vec::new();
+        DynamicImage::ImageLuma8(img).write_to(&mut Cursor::new(&mut plain), ImageFormat::Png).unwrap();
+        // splice a tEXt chunk with a name after IHDR (8 signature + 25 IHDR bytes)
+        let mut text = Vec::new();
+        let data = b"Author\0DOE^JANE";
+        text.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc_input = b"tEXt".to_vec();
+        crc_input.extend_from_slice(data);
+        text.extend_from_slice(&crc_input);
+        text.extend_from_slice(&crc32(&crc_input).to_be_bytes());
+        let mut with_text = plain[..33].to_vec();
+        with_text.extend_from_slice(&text);
+        with_text.extend_from_slice(&plain[33..]);
+        assert!(with_text.windows(8).any(|w| w == b"DOE^JANE"));
+        let out = reencode_image(&with_text, InputKind::Png, &limits()).unwrap();
+        assert!(!out.windows(8).any(|w| w == b"DOE^JANE"));
+        let back = image::load_from_memory(&out).unwrap().to_luma8();
+        assert_eq!(back.get_pixel(3, 3).0[0], 200);
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xFFFF_FFFFu32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+}

@@ -1,0 +1,220 @@
+//! Classification: de-identified artefact -> per-class probabilities, label, review flag and
+//! triage priority. The model is loaded once and shared; callers run it off the async
+//! runtime (the pipeline bounds how many run at once).
+
+pub mod frames;
+pub mod manifest;
+pub mod preprocess;
+mod tract_backend;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{BackendKind, ModelConfig, Priority, TriageConfig};
+use crate::scan::{Classification, ModelStamp};
+pub use manifest::Manifest;
+pub use preprocess::GreyFrame;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InferError {
+    /// The model folder is unusable (missing, wrong hash, bad manifest, not loadable).
+    #[error("model: {0}")]
+    Model(String),
+    /// The artefact cannot be turned into model input.
+    #[error("input: {0}")]
+    Input(String),
+    #[error("inference backend: {0}")]
+    Backend(String),
+}
+
+/// An inference engine. Input is NCHW f32; output is one row of scores per batch item.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<Vec<f32>>, InferError>;
+}
+
+pub struct Classifier {
+    manifest: Manifest,
+    backend: Box<dyn Backend>,
+    stamp: ModelStamp,
+    min_confidence: f32,
+    batch_size: usize,
+    triage: TriageConfig,
+}
+
+impl std::fmt::Debug for Classifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Classifier").field("stamp", &self.stamp).finish()
+    }
+}
+
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(path)?;
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+impl Classifier {
+    /// Load `config.dir`, checking model.onnx against the manifest's sha256.
+    pub fn load(config: &ModelConfig, triage: &TriageConfig) -> Result<Classifier, InferError> {
+        let manifest = Manifest::load(&config.dir)?;
+        let model_path = config.dir.join(&manifest.model_file);
+        let sha256 = sha256_file(&model_path)
+            .map_err(|e| InferError::Model(format!("cannot read {}: {e}", model_path.display())))?;
+        if !sha256.eq_ignore_ascii_case(&manifest.sha256) {
+            return Err(InferError::Model(format!(
+                "{} has sha256 {sha256}, the manifest says {}",
+                model_path.display(),
+                manifest.sha256
+            )));
+        }
+        let backend: Box<dyn Backend> = match config.backend {
+            BackendKind::Tract => Box::new(tract_backend::TractBackend::load(
+                &model_path,
+                manifest.input.channels,
+                manifest.input.height,
+                manifest.input.width,
+                config.threads,
+            )?),
+        };
+        let stamp = ModelStamp {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            sha256,
+            backend: backend.name().to_string(),
+        };
+        let min_confidence = config.min_confidence.unwrap_or(manifest.review.min_confidence);
+        let classifier = Classifier {
+            manifest,
+            backend,
+            stamp,
+            min_confidence,
+            batch_size: config.batch_size.max(1),
+            triage: triage.clone(),
+        };
+        // A model that loads but cannot run (wrong input shape, wrong output width) must
+        // fail here, at start-up, not on the first patient's scan.
+        let probe = GreyFrame { width: 8, height: 8, pixels: vec![0.5; 64] };
+        classifier.classify_frames(&[probe])?;
+        Ok(classifier)
+    }
+
+    pub fn stamp(&self) -> &ModelStamp {
+        &self.stamp
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn classify_artifact(&self, artifact: &Path) -> Result<Classification, InferError> {
+        let frames = frames::load(artifact)?;
+        self.classify_frames(&frames)
+    }
+
+    /// Per-B-scan probabilities -> one result. For a volume: each class's probability is its
+    /// maximum over B-scans, the label is that of the least normal B-scan, and
+    /// `most_suspicious_frame` says which one it is.
+    pub fn classify_frames(&self, frames: &[GreyFrame]) -> Result<Classification, InferError> {
+        let spec = &self.manifest.input;
+        let classes = &self.manifest.classes;
+        let per_item = spec.channels * spec.height * spec.width;
+        let mut probabilities: Vec<Vec<f32>> = Vec::with_capacity(frames.len());
+        for chunk in frames.chunks(self.batch_size) {
+            let mut input = Vec::with_capacity(per_item * chunk.len());
+            for frame in chunk {
+                preprocess::preprocess_into(frame, spec, &mut input);
+            }
+            let scores = self.backend.run(input, [chunk.len(), spec.channels, spec.height, spec.width])?;
+            for row in scores {
+                if row.len() != classes.len() {
+                    return Err(InferError::Model(format!(
+                        "model gives {} scores, the manifest names {} classes",
+                        row.len(),
+                        classes.len()
+                    )));
+                }
+                probabilities.push(match self.manifest.output.kind {
+                    manifest::OutputKind::Logits => softmax(&row),
+                    manifest::OutputKind::Probabilities => row,
+                });
+            }
+        }
+        if probabilities.is_empty() {
+            return Err(InferError::Input("no B-scans to classify".into()));
+        }
+        let normal = classes.iter().position(|c| c.eq_ignore_ascii_case("NORMAL"));
+        let abnormality = |p: &Vec<f32>| match normal {
+            Some(i) => 1.0 - p[i],
+            None => p.iter().copied().fold(0.0, f32::max),
+        };
+        let suspicious = (0..probabilities.len())
+            .max_by(|&a, &b| abnormality(&probabilities[a]).total_cmp(&abnormality(&probabilities[b])))
+            .unwrap_or(0);
+        let chosen = &probabilities[suspicious];
+        let top = argmax(chosen);
+        let label = classes[top].clone();
+        let confidence = chosen[top];
+        let per_class_max: BTreeMap<String, f32> = classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), probabilities.iter().map(|p| p[i]).fold(0.0, f32::max)))
+            .collect();
+
+        let mut review_reasons = Vec::new();
+        if !(confidence >= self.min_confidence) {
+            review_reasons.push("low_confidence".to_string());
+        }
+        if self.unlike_training(&frames[suspicious]) {
+            review_reasons.push("input_unlike_training".to_string());
+        }
+        let needs_review = !review_reasons.is_empty();
+        let mut priority = self.triage.priorities.get(&label).copied().unwrap_or(Priority::Routine);
+        if needs_review && self.triage.review_priority < priority {
+            priority = self.triage.review_priority;
+        }
+        Ok(Classification {
+            label,
+            probabilities: per_class_max,
+            confidence,
+            needs_review,
+            review_reasons,
+            priority,
+            priority_rank: priority.rank(),
+            frames: probabilities.len() as u32,
+            most_suspicious_frame: suspicious as u32,
+        })
+    }
+
+    fn unlike_training(&self, frame: &GreyFrame) -> bool {
+        let (mean, std) = frame.mean_std();
+        let outside = |v: f32, range: Option<[f32; 2]>| range.is_some_and(|[lo, hi]| v < lo || v > hi);
+        outside(mean, self.manifest.review.input_mean_range) || outside(std, self.manifest.review.input_std_range)
+    }
+}
+
+fn softmax(z: &[f32]) -> Vec<f32> {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = z.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.into_iter().map(|v| v / sum).collect()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_is_stable_and_normalised() {
+        let p = softmax(&[1000.0, 1000.0, -1000.0]);
+        assert!((p[0] - 0.5).abs() < 1e-6 && (p[1] - 0.5).abs() < 1e-6 && p[2] == 0.0);
+    }
+}

@@ -1,0 +1,317 @@
+//! Publishing: drain the durable outbox to MQTT in order, QoS 1, and remove a message only
+//! when its PUBACK arrives. rumqttc keeps unacknowledged publishes in memory only, so each
+//! connection gets a fresh client and everything not yet acknowledged is sent again from
+//! the outbox: at-least-once, in order, across broker and daemon restarts.
+
+mod broker;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+
+pub use broker::start_embedded_broker;
+
+use crate::config::{Config, MqttConfig};
+use crate::scan::{now_ms, rfc3339_ms, ModelStamp, ScanId, STATUS_SCHEMA};
+use crate::store::{OutboxMessage, Store};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    #[error("MQTT settings: {0}")]
+    Settings(String),
+    #[error("embedded broker: {0}")]
+    Broker(String),
+}
+
+/// `mqtt://host[:port]` or `mqtts://host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerAddress {
+    pub fn parse(url: &str) -> Result<BrokerAddress, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else {
+            return Err(format!("{url:?} must start with mqtt:// or mqtts://"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                (h, p.parse::<u16>().map_err(|_| format!("bad port in {url:?}"))?)
+            }
+            _ => (rest, if tls { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') {
+            return Err(format!("no host in {url:?}"));
+        }
+        Ok(BrokerAddress { tls, host: host.to_string(), port })
+    }
+}
+
+/// Topic names of one device; see docs/mqtt.md.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    base: String,
+}
+
+impl Topics {
+    pub fn new(config: &Config) -> Self {
+        Topics { base: format!("{}/{}/{}", config.mqtt.topic_prefix, config.device.site, config.device.id) }
+    }
+
+    pub fn result(&self, scan_id: ScanId) -> String {
+        format!("{}/results/{scan_id}", self.base)
+    }
+
+    pub fn events(&self) -> String {
+        format!("{}/events", self.base)
+    }
+
+    pub fn status(&self) -> String {
+        format!("{}/status", self.base)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct StatusMessage<'a> {
+    schema: &'static str,
+    state: &'static str,
+    site: &'a str,
+    device: &'a str,
+    octd_version: &'static str,
+    model: Option<&'a ModelStamp>,
+    at: String,
+}
+
+/// Connection settings for the configured broker, or the embedded one.
+pub fn mqtt_options(config: &Config, will_payload: String) -> Result<MqttOptions, PublishError> {
+    let mqtt: &MqttConfig = &config.mqtt;
+    let address = if mqtt.url.is_empty() {
+        BrokerAddress { tls: false, host: mqtt.embedded_listen.ip().to_string(), port: mqtt.embedded_listen.port() }
+    } else {
+        BrokerAddress::parse(&mqtt.url).map_err(PublishError::Settings)?
+    };
+    let mut options = MqttOptions::new(config.client_id(), address.host, address.port);
+    options
+        .set_keep_alive(mqtt.keep_alive.max(Duration::from_secs(5)))
+        .set_clean_session(true)
+        .set_inflight(mqtt.max_inflight)
+        .set_request_channel_capacity(usize::from(mqtt.max_inflight) + 8)
+        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_last_will(LastWill::new(Topics::new(config).status(), will_payload, QoS::AtLeastOnce, true));
+    if let (Some(user), password) = (&mqtt.username, &mqtt.password) {
+        options.set_credentials(user.clone(), password.clone().unwrap_or_default());
+    }
+    if address.tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| PublishError::Settings(format!("cannot read {}: {e}", p.display())))
+        };
+        let ca_path = mqtt
+            .ca_file
+            .as_deref()
+            .ok_or_else(|| PublishError::Settings("mqtts needs mqtt.ca_file".into()))?;
+        let client_auth = match (&mqtt.client_cert, &mqtt.client_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        options.set_transport(Transport::Tls(TlsConfiguration::Simple { ca: read(ca_path)?, alpn: None, client_auth }));
+    }
+    Ok(options)
+}
+
+/// Shared view of the publisher for status reporting.
+#[derive(Debug, Default)]
+pub struct LinkState {
+    pub connected: AtomicBool,
+}
+
+pub struct Publisher {
+    store: Arc<Store>,
+    config: Config,
+    topics: Topics,
+    wake: Arc<Notify>,
+    model: ModelStamp,
+    link: Arc<LinkState>,
+}
+
+/// Publishes of one connection, in the order handed to rumqttc.
+struct Session {
+    client: AsyncClient,
+    /// Handed to the client, pkid not yet known (`None` = the status message).
+    queued: VecDeque<Option<u64>>,
+    /// Sent, waiting for PUBACK.
+    inflight: HashMap<u16, Option<u64>>,
+    /// Highest outbox sequence number handed to the client in this session.
+    last_queued: u64,
+}
+
+impl Publisher {
+    pub fn new(store: Arc<Store>, config: Config, wake: Arc<Notify>, model: ModelStamp, link: Arc<LinkState>) -> Self {
+        let topics = Topics::new(&config);
+        Publisher { store, config, topics, wake, model, link }
+    }
+
+    fn status_payload(&self, state: &'static str) -> String {
+        let message = StatusMessage {
+            schema: STATUS_SCHEMA,
+            state,
+            site: &self.config.device.site,
+            device: &self.config.device.id,
+            octd_version: env!("CARGO_PKG_VERSION"),
+            model: (state == "online").then_some(&self.model),
+            at: rfc3339_ms(now_ms()),
+        };
+        serde_json::to_string(&message).unwrap_or_default()
+    }
+
+    /// Runs until `shutdown` turns true; then says goodbye on the status topic.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), PublishError> {
+        let options = mqtt_options(&self.config, self.status_payload("offline"))?;
+        let capacity = usize::from(self.config.mqtt.max_inflight) + 8;
+        while !*shutdown.borrow() {
+            let (client, eventloop) = AsyncClient::new(options.clone(), capacity);
+            let session = Session { client, queued: VecDeque::new(), inflight: HashMap::new(), last_queued: 0 };
+            let ended_by_shutdown = self.connection(session, eventloop, &mut shutdown).await;
+            self.link.connected.store(false, Ordering::Relaxed);
+            if ended_by_shutdown {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.mqtt.reconnect_delay) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One connection's life. Returns true when it ended because of shutdown.
+    async fn connection(&self, mut session: Session, mut eventloop: EventLoop, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let mut connected = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    if connected {
+                        self.goodbye(&session, &mut eventloop).await;
+                    }
+                    return true;
+                }
+                event = eventloop.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        connected = true;
+                        self.link.connected.store(true, Ordering::Relaxed);
+                        tracing::info!("connected to MQTT broker");
+                        let status = self.status_payload("online");
+                        if session.client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, status).is_ok() {
+                            session.queued.push_back(None);
+                        }
+                        self.fill(&mut session).await;
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(seq) = session.queued.pop_front() {
+                            session.inflight.insert(pkid, seq);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        if let Some(Some(seq)) = session.inflight.remove(&ack.pkid) {
+                            let store = self.store.clone();
+                            match tokio::task::spawn_blocking(move || store.acknowledge(seq)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => tracing::error!(error = %e, "cannot record PUBACK; the message will be sent again"),
+                                Err(e) => tracing::error!(error = %e, "PUBACK task failed"),
+                            }
+                        }
+                        self.fill(&mut session).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if connected {
+                            tracing::warn!(error = %e, "MQTT connection lost; unacknowledged messages stay in the outbox");
+                        } else {
+                            tracing::debug!(error = %e, "MQTT broker not reachable");
+                        }
+                        return false;
+                    }
+                },
+                _ = self.wake.notified(), if connected => self.fill(&mut session).await,
+            }
+        }
+    }
+
+    /// Hand the client as many outbox messages as the in-flight window allows.
+    async fn fill(&self, session: &mut Session) {
+        let window = usize::from(self.config.mqtt.max_inflight);
+        let busy = session.queued.len() + session.inflight.len();
+        if busy >= window {
+            return;
+        }
+        let store = self.store.clone();
+        let after = session.last_queued;
+        let room = window - busy;
+        let batch = match tokio::task::spawn_blocking(move || store.outbox_after(after, room)).await {
+            Ok(Ok(batch)) => batch,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read the outbox");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "outbox task failed");
+                return;
+            }
+        };
+        for (seq, OutboxMessage { topic, payload, retain, .. }) in batch {
+            if session.client.try_publish(topic, QoS::AtLeastOnce, retain, payload).is_err() {
+                break; // request channel full; the next PUBACK or wake-up continues
+            }
+            session.queued.push_back(Some(seq));
+            session.last_queued = seq;
+        }
+    }
+
+    /// Mark the device offline (retained) before a clean disconnect, which suppresses the
+    /// Last Will.
+    async fn goodbye(&self, session: &Session, eventloop: &mut EventLoop) {
+        let _ = session.client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, self.status_payload("offline"));
+        let _ = session.client.try_disconnect();
+        let drain = async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            BrokerAddress::parse("mqtt://broker.local").unwrap(),
+            BrokerAddress { tls: false, host: "broker.local".into(), port: 1883 }
+        );
+        assert_eq!(BrokerAddress::parse("mqtts://10.0.0.2:9999/").unwrap().port, 9999);
+        assert_eq!(BrokerAddress::parse("mqtts://h").unwrap().port, 8883);
+        assert_eq!(BrokerAddress::parse("mqtt://[::1]:1884").unwrap().host, "::1");
+        assert!(BrokerAddress::parse("http://h").is_err());
+        assert!(BrokerAddress::parse("mqtt://h:notaport").is_err());
+        assert!(BrokerAddress::parse("mqtt://").is_err());
+    }
+}

@@ -1,0 +1,243 @@
+//! Types that travel between stages. Nothing here may hold patient identity: these values
+//! are stored, logged and published. Identity lives only in the sealed linkage table.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::Priority;
+
+/// Identifies a scan everywhere (UUIDv7: time-ordered, carries no identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ScanId(pub Uuid);
+
+impl ScanId {
+    pub fn new() -> Self {
+        ScanId(Uuid::now_v7())
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Uuid::parse_str(s).ok().map(ScanId)
+    }
+}
+
+impl Default for ScanId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for ScanId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// received -> deidentified -> classified -> published, or quarantined from any state
+/// before classified. Each transition is one committed store transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScanState {
+    Received,
+    Deidentified,
+    Classified,
+    Published,
+    Quarantined,
+}
+
+/// What a file turned out to be, from its first bytes (never from its name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputKind {
+    Dicom,
+    Jpeg,
+    Png,
+    Tiff,
+    Bmp,
+}
+
+impl InputKind {
+    pub fn sniff(head: &[u8]) -> Option<InputKind> {
+        if head.len() >= 132 && &head[128..132] == b"DICM" {
+            Some(InputKind::Dicom)
+        } else if head.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            Some(InputKind::Jpeg)
+        } else if head.starts_with(b"\x89PNG\r\n\x1a\n") {
+            Some(InputKind::Png)
+        } else if head.starts_with(b"II*\0") || head.starts_with(b"MM\0*") {
+            Some(InputKind::Tiff)
+        } else if head.starts_with(b"BM") {
+            Some(InputKind::Bmp)
+        } else {
+            None
+        }
+    }
+}
+
+/// The store's record of one scan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScanRecord {
+    pub scan_id: ScanId,
+    pub state: ScanState,
+    pub received_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub kind: Option<InputKind>,
+    /// File name of the de-identified artefact under `<state>/deid/`.
+    pub artifact: Option<String>,
+    pub frames: Option<u32>,
+    /// Why it was quarantined (no PHI: reasons are written by octd, not copied from input).
+    pub reason: Option<String>,
+    pub label: Option<String>,
+    pub priority: Option<Priority>,
+    pub deid_ms: Option<u64>,
+    /// Keyed-hash pseudonym of the DICOM StudyInstanceUID.
+    pub study_uid: Option<String>,
+    pub laterality: Option<String>,
+}
+
+impl ScanRecord {
+    pub fn received(scan_id: ScanId) -> Self {
+        let now = now_ms();
+        ScanRecord {
+            scan_id,
+            state: ScanState::Received,
+            received_at_ms: now,
+            updated_at_ms: now,
+            kind: None,
+            artifact: None,
+            frames: None,
+            reason: None,
+            label: None,
+            priority: None,
+            deid_ms: None,
+            study_uid: None,
+            laterality: None,
+        }
+    }
+}
+
+/// What the clinic may look up on the device, and nowhere else.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Linkage {
+    pub original_path: String,
+    pub original_name: String,
+    /// DICOM identifiers as found in the input (attribute keyword -> value).
+    pub identifiers: BTreeMap<String, String>,
+    pub claimed_at_ms: u64,
+}
+
+/// Per-class probabilities in manifest order, and what they mean for triage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Classification {
+    pub label: String,
+    pub probabilities: BTreeMap<String, f32>,
+    pub confidence: f32,
+    pub needs_review: bool,
+    pub review_reasons: Vec<String>,
+    pub priority: Priority,
+    pub priority_rank: u8,
+    pub frames: u32,
+    /// For volumes: the B-scan that looks least normal.
+    pub most_suspicious_frame: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelStamp {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub backend: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StageTimings {
+    pub queue_ms: u64,
+    pub deid_ms: u64,
+    pub infer_ms: u64,
+    pub total_ms: u64,
+}
+
+/// The payload of `oct/{site}/{device}/results/{scan_id}`; see docs/mqtt.md.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResultMessage {
+    pub schema: String,
+    pub scan_id: ScanId,
+    pub site: String,
+    pub device: String,
+    pub received_at: String,
+    pub classified_at: String,
+    pub input_kind: InputKind,
+    /// Pseudonymous (keyed-hash) study UID for DICOM inputs, to group scans of one visit.
+    pub study_uid: Option<String>,
+    pub laterality: Option<String>,
+    #[serde(flatten)]
+    pub classification: Classification,
+    pub model: ModelStamp,
+    pub timings_ms: StageTimings,
+}
+
+pub const RESULT_SCHEMA: &str = "octd.result/1";
+pub const EVENT_SCHEMA: &str = "octd.event/1";
+pub const STATUS_SCHEMA: &str = "octd.status/1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The input could not be processed and went to quarantine.
+    Rejected,
+    /// The input was readable but policy kept it from processing (e.g. burned-in identity).
+    Quarantined,
+    Alarm,
+    AlarmCleared,
+}
+
+/// The payload of `oct/{site}/{device}/events`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventMessage {
+    pub schema: String,
+    pub kind: EventKind,
+    pub site: String,
+    pub device: String,
+    pub at: String,
+    pub scan_id: Option<ScanId>,
+    /// Machine-readable reason, e.g. `disk_low`, `unsupported_transfer_syntax`.
+    pub code: String,
+    pub detail: String,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_by_content_not_name() {
+        let mut dicom = vec![0u8; 128];
+        dicom.extend_from_slice(b"DICM");
+        assert_eq!(InputKind::sniff(&dicom), Some(InputKind::Dicom));
+        assert_eq!(InputKind::sniff(&[0xFF, 0xD8, 0xFF, 0xE0]), Some(InputKind::Jpeg));
+        assert_eq!(InputKind::sniff(b"\x89PNG\r\n\x1a\nxxxx"), Some(InputKind::Png));
+        assert_eq!(InputKind::sniff(b"II*\0...."), Some(InputKind::Tiff));
+        assert_eq!(InputKind::sniff(b"hello world"), None);
+        assert_eq!(InputKind::sniff(b""), None);
+    }
+
+    #[test]
+    fn scan_ids_are_time_ordered() {
+        let a = ScanId::new();
+        let b = ScanId::new();
+        assert!(a < b);
+        assert_eq!(a.0.get_version_num(), 7);
+        assert_eq!(ScanId::parse(&a.to_string()), Some(a));
+    }
+}

@@ -1,0 +1,392 @@
+//! Durable state in one redb file. Every state change of a scan is one committed write
+//! transaction, and a result enters the outbox in the same transaction that marks the scan
+//! classified, so a crash never leaves a classified scan without its message.
+//!
+//! Tables (see docs/architecture.md):
+//! - `scans`:   scan_id -> ScanRecord (JSON)
+//! - `outbox`:  sequence number -> OutboxMessage (JSON), drained in key order
+//! - `linkage`: scan_id -> sealed Linkage (ChaCha20-Poly1305 under a key derived from the
+//!   device secret, so the store file alone reveals no identity)
+//! - `settings`: name -> bytes
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use rand::RngCore;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::scan::{now_ms, Linkage, ScanId, ScanRecord, ScanState};
+use crate::secret::DeviceSecret;
+
+const SCANS: TableDefinition<&str, &[u8]> = TableDefinition::new("scans");
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const LINKAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("linkage");
+const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+
+pub const STORE_FILE: &str = "octd.redb";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("store database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("store record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("scan {0} is not in the store")]
+    UnknownScan(ScanId),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Db(e.into()) }
+        }
+    )*};
+}
+db_err!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// A message waiting for its PUBACK.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutboxMessage {
+    pub topic: String,
+    pub payload: String,
+    pub retain: bool,
+    /// When set, the PUBACK of this message moves the scan to `published`.
+    pub completes_scan: Option<ScanId>,
+}
+
+pub struct Store {
+    db: Database,
+    seal: ChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct StoreCounts {
+    pub by_state: BTreeMap<String, u64>,
+    pub outbox: u64,
+    pub outbox_oldest_ms: Option<u64>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+impl Store {
+    pub fn open(path: &Path, secret: &DeviceSecret) -> Result<Store, StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(SCANS)?;
+            txn.open_table(OUTBOX)?;
+            txn.open_table(LINKAGE)?;
+            txn.open_table(SETTINGS)?;
+        }
+        txn.commit()?;
+        let key = secret.mac("octd linkage seal v1", b"");
+        Ok(Store { db, seal: ChaCha20Poly1305::new(Key::from_slice(&key)) })
+    }
+
+    fn seal_linkage(&self, linkage: &Linkage) -> Result<Vec<u8>, StoreError> {
+        let mut nonce = [0u8; 12];
+        rand::rng().fill_bytes(&mut nonce);
+        let plain = encode(linkage)?;
+        let mut out = nonce.to_vec();
+        out.extend(
+            self.seal
+                .encrypt(Nonce::from_slice(&nonce), plain.as_slice())
+                .map_err(|_| StoreError::Corrupt("linkage sealing failed".into()))?,
+        );
+        Ok(out)
+    }
+
+    /// A claimed file: its record and its (sealed) linkage, in one transaction.
+    pub fn record_claim(&self, record: &ScanRecord, linkage: &Linkage) -> Result<(), StoreError> {
+        let key = record.scan_id.to_string();
+        let sealed = self.seal_linkage(linkage)?;
+        let txn = self.db.begin_write()?;
+        {
+            txn.open_table(SCANS)?.insert(key.as_str(), encode(record)?.as_slice())?;
+            txn.open_table(LINKAGE)?.insert(key.as_str(), sealed.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Extra identifiers found while de-identifying (DICOM) join the claim's linkage.
+    pub fn extend_linkage(&self, scan_id: ScanId, identifiers: BTreeMap<String, String>) -> Result<(), StoreError> {
+        let mut linkage = self.linkage(scan_id)?.unwrap_or_default();
+        linkage.identifiers.extend(identifiers);
+        let sealed = self.seal_linkage(&linkage)?;
+        let key = scan_id.to_string();
+        let txn = self.db.begin_write()?;
+        txn.open_table(LINKAGE)?.insert(key.as_str(), sealed.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub fn linkage(&self, scan_id: ScanId) -> Result<Option<Linkage>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(LINKAGE)?;
+        let Some(sealed) = table.get(scan_id.to_string().as_str())? else { return Ok(None) };
+        let sealed = sealed.value();
+        if sealed.len() < 12 {
+            return Err(StoreError::Corrupt("linkage record too short".into()));
+        }
+        let plain = self
+            .seal
+            .decrypt(Nonce::from_slice(&sealed[..12]), &sealed[12..])
+            .map_err(|_| StoreError::Corrupt("linkage does not open with this device's key".into()))?;
+        decode(&plain).map(Some)
+    }
+
+    pub fn get(&self, scan_id: ScanId) -> Result<Option<ScanRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SCANS)?;
+        let value = table.get(scan_id.to_string().as_str())?;
+        value.map(|v| decode(v.value())).transpose()
+    }
+
+    /// Commit a state change, with its outgoing message when it has one.
+    pub fn transition(&self, record: &ScanRecord, message: Option<&OutboxMessage>) -> Result<Option<u64>, StoreError> {
+        let mut record = record.clone();
+        record.updated_at_ms = now_ms();
+        let txn = self.db.begin_write()?;
+        let seq = {
+            txn.open_table(SCANS)?.insert(record.scan_id.to_string().as_str(), encode(&record)?.as_slice())?;
+            match message {
+                Some(m) => Some(Self::push(&mut txn.open_table(OUTBOX)?, m)?),
+                None => None,
+            }
+        };
+        txn.commit()?;
+        Ok(seq)
+    }
+
+    /// A message that belongs to no scan transition (alarms).
+    pub fn enqueue(&self, message: &OutboxMessage) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let seq = Self::push(&mut txn.open_table(OUTBOX)?, message)?;
+        txn.commit()?;
+        Ok(seq)
+    }
+
+    fn push(table: &mut redb::Table<u64, &[u8]>, message: &OutboxMessage) -> Result<u64, StoreError> {
+        let next = table.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+        table.insert(next, encode(message)?.as_slice())?;
+        Ok(next)
+    }
+
+    /// Up to `limit` messages after `after`, oldest first.
+    pub fn outbox_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, OutboxMessage)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        for entry in table.range(after + 1..)?.take(limit) {
+            let (k, v) = entry?;
+            out.push((k.value(), decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// The broker has the message: drop it and complete its scan, in one transaction.
+    pub fn acknowledge(&self, seq: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let removed = outbox.remove(seq)?.map(|v| decode::<OutboxMessage>(v.value())).transpose()?;
+            if let Some(OutboxMessage { completes_scan: Some(scan_id), .. }) = removed {
+                let mut scans = txn.open_table(SCANS)?;
+                let key = scan_id.to_string();
+                let record = scans.get(key.as_str())?.map(|v| decode::<ScanRecord>(v.value())).transpose()?;
+                if let Some(mut record) = record {
+                    record.state = ScanState::Published;
+                    record.updated_at_ms = now_ms();
+                    scans.insert(key.as_str(), encode(&record)?.as_slice())?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Scans a crash interrupted before their result was committed.
+    pub fn unfinished(&self) -> Result<Vec<ScanRecord>, StoreError> {
+        self.scans_where(|r| matches!(r.state, ScanState::Received | ScanState::Deidentified))
+    }
+
+    pub fn scans_where(&self, keep: impl Fn(&ScanRecord) -> bool) -> Result<Vec<ScanRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SCANS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (_, v) = entry?;
+            let record: ScanRecord = decode(v.value())?;
+            if keep(&record) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn counts(&self) -> Result<StoreCounts, StoreError> {
+        let mut counts = StoreCounts::default();
+        for record in self.scans_where(|_| true)? {
+            let state = serde_json::to_value(record.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            *counts.by_state.entry(state).or_default() += 1;
+        }
+        let txn = self.db.begin_read()?;
+        let outbox = txn.open_table(OUTBOX)?;
+        counts.outbox = outbox.len()?;
+        // Messages carry no time of their own; the oldest classified scan is the outbox's age.
+        counts.outbox_oldest_ms = self
+            .scans_where(|r| r.state == ScanState::Classified)?
+            .iter()
+            .map(|r| r.updated_at_ms)
+            .min();
+        Ok(counts)
+    }
+
+    /// Forget published scans older than `cutoff_ms` and linkage older than
+    /// `linkage_cutoff_ms`. Returns the artefact file names to delete.
+    pub fn prune(&self, cutoff_ms: u64, linkage_cutoff_ms: u64) -> Result<Vec<String>, StoreError> {
+        let old = self.scans_where(|r| r.state == ScanState::Published && r.updated_at_ms < cutoff_ms)?;
+        let txn = self.db.begin_write()?;
+        let mut artefacts = Vec::new();
+        {
+            let mut scans = txn.open_table(SCANS)?;
+            let mut linkage = txn.open_table(LINKAGE)?;
+            for record in &old {
+                let key = record.scan_id.to_string();
+                scans.remove(key.as_str())?;
+                linkage.remove(key.as_str())?;
+                artefacts.extend(record.artifact.clone());
+            }
+            // Linkage of scans still kept has its own, usually longer, retention.
+            let mut expired = Vec::new();
+            for entry in linkage.iter()? {
+                let (k, _) = entry?;
+                if let Some(id) = ScanId::parse(k.value()) {
+                    if id.0.get_timestamp().map(|t| t.to_unix().0 * 1000).unwrap_or(u64::MAX) < linkage_cutoff_ms {
+                        expired.push(k.value().to_string());
+                    }
+                }
+            }
+            for k in expired {
+                linkage.remove(k.as_str())?;
+            }
+        }
+        txn.commit()?;
+        Ok(artefacts)
+    }
+
+    pub fn setting(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SETTINGS)?;
+        Ok(table.get(name)?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn set_setting(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(SETTINGS)?.insert(name, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every value of every table except the sealed linkage, for PHI audits.
+    pub fn dump_unsealed(&self) -> Result<Vec<u8>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for entry in txn.open_table(SCANS)?.iter()? {
+            let (k, v) = entry?;
+            out.extend_from_slice(k.value().as_bytes());
+            out.extend_from_slice(v.value());
+        }
+        for entry in txn.open_table(OUTBOX)?.iter()? {
+            let (_, v) = entry?;
+            out.extend_from_slice(v.value());
+        }
+        for entry in txn.open_table(SETTINGS)?.iter()? {
+            let (k, v) = entry?;
+            out.extend_from_slice(k.value().as_bytes());
+            out.extend_from_slice(v.value());
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Store {
+        Store::open(&dir.join(STORE_FILE), &DeviceSecret::from_bytes([7; 32])).unwrap()
+    }
+
+    fn message(n: u32, scan: Option<ScanId>) -> OutboxMessage {
+        OutboxMessage { topic: format!("t/{n}"), payload: "{}".into(), retain: false, completes_scan: scan }
+    }
+
+    #[test]
+    fn result_and_outbox_commit_together_and_ack_publishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let id = ScanId::new();
+        let mut rec = ScanRecord::received(id);
+        store.record_claim(&rec, &Linkage { original_name: "DOE^JOHN.jpg".into(), ..Default::default() }).unwrap();
+        rec.state = ScanState::Classified;
+        let seq = store.transition(&rec, Some(&message(1, Some(id)))).unwrap().unwrap();
+        assert_eq!(store.get(id).unwrap().unwrap().state, ScanState::Classified);
+        assert_eq!(store.outbox_after(0, 10).unwrap().len(), 1);
+        store.acknowledge(seq).unwrap();
+        assert_eq!(store.get(id).unwrap().unwrap().state, ScanState::Published);
+        assert!(store.outbox_after(0, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn outbox_is_ordered_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            for n in 0..5 {
+                store.enqueue(&message(n, None)).unwrap();
+            }
+            store.acknowledge(1).unwrap();
+        }
+        let store = open(dir.path());
+        let left: Vec<_> = store.outbox_after(0, 10).unwrap().into_iter().map(|(_, m)| m.topic).collect();
+        assert_eq!(left, vec!["t/1", "t/2", "t/3", "t/4"]);
+        // sequence numbers keep growing after a reopen
+        assert_eq!(store.enqueue(&message(9, None)).unwrap(), 6);
+        assert_eq!(store.outbox_after(4, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn linkage_is_sealed_and_needs_the_device_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = ScanId::new();
+        let linkage = Linkage { original_name: "SMITH_JANE_MRN12345.jpg".into(), ..Default::default() };
+        {
+            let store = open(dir.path());
+            store.record_claim(&ScanRecord::received(id), &linkage).unwrap();
+            assert_eq!(store.linkage(id).unwrap().unwrap(), linkage);
+            assert!(!String::from_utf8_lossy(&store.dump_unsealed().unwrap()).contains("SMITH"));
+        }
+        let raw = std::fs::read(dir.path().join(STORE_FILE)).unwrap();
+        assert!(!raw.windows(5).any(|w| w == b"SMITH"), "identity must not appear in the store file");
+        let other = Store::open(&dir.path().join(STORE_FILE), &DeviceSecret::from_bytes([8; 32])).unwrap();
+        assert!(matches!(other.linkage(id), Err(StoreError::Corrupt(_))));
+    }
+}

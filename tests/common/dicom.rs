@@ -1,0 +1,160 @@
+//! Real DICOM bytes for tests, built with dicom-rs: identity planted everywhere the profile
+//! must reach, pixels taken from the real shared OCT images.
+
+use dicom_core::value::{PixelFragmentSequence, PrimitiveValue, Value};
+use dicom_core::{DataElement, Length, Tag, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::meta::FileMetaTableBuilder;
+use dicom_object::InMemDicomObject;
+
+pub const OPT_SOP_CLASS: &str = "1.2.840.10008.5.1.4.1.1.77.1.5.4";
+pub const SC_SOP_CLASS: &str = "1.2.840.10008.5.1.4.1.1.7";
+pub const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+pub const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+pub const RLE: &str = "1.2.840.10008.1.2.5";
+pub const STUDY_UID: &str = "1.2.826.0.1.3680043.8.498.10101";
+pub const SOP_UID: &str = "1.2.826.0.1.3680043.8.498.20202";
+
+pub enum Pixels {
+    /// Native 8-bit frames, all `width` x `height`.
+    Native { width: u32, height: u32, frames: Vec<Vec<u8>> },
+    /// One JPEG baseline stream as a single fragment.
+    Jpeg { width: u32, height: u32, jpeg: Vec<u8> },
+    /// 8-bit frames, RLE Lossless encoded.
+    Rle { width: u32, height: u32, frames: Vec<Vec<u8>> },
+}
+
+pub struct Spec {
+    pub sop_class: &'static str,
+    pub pixels: Pixels,
+    pub burned_in: bool,
+    pub manufacturer: &'static str,
+}
+
+fn el(tag: Tag, vr: VR, v: &str) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, vr, PrimitiveValue::from(v))
+}
+
+fn seq(tag: Tag, items: Vec<InMemDicomObject>) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, VR::SQ, Value::new_sequence(items, Length::UNDEFINED))
+}
+
+/// PackBits with literal runs only: valid DICOM RLE, simple to get right.
+fn rle_frame(pixels: &[u8]) -> Vec<u8> {
+    let mut segment = Vec::new();
+    for chunk in pixels.chunks(128) {
+        segment.push((chunk.len() - 1) as u8);
+        segment.extend_from_slice(chunk);
+    }
+    if segment.len() % 2 == 1 {
+        segment.push(0x80); // no-op byte keeps the segment even
+    }
+    let mut frame = Vec::with_capacity(64 + segment.len());
+    frame.extend_from_slice(&1u32.to_le_bytes());
+    frame.extend_from_slice(&64u32.to_le_bytes());
+    frame.extend_from_slice(&[0u8; 56]);
+    frame.extend_from_slice(&segment);
+    frame
+}
+
+pub fn build(spec: Spec) -> Vec<u8> {
+    let (width, height, frames, ts, pixel_element) = match spec.pixels {
+        Pixels::Native { width, height, frames } => {
+            let n = frames.len();
+            let data: Vec<u8> = frames.concat();
+            (width, height, n, EXPLICIT_LE, DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(data.into())))
+        }
+        Pixels::Jpeg { width, height, mut jpeg } => {
+            if jpeg.len() % 2 == 1 {
+                jpeg.push(0);
+            }
+            let seq = PixelFragmentSequence::new(Vec::<u32>::new(), vec![jpeg]);
+            (width, height, 1, JPEG_BASELINE, DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(seq)))
+        }
+        Pixels::Rle { width, height, frames } => {
+            let n = frames.len();
+            let fragments: Vec<Vec<u8>> = frames.iter().map(|f| rle_frame(f)).collect();
+            let seq = PixelFragmentSequence::new(Vec::<u32>::new(), fragments);
+            (width, height, n, RLE, DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(seq)))
+        }
+    };
+    let nested_person = InMemDicomObject::from_element_iter([
+        el(tags::PERSON_NAME, VR::PN, "DOE^JOHN"),
+        el(Tag(0x0011, 0x0010), VR::LO, "ACME"),
+        el(Tag(0x0011, 0x1001), VR::LO, "SECRET-PRIVATE"),
+        el(tags::OBSERVATION_DATE_TIME, VR::DT, "19450704120000"),
+    ]);
+    let source_image = InMemDicomObject::from_element_iter([
+        el(tags::REFERENCED_SOP_CLASS_UID, VR::UI, spec.sop_class),
+        el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, "1.2.826.0.1.3680043.8.498.30303"),
+        seq(tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE, vec![nested_person]),
+    ]);
+    let referenced_study = InMemDicomObject::from_element_iter([
+        el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, STUDY_UID),
+        el(tags::PATIENT_NAME, VR::PN, "DOE^JOHN"),
+    ]);
+    let mut elements = vec![
+        el(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"),
+        el(tags::SOP_CLASS_UID, VR::UI, spec.sop_class),
+        el(tags::SOP_INSTANCE_UID, VR::UI, SOP_UID),
+        el(tags::STUDY_DATE, VR::DA, "20240101"),
+        el(tags::ACQUISITION_DATE_TIME, VR::DT, "20240101101010"),
+        el(tags::ACCESSION_NUMBER, VR::SH, "ACC-99887766"),
+        el(tags::MODALITY, VR::CS, "OPT"),
+        el(tags::MANUFACTURER, VR::LO, spec.manufacturer),
+        el(tags::MANUFACTURER_MODEL_NAME, VR::LO, "OCT-1000"),
+        el(tags::INSTITUTION_NAME, VR::LO, "St. Elsewhere"),
+        el(tags::INSTITUTION_ADDRESS, VR::ST, "742 Evergreen Terrace, Springfield"),
+        el(tags::REFERRING_PHYSICIAN_NAME, VR::PN, "Dr^Quincy"),
+        el(tags::STATION_NAME, VR::SH, "DOE_JOHN_PC"),
+        seq(tags::REFERENCED_STUDY_SEQUENCE, vec![referenced_study]),
+        seq(tags::SOURCE_IMAGE_SEQUENCE, vec![source_image]),
+        el(tags::PATIENT_NAME, VR::PN, "DOE^JOHN"),
+        el(tags::PATIENT_ID, VR::LO, "MRN8675309"),
+        el(tags::PATIENT_BIRTH_DATE, VR::DA, "19450704"),
+        el(tags::PATIENT_SEX, VR::CS, "M"),
+        el(tags::OTHER_PATIENT_I_DS, VR::LO, "OTHERID-4242"),
+        el(tags::PATIENT_ADDRESS, VR::LO, "742 Evergreen Terrace, Springfield"),
+        el(tags::PATIENT_TELEPHONE_NUMBERS, VR::SH, "555-0100"),
+        el(Tag(0x0009, 0x0010), VR::LO, "ACME"),
+        el(Tag(0x0009, 0x1001), VR::LO, "SECRET-PRIVATE DOE^JOHN"),
+        el(tags::STUDY_INSTANCE_UID, VR::UI, STUDY_UID),
+        el(tags::SERIES_INSTANCE_UID, VR::UI, "1.2.826.0.1.3680043.8.498.40404"),
+        el(tags::STUDY_ID, VR::SH, "MRN8675309"),
+        el(tags::IMAGE_LATERALITY, VR::CS, "R"),
+        DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)),
+        el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
+        el(tags::NUMBER_OF_FRAMES, VR::IS, &frames.to_string()),
+        DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(height as u16)),
+        DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(width as u16)),
+        DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(8u16)),
+        DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(8u16)),
+        DataElement::new(tags::HIGH_BIT, VR::US, PrimitiveValue::from(7u16)),
+        DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(0u16)),
+        el(tags::BURNED_IN_ANNOTATION, VR::CS, if spec.burned_in { "YES" } else { "NO" }),
+        el(Tag(0x6000, 0x4000), VR::LT, "overlay comment DOE^JOHN"),
+        pixel_element,
+    ];
+    if ts == JPEG_BASELINE {
+        elements.push(el(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "01"));
+    }
+    let obj = InMemDicomObject::from_element_iter(elements);
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(spec.sop_class)
+        .media_storage_sop_instance_uid(SOP_UID)
+        .transfer_syntax(ts)
+        .implementation_class_uid("1.2.826.0.1.3680043.8.498.1")
+        .source_application_entity_title("DOE_JOHN_AE")
+        .build()
+        .unwrap();
+    let file = obj.with_exact_meta(meta);
+    let mut out = Vec::new();
+    file.write_all(&mut out).unwrap();
+    out
+}
+
+/// Grey 8-bit pixels of a real image, resized to `width` x `height`.
+pub fn grey_frame(path: &std::path::Path, width: u32, height: u32) -> Vec<u8> {
+    let img = image::open(path).unwrap().to_luma8();
+    image::imageops::resize(&img, width, height, image::imageops::FilterType::Triangle).into_raw()
+}

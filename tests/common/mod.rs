@@ -1,0 +1,361 @@
+//! Test harness: a real Mosquitto on a free port, a real MQTT subscriber, the real `octd`
+//! binary against real folders and a real redb file.
+#![allow(dead_code)]
+
+pub mod dicom;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared/data`, or None (with a message) when this checkout has no shared data.
+pub fn shared_data() -> Option<PathBuf> {
+    let dir = repo().join("../shared/data");
+    if dir.join("oct").is_dir() {
+        Some(dir)
+    } else {
+        eprintln!("SKIP: ../shared/data/oct is absent; real-image tests need the shared OCT data");
+        None
+    }
+}
+
+/// The 41 labelled B-scans: (path, label).
+pub fn shared_oct_images() -> Option<Vec<(PathBuf, String)>> {
+    let dir = shared_data()?.join("oct");
+    let mut out = Vec::new();
+    for label in ["CNV", "DME", "DRUSEN", "NORMAL"] {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join(label)).ok()?.flatten().map(|e| e.path()).collect();
+        files.sort();
+        out.extend(files.into_iter().map(|p| (p, label.to_string())));
+    }
+    Some(out)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, up: bool, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() == up {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Mosquitto is required where OCTD_REQUIRE_MOSQUITTO is set (CI); elsewhere its absence
+/// skips the test with a message.
+pub fn mosquitto_available() -> bool {
+    let found = Command::new("mosquitto").arg("-h").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+        || Path::new("/usr/sbin/mosquitto").exists();
+    if !found {
+        if std::env::var_os("OCTD_REQUIRE_MOSQUITTO").is_some() {
+            panic!("mosquitto is required (OCTD_REQUIRE_MOSQUITTO is set) but not installed");
+        }
+        eprintln!("SKIP: mosquitto is not installed (apt-get install mosquitto)");
+    }
+    found
+}
+
+fn mosquitto_bin() -> &'static str {
+    if Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    }
+}
+
+/// A Mosquitto of the test's own, with persistence so that a subscriber's session and its
+/// queued QoS 1 messages survive a broker restart.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Mosquitto {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut m = Mosquitto { port: free_port(), dir: dir.to_path_buf(), child: None };
+        m.restart();
+        m
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 100000\n",
+                self.port,
+                self.dir.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.dir.join("mosquitto.log")).unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        assert!(wait_for_port(self.port, true, Duration::from_secs(10)), "mosquitto did not start");
+    }
+
+    /// SIGTERM, so it saves sessions, then wait.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = child.wait();
+            assert!(wait_for_port(self.port, false, Duration::from_secs(10)));
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: String,
+    pub retain: bool,
+}
+
+/// A persistent-session QoS 1 subscriber to `oct/#`.
+pub struct Subscriber {
+    messages: Arc<Mutex<Vec<Message>>>,
+    connected: Arc<Mutex<bool>>,
+    stop: Arc<Mutex<bool>>,
+}
+
+impl Subscriber {
+    pub fn connect(port: u16, filter: &str) -> Subscriber {
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let connected = Arc::new(Mutex::new(false));
+        let stop = Arc::new(Mutex::new(false));
+        let (m, c, s) = (messages.clone(), connected.clone(), stop.clone());
+        let filter = filter.to_string();
+        let id = format!("test-sub-{}", port);
+        std::thread::spawn(move || {
+            let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+            options.set_clean_session(false).set_keep_alive(Duration::from_secs(5)).set_max_packet_size(1 << 20, 1 << 20);
+            let (client, mut connection) = rumqttc::Client::new(options, 100);
+            for event in connection.iter() {
+                if *s.lock().unwrap() {
+                    break;
+                }
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        let _ = client.try_subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce);
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => *c.lock().unwrap() = true,
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => m.lock().unwrap().push(Message {
+                        topic: p.topic.clone(),
+                        payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                        retain: p.retain,
+                    }),
+                    Ok(_) => {}
+                    Err(_) => {
+                        *c.lock().unwrap() = false;
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }
+        });
+        let sub = Subscriber { messages, connected, stop };
+        sub.wait_until(Duration::from_secs(10), |_| true, "subscriber connects");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !*sub.connected.lock().unwrap() {
+            assert!(Instant::now() < deadline, "subscriber did not subscribe");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sub
+    }
+
+    pub fn messages(&self) -> Vec<Message> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// Wait until `done` holds for the messages received so far.
+    pub fn wait_until(&self, timeout: Duration, done: impl Fn(&[Message]) -> bool, what: &str) -> Vec<Message> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let messages = self.messages();
+            if done(&messages) {
+                return messages;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting: {what}; got {} messages", messages.len());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        *self.stop.lock().unwrap() = true;
+    }
+}
+
+/// Results keyed by scan_id (a duplicate from at-least-once delivery counts once).
+pub fn results(messages: &[Message]) -> HashMap<String, serde_json::Value> {
+    messages
+        .iter()
+        .filter(|m| m.topic.contains("/results/"))
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_str(&m.payload).expect("result is JSON");
+            (v["scan_id"].as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+pub fn events(messages: &[Message]) -> Vec<serde_json::Value> {
+    messages
+        .iter()
+        .filter(|m| m.topic.ends_with("/events"))
+        .map(|m| serde_json::from_str(&m.payload).expect("event is JSON"))
+        .collect()
+}
+
+/// One octd daemon over a test folder.
+pub struct Octd {
+    pub root: PathBuf,
+    pub inbox: PathBuf,
+    pub state: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+pub struct OctdOptions {
+    pub broker_url: String,
+    pub workers: usize,
+    pub extra: String,
+}
+
+impl Octd {
+    pub fn new(root: &Path, opts: OctdOptions) -> Octd {
+        let inbox = root.join("inbox");
+        let state = root.join("state");
+        std::fs::create_dir_all(&inbox).unwrap();
+        let config = root.join("octd.toml");
+        let mut f = std::fs::File::create(&config).unwrap();
+        write!(
+            f,
+            "[device]\nsite = \"test-site\"\nid = \"test-device\"\nstate_dir = \"{}\"\n\n\
+             [ingest]\nwatch = [\"{}\"]\nsettle = \"300ms\"\nrescan_interval = \"1s\"\n\n\
+             [model]\ndir = \"{}\"\nthreads = 1\n\n[pipeline]\nworkers = {}\n\n\
+             [mqtt]\nurl = \"{}\"\nreconnect_delay = \"300ms\"\n{}\n",
+            state.display(),
+            inbox.display(),
+            repo().join("models/default").display(),
+            opts.workers,
+            opts.broker_url,
+            opts.extra,
+        )
+        .unwrap();
+        Octd { root: root.to_path_buf(), inbox, state, config, child: None, starts: 0 }
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.root.join("octd.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_octd"))
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "debug,rumqttd=warn,tract=warn,tract_core=warn,tract_onnx=warn,tract_hir=warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start octd");
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        child.wait().unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.join("octd.log")).unwrap_or_default()
+    }
+
+    pub fn quarantine_reasons(&self) -> Vec<serde_json::Value> {
+        let dir = self.state.join("quarantine");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".reason.json") {
+                out.push(serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap());
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Octd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Copy `src` into `inbox` under `name`, as a scanner would: write a hidden temp file, then
+/// rename it in.
+pub fn drop_file(inbox: &Path, name: &str, bytes: &[u8]) {
+    let tmp = inbox.join(format!(".{name}.partial"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, inbox.join(name)).unwrap();
+}
+
+/// Strings of planted identity that must never leave de-identification.
+pub const PLANTED_PHI: &[&str] = &[
+    "DOE^JOHN", "DOE_JOHN", "MRN8675309", "19450704", "742 Evergreen", "Springfield", "555-0100",
+    "ACC-99887766", "OTHERID-4242", "St. Elsewhere", "Dr^Quincy", "SECRET-PRIVATE",
+];
+
+/// Panics with the offending string when `haystack` holds planted identity.
+pub fn assert_no_phi(haystack: &[u8], what: &str) {
+    for phi in PLANTED_PHI {
+        assert!(
+            !haystack.windows(phi.len()).any(|w| w == phi.as_bytes()),
+            "{what} contains planted identity {phi:?}"
+        );
+    }
+}
