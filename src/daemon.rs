@@ -142,6 +142,29 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// Run until SIGINT/SIGTERM (or `stop` turns true). `ready` is called once every stage is up.
 pub async fn run(config: Config, stop: Option<watch::Receiver<bool>>) -> Result<(), DaemonError> {
+    // Listen for SIGTERM before anything slow (model loading, recovery), so a stop during
+    // start-up is a clean stop rather than the default signal death.
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let stop_requested = {
+        let shutdown_tx = shutdown_tx.clone();
+        let signals = Signals::install().map_err(|e| DaemonError::Runtime(format!("signal handlers: {e}")))?;
+        tokio::spawn(async move {
+            match stop {
+                Some(mut stop) => {
+                    let _ = stop.wait_for(|s| *s).await;
+                }
+                None => signals.wait().await,
+            }
+            tracing::info!("shutting down");
+            let _ = shutdown_tx.send(true);
+        })
+    };
+    let result = run_until(config, shutdown_tx, shutdown_rx).await;
+    stop_requested.abort();
+    result
+}
+
+async fn run_until(config: Config, shutdown_tx: watch::Sender<bool>, shutdown_rx: watch::Receiver<bool>) -> Result<(), DaemonError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dirs = Dirs::new(&config.device.state_dir);
     dirs.create().map_err(|e| DaemonError::Config(format!("cannot create {}: {e}", dirs.state.display())))?;
@@ -158,7 +181,6 @@ pub async fn run(config: Config, stop: Option<watch::Receiver<bool>>) -> Result<
     if config.mqtt.url.is_empty() {
         publish::start_embedded_broker(config.mqtt.embedded_listen).map_err(|e| DaemonError::Config(e.to_string()))?;
     }
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let wake = Arc::new(Notify::new());
     let link = Arc::new(LinkState::default());
     let topics = Topics::new(&config);
@@ -225,16 +247,9 @@ pub async fn run(config: Config, stop: Option<watch::Receiver<bool>>) -> Result<
     let pruner = tokio::spawn(prune_loop(ctx.clone(), shutdown_rx.clone()));
     tracing::info!(folders = config.ingest.watch.len(), "watching");
 
-    let stopped = async {
-        match stop {
-            Some(mut stop) => {
-                let _ = stop.wait_for(|s| *s).await;
-            }
-            None => wait_for_signal().await,
-        }
-    };
+    let mut stopped = shutdown_rx.clone();
     tokio::select! {
-        _ = stopped => tracing::info!("shutting down"),
+        _ = stopped.wait_for(|s| *s) => {}
         result = &mut ingest => {
             let _ = shutdown_tx.send(true);
             return match result {
@@ -255,24 +270,24 @@ pub async fn run(config: Config, stop: Option<watch::Receiver<bool>>) -> Result<
     Ok(())
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
+/// SIGTERM (systemd stop) and SIGINT (Ctrl-C), registered at once.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn prune_loop(ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {

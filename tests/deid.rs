@@ -267,12 +267,12 @@ fn bad_inputs_get_clear_reasons() {
     };
     // Pixel data shorter than declared: declare 2 frames, carry 1.
     let mut short = native(vec![frame.clone()]);
-    let pos = short.windows(4).position(|w| w == b"IS\x02\x001").unwrap() + 4;
+    let pos = short.windows(5).position(|w| w == b"IS\x02\x001").unwrap() + 4;
     short[pos] = b'2';
     cases.push((bench.write("short.dcm", &short), "pixel_data_short"));
     // Decompression bomb: 100 frames declared against a limit of 64, nothing allocated.
     let mut bomb = native(vec![frame.clone()]);
-    let pos = bomb.windows(4).position(|w| w == b"IS\x02\x001").unwrap();
+    let pos = bomb.windows(5).position(|w| w == b"IS\x02\x001").unwrap();
     bomb.splice(pos..pos + 6, b"IS\x04\x00100 ".iter().copied());
     cases.push((bench.write("bomb.dcm", &bomb), "over_limits"));
     // Unknown transfer syntax.

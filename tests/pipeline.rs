@@ -178,7 +178,8 @@ fn kill_9_at_random_points_loses_nothing() {
         },
         "every input accounted for",
     );
-    assert!(octd.stop().success());
+    let status = octd.stop();
+    assert!(status.success(), "exit {status:?}; log tail:\n{}", tail(&octd.log(), 30));
     let found = results(&messages);
     let rejected: HashSet<String> = events(&messages)
         .iter()
@@ -195,6 +196,11 @@ fn kill_9_at_random_points_loses_nothing() {
         octd.quarantine_reasons().into_iter().map(|r| (r["scan_id"].as_str().unwrap().to_string(), r)).collect();
     assert!(reasons.values().all(|r| r["code"] == "not_an_image"));
     let _ = (good, bad);
+}
+
+fn tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn bad_count(total: usize) -> usize {

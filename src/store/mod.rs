@@ -25,6 +25,10 @@ const SCANS: TableDefinition<&str, &[u8]> = TableDefinition::new("scans");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const LINKAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("linkage");
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+/// Monotonic counters; the outbox's next sequence number must never be reused, even when
+/// the outbox is empty, or a publisher that has sent N would skip a new message N.
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const NEXT_OUTBOX_SEQ: &str = "outbox_next_seq";
 
 pub const STORE_FILE: &str = "octd.redb";
 
@@ -93,6 +97,7 @@ impl Store {
             txn.open_table(OUTBOX)?;
             txn.open_table(LINKAGE)?;
             txn.open_table(SETTINGS)?;
+            txn.open_table(COUNTERS)?;
         }
         txn.commit()?;
         let key = secret.mac("octd linkage seal v1", b"");
@@ -167,7 +172,7 @@ impl Store {
         let seq = {
             txn.open_table(SCANS)?.insert(record.scan_id.to_string().as_str(), encode(&record)?.as_slice())?;
             match message {
-                Some(m) => Some(Self::push(&mut txn.open_table(OUTBOX)?, m)?),
+                Some(m) => Some(Self::push(&txn, m)?),
                 None => None,
             }
         };
@@ -178,15 +183,17 @@ impl Store {
     /// A message that belongs to no scan transition (alarms).
     pub fn enqueue(&self, message: &OutboxMessage) -> Result<u64, StoreError> {
         let txn = self.db.begin_write()?;
-        let seq = Self::push(&mut txn.open_table(OUTBOX)?, message)?;
+        let seq = Self::push(&txn, message)?;
         txn.commit()?;
         Ok(seq)
     }
 
-    fn push(table: &mut redb::Table<u64, &[u8]>, message: &OutboxMessage) -> Result<u64, StoreError> {
-        let next = table.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
-        table.insert(next, encode(message)?.as_slice())?;
-        Ok(next)
+    fn push(txn: &redb::WriteTransaction, message: &OutboxMessage) -> Result<u64, StoreError> {
+        let mut counters = txn.open_table(COUNTERS)?;
+        let seq = counters.get(NEXT_OUTBOX_SEQ)?.map(|v| v.value()).unwrap_or(1);
+        counters.insert(NEXT_OUTBOX_SEQ, seq + 1)?;
+        txn.open_table(OUTBOX)?.insert(seq, encode(message)?.as_slice())?;
+        Ok(seq)
     }
 
     /// Up to `limit` messages after `after`, oldest first.
@@ -371,6 +378,17 @@ mod tests {
         // sequence numbers keep growing after a reopen
         assert_eq!(store.enqueue(&message(9, None)).unwrap(), 6);
         assert_eq!(store.outbox_after(4, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn sequence_numbers_are_never_reused_after_the_outbox_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let first = store.enqueue(&message(1, None)).unwrap();
+        store.acknowledge(first).unwrap();
+        let second = store.enqueue(&message(2, None)).unwrap();
+        assert!(second > first, "a drained outbox must not hand out {first} again");
+        assert_eq!(store.outbox_after(first, 10).unwrap().len(), 1);
     }
 
     #[test]

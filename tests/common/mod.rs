@@ -99,10 +99,14 @@ impl Mosquitto {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
         let conf = self.dir.join("mosquitto.conf");
+        // Started as root, Mosquitto would drop to its own user, which cannot write its
+        // persistence file into this private test folder: stay the user we are.
+        let user = Command::new("id").arg("-un").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 100000\n",
+                "user {}\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 100000\n",
+                user,
                 self.port,
                 self.dir.display()
             ),
@@ -306,8 +310,19 @@ impl Octd {
         }
     }
 
+    /// Wait until the latest start has reached its main loop (a signal sent before the
+    /// process has even installed its handlers would kill it the default way).
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.log().matches("watching").count() < self.starts as usize {
+            assert!(Instant::now() < deadline, "octd did not come up:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.wait_ready();
         let mut child = self.child.take().expect("running");
         let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         child.wait().unwrap()
