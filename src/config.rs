@@ -291,7 +291,11 @@ impl Config {
         figment = figment.merge(
             Env::prefixed("OCTD_")
                 .split("__")
-                .filter(|key| SECTIONS.iter().any(|s| key.as_str().starts_with(&format!("{s}.")))),
+                // Keys keep the variable's case, e.g. "MQTT.URL".
+                .filter(|key| {
+                    let head = key.as_str().split(['.', '_']).next().unwrap_or_default();
+                    SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(head)) && key.as_str().len() > head.len()
+                }),
         );
         let config: Config = figment.extract().map_err(|e| ConfigError::Parse(e.to_string()))?;
         config.validate()?;

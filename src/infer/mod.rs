@@ -166,7 +166,8 @@ impl Classifier {
             .collect();
 
         let mut review_reasons = Vec::new();
-        if !(confidence >= self.min_confidence) {
+        // NaN confidence (a broken model) must also be flagged.
+        if confidence.is_nan() || confidence < self.min_confidence {
             review_reasons.push("low_confidence".to_string());
         }
         if self.unlike_training(&frames[suspicious]) {

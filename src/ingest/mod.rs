@@ -253,11 +253,9 @@ pub fn recover_claim(store: &Store, spool: &Path, scan_id: ScanId) -> Result<boo
     }
     let Some(linkage) = store.linkage(scan_id)? else { return Ok(false) };
     let source = PathBuf::from(&linkage.original_path);
-    if regular_file(&source).is_some() {
-        if crate::fsutil::move_file(&source, &target).is_ok() {
-            tracing::info!(%scan_id, "finished an interrupted claim");
-            return Ok(true);
-        }
+    if regular_file(&source).is_some() && crate::fsutil::move_file(&source, &target).is_ok() {
+        tracing::info!(%scan_id, "finished an interrupted claim");
+        return Ok(true);
     }
     Ok(false)
 }

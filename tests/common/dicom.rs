@@ -113,7 +113,7 @@ pub fn build(spec: Spec) -> Vec<u8> {
         el(tags::PATIENT_ID, VR::LO, "MRN8675309"),
         el(tags::PATIENT_BIRTH_DATE, VR::DA, "19450704"),
         el(tags::PATIENT_SEX, VR::CS, "M"),
-        el(tags::OTHER_PATIENT_I_DS, VR::LO, "OTHERID-4242"),
+        el(Tag(0x0010, 0x1000), VR::LO, "OTHERID-4242"), // Other Patient IDs (retired, still seen)
         el(tags::PATIENT_ADDRESS, VR::LO, "742 Evergreen Terrace, Springfield"),
         el(tags::PATIENT_TELEPHONE_NUMBERS, VR::SH, "555-0100"),
         el(Tag(0x0009, 0x0010), VR::LO, "ACME"),

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install what the tests need on a fresh Debian/Ubuntu machine, then run every test:
+# the Rust suite (unit + integration against a real Mosquitto) and the trainer's pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    echo "==> installing mosquitto (apt)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+fi
+# The tests start their own brokers; a packaged one must not hold port 1883 for them.
+as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, onnxruntime, pytest" >/dev/null 2>&1 \
+    || ! cmp -s trainer/requirements.txt .venv/.requirements.txt; then
+    echo "==> creating .venv from trainer/requirements.txt"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -r trainer/requirements.txt
+    cp trainer/requirements.txt .venv/.requirements.txt
+fi
+
+echo "==> cargo test"
+OCTD_REQUIRE_MOSQUITTO=1 cargo test --locked --all-targets
+
+echo "==> pytest (trainer)"
+(cd trainer && ../.venv/bin/python -m pytest -q)
