@@ -1,0 +1,77 @@
+"""Cross-language golden test: the same de-identified real image through the Rust
+preprocessing (examples/preprocess_dump.rs) and through octtrain.preprocess gives the same
+tensor within 1e-5. Catches train/serve skew."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from octtrain.preprocess import preprocess
+
+MODEL = REPO / "models" / "default"
+
+
+def _binaries():
+    octd = REPO / "target" / "debug" / "octd"
+    dump = REPO / "target" / "debug" / "examples" / "preprocess_dump"
+    if not (octd.exists() and dump.exists()):
+        if shutil.which("cargo") is None:
+            pytest.skip("the Rust side is not built and cargo is absent")
+        subprocess.run(["cargo", "build", "-q", "--bin", "octd", "--example", "preprocess_dump"],
+                       cwd=REPO, check=True)
+    return octd, dump
+
+
+def _rust_tensor(dump, image, tmp_path, spec):
+    out = tmp_path / f"{image.stem}.bin"
+    subprocess.run([dump, image, MODEL, out], check=True)
+    return np.fromfile(out, dtype="<f4").reshape(spec["channels"], spec["height"], spec["width"])
+
+
+def _deidentify(octd, image, tmp_path):
+    cfg = tmp_path / "octd.toml"
+    cfg.write_text(f'[device]\nstate_dir = "{tmp_path / "state"}"\n')
+    out = subprocess.run([octd, "--config", cfg, "deidentify", image, "--out", tmp_path / "deid"],
+                         check=True, capture_output=True, text=True)
+    return Path(json.loads(out.stdout.splitlines()[0])["output"])
+
+
+def test_rust_and_python_preprocessing_agree(shared_oct, tmp_path):
+    octd, dump = _binaries()
+    spec = json.loads((MODEL / "manifest.json").read_text())["input"]
+    images = [sorted((shared_oct / c).iterdir())[0] for c in ("CNV", "DME", "DRUSEN", "NORMAL")]
+    # Also the 16-bit and colour paths, made from a real scan.
+    grey = np.asarray(Image.open(images[0]).convert("L"), dtype=np.uint16)
+    Image.fromarray(grey * 257).save(tmp_path / "sixteen.png")
+    tinted = np.stack([grey, grey // 2, 255 - grey], axis=-1).astype(np.uint8)
+    Image.fromarray(tinted, "RGB").save(tmp_path / "colour.png")
+    inputs = images + [tmp_path / "sixteen.png", tmp_path / "colour.png"]
+    worst = 0.0
+    for image in inputs:
+        png = _deidentify(octd, image, tmp_path)
+        rust = _rust_tensor(dump, png, tmp_path, spec)
+        py = preprocess(Image.open(png), spec)
+        diff = float(np.abs(rust - py).max())
+        worst = max(worst, diff)
+        assert diff < 1e-5, f"{image.name}: max |rust - python| = {diff}"
+    print(f"golden preprocessing: max abs difference {worst:.3g} over {len(inputs)} images")
+
+
+def test_jpeg_decoder_skew_is_small(shared_oct, tmp_path):
+    """Training decodes JPEG with PIL (libjpeg-turbo), the edge with a pure-Rust decoder.
+    They may differ by a grey level; measured here so the skew stays known and small."""
+    _, dump = _binaries()
+    spec = json.loads((MODEL / "manifest.json").read_text())["input"]
+    worst = 0.0
+    for image in sorted((shared_oct / "CNV").iterdir())[:5]:
+        rust = _rust_tensor(dump, image, tmp_path, spec)
+        py = preprocess(Image.open(image), spec)
+        worst = max(worst, float(np.abs(rust - py).max()))
+    print(f"JPEG decoder skew after preprocessing: {worst:.4f} (normalised units)")
+    assert worst < 2.0 / 255 / spec["std"][0] + 1e-6
