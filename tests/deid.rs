@@ -309,3 +309,25 @@ fn bad_inputs_get_clear_reasons() {
         assert!(ok, "{}: expected {code}, got {line}", path.display());
     }
 }
+
+#[test]
+fn sixteen_bit_tiff_and_rgb_bmp_keep_their_pixels() {
+    let Some(images) = shared_oct_images() else { return };
+    let bench = Bench::new("");
+    let grey = image::open(&images[2].0).unwrap().to_luma8();
+    let (w, h) = grey.dimensions();
+    let sixteen = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(w, h, |x, y| image::Luma([(u16::from(grey.get_pixel(x, y).0[0]) * 257).saturating_sub(3)]));
+    let tiff = bench.path("DOE_JOHN.tiff");
+    sixteen.save(&tiff).unwrap();
+    let rgb = image::RgbImage::from_fn(w, h, |x, y| {
+        let v = grey.get_pixel(x, y).0[0];
+        image::Rgb([v, v / 2, 255 - v])
+    });
+    let bmp = bench.path("DOE_JOHN.bmp");
+    rgb.save(&bmp).unwrap();
+    let lines = bench.deidentify(&[tiff, bmp]);
+    let tiff_out = image::open(lines[0]["output"].as_str().unwrap()).unwrap();
+    assert_eq!(tiff_out.as_luma16().expect("16-bit kept").as_raw(), sixteen.as_raw());
+    let bmp_out = image::open(lines[1]["output"].as_str().unwrap()).unwrap();
+    assert_eq!(bmp_out.as_rgb8().expect("RGB kept").as_raw(), rgb.as_raw());
+}

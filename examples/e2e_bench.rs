@@ -1,0 +1,143 @@
+//! End-to-end bench: file dropped into the watched folder -> result received over MQTT
+//! (the broker forwards it as it PUBACKs), for single B-scans and 64-B-scan volumes, plus
+//! throughput and the daemon's peak RSS. Runs the release binary with the embedded broker.
+//!
+//!   cargo build --release && cargo run --release --example e2e_bench [-- --bscans 100]
+
+#[path = "../tests/common/dicom.rs"]
+#[allow(dead_code)]
+mod dicom;
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+type Error = Box<dyn std::error::Error>;
+
+fn drop_in(inbox: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = inbox.join(format!(".{name}.partial"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, inbox.join(name))?;
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().collect();
+    let burst: usize = args.iter().position(|a| a == "--bscans").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(100);
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin = std::env::current_exe()?.parent().and_then(|p| p.parent()).map(|p| p.join("octd")).ok_or("no octd binary")?;
+    let bscan_path = repo.join("../shared/data/oct/CNV/CNV-53018-1.jpeg");
+    let bscan = std::fs::read(&bscan_path).map_err(|e| format!("{}: {e} (the bench needs ../shared/data)", bscan_path.display()))?;
+    let frame = dicom::grey_frame(&bscan_path, 512, 496);
+    let volume = dicom::build(dicom::Spec {
+        sop_class: dicom::OPT_SOP_CLASS,
+        pixels: dicom::Pixels::Native { width: 512, height: 496, frames: vec![frame; 64] },
+        burned_in: false,
+        manufacturer: "Bench",
+    });
+
+    let dir = tempfile::tempdir()?;
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir_all(&inbox)?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let config = dir.path().join("octd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[device]\nstate_dir = \"{}\"\n[ingest]\nwatch = [\"{}\"]\n[model]\ndir = \"{}\"\n[pipeline]\nqueue_capacity = {}\n[mqtt]\nembedded_listen = \"127.0.0.1:{port}\"\n",
+            dir.path().join("state").display(),
+            inbox.display(),
+            repo.join("models/default").display(),
+            burst + 8,
+        ),
+    )?;
+    let mut daemon = Command::new(&bin)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = daemon.id();
+
+    let (tx, rx) = mpsc::channel::<(String, Instant)>();
+    let mut options = rumqttc::MqttOptions::new("e2e-bench", "127.0.0.1", port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let (client, mut connection) = rumqttc::Client::new(options, 1000);
+        for event in connection.iter() {
+            match event {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    let _ = client.try_subscribe("oct/+/+/results/#", rumqttc::QoS::AtLeastOnce);
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let _ = tx.send((p.topic.clone(), Instant::now()));
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let mut seen = HashSet::new();
+    let mut wait_one = |rx: &mpsc::Receiver<(String, Instant)>| -> Result<Instant, Error> {
+        loop {
+            let (topic, at) = rx.recv_timeout(Duration::from_secs(120))?;
+            if seen.insert(topic) {
+                return Ok(at);
+            }
+        }
+    };
+    drop_in(&inbox, "warmup.jpeg", &bscan)?;
+    wait_one(&rx)?;
+
+    let mut single = Vec::new();
+    for i in 0..20 {
+        let t0 = Instant::now();
+        drop_in(&inbox, &format!("s{i}.jpeg"), &bscan)?;
+        single.push((wait_one(&rx)? - t0).as_secs_f64() * 1000.0);
+    }
+    let mut vol = Vec::new();
+    for i in 0..5 {
+        let t0 = Instant::now();
+        drop_in(&inbox, &format!("v{i}.dcm"), &volume)?;
+        vol.push((wait_one(&rx)? - t0).as_secs_f64() * 1000.0);
+    }
+    let t0 = Instant::now();
+    for i in 0..burst {
+        drop_in(&inbox, &format!("b{i}.jpeg"), &bscan)?;
+    }
+    for _ in 0..burst {
+        wait_one(&rx)?;
+    }
+    let burst_s = t0.elapsed().as_secs_f64();
+    let rss = peak_rss_kib(pid);
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let _ = daemon.wait();
+
+    single.sort_by(f64::total_cmp);
+    vol.sort_by(f64::total_cmp);
+    println!("drop -> result on MQTT (embedded broker, files renamed into the folder)");
+    println!("  single B-scan (512x496 JPEG), 20 runs: p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+        percentile(&single, 0.5), percentile(&single, 0.95), single[single.len() - 1]);
+    println!("  64-B-scan DICOM volume, 5 runs:        p50 {:.0} ms, max {:.0} ms", percentile(&vol, 0.5), vol[vol.len() - 1]);
+    println!("  burst of {burst} B-scans: {burst_s:.1} s, {:.1} scans/s", burst as f64 / burst_s);
+    match rss {
+        Some(kib) => println!("  octd peak RSS (VmHWM): {:.0} MiB", kib as f64 / 1024.0),
+        None => println!("  octd peak RSS: unavailable"),
+    }
+    Ok(())
+}
