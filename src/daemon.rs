@@ -177,6 +177,16 @@ async fn run_until(config: Config, shutdown_tx: watch::Sender<bool>, shutdown_rx
         .await?
         .map_err(|e| DaemonError::Config(e.to_string()))?;
     tracing::info!(model = %classifier.stamp().name, version = %classifier.stamp().version, backend = %classifier.stamp().backend, "model loaded");
+    {
+        let store = store.clone();
+        let stamp = serde_json::to_vec(classifier.stamp()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
+        let counts = blocking(move || {
+            store.set_setting("active_model", &stamp)?;
+            store.counts()
+        })
+        .await??;
+        tracing::info!(scans = ?counts.by_state, outbox = counts.outbox, "store opened");
+    }
 
     if config.mqtt.url.is_empty() {
         publish::start_embedded_broker(config.mqtt.embedded_listen).map_err(|e| DaemonError::Config(e.to_string()))?;

@@ -141,15 +141,21 @@ fn low_disk_stops_intake_and_raises_an_alarm() {
     );
     let config = std::fs::read_to_string(&octd.config).unwrap();
     std::fs::write(&octd.config, config.replace("[ingest]\n", "[ingest]\nmin_free_bytes = 9223372036854775807\n")).unwrap();
+    // One file present at start-up (found by the rescan, taken by polling), one renamed in
+    // while running (the fast path): neither may be taken.
+    drop_file(&octd.inbox, "before.jpeg", &std::fs::read(&images[0].0).unwrap());
     octd.start();
-    drop_file(&octd.inbox, "scan.jpeg", &std::fs::read(&images[0].0).unwrap());
+    octd.wait_ready();
+    drop_file(&octd.inbox, "after.jpeg", &std::fs::read(&images[1].0).unwrap());
     let messages = sub.wait_until(
         Duration::from_secs(30),
         |m| events(m).iter().any(|e| e["kind"] == "alarm" && e["code"] == "disk_low"),
         "a disk alarm",
     );
     std::thread::sleep(Duration::from_secs(2));
-    assert!(octd.inbox.join("scan.jpeg").exists(), "the file stays in the export folder");
+    for name in ["before.jpeg", "after.jpeg"] {
+        assert!(octd.inbox.join(name).exists(), "{name} stays in the export folder");
+    }
     assert_eq!(results(&sub.messages()).len(), 0);
     assert_eq!(events(&messages).iter().filter(|e| e["kind"] == "alarm").count(), 1, "one alarm, not one per poll");
     assert!(octd.stop().success());

@@ -197,9 +197,6 @@ impl Ingest {
         // Oldest first, so a backlog is processed in the order the scanner wrote it.
         ready.sort_by_key(|(_, seen)| seen.mtime);
         for (path, seen) in ready {
-            if !self.disk.intake_allowed() {
-                break; // files stay where they are until space returns
-            }
             self.candidates.remove(&path);
             self.claim(path, seen).await?;
         }
@@ -209,6 +206,11 @@ impl Ingest {
     /// Record, then move into the spool, then hand to a worker. Waits for room in the
     /// pipeline first, so a backlog stays in the export folder rather than in memory.
     async fn claim(&mut self, path: PathBuf, seen: Seen) -> Result<(), IngestError> {
+        if !self.disk.intake_allowed() {
+            // The file stays where it is, watched, until space returns.
+            self.candidates.insert(path, Candidate { seen, polls_unchanged: 0 });
+            return Ok(());
+        }
         let Ok(permit) = self.jobs.reserve().await else { return Ok(()) };
         let scan_id = ScanId::new();
         let record = ScanRecord::received(scan_id);
