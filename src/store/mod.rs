@@ -392,6 +392,32 @@ mod tests {
     }
 
     #[test]
+    fn retention_prunes_published_scans_and_old_linkage_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let published = ScanId::new();
+        let quarantined = ScanId::new();
+        for (id, state) in [(published, ScanState::Published), (quarantined, ScanState::Quarantined)] {
+            let mut rec = ScanRecord::received(id);
+            store.record_claim(&rec, &Linkage::default()).unwrap();
+            rec.state = state;
+            rec.artifact = Some(format!("{id}.png"));
+            store.transition(&rec, None).unwrap();
+        }
+        // Nothing is old enough yet.
+        assert!(store.prune(0, 0).unwrap().is_empty());
+        let future = now_ms() + 60_000;
+        let removed = store.prune(future, 0).unwrap();
+        assert_eq!(removed, vec![format!("{published}.png")]);
+        assert!(store.get(published).unwrap().is_none());
+        assert!(store.get(quarantined).unwrap().is_some(), "quarantine waits for a person");
+        assert!(store.linkage(quarantined).unwrap().is_some());
+        store.prune(future, future).unwrap();
+        assert!(store.linkage(quarantined).unwrap().is_none(), "linkage has its own retention");
+        assert!(store.get(quarantined).unwrap().is_some());
+    }
+
+    #[test]
     fn linkage_is_sealed_and_needs_the_device_key() {
         let dir = tempfile::tempdir().unwrap();
         let id = ScanId::new();
