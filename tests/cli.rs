@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::dicom::{self as fixture, Pixels, Spec};
-use common::{drop_file, events, free_port, mosquitto_available, results, shared_oct_images, Mosquitto, Octd, OctdOptions, Subscriber};
+use common::{drop_file, events, free_port, results, shared_oct_images, Octd, OctdOptions, Rig, Subscriber};
 use serde_json::Value;
 
 fn octd() -> Command {
@@ -87,10 +87,7 @@ fn embedded_broker_serves_results_when_no_broker_is_configured() {
 
 #[test]
 fn dicom_volume_gives_one_result_with_the_most_suspicious_bscan() {
-    let Some(images) = shared_oct_images() else { return };
-    if !mosquitto_available() {
-        return;
-    }
+    let Some(Rig { images, sub, mut octd, broker: _broker, dir: _dir }) = Rig::new(1, "oct/#") else { return };
     // 64 B-scans: NORMAL everywhere but one CNV slice in the middle.
     let normals: Vec<&PathBuf> = images.iter().filter(|(_, l)| l == "NORMAL").map(|(p, _)| p).collect();
     let cnv = &images.iter().find(|(_, l)| l == "CNV").unwrap().0;
@@ -103,10 +100,6 @@ fn dicom_volume_gives_one_result_with_the_most_suspicious_bscan() {
         burned_in: false,
         manufacturer: "ExampleVendor",
     });
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(&dir.path().join("broker"));
-    let sub = Subscriber::connect(broker.port, "oct/#");
-    let mut octd = Octd::new(&dir.path().join("octd"), OctdOptions { broker_url: broker.url(), workers: 1, extra: String::new() });
     octd.start();
     drop_file(&octd.inbox, "DOE_JOHN_volume.dcm", &volume);
     let messages = sub.wait_until(Duration::from_secs(120), |m| results(m).len() == 1, "the volume's result");
@@ -127,18 +120,8 @@ fn dicom_volume_gives_one_result_with_the_most_suspicious_bscan() {
 
 #[test]
 fn low_disk_stops_intake_and_raises_an_alarm() {
-    let Some(images) = shared_oct_images() else { return };
-    if !mosquitto_available() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(&dir.path().join("broker"));
-    let sub = Subscriber::connect(broker.port, "oct/#");
+    let Some(Rig { images, sub, mut octd, broker: _broker, dir: _dir }) = Rig::new(1, "oct/#") else { return };
     // No disk has this much free space, so intake must stop.
-    let mut octd = Octd::new(
-        &dir.path().join("octd"),
-        OctdOptions { broker_url: broker.url(), workers: 1, extra: String::new() },
-    );
     let config = std::fs::read_to_string(&octd.config).unwrap();
     std::fs::write(&octd.config, config.replace("[ingest]\n", "[ingest]\nmin_free_bytes = 9223372036854775807\n")).unwrap();
     // One file present at start-up (found by the rescan, taken by polling), one renamed in

@@ -6,10 +6,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{
-    assert_no_phi, drop_file, events, mosquitto_available, results, shared_oct_images, Mosquitto, Octd, OctdOptions,
-    Subscriber,
-};
+use common::{assert_no_phi, drop_file, events, results, Rig};
 use serde_json::Value;
 
 fn manifest() -> Value {
@@ -43,14 +40,7 @@ fn check_result(result: &Value, manifest: &Value) {
 
 #[test]
 fn shared_images_become_deidentified_results_on_mqtt() {
-    let Some(images) = shared_oct_images() else { return };
-    if !mosquitto_available() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(&dir.path().join("broker"));
-    let sub = Subscriber::connect(broker.port, "oct/#");
-    let mut octd = Octd::new(&dir.path().join("octd"), OctdOptions { broker_url: broker.url(), workers: 2, extra: String::new() });
+    let Some(Rig { images, sub, mut octd, broker: _broker, dir: _dir }) = Rig::new(2, "oct/#") else { return };
     octd.start();
     for (i, (path, _)) in images.iter().enumerate() {
         drop_file(&octd.inbox, &phi_name(i, "jpeg"), &std::fs::read(path).unwrap());
@@ -94,15 +84,8 @@ fn shared_images_become_deidentified_results_on_mqtt() {
 
 #[test]
 fn results_survive_a_broker_outage_and_arrive_in_order() {
-    let Some(images) = shared_oct_images() else { return };
-    if !mosquitto_available() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut broker = Mosquitto::start(&dir.path().join("broker"));
-    let sub = Subscriber::connect(broker.port, "oct/+/+/results/#");
     // One worker: scans are classified in claim order, so the outbox order is known.
-    let mut octd = Octd::new(&dir.path().join("octd"), OctdOptions { broker_url: broker.url(), workers: 1, extra: String::new() });
+    let Some(Rig { images, mut broker, sub, mut octd, dir: _dir }) = Rig::new(1, "oct/+/+/results/#") else { return };
     octd.start();
     drop_file(&octd.inbox, "warmup.jpeg", &std::fs::read(&images[0].0).unwrap());
     sub.wait_until(Duration::from_secs(60), |m| results(m).len() == 1, "first result");
@@ -134,14 +117,7 @@ fn results_survive_a_broker_outage_and_arrive_in_order() {
 
 #[test]
 fn kill_9_at_random_points_loses_nothing() {
-    let Some(images) = shared_oct_images() else { return };
-    if !mosquitto_available() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(&dir.path().join("broker"));
-    let sub = Subscriber::connect(broker.port, "oct/#");
-    let mut octd = Octd::new(&dir.path().join("octd"), OctdOptions { broker_url: broker.url(), workers: 2, extra: String::new() });
+    let Some(Rig { images, sub, mut octd, broker: _broker, dir: _dir }) = Rig::new(2, "oct/#") else { return };
     let good = 24;
     let bad = 4;
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
@@ -209,16 +185,10 @@ fn bad_count(total: usize) -> usize {
 
 #[test]
 fn bad_inputs_are_quarantined_and_the_daemon_keeps_going() {
-    if !mosquitto_available() {
-        return;
-    }
-    let Some(images) = shared_oct_images() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(&dir.path().join("broker"));
-    let sub = Subscriber::connect(broker.port, "oct/#");
-    let mut octd = Octd::new(&dir.path().join("octd"), OctdOptions { broker_url: broker.url(), workers: 2, extra: String::new() });
+    let Some(rig) = Rig::new(2, "oct/#") else { return };
+    let jpeg = rig.image(0);
+    let Rig { sub, mut octd, dir, broker: _broker, images: _ } = rig;
     octd.start();
-    let jpeg = std::fs::read(&images[0].0).unwrap();
     drop_file(&octd.inbox, "zero.jpeg", b"");
     drop_file(&octd.inbox, "readme.txt", b"hello");
     drop_file(&octd.inbox, "half.jpeg", &jpeg[..jpeg.len() / 2]);

@@ -375,3 +375,32 @@ pub fn assert_no_phi(haystack: &[u8], what: &str) {
         );
     }
 }
+
+/// The usual set-up of a daemon test: the shared images, a Mosquitto of its own, a
+/// subscriber, and an `octd` (not started) pointed at that broker.
+pub struct Rig {
+    pub images: Vec<(PathBuf, String)>,
+    pub broker: Mosquitto,
+    pub sub: Subscriber,
+    pub octd: Octd,
+    pub dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// None (after saying why) where the shared data or Mosquitto is missing.
+    pub fn new(workers: usize, topic_filter: &str) -> Option<Rig> {
+        let images = shared_oct_images()?;
+        if !mosquitto_available() {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Mosquitto::start(&dir.path().join("broker"));
+        let sub = Subscriber::connect(broker.port, topic_filter);
+        let octd = Octd::new(&dir.path().join("octd"), OctdOptions { broker_url: broker.url(), workers, extra: String::new() });
+        Some(Rig { images, broker, sub, octd, dir })
+    }
+
+    pub fn image(&self, i: usize) -> Vec<u8> {
+        std::fs::read(&self.images[i % self.images.len()].0).unwrap()
+    }
+}
