@@ -181,10 +181,11 @@ impl Publisher {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), PublishError> {
         let options = mqtt_options(&self.config, self.status_payload("offline"))?;
         let capacity = usize::from(self.config.mqtt.max_inflight) + 8;
+        let mut last_failure = None;
         while !*shutdown.borrow() {
             let (client, eventloop) = AsyncClient::new(options.clone(), capacity);
             let session = Session { client, queued: VecDeque::new(), inflight: HashMap::new(), last_queued: 0 };
-            let ended_by_shutdown = self.connection(session, eventloop, &mut shutdown).await;
+            let ended_by_shutdown = self.connection(session, eventloop, &mut shutdown, &mut last_failure).await;
             self.link.connected.store(false, Ordering::Relaxed);
             if ended_by_shutdown {
                 break;
@@ -198,7 +199,13 @@ impl Publisher {
     }
 
     /// One connection's life. Returns true when it ended because of shutdown.
-    async fn connection(&self, mut session: Session, mut eventloop: EventLoop, shutdown: &mut watch::Receiver<bool>) -> bool {
+    async fn connection(
+        &self,
+        mut session: Session,
+        mut eventloop: EventLoop,
+        shutdown: &mut watch::Receiver<bool>,
+        last_failure: &mut Option<String>,
+    ) -> bool {
         let mut connected = false;
         loop {
             tokio::select! {
@@ -211,6 +218,7 @@ impl Publisher {
                 event = eventloop.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         connected = true;
+                        *last_failure = None;
                         self.link.connected.store(true, Ordering::Relaxed);
                         tracing::info!("connected to MQTT broker");
                         let status = self.status_payload("online");
@@ -237,11 +245,17 @@ impl Publisher {
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        let failure = e.to_string();
                         if connected {
-                            tracing::warn!(error = %e, "MQTT connection lost; unacknowledged messages stay in the outbox");
+                            tracing::warn!(error = %failure, "MQTT connection lost; unacknowledged messages stay in the outbox");
+                        } else if last_failure.as_deref() != Some(failure.as_str()) {
+                            // Once per distinct failure: a refused login or a bad certificate
+                            // must be visible without a log line every second.
+                            tracing::error!(error = %failure, "cannot connect to the MQTT broker (check mqtt.url, credentials and TLS files); retrying");
                         } else {
-                            tracing::debug!(error = %e, "MQTT broker not reachable");
+                            tracing::debug!(error = %failure, "MQTT broker still not reachable");
                         }
+                        *last_failure = Some(failure);
                         return false;
                     }
                 },

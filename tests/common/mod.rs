@@ -81,13 +81,19 @@ fn mosquitto_bin() -> &'static str {
 pub struct Mosquitto {
     pub port: u16,
     dir: PathBuf,
+    /// More listeners or settings (per-listener settings are on).
+    extra_conf: String,
     child: Option<Child>,
 }
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Mosquitto {
+        Self::start_with(dir, "")
+    }
+
+    pub fn start_with(dir: &Path, extra_conf: &str) -> Mosquitto {
         std::fs::create_dir_all(dir).unwrap();
-        let mut m = Mosquitto { port: free_port(), dir: dir.to_path_buf(), child: None };
+        let mut m = Mosquitto { port: free_port(), dir: dir.to_path_buf(), extra_conf: extra_conf.to_string(), child: None };
         m.restart();
         m
     }
@@ -105,10 +111,11 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "user {}\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 100000\n",
+                "per_listener_settings true\nuser {}\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 100000\nlistener {} 127.0.0.1\nallow_anonymous true\n{}\n",
                 user,
+                self.dir.display(),
                 self.port,
-                self.dir.display()
+                self.extra_conf
             ),
         )
         .unwrap();
