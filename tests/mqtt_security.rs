@@ -67,7 +67,7 @@ fn tls_and_credentials_are_used_and_enforced() {
     intruder.start();
     drop_file(&good.inbox, "scan.jpeg", &std::fs::read(&images[0].0).unwrap());
     drop_file(&intruder.inbox, "scan.jpeg", &std::fs::read(&images[1].0).unwrap());
-    let messages = sub.wait_until(Duration::from_secs(60), |m| results(&m).len() == 1, "the good device's result");
+    let messages = sub.wait_until(Duration::from_secs(60), |m| results(m).len() == 1, "the good device's result");
     std::thread::sleep(Duration::from_secs(3));
     let all = sub.messages();
     assert!(all.iter().all(|m| !m.topic.contains("/intruder/")), "nothing gets through with a wrong password");
