@@ -140,7 +140,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.map_err(|e| DaemonError::Runtime(format!("worker task: {e}")))
 }
 
-/// Run until SIGINT/SIGTERM (or `stop` turns true). `ready` is called once every stage is up.
+/// Run until SIGINT/SIGTERM (or, for embedding and tests, until `stop` turns true).
 pub async fn run(config: Config, stop: Option<watch::Receiver<bool>>) -> Result<(), DaemonError> {
     // Listen for SIGTERM before anything slow (model loading, recovery), so a stop during
     // start-up is a clean stop rather than the default signal death.
@@ -213,9 +213,16 @@ async fn run_until(config: Config, shutdown_tx: watch::Sender<bool>, shutdown_rx
     for _ in 0..config.pipeline.workers {
         let ctx = ctx.clone();
         let rx = jobs_rx.clone();
+        let mut shutdown = shutdown_rx.clone();
         workers.push(tokio::spawn(async move {
             loop {
-                let job = { rx.lock().await.recv().await };
+                // Queued scans are already durable (state received); on shutdown they wait
+                // for the next start rather than delaying this one.
+                let job = tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|s| *s) => None,
+                    job = async { rx.lock().await.recv().await } => job,
+                };
                 let Some(job) = job else { break };
                 if let Err(e) = process(&ctx, job).await {
                     tracing::error!(scan_id = %job.scan_id, error = %e, "scan left for retry at next start");
@@ -271,7 +278,7 @@ async fn run_until(config: Config, shutdown_tx: watch::Sender<bool>, shutdown_rx
     }
     let _ = shutdown_tx.send(true);
     let _ = ingest.await;
-    // Workers finish the scan in hand; the channel closed with ingest.
+    // Workers finish the scan in hand, then stop.
     for w in workers {
         let _ = w.await;
     }

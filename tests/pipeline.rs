@@ -228,3 +228,22 @@ fn bad_inputs_are_quarantined_and_the_daemon_keeps_going() {
     assert!(outside.exists());
     assert!(octd.stop().success(), "the daemon is still running and exits cleanly");
 }
+
+#[test]
+fn a_stop_with_a_backlog_resumes_at_the_next_start() {
+    let Some(Rig { images, sub, mut octd, broker: _broker, dir: _dir }) = Rig::new(1, "oct/+/+/results/#") else { return };
+    octd.start();
+    octd.wait_ready();
+    let n = 30;
+    for i in 0..n {
+        drop_file(&octd.inbox, &phi_name(i, "jpeg"), &std::fs::read(&images[i % images.len()].0).unwrap());
+    }
+    sub.wait_until(Duration::from_secs(60), |m| !results(m).is_empty(), "the first result");
+    assert!(octd.stop().success());
+    let before_restart = results(&sub.messages()).len();
+    assert!(before_restart < n, "a stop does not wait for the whole backlog ({before_restart} of {n} done)");
+    octd.start();
+    let messages = sub.wait_until(Duration::from_secs(120), |m| results(m).len() == n, "the backlog after a restart");
+    assert_eq!(results(&messages).len(), n);
+    assert_eq!(std::fs::read_dir(&octd.inbox).unwrap().count(), 0);
+}
