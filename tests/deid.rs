@@ -172,9 +172,19 @@ fn multiframe_jpeg_and_rle_volumes_decode_and_deidentify() {
             manufacturer: "ExampleVendor",
         }),
     );
-    let lines = bench.deidentify(&[rle, jpeg]);
+    let deflated = bench.write(
+        "deflated.dcm",
+        &fixture::build(Spec {
+            sop_class: fixture::OPT_SOP_CLASS,
+            pixels: Pixels::Deflated { width: 256, height: 248, frames: frames.clone() },
+            burned_in: false,
+            manufacturer: "ExampleVendor",
+        }),
+    );
+    let lines = bench.deidentify(&[rle, jpeg, deflated]);
     assert_eq!(lines[0]["frames"], 4, "{:?}", lines[0]);
     assert_eq!(lines[1]["frames"], 1, "{:?}", lines[1]);
+    assert_eq!(lines[2]["frames"], 4, "{:?}", lines[2]);
     for line in &lines {
         let out = std::fs::read(line["output"].as_str().unwrap()).unwrap();
         assert_no_phi(&out, "de-identified encapsulated DICOM");
@@ -182,6 +192,10 @@ fn multiframe_jpeg_and_rle_volumes_decode_and_deidentify() {
     // RLE round trip: the decoded volume equals the frames we encoded.
     use dicom_pixeldata::PixelDecoder;
     let obj = open_file(lines[0]["output"].as_str().unwrap()).unwrap();
+    assert_eq!(obj.decode_pixel_data().unwrap().data(), frames.concat().as_slice());
+    // Deflated input is written back as explicit VR little endian, pixels unchanged.
+    let obj = open_file(lines[2]["output"].as_str().unwrap()).unwrap();
+    assert_eq!(obj.meta().transfer_syntax().trim_end_matches('\0'), fixture::EXPLICIT_LE);
     assert_eq!(obj.decode_pixel_data().unwrap().data(), frames.concat().as_slice());
 }
 

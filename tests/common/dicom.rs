@@ -12,6 +12,7 @@ pub const SC_SOP_CLASS: &str = "1.2.840.10008.5.1.4.1.1.7";
 pub const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 pub const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
 pub const RLE: &str = "1.2.840.10008.1.2.5";
+pub const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
 pub const STUDY_UID: &str = "1.2.826.0.1.3680043.8.498.10101";
 pub const SOP_UID: &str = "1.2.826.0.1.3680043.8.498.20202";
 
@@ -20,6 +21,8 @@ pub enum Pixels {
     Native { width: u32, height: u32, frames: Vec<Vec<u8>> },
     /// One JPEG baseline stream as a single fragment.
     Jpeg { width: u32, height: u32, jpeg: Vec<u8> },
+    /// Native 8-bit frames in a deflated data set.
+    Deflated { width: u32, height: u32, frames: Vec<Vec<u8>> },
     /// 8-bit frames, RLE Lossless encoded.
     Rle { width: u32, height: u32, frames: Vec<Vec<u8>> },
 }
@@ -63,6 +66,11 @@ pub fn build(spec: Spec) -> Vec<u8> {
             let n = frames.len();
             let data: Vec<u8> = frames.concat();
             (width, height, n, EXPLICIT_LE, DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(data.into())))
+        }
+        Pixels::Deflated { width, height, frames } => {
+            let n = frames.len();
+            let data: Vec<u8> = frames.concat();
+            (width, height, n, DEFLATED, DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(data.into())))
         }
         Pixels::Jpeg { width, height, mut jpeg } => {
             if jpeg.len() % 2 == 1 {
