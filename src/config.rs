@@ -314,6 +314,15 @@ impl Config {
         if self.ingest.watch.is_empty() {
             return invalid("ingest.watch", "needs at least one folder");
         }
+        // Watch folders are watched recursively: octd's own spool and quarantine must not be
+        // inside one, or it would claim its own files again.
+        let state = std::path::absolute(&self.device.state_dir).unwrap_or_else(|_| self.device.state_dir.clone());
+        for folder in &self.ingest.watch {
+            let folder = std::path::absolute(folder).unwrap_or_else(|_| folder.clone());
+            if state.starts_with(&folder) || folder.starts_with(&state) {
+                return invalid("ingest.watch", "a watch folder must not contain, or be inside, device.state_dir");
+            }
+        }
         if self.ingest.settle.is_zero() {
             return invalid("ingest.settle", "must be greater than zero");
         }
@@ -389,6 +398,8 @@ mod tests {
         assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Parse(_))));
         std::fs::write(&path, "[device]\nsite = \"a/b\"\n").unwrap();
         assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "device.site", .. })));
+        std::fs::write(&path, "[ingest]\nwatch = [\".\"]\n").unwrap();
+        assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "ingest.watch", .. })));
         std::fs::write(&path, "[mqtt]\nurl = \"http://x\"\n").unwrap();
         assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "mqtt.url", .. })));
         assert!(matches!(Config::load(Some(&dir.path().join("nope.toml"))), Err(ConfigError::Missing(_))));
