@@ -76,7 +76,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run => {
             init_logging();
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            // Store commits, de-identification and inference run on blocking threads; the
+            // pipeline bounds that work, so a small pool is enough and keeps memory bounded.
+            let blocking_threads = config.pipeline.workers + 8;
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .max_blocking_threads(blocking_threads)
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("octd: cannot start the runtime: {e}");
