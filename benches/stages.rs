@@ -31,12 +31,10 @@ fn sample_bscan(dir: &Path) -> PathBuf {
 
 fn volume(dir: &Path, bscan: &Path) -> PathBuf {
     let frame = dicom::grey_frame(bscan, 512, 496);
-    let bytes = dicom::build(dicom::Spec {
-        sop_class: dicom::OPT_SOP_CLASS,
-        pixels: dicom::Pixels::Native { width: 512, height: 496, frames: vec![frame; 64] },
-        burned_in: false,
-        manufacturer: "Bench",
-    });
+    let bytes = dicom::build(dicom::Spec::plain(
+        dicom::OPT_SOP_CLASS,
+        dicom::Pixels::Native { width: 512, height: 496, frames: vec![frame; 64] },
+    ));
     let path = dir.join("volume.dcm");
     std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{e}"));
     path
@@ -60,7 +58,8 @@ fn benches(c: &mut Criterion) {
     }
     group.finish();
 
-    let model = ModelConfig { dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default"), ..ModelConfig::default() };
+    let model =
+        ModelConfig { dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default"), ..ModelConfig::default() };
     let classifier = Classifier::load(&model, &TriageConfig::default()).unwrap_or_else(|e| panic!("{e}"));
     let bscan_artifact = deid.deidentify(&bscan, &out, ScanId::new()).unwrap_or_else(|e| panic!("{e}")).artifact;
     let volume_artifact = deid.deidentify(&volume, &out, ScanId::new()).unwrap_or_else(|e| panic!("{e}")).artifact;
@@ -80,7 +79,8 @@ fn benches(c: &mut Criterion) {
             let mut record = ScanRecord::received(id);
             store.record_claim(&record, &Linkage::default()).unwrap_or_else(|e| panic!("{e}"));
             record.state = ScanState::Classified;
-            let message = OutboxMessage { topic: "t".into(), payload: "{}".into(), retain: false, completes_scan: Some(id) };
+            let message =
+                OutboxMessage { topic: "t".into(), payload: "{}".into(), retain: false, completes_scan: Some(id) };
             store.transition(&record, Some(&message)).unwrap_or_else(|e| panic!("{e}"))
         })
     });

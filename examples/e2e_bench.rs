@@ -35,18 +35,23 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 
 fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
-    let burst: usize = args.iter().position(|a| a == "--bscans").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(100);
+    let burst: usize = args
+        .iter()
+        .position(|a| a == "--bscans")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bin = std::env::current_exe()?.parent().and_then(|p| p.parent()).map(|p| p.join("octd")).ok_or("no octd binary")?;
+    let bin =
+        std::env::current_exe()?.parent().and_then(|p| p.parent()).map(|p| p.join("octd")).ok_or("no octd binary")?;
     let bscan_path = repo.join("../shared/data/oct/CNV/CNV-53018-1.jpeg");
-    let bscan = std::fs::read(&bscan_path).map_err(|e| format!("{}: {e} (the bench needs ../shared/data)", bscan_path.display()))?;
+    let bscan = std::fs::read(&bscan_path)
+        .map_err(|e| format!("{}: {e} (the bench needs ../shared/data)", bscan_path.display()))?;
     let frame = dicom::grey_frame(&bscan_path, 512, 496);
-    let volume = dicom::build(dicom::Spec {
-        sop_class: dicom::OPT_SOP_CLASS,
-        pixels: dicom::Pixels::Native { width: 512, height: 496, frames: vec![frame; 64] },
-        burned_in: false,
-        manufacturer: "Bench",
-    });
+    let volume = dicom::build(dicom::Spec::plain(
+        dicom::OPT_SOP_CLASS,
+        dicom::Pixels::Native { width: 512, height: 496, frames: vec![frame; 64] },
+    ));
 
     let dir = tempfile::tempdir()?;
     let inbox = dir.path().join("inbox");
@@ -131,9 +136,17 @@ fn main() -> Result<(), Error> {
     single.sort_by(f64::total_cmp);
     vol.sort_by(f64::total_cmp);
     println!("drop -> result on MQTT (embedded broker, files renamed into the folder)");
-    println!("  single B-scan (512x496 JPEG), 20 runs: p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
-        percentile(&single, 0.5), percentile(&single, 0.95), single[single.len() - 1]);
-    println!("  64-B-scan DICOM volume, 5 runs:        p50 {:.0} ms, max {:.0} ms", percentile(&vol, 0.5), vol[vol.len() - 1]);
+    println!(
+        "  single B-scan (512x496 JPEG), 20 runs: p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+        percentile(&single, 0.5),
+        percentile(&single, 0.95),
+        single[single.len() - 1]
+    );
+    println!(
+        "  64-B-scan DICOM volume, 5 runs:        p50 {:.0} ms, max {:.0} ms",
+        percentile(&vol, 0.5),
+        vol[vol.len() - 1]
+    );
     println!("  burst of {burst} B-scans: {burst_s:.1} s, {:.1} scans/s", burst as f64 / burst_s);
     match rss {
         Some(kib) => println!("  octd peak RSS (VmHWM): {:.0} MiB", kib as f64 / 1024.0),

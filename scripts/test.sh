@@ -23,6 +23,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, onnxruntime
     cp trainer/requirements.txt .venv/.requirements.txt
 fi
 
+echo "==> cargo fmt --check"
+cargo fmt --check
+
 echo "==> cargo test"
 OCTD_REQUIRE_MOSQUITTO=1 cargo test --locked --all-targets
 

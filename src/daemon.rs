@@ -117,7 +117,14 @@ impl DiskGuard for Disk {
     }
 }
 
-fn event_message(config: &Config, topics: &Topics, kind: EventKind, scan_id: Option<ScanId>, code: &str, detail: &str) -> OutboxMessage {
+fn event_message(
+    config: &Config,
+    topics: &Topics,
+    kind: EventKind,
+    scan_id: Option<ScanId>,
+    code: &str,
+    detail: &str,
+) -> OutboxMessage {
     let event = EventMessage {
         schema: EVENT_SCHEMA.into(),
         kind,
@@ -164,7 +171,11 @@ pub async fn run(config: Config, stop: Option<watch::Receiver<bool>>) -> Result<
     result
 }
 
-async fn run_until(config: Config, shutdown_tx: watch::Sender<bool>, shutdown_rx: watch::Receiver<bool>) -> Result<(), DaemonError> {
+async fn run_until(
+    config: Config,
+    shutdown_tx: watch::Sender<bool>,
+    shutdown_rx: watch::Receiver<bool>,
+) -> Result<(), DaemonError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dirs = Dirs::new(&config.device.state_dir);
     dirs.create().map_err(|e| DaemonError::Config(format!("cannot create {}: {e}", dirs.state.display())))?;
@@ -194,7 +205,8 @@ async fn run_until(config: Config, shutdown_tx: watch::Sender<bool>, shutdown_rx
     let wake = Arc::new(Notify::new());
     let link = Arc::new(LinkState::default());
     let topics = Topics::new(&config);
-    let publisher = Publisher::new(store.clone(), config.clone(), wake.clone(), classifier.stamp().clone(), link.clone());
+    let publisher =
+        Publisher::new(store.clone(), config.clone(), wake.clone(), classifier.stamp().clone(), link.clone());
     let publisher = tokio::spawn(publisher.run(shutdown_rx.clone()));
 
     let ctx = Arc::new(Context {
@@ -367,7 +379,13 @@ fn deidentify_step(ctx: &Context, mut record: ScanRecord) -> Result<Option<ScanR
         let reason = std::fs::read(&reason_path).ok().and_then(|b| serde_json::from_slice::<QuarantineReason>(&b).ok());
         match reason {
             Some(r) => quarantine(ctx, record, r.kind, &r.code, &r.detail)?,
-            None => quarantine(ctx, record, EventKind::Rejected, "source_missing", "the claimed file disappeared before it could be read")?,
+            None => quarantine(
+                ctx,
+                record,
+                EventKind::Rejected,
+                "source_missing",
+                "the claimed file disappeared before it could be read",
+            )?,
         }
         return Ok(None);
     }
@@ -464,17 +482,25 @@ fn classify_step(ctx: &Context, mut record: ScanRecord, queue_ms: u64) -> Result
 
 /// Move the input aside with a reason file, record it, and announce it — in that order, so
 /// a crash in between is finished by the next start (see `deidentify_step`).
-fn quarantine(ctx: &Context, mut record: ScanRecord, kind: EventKind, code: &str, detail: &str) -> Result<(), DaemonError> {
+fn quarantine(
+    ctx: &Context,
+    mut record: ScanRecord,
+    kind: EventKind,
+    code: &str,
+    detail: &str,
+) -> Result<(), DaemonError> {
     let id = record.scan_id;
     let spooled = ctx.dirs.spool.join(id.to_string());
     let target = ctx.dirs.quarantine.join(id.to_string());
     if spooled.exists() {
-        crate::fsutil::move_file(&spooled, &target).map_err(|e| DaemonError::Runtime(format!("quarantine move: {e}")))?;
+        crate::fsutil::move_file(&spooled, &target)
+            .map_err(|e| DaemonError::Runtime(format!("quarantine move: {e}")))?;
     }
     if let Some(artifact) = &record.artifact {
         let _ = std::fs::remove_file(ctx.dirs.deid.join(artifact));
     }
-    let reason = QuarantineReason { scan_id: id, code: code.into(), detail: detail.into(), kind, at: rfc3339_ms(now_ms()) };
+    let reason =
+        QuarantineReason { scan_id: id, code: code.into(), detail: detail.into(), kind, at: rfc3339_ms(now_ms()) };
     let reason_json = serde_json::to_vec_pretty(&reason).map_err(|e| DaemonError::Runtime(e.to_string()))?;
     crate::fsutil::write_atomic(&ctx.dirs.quarantine.join(format!("{id}.reason.json")), &reason_json)
         .map_err(|e| DaemonError::Runtime(format!("quarantine reason: {e}")))?;

@@ -56,7 +56,8 @@ impl DeviceSecret {
 
     /// HMAC-SHA256 under this device's key, domain-separated by `purpose`.
     pub fn mac(&self, purpose: &str, data: &[u8]) -> [u8; 32] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
         mac.update(purpose.as_bytes());
         mac.update(&[0]);
         mac.update(data);

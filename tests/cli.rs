@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::dicom::{self as fixture, Pixels, Spec};
+use common::dicom::{self as fixture, Pixels};
 use common::{drop_file, events, free_port, results, shared_oct_images, Octd, OctdOptions, Rig, Subscriber};
 use serde_json::Value;
 
@@ -24,7 +24,8 @@ fn classify_reports_on_every_input_and_exits_zero() {
     let inputs: Vec<PathBuf> = vec![images[0].0.clone(), bad.clone(), images[40].0.clone()];
     let out = octd().current_dir(common::repo()).arg("classify").args(&inputs).arg("--json").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 3, "one object per input, in order");
     for (line, input) in lines.iter().zip(&inputs) {
         assert_eq!(line["input"], input.to_str().unwrap(), "input echoed as given");
@@ -53,7 +54,13 @@ fn classify_with_a_broken_model_folder_is_a_configuration_error() {
 
 #[test]
 fn config_check_accepts_the_shipped_file_and_rejects_typos_with_exit_78() {
-    let ok = octd().arg("config").arg("check").arg("--config").arg(common::repo().join("config/octd.toml")).output().unwrap();
+    let ok = octd()
+        .arg("config")
+        .arg("check")
+        .arg("--config")
+        .arg(common::repo().join("config/octd.toml"))
+        .output()
+        .unwrap();
     assert!(ok.status.success());
     let printed: toml::Value = toml::from_str(&String::from_utf8(ok.stdout).unwrap()).unwrap();
     assert_eq!(printed["ingest"]["settle"].as_str(), Some("2s"));
@@ -74,13 +81,18 @@ fn embedded_broker_serves_results_when_no_broker_is_configured() {
     let port = free_port();
     let mut octd = Octd::new(
         dir.path(),
-        OctdOptions { broker_url: String::new(), workers: 1, extra: format!("embedded_listen = \"127.0.0.1:{port}\"\n") },
+        OctdOptions {
+            broker_url: String::new(),
+            workers: 1,
+            extra: format!("embedded_listen = \"127.0.0.1:{port}\"\n"),
+        },
     );
     octd.start();
     octd.wait_ready();
     let sub = Subscriber::connect(port, "oct/#");
     drop_file(&octd.inbox, "scan.jpeg", &std::fs::read(&images[3].0).unwrap());
-    let messages = sub.wait_until(Duration::from_secs(60), |m| results(m).len() == 1, "a result via the embedded broker");
+    let messages =
+        sub.wait_until(Duration::from_secs(60), |m| results(m).len() == 1, "a result via the embedded broker");
     assert_eq!(results(&messages).len(), 1);
     assert!(octd.stop().success());
 }
@@ -94,12 +106,10 @@ fn dicom_volume_gives_one_result_with_the_most_suspicious_bscan() {
     let frames: Vec<Vec<u8>> = (0..64)
         .map(|i| fixture::grey_frame(if i == 37 { cnv } else { normals[i % normals.len()] }, 512, 496))
         .collect();
-    let volume = fixture::build(Spec {
-        sop_class: fixture::OPT_SOP_CLASS,
-        pixels: Pixels::Native { width: 512, height: 496, frames },
-        burned_in: false,
-        manufacturer: "ExampleVendor",
-    });
+    let volume = fixture::build(fixture::Spec::plain(
+        fixture::OPT_SOP_CLASS,
+        Pixels::Native { width: 512, height: 496, frames },
+    ));
     octd.start();
     drop_file(&octd.inbox, "DOE_JOHN_volume.dcm", &volume);
     let messages = sub.wait_until(Duration::from_secs(120), |m| results(m).len() == 1, "the volume's result");
@@ -113,7 +123,10 @@ fn dicom_volume_gives_one_result_with_the_most_suspicious_bscan() {
     // Per-class maxima over 64 slices: at least as large as any single slice's value.
     let probabilities = result["probabilities"].as_object().unwrap();
     assert!(probabilities.values().all(|p| (0.0..=1.0).contains(&p.as_f64().unwrap())));
-    assert!(result["confidence"].as_f64().unwrap() <= probabilities[result["label"].as_str().unwrap()].as_f64().unwrap() + 1e-6);
+    assert!(
+        result["confidence"].as_f64().unwrap()
+            <= probabilities[result["label"].as_str().unwrap()].as_f64().unwrap() + 1e-6
+    );
     common::assert_no_phi(result.to_string().as_bytes(), "volume result");
     assert!(octd.stop().success());
 }
@@ -123,7 +136,8 @@ fn low_disk_stops_intake_and_raises_an_alarm() {
     let Some(Rig { images, sub, mut octd, broker: _broker, dir: _dir }) = Rig::new(1, "oct/#") else { return };
     // No disk has this much free space, so intake must stop.
     let config = std::fs::read_to_string(&octd.config).unwrap();
-    std::fs::write(&octd.config, config.replace("[ingest]\n", "[ingest]\nmin_free_bytes = 9223372036854775807\n")).unwrap();
+    std::fs::write(&octd.config, config.replace("[ingest]\n", "[ingest]\nmin_free_bytes = 9223372036854775807\n"))
+        .unwrap();
     // One file present at start-up (found by the rescan, taken by polling), one renamed in
     // while running (the fast path): neither may be taken.
     drop_file(&octd.inbox, "before.jpeg", &std::fs::read(&images[0].0).unwrap());

@@ -82,12 +82,10 @@ fn pixel_bytes(path: &Path) -> Vec<u8> {
 fn dicom_identity_is_removed_at_every_depth_and_pixels_are_kept() {
     let Some(frames) = real_frames(1, 512, 496) else { return };
     let bench = Bench::new("");
-    let input = fixture::build(Spec {
-        sop_class: fixture::OPT_SOP_CLASS,
-        pixels: Pixels::Native { width: 512, height: 496, frames: frames.clone() },
-        burned_in: false,
-        manufacturer: "ExampleVendor",
-    });
+    let input = fixture::build(Spec::plain(
+        fixture::OPT_SOP_CLASS,
+        Pixels::Native { width: 512, height: 496, frames: frames.clone() },
+    ));
     let input_path = bench.write("DOE_JOHN_MRN8675309.dcm", &input);
     let lines = bench.deidentify(std::slice::from_ref(&input_path));
     assert_eq!(lines.len(), 1);
@@ -154,32 +152,26 @@ fn multiframe_jpeg_and_rle_volumes_decode_and_deidentify() {
     let bench = Bench::new("");
     let rle = bench.write(
         "rle.dcm",
-        &fixture::build(Spec {
-            sop_class: fixture::OPT_SOP_CLASS,
-            pixels: Pixels::Rle { width: 256, height: 248, frames: frames.clone() },
-            burned_in: false,
-            manufacturer: "ExampleVendor",
-        }),
+        &fixture::build(Spec::plain(
+            fixture::OPT_SOP_CLASS,
+            Pixels::Rle { width: 256, height: 248, frames: frames.clone() },
+        )),
     );
     let jpeg_bytes = std::fs::read(&images[0].0).unwrap();
     let dims = image::image_dimensions(&images[0].0).unwrap();
     let jpeg = bench.write(
         "jpeg.dcm",
-        &fixture::build(Spec {
-            sop_class: fixture::SC_SOP_CLASS,
-            pixels: Pixels::Jpeg { width: dims.0, height: dims.1, jpeg: jpeg_bytes },
-            burned_in: false,
-            manufacturer: "ExampleVendor",
-        }),
+        &fixture::build(Spec::plain(
+            fixture::SC_SOP_CLASS,
+            Pixels::Jpeg { width: dims.0, height: dims.1, jpeg: jpeg_bytes },
+        )),
     );
     let deflated = bench.write(
         "deflated.dcm",
-        &fixture::build(Spec {
-            sop_class: fixture::OPT_SOP_CLASS,
-            pixels: Pixels::Deflated { width: 256, height: 248, frames: frames.clone() },
-            burned_in: false,
-            manufacturer: "ExampleVendor",
-        }),
+        &fixture::build(Spec::plain(
+            fixture::OPT_SOP_CLASS,
+            Pixels::Deflated { width: 256, height: 248, frames: frames.clone() },
+        )),
     );
     let lines = bench.deidentify(&[rle, jpeg, deflated]);
     assert_eq!(lines[0]["frames"], 4, "{:?}", lines[0]);
@@ -272,12 +264,7 @@ fn bad_inputs_get_clear_reasons() {
     ];
     let frame = vec![128u8; 64 * 64];
     let native = |frames: Vec<Vec<u8>>| {
-        fixture::build(Spec {
-            sop_class: fixture::OPT_SOP_CLASS,
-            pixels: Pixels::Native { width: 64, height: 64, frames },
-            burned_in: false,
-            manufacturer: "ExampleVendor",
-        })
+        fixture::build(Spec::plain(fixture::OPT_SOP_CLASS, Pixels::Native { width: 64, height: 64, frames }))
     };
     // Pixel data shorter than declared: declare 2 frames, carry 1.
     let mut short = native(vec![frame.clone()]);
@@ -330,7 +317,9 @@ fn sixteen_bit_tiff_and_rgb_bmp_keep_their_pixels() {
     let bench = Bench::new("");
     let grey = image::open(&images[2].0).unwrap().to_luma8();
     let (w, h) = grey.dimensions();
-    let sixteen = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(w, h, |x, y| image::Luma([(u16::from(grey.get_pixel(x, y).0[0]) * 257).saturating_sub(3)]));
+    let sixteen = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(w, h, |x, y| {
+        image::Luma([(u16::from(grey.get_pixel(x, y).0[0]) * 257).saturating_sub(3)])
+    });
     let tiff = bench.path("DOE_JOHN.tiff");
     sixteen.save(&tiff).unwrap();
     let rgb = image::RgbImage::from_fn(w, h, |x, y| {

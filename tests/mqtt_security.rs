@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{drop_file, free_port, mosquitto_available, results, shared_oct_images, Mosquitto, Octd, OctdOptions, Subscriber};
+use common::{
+    drop_file, free_port, mosquitto_available, results, shared_oct_images, Mosquitto, Octd, OctdOptions, Subscriber,
+};
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap();
@@ -17,14 +19,31 @@ fn run(cmd: &mut Command) {
 /// A throw-away CA and a server certificate for 127.0.0.1, made with openssl.
 fn make_certificates(dir: &Path) {
     let p = |name: &str| dir.join(name);
-    run(Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=octd test CA"])
-        .arg("-keyout").arg(p("ca.key")).arg("-out").arg(p("ca.pem")));
-    run(Command::new("openssl").args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"])
-        .arg("-keyout").arg(p("server.key")).arg("-out").arg(p("server.csr")));
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=octd test CA"])
+        .arg("-keyout")
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.pem")));
+    run(Command::new("openssl")
+        .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"])
+        .arg("-keyout")
+        .arg(p("server.key"))
+        .arg("-out")
+        .arg(p("server.csr")));
     std::fs::write(p("san.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
-    run(Command::new("openssl").args(["x509", "-req", "-days", "2", "-CAcreateserial"])
-        .arg("-in").arg(p("server.csr")).arg("-CA").arg(p("ca.pem")).arg("-CAkey").arg(p("ca.key"))
-        .arg("-extfile").arg(p("san.cnf")).arg("-out").arg(p("server.pem")));
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(p("server.csr"))
+        .arg("-CA")
+        .arg(p("ca.pem"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-extfile")
+        .arg(p("san.cnf"))
+        .arg("-out")
+        .arg(p("server.pem")));
 }
 
 #[test]
@@ -53,14 +72,15 @@ fn tls_and_credentials_are_used_and_enforced() {
     // The test listens on the plain listener; the devices must use TLS.
     let sub = Subscriber::connect(broker.port, "oct/#");
     let tls = |password: &str| {
-        format!(
-            "username = \"octd\"\npassword = \"{password}\"\nca_file = \"{}\"\n",
-            certs.join("ca.pem").display()
-        )
+        format!("username = \"octd\"\npassword = \"{password}\"\nca_file = \"{}\"\n", certs.join("ca.pem").display())
     };
     let url = format!("mqtts://127.0.0.1:{tls_port}");
-    let mut good = Octd::new(&dir.path().join("good"), OctdOptions { broker_url: url.clone(), workers: 1, extra: tls("s3cret-pass") });
-    let mut intruder = Octd::new(&dir.path().join("intruder"), OctdOptions { broker_url: url, workers: 1, extra: tls("wrong") });
+    let mut good = Octd::new(
+        &dir.path().join("good"),
+        OctdOptions { broker_url: url.clone(), workers: 1, extra: tls("s3cret-pass") },
+    );
+    let mut intruder =
+        Octd::new(&dir.path().join("intruder"), OctdOptions { broker_url: url, workers: 1, extra: tls("wrong") });
     let config = std::fs::read_to_string(&intruder.config).unwrap();
     std::fs::write(&intruder.config, config.replace("id = \"test-device\"", "id = \"intruder\"")).unwrap();
     good.start();

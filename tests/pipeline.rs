@@ -53,7 +53,8 @@ fn shared_images_become_deidentified_results_on_mqtt() {
         check_result(result, &manifest);
     }
     // Status: retained, online, naming the model.
-    let status: Vec<&common::Message> = messages.iter().filter(|m| m.topic == "oct/test-site/test-device/status").collect();
+    let status: Vec<&common::Message> =
+        messages.iter().filter(|m| m.topic == "oct/test-site/test-device/status").collect();
     let online: Value = serde_json::from_str(&status.last().expect("a status message").payload).unwrap();
     assert_eq!(online["state"], "online");
     assert_eq!(online["model"]["sha256"], manifest["sha256"]);
@@ -100,7 +101,8 @@ fn results_survive_a_broker_outage_and_arrive_in_order() {
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(results(&sub.messages()).len(), 1, "nothing can arrive while the broker is down");
     broker.restart();
-    let messages = sub.wait_until(Duration::from_secs(120), |m| results(m).len() == n + 1, "all results after the outage");
+    let messages =
+        sub.wait_until(Duration::from_secs(120), |m| results(m).len() == n + 1, "all results after the outage");
 
     // In order: first arrivals of each scan id come in increasing (UUIDv7 = claim) order.
     let mut seen = HashSet::new();
@@ -149,7 +151,11 @@ fn kill_9_at_random_points_loses_nothing() {
     let messages = sub.wait_until(
         Duration::from_secs(240),
         |m| {
-            let q = events(m).iter().filter(|e| e["kind"] == "rejected").map(|e| e["scan_id"].clone()).collect::<HashSet<_>>();
+            let q = events(m)
+                .iter()
+                .filter(|e| e["kind"] == "rejected")
+                .map(|e| e["scan_id"].clone())
+                .collect::<HashSet<_>>();
             results(m).len() + q.len() >= total
         },
         "every input accounted for",
@@ -231,7 +237,9 @@ fn bad_inputs_are_quarantined_and_the_daemon_keeps_going() {
 
 #[test]
 fn a_stop_with_a_backlog_resumes_at_the_next_start() {
-    let Some(Rig { images, sub, mut octd, broker: _broker, dir: _dir }) = Rig::new(1, "oct/+/+/results/#") else { return };
+    let Some(Rig { images, sub, mut octd, broker: _broker, dir: _dir }) = Rig::new(1, "oct/+/+/results/#") else {
+        return;
+    };
     octd.start();
     octd.wait_ready();
     let n = 30;

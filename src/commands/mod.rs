@@ -15,16 +15,18 @@ use crate::secret::DeviceSecret;
 /// the de-identified pixels, exactly as the daemon does.
 pub fn classify(config: &Config, inputs: &[PathBuf]) -> Result<Vec<Value>, String> {
     let classifier = Classifier::load(&config.model, &config.triage).map_err(|e| e.to_string())?;
-    let deid = Deidentifier::new(DeviceSecret::ephemeral(), config.deid.burned_in_masks.clone(), InputLimits::from(&config.ingest));
+    let deid = Deidentifier::new(
+        DeviceSecret::ephemeral(),
+        config.deid.burned_in_masks.clone(),
+        InputLimits::from(&config.ingest),
+    );
     let scratch = tempfile::tempdir().map_err(|e| format!("temporary folder: {e}"))?;
     let mut out = Vec::with_capacity(inputs.len());
     for input in inputs {
         let scan_id = ScanId::new();
         let started = std::time::Instant::now();
-        let report = deid
-            .deidentify(input, scratch.path(), scan_id)
-            .map_err(|e| (e.code(), e.to_string()))
-            .and_then(|d| {
+        let report =
+            deid.deidentify(input, scratch.path(), scan_id).map_err(|e| (e.code(), e.to_string())).and_then(|d| {
                 let deid_ms = started.elapsed().as_millis() as u64;
                 let c = classifier.classify_artifact(&d.artifact).map_err(|e| ("inference_failed", e.to_string()));
                 let _ = std::fs::remove_file(&d.artifact);

@@ -97,9 +97,8 @@ pub(super) fn deidentify(
 
     // Decoding every frame proves the pixels are whole before anything downstream relies
     // on them (truncated JPEG / JPEG 2000 streams fail here).
-    let decoded = obj
-        .decode_pixel_data()
-        .map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {e}")))?;
+    let decoded =
+        obj.decode_pixel_data().map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {e}")))?;
     if decoded.data().is_empty() {
         return Err(DeidError::Corrupt("pixel data decodes to nothing".into()));
     }
@@ -166,10 +165,8 @@ pub(super) fn deidentify(
     let file = cleaned.with_exact_meta(meta);
 
     let dir = artifact.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        artifact.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-    ));
+    let tmp = dir
+        .join(format!(".{}.tmp", artifact.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
     file.write_to_file(&tmp).map_err(|e| DeidError::Corrupt(format!("writing de-identified DICOM: {e}")))?;
     File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, artifact)?;
@@ -283,17 +280,19 @@ impl Cleaner<'_> {
             match profile::action_for(tag, vr) {
                 Action::Remove => {}
                 Action::Empty if vr == VR::SQ => {
-                    out.put(DataElement::new(tag, VR::SQ, Value::new_sequence(Vec::<InMemDicomObject>::new(), Length::UNDEFINED)));
+                    out.put(DataElement::new(
+                        tag,
+                        VR::SQ,
+                        Value::new_sequence(Vec::<InMemDicomObject>::new(), Length::UNDEFINED),
+                    ));
                 }
                 Action::Empty => {
                     out.put(DataElement::empty(tag, vr));
                 }
                 Action::Uid => {
                     let value = element.to_str().map(|s| s.into_owned()).unwrap_or_default();
-                    let mapped: Vec<String> = value
-                        .split('\\')
-                        .map(|u| self.uid(u.trim_end_matches(['\0', ' ']).trim()))
-                        .collect();
+                    let mapped: Vec<String> =
+                        value.split('\\').map(|u| self.uid(u.trim_end_matches(['\0', ' ']).trim())).collect();
                     out.put(DataElement::new(tag, VR::UI, PrimitiveValue::Strs(mapped.into())));
                 }
                 Action::Pseudonym => {

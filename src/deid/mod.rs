@@ -209,7 +209,13 @@ fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
     trimmed.ends_with(&[0xFF, 0xD9])
 }
 
-fn check_frame_limits(width: u64, height: u64, frames: u64, bytes_per_pixel: u64, limits: &InputLimits) -> Result<(), DeidError> {
+fn check_frame_limits(
+    width: u64,
+    height: u64,
+    frames: u64,
+    bytes_per_pixel: u64,
+    limits: &InputLimits,
+) -> Result<(), DeidError> {
     if width == 0 || height == 0 {
         return Err(DeidError::Corrupt(format!("image is {width}x{height}")));
     }
@@ -224,10 +230,7 @@ fn check_frame_limits(width: u64, height: u64, frames: u64, bytes_per_pixel: u64
     }
     let decoded = width.saturating_mul(height).saturating_mul(frames).saturating_mul(bytes_per_pixel);
     if decoded > limits.max_decoded_bytes {
-        return Err(DeidError::OverLimits(format!(
-            "{decoded} decoded bytes, limit {}",
-            limits.max_decoded_bytes
-        )));
+        return Err(DeidError::OverLimits(format!("{decoded} decoded bytes, limit {}", limits.max_decoded_bytes)));
     }
     Ok(())
 }

@@ -49,9 +49,7 @@ fn load_dicom(path: &Path) -> Result<Vec<GreyFrame>, InferError> {
     let obj = OpenFileOptions::new()
         .open_file(path)
         .map_err(|e| InferError::Input(format!("artefact is not readable DICOM: {e}")))?;
-    let decoded = obj
-        .decode_pixel_data()
-        .map_err(|e| InferError::Input(format!("pixel data does not decode: {e}")))?;
+    let decoded = obj.decode_pixel_data().map_err(|e| InferError::Input(format!("pixel data does not decode: {e}")))?;
     let (rows, cols) = (decoded.rows() as usize, decoded.columns() as usize);
     let samples = decoded.samples_per_pixel() as usize;
     let bits_allocated = decoded.bits_allocated();
@@ -66,9 +64,7 @@ fn load_dicom(path: &Path) -> Result<Vec<GreyFrame>, InferError> {
     let offset = if signed { f32::from(1u16 << (bits_stored - 1)) } else { 0.0 };
     let mut frames = Vec::with_capacity(decoded.number_of_frames() as usize);
     for f in 0..decoded.number_of_frames() {
-        let data = decoded
-            .frame_data(f)
-            .map_err(|e| InferError::Input(format!("frame {f}: {e}")))?;
+        let data = decoded.frame_data(f).map_err(|e| InferError::Input(format!("frame {f}: {e}")))?;
         let values: Vec<f32> = match bits_allocated {
             8 if signed => data.iter().map(|&b| (f32::from(b as i8) + offset) / max).collect(),
             8 => data.iter().map(|&b| f32::from(b) / max).collect(),

@@ -78,8 +78,8 @@ impl Default for ReviewSpec {
 impl Manifest {
     pub fn load(dir: &Path) -> Result<Manifest, InferError> {
         let path = dir.join("manifest.json");
-        let bytes = std::fs::read(&path)
-            .map_err(|e| InferError::Model(format!("cannot read {}: {e}", path.display())))?;
+        let bytes =
+            std::fs::read(&path).map_err(|e| InferError::Model(format!("cannot read {}: {e}", path.display())))?;
         let manifest: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| InferError::Model(format!("{} is not a valid manifest: {e}", path.display())))?;
         manifest.validate()?;
@@ -111,7 +111,8 @@ impl Manifest {
             return bad("input height and width must be within 1..4096".into());
         }
         let n = self.input.channels;
-        if !(self.input.mean.len() == 1 || self.input.mean.len() == n) || self.input.std.len() != self.input.mean.len() {
+        if !(self.input.mean.len() == 1 || self.input.mean.len() == n) || self.input.std.len() != self.input.mean.len()
+        {
             return bad("mean and std need one value, or one per channel".into());
         }
         if self.input.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {

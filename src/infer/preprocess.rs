@@ -32,7 +32,11 @@ struct Axis {
 
 fn axis(in_size: usize, out_size: usize) -> Axis {
     let scale = in_size as f32 / out_size as f32;
-    let mut a = Axis { i0: Vec::with_capacity(out_size), i1: Vec::with_capacity(out_size), lambda: Vec::with_capacity(out_size) };
+    let mut a = Axis {
+        i0: Vec::with_capacity(out_size),
+        i1: Vec::with_capacity(out_size),
+        lambda: Vec::with_capacity(out_size),
+    };
     for o in 0..out_size {
         let src = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
         let i0 = (src.floor() as usize).min(in_size - 1);

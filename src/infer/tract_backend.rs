@@ -13,18 +13,21 @@ pub struct TractBackend {
 }
 
 impl TractBackend {
-    pub fn load(model: &Path, channels: usize, height: usize, width: usize, threads: usize) -> Result<Self, InferError> {
+    pub fn load(
+        model: &Path,
+        channels: usize,
+        height: usize,
+        width: usize,
+        threads: usize,
+    ) -> Result<Self, InferError> {
         let err = |e: TractError| InferError::Model(format!("tract cannot load {}: {e}", model.display()));
         let mut inference = tract_onnx::onnx().model_for_path(model).map_err(err)?;
         let batch = inference.sym("batch");
         let fact = f32::fact([batch.to_dim(), channels.to_dim(), height.to_dim(), width.to_dim()]);
         inference = inference.with_input_fact(0, fact.into()).map_err(err)?;
         let typed = inference.into_optimized().map_err(err)?;
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-        } else {
-            threads
-        };
+        let threads =
+            if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
         let options = RunOptions {
             executor: (threads > 1).then(|| Executor::multithread_with_name(threads, "octd-infer")),
             ..Default::default()

@@ -86,7 +86,13 @@ fn regular_file(path: &Path) -> Option<Seen> {
 }
 
 impl Ingest {
-    pub fn new(config: IngestConfig, store: Arc<Store>, spool: PathBuf, jobs: mpsc::Sender<Job>, disk: Arc<dyn DiskGuard>) -> Self {
+    pub fn new(
+        config: IngestConfig,
+        store: Arc<Store>,
+        spool: PathBuf,
+        jobs: mpsc::Sender<Job>,
+        disk: Arc<dyn DiskGuard>,
+    ) -> Self {
         Ingest { config, store, spool, jobs, disk, candidates: HashMap::new(), failed: HashMap::new() }
     }
 
@@ -98,7 +104,8 @@ impl Ingest {
         let (event_tx, mut events) = mpsc::channel::<(PathBuf, bool)>(4096);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let Ok(event) = res else { return };
-            let renamed_in = matches!(event.kind, EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)));
+            let renamed_in =
+                matches!(event.kind, EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)));
             let interesting = renamed_in || matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_));
             if interesting {
                 // With `Both`, the last path is the destination.
@@ -111,9 +118,7 @@ impl Ingest {
         })
         .map_err(|source| IngestError::Watch { index: 0, source })?;
         for (index, folder) in self.config.watch.iter().enumerate() {
-            watcher
-                .watch(folder, RecursiveMode::Recursive)
-                .map_err(|source| IngestError::Watch { index, source })?;
+            watcher.watch(folder, RecursiveMode::Recursive).map_err(|source| IngestError::Watch { index, source })?;
         }
         self.rescan();
         let mut poll = tokio::time::interval(self.config.settle);

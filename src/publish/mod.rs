@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
@@ -119,10 +121,8 @@ pub fn mqtt_options(config: &Config, will_payload: String) -> Result<MqttOptions
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| PublishError::Settings(format!("cannot read {}: {e}", p.display())))
         };
-        let ca_path = mqtt
-            .ca_file
-            .as_deref()
-            .ok_or_else(|| PublishError::Settings("mqtts needs mqtt.ca_file".into()))?;
+        let ca_path =
+            mqtt.ca_file.as_deref().ok_or_else(|| PublishError::Settings("mqtts needs mqtt.ca_file".into()))?;
         let client_auth = match (&mqtt.client_cert, &mqtt.client_key) {
             (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
             _ => None,
@@ -297,7 +297,8 @@ impl Publisher {
     /// Mark the device offline (retained) before a clean disconnect, which suppresses the
     /// Last Will.
     async fn goodbye(&self, session: &Session, eventloop: &mut EventLoop) {
-        let _ = session.client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, self.status_payload("offline"));
+        let _ =
+            session.client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, self.status_payload("offline"));
         let _ = session.client.try_disconnect();
         let drain = async {
             loop {

@@ -251,18 +251,16 @@ impl Store {
     pub fn counts(&self) -> Result<StoreCounts, StoreError> {
         let mut counts = StoreCounts::default();
         for record in self.scans_where(|_| true)? {
-            let state = serde_json::to_value(record.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            let state =
+                serde_json::to_value(record.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
             *counts.by_state.entry(state).or_default() += 1;
         }
         let txn = self.db.begin_read()?;
         let outbox = txn.open_table(OUTBOX)?;
         counts.outbox = outbox.len()?;
         // Messages carry no time of their own; the oldest classified scan is the outbox's age.
-        counts.outbox_oldest_ms = self
-            .scans_where(|r| r.state == ScanState::Classified)?
-            .iter()
-            .map(|r| r.updated_at_ms)
-            .min();
+        counts.outbox_oldest_ms =
+            self.scans_where(|r| r.state == ScanState::Classified)?.iter().map(|r| r.updated_at_ms).min();
         Ok(counts)
     }
 

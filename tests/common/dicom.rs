@@ -34,6 +34,13 @@ pub struct Spec {
     pub manufacturer: &'static str,
 }
 
+impl Spec {
+    /// No burned-in annotation, an ordinary manufacturer.
+    pub fn plain(sop_class: &'static str, pixels: Pixels) -> Spec {
+        Spec { sop_class, pixels, burned_in: false, manufacturer: "ExampleVendor" }
+    }
+}
+
 fn el(tag: Tag, vr: VR, v: &str) -> DataElement<InMemDicomObject> {
     DataElement::new(tag, vr, PrimitiveValue::from(v))
 }

@@ -93,7 +93,8 @@ impl Mosquitto {
 
     pub fn start_with(dir: &Path, extra_conf: &str) -> Mosquitto {
         std::fs::create_dir_all(dir).unwrap();
-        let mut m = Mosquitto { port: free_port(), dir: dir.to_path_buf(), extra_conf: extra_conf.to_string(), child: None };
+        let mut m =
+            Mosquitto { port: free_port(), dir: dir.to_path_buf(), extra_conf: extra_conf.to_string(), child: None };
         m.restart();
         m
     }
@@ -107,7 +108,11 @@ impl Mosquitto {
         let conf = self.dir.join("mosquitto.conf");
         // Started as root, Mosquitto would drop to its own user, which cannot write its
         // persistence file into this private test folder: stay the user we are.
-        let user = Command::new("id").arg("-un").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+        let user = Command::new("id")
+            .arg("-un")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
         std::fs::write(
             &conf,
             format!(
@@ -174,7 +179,10 @@ impl Subscriber {
         let id = format!("test-sub-{}", port);
         std::thread::spawn(move || {
             let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
-            options.set_clean_session(false).set_keep_alive(Duration::from_secs(5)).set_max_packet_size(1 << 20, 1 << 20);
+            options
+                .set_clean_session(false)
+                .set_keep_alive(Duration::from_secs(5))
+                .set_max_packet_size(1 << 20, 1 << 20);
             let (client, mut connection) = rumqttc::Client::new(options, 100);
             for event in connection.iter() {
                 if *s.lock().unwrap() {
@@ -369,17 +377,24 @@ pub fn drop_file(inbox: &Path, name: &str, bytes: &[u8]) {
 
 /// Strings of planted identity that must never leave de-identification.
 pub const PLANTED_PHI: &[&str] = &[
-    "DOE^JOHN", "DOE_JOHN", "MRN8675309", "19450704", "742 Evergreen", "Springfield", "555-0100",
-    "ACC-99887766", "OTHERID-4242", "St. Elsewhere", "Dr^Quincy", "SECRET-PRIVATE",
+    "DOE^JOHN",
+    "DOE_JOHN",
+    "MRN8675309",
+    "19450704",
+    "742 Evergreen",
+    "Springfield",
+    "555-0100",
+    "ACC-99887766",
+    "OTHERID-4242",
+    "St. Elsewhere",
+    "Dr^Quincy",
+    "SECRET-PRIVATE",
 ];
 
 /// Panics with the offending string when `haystack` holds planted identity.
 pub fn assert_no_phi(haystack: &[u8], what: &str) {
     for phi in PLANTED_PHI {
-        assert!(
-            !haystack.windows(phi.len()).any(|w| w == phi.as_bytes()),
-            "{what} contains planted identity {phi:?}"
-        );
+        assert!(!haystack.windows(phi.len()).any(|w| w == phi.as_bytes()), "{what} contains planted identity {phi:?}");
     }
 }
 
@@ -403,7 +418,10 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let broker = Mosquitto::start(&dir.path().join("broker"));
         let sub = Subscriber::connect(broker.port, topic_filter);
-        let octd = Octd::new(&dir.path().join("octd"), OctdOptions { broker_url: broker.url(), workers, extra: String::new() });
+        let octd = Octd::new(
+            &dir.path().join("octd"),
+            OctdOptions { broker_url: broker.url(), workers, extra: String::new() },
+        );
         Some(Rig { images, broker, sub, octd, dir })
     }
 
