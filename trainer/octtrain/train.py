@@ -238,7 +238,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
     val_y = np.array([IDX[s.label] for s in val_s])
     correct = val_p.max(1)[val_p.argmax(1) == val_y] if len(val_y) else np.array([])
     # Threshold from validation: the 10th percentile of confidence on correct answers.
-    min_conf = float(np.clip(np.quantile(correct, 0.1) if len(correct) else 0.5, 0.3, 0.9))
+    # Never below 0.5: a model less than even odds on its own label is not to be trusted alone.
+    min_conf = float(np.clip(np.quantile(correct, 0.1) if len(correct) else 0.5, 0.5, 0.9))
     stats = np.array([[greys[s.path].mean(), greys[s.path].std()] for s in train_s])
     review = {
         "min_confidence": round(min_conf, 4),
