@@ -157,3 +157,17 @@ fn low_disk_stops_intake_and_raises_an_alarm() {
     assert_eq!(events(&messages).iter().filter(|e| e["kind"] == "alarm").count(), 1, "one alarm, not one per poll");
     assert!(octd.stop().success());
 }
+
+#[test]
+fn the_default_model_is_not_degenerate_on_the_shared_scans() {
+    let Some(images) = shared_oct_images() else { return };
+    let paths: Vec<&PathBuf> = images.iter().map(|(p, _)| p).collect();
+    let out = octd().current_dir(common::repo()).arg("classify").args(&paths).arg("--json").output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let labels: std::collections::BTreeSet<&str> = lines.iter().map(|l| l["label"].as_str().unwrap()).collect();
+    assert!(labels.len() >= 2, "a model that gives one label to every scan is not shippable: {labels:?}");
+    let flagged = lines.iter().filter(|l| l["needs_review"] == true).count();
+    assert!(flagged > 0 && flagged < lines.len(), "review flags must discriminate: {flagged} of {}", lines.len());
+}

@@ -94,7 +94,11 @@ def set_trainable(model: nn.Module, arch: str, trainable: str) -> None:
 
 
 def fit(items: list[tuple[np.ndarray, int]], val: list[tuple[np.ndarray, int]], args, log=print) -> nn.Module:
-    """Class-weighted training with early stopping on validation log-loss."""
+    """Class-weighted training. With a validation set large enough to choose by (or
+    `--select val`), keep the epoch with the best validation log-loss and stop early;
+    otherwise train all epochs and keep the last: on a handful of validation images the
+    best log-loss is an early, near-uniform model."""
+    select_on_val = bool(val) and (args.select == "val" or (args.select == "auto" and len(val) >= 50))
     seed_everything(args.seed)
     model = build(args.arch, len(CLASSES), INPUT["channels"])
     if args.pretrained:
@@ -131,6 +135,8 @@ def fit(items: list[tuple[np.ndarray, int]], val: list[tuple[np.ndarray, int]], 
             nll, acc = float(loss.item()), float("nan")
         if epoch % 5 == 0 or epoch == args.epochs - 1:
             log(f"  epoch {epoch:3d} train_loss {loss.item():.3f} val_nll {nll:.3f} val_acc {acc:.3f}")
+        if not select_on_val:
+            continue
         if nll < best:
             best, best_state, patience = nll, {k: v.detach().clone() for k, v in model.state_dict().items()}, 0
         else:
@@ -195,7 +201,7 @@ def cross_validate(samples: list[Sample], greys: dict, args, log=print) -> dict:
         train = [(greys[s.path], IDX[s.label]) for s in samples if fold_of[s.patient] != k]
         held = [i for i, s in enumerate(samples) if fold_of[s.patient] == k]
         log(f"cv fold {k + 1}/{args.cv}: {len(train)} train, {len(held)} held out")
-        model = fit(train, [], argparse.Namespace(**{**vars(args), "patience": args.epochs}), log)
+        model = fit(train, [], args, log)
         probs[held] = predict(model, [greys[samples[i].path] for i in held])
     y = np.array([IDX[s.label] for s in samples])
     return {"folds": args.cv, "pooled": with_bootstrap(probs, y, CLASSES, rounds=args.bootstrap)}
@@ -334,6 +340,9 @@ def main(argv=None) -> int:
     ap.add_argument("--patience", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--select", default="auto", choices=["auto", "val", "last"],
+                    help="model selection: best validation log-loss with early stopping, or the last "
+                         "epoch; auto = val when there are at least 50 validation images")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--singan", default="auto", choices=["auto", "on", "off"],
