@@ -254,13 +254,14 @@ impl Store {
             let state =
                 serde_json::to_value(record.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
             *counts.by_state.entry(state).or_default() += 1;
+            // Messages carry no time of their own; the oldest classified scan is the outbox's age.
+            if record.state == ScanState::Classified {
+                let oldest = counts.outbox_oldest_ms.get_or_insert(record.updated_at_ms);
+                *oldest = (*oldest).min(record.updated_at_ms);
+            }
         }
         let txn = self.db.begin_read()?;
-        let outbox = txn.open_table(OUTBOX)?;
-        counts.outbox = outbox.len()?;
-        // Messages carry no time of their own; the oldest classified scan is the outbox's age.
-        counts.outbox_oldest_ms =
-            self.scans_where(|r| r.state == ScanState::Classified)?.iter().map(|r| r.updated_at_ms).min();
+        counts.outbox = txn.open_table(OUTBOX)?.len()?;
         Ok(counts)
     }
 
@@ -376,6 +377,26 @@ mod tests {
         // sequence numbers keep growing after a reopen
         assert_eq!(store.enqueue(&message(9, None)).unwrap(), 6);
         assert_eq!(store.outbox_after(4, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn counts_by_state_and_outbox_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut classified = Vec::new();
+        for _ in 0..2 {
+            let mut rec = ScanRecord::received(ScanId::new());
+            store.record_claim(&rec, &Linkage::default()).unwrap();
+            rec.state = ScanState::Classified;
+            store.transition(&rec, Some(&message(0, Some(rec.scan_id)))).unwrap();
+            classified.push(store.get(rec.scan_id).unwrap().unwrap().updated_at_ms);
+        }
+        store.record_claim(&ScanRecord::received(ScanId::new()), &Linkage::default()).unwrap();
+        let counts = store.counts().unwrap();
+        assert_eq!(counts.by_state.get("classified"), Some(&2));
+        assert_eq!(counts.by_state.get("received"), Some(&1));
+        assert_eq!(counts.outbox, 2);
+        assert_eq!(counts.outbox_oldest_ms, classified.iter().copied().min());
     }
 
     #[test]
