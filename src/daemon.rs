@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::deid::{DeidError, Deidentifier, InputLimits};
 use crate::infer::{Classifier, InferError};
 use crate::ingest::{self, DiskGuard, Ingest, Job};
-use crate::publish::{self, LinkState, Publisher, Topics};
+use crate::publish::{self, Publisher, Topics};
 use crate::scan::{
     now_ms, rfc3339_ms, EventKind, EventMessage, ResultMessage, ScanId, ScanRecord, ScanState, StageTimings,
     EVENT_SCHEMA, RESULT_SCHEMA,
@@ -203,10 +203,8 @@ async fn run_until(
         publish::start_embedded_broker(config.mqtt.embedded_listen).map_err(|e| DaemonError::Config(e.to_string()))?;
     }
     let wake = Arc::new(Notify::new());
-    let link = Arc::new(LinkState::default());
     let topics = Topics::new(&config);
-    let publisher =
-        Publisher::new(store.clone(), config.clone(), wake.clone(), classifier.stamp().clone(), link.clone());
+    let publisher = Publisher::new(store.clone(), config.clone(), wake.clone(), classifier.stamp().clone());
     let publisher = tokio::spawn(publisher.run(shutdown_rx.clone()));
 
     let ctx = Arc::new(Context {

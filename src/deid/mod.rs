@@ -68,11 +68,6 @@ impl DeidError {
             _ => EventKind::Rejected,
         }
     }
-
-    /// An I/O failure of our own (disk full, permissions) says nothing about the input.
-    pub fn is_input_fault(&self) -> bool {
-        !matches!(self, DeidError::Io(_))
-    }
 }
 
 #[derive(Debug, Clone, Copy)]

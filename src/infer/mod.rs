@@ -107,10 +107,6 @@ impl Classifier {
         &self.stamp
     }
 
-    pub fn manifest(&self) -> &Manifest {
-        &self.manifest
-    }
-
     pub fn classify_artifact(&self, artifact: &Path) -> Result<Classification, InferError> {
         let frames = frames::load(artifact)?;
         self.classify_frames(&frames)

@@ -6,7 +6,6 @@
 mod broker;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -132,19 +131,12 @@ pub fn mqtt_options(config: &Config, will_payload: String) -> Result<MqttOptions
     Ok(options)
 }
 
-/// Shared view of the publisher for status reporting.
-#[derive(Debug, Default)]
-pub struct LinkState {
-    pub connected: AtomicBool,
-}
-
 pub struct Publisher {
     store: Arc<Store>,
     config: Config,
     topics: Topics,
     wake: Arc<Notify>,
     model: ModelStamp,
-    link: Arc<LinkState>,
 }
 
 /// Publishes of one connection, in the order handed to rumqttc.
@@ -159,9 +151,9 @@ struct Session {
 }
 
 impl Publisher {
-    pub fn new(store: Arc<Store>, config: Config, wake: Arc<Notify>, model: ModelStamp, link: Arc<LinkState>) -> Self {
+    pub fn new(store: Arc<Store>, config: Config, wake: Arc<Notify>, model: ModelStamp) -> Self {
         let topics = Topics::new(&config);
-        Publisher { store, config, topics, wake, model, link }
+        Publisher { store, config, topics, wake, model }
     }
 
     fn status_payload(&self, state: &'static str) -> String {
@@ -186,7 +178,6 @@ impl Publisher {
             let (client, eventloop) = AsyncClient::new(options.clone(), capacity);
             let session = Session { client, queued: VecDeque::new(), inflight: HashMap::new(), last_queued: 0 };
             let ended_by_shutdown = self.connection(session, eventloop, &mut shutdown, &mut last_failure).await;
-            self.link.connected.store(false, Ordering::Relaxed);
             if ended_by_shutdown {
                 break;
             }
@@ -219,7 +210,6 @@ impl Publisher {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         connected = true;
                         *last_failure = None;
-                        self.link.connected.store(true, Ordering::Relaxed);
                         tracing::info!("connected to MQTT broker");
                         let status = self.status_payload("online");
                         if session.client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, status).is_ok() {

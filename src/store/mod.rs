@@ -298,12 +298,6 @@ impl Store {
         Ok(artefacts)
     }
 
-    pub fn setting(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(SETTINGS)?;
-        Ok(table.get(name)?.map(|v| v.value().to_vec()))
-    }
-
     pub fn set_setting(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         txn.open_table(SETTINGS)?.insert(name, value)?;
