@@ -27,7 +27,7 @@ echo "==> cargo fmt --check"
 cargo fmt --check
 
 echo "==> cargo test"
-OCTD_REQUIRE_MOSQUITTO=1 cargo test --locked --all-targets
+OCTD_REQUIRE_MOSQUITTO=1 cargo test --workspace --locked --all-targets
 
 echo "==> pytest (trainer)"
 (cd trainer && ../.venv/bin/python -m pytest -q)

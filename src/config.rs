@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 /// Sections that environment overrides may address; anything else in the `OCTD_`
 /// namespace (for example test switches) is not configuration.
-const SECTIONS: &[&str] = &["device", "ingest", "deid", "model", "triage", "pipeline", "store", "mqtt"];
+const SECTIONS: &[&str] = &["device", "ingest", "deid", "model", "update", "triage", "pipeline", "store", "mqtt"];
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -35,6 +35,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub deid: DeidConfig,
     pub model: ModelConfig,
+    pub update: UpdateConfig,
     pub triage: TriageConfig,
     pub pipeline: PipelineConfig,
     pub store: StoreConfig,
@@ -137,8 +138,9 @@ pub enum BackendKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Folder with model.onnx and manifest.json.
-    pub dir: PathBuf,
+    /// An unsigned model folder to pin (development only): the daemon then runs it and takes
+    /// no updates. Unset (the default), the daemon runs verified bundles from `[update]`.
+    pub dir: Option<PathBuf>,
     pub backend: BackendKind,
     /// Inference threads; 0 = one per core.
     pub threads: usize,
@@ -150,12 +152,45 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
+        Self { dir: None, backend: BackendKind::Tract, threads: 0, batch_size: 8, min_confidence: None }
+    }
+}
+
+/// Where verified model bundles come from and how a new one earns its place.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpdateConfig {
+    /// The model channel (a TUF repository): `https://…`, `http://…`, `file:///…` or a folder.
+    pub repository: String,
+    /// The provisioned root of trust (root.json) for that channel.
+    pub trusted_root: PathBuf,
+    /// How often the channel is checked; a notice on MQTT triggers a check at once.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Installed versions kept on disk for rollback (the active one included).
+    pub keep_versions: usize,
+    /// A new model is committed after this many scans classified without a model failure...
+    pub commit_after_scans: u32,
+    /// ...or after it has been active this long, whichever comes first.
+    #[serde(with = "humantime_serde")]
+    pub commit_after: Duration,
+    /// Starts with an uncommitted model before it is declared a crash loop and rolled back.
+    pub max_boot_attempts: u32,
+    /// Largest bundle accepted.
+    pub max_bundle_bytes: u64,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
         Self {
-            dir: PathBuf::from("models/default"),
-            backend: BackendKind::Tract,
-            threads: 0,
-            batch_size: 8,
-            min_confidence: None,
+            repository: "models/channel".into(),
+            trusted_root: PathBuf::from("models/channel/metadata/1.root.json"),
+            interval: Duration::from_secs(3600),
+            keep_versions: 3,
+            commit_after_scans: 20,
+            commit_after: Duration::from_secs(600),
+            max_boot_attempts: 3,
+            max_bundle_bytes: 1 << 30,
         }
     }
 }
@@ -337,6 +372,19 @@ impl Config {
                 return invalid("model.min_confidence", "must be within 0..1");
             }
         }
+        if self.model.dir.is_none() {
+            if self.update.repository.trim().is_empty() {
+                return invalid("update.repository", "set a model channel, or pin a model with model.dir");
+            }
+            octd_bundle::Channel::parse(&self.update.repository)
+                .map_err(|reason| ConfigError::Invalid { field: "update.repository", reason })?;
+        }
+        if self.update.keep_versions < 2 {
+            return invalid("update.keep_versions", "must be at least 2 (the active model and one to roll back to)");
+        }
+        if self.update.max_boot_attempts == 0 || self.update.interval.is_zero() {
+            return invalid("update", "max_boot_attempts and interval must be greater than zero");
+        }
         if self.mqtt.max_inflight == 0 {
             return invalid("mqtt.max_inflight", "must be at least 1");
         }
@@ -375,7 +423,9 @@ mod tests {
         let cfg = Config::load(Some(&path)).unwrap();
         assert_eq!(cfg.ingest.watch, vec![PathBuf::from("inbox")]);
         assert_eq!(cfg.ingest.settle, Duration::from_secs(2));
-        assert_eq!(cfg.model.dir, PathBuf::from("models/default"));
+        assert_eq!(cfg.model.dir, None, "the daemon runs verified bundles unless a model is pinned");
+        assert_eq!(cfg.update.repository, "models/channel");
+        assert_eq!(cfg.update.interval, Duration::from_secs(3600));
         assert!(cfg.mqtt.url.is_empty(), "no broker configured means the embedded one");
         assert_eq!(cfg.triage.priorities["CNV"], Priority::Urgent);
         assert_eq!(cfg.triage.priorities["DRUSEN"], Priority::FollowUp);
@@ -402,6 +452,8 @@ mod tests {
         assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "ingest.watch", .. })));
         std::fs::write(&path, "[mqtt]\nurl = \"http://x\"\n").unwrap();
         assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "mqtt.url", .. })));
+        std::fs::write(&path, "[update]\nrepository = \"ftp://x/y\"\n").unwrap();
+        assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "update.repository", .. })));
         assert!(matches!(Config::load(Some(&dir.path().join("nope.toml"))), Err(ConfigError::Missing(_))));
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch, Mutex, Notify};
 
 use crate::config::Config;
 use crate::deid::{DeidError, Deidentifier, InputLimits};
-use crate::infer::{Classifier, InferError};
+use crate::infer::InferError;
 use crate::ingest::{self, DiskGuard, Ingest, Job};
 use crate::publish::{self, Publisher, Topics};
 use crate::scan::{
@@ -24,6 +24,7 @@ use crate::scan::{
 };
 use crate::secret::DeviceSecret;
 use crate::store::{OutboxMessage, Store, StoreError, STORE_FILE};
+use crate::update::{UpdateError, Updater};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -35,6 +36,8 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Runtime(String),
+    #[error("{0}")]
+    Model(#[from] UpdateError),
 }
 
 /// The folders under the state directory.
@@ -79,7 +82,7 @@ struct Context {
     dirs: Dirs,
     store: Arc<Store>,
     deid: Deidentifier,
-    classifier: Classifier,
+    updater: Arc<Updater>,
     topics: Topics,
     wake: Arc<Notify>,
 }
@@ -134,6 +137,8 @@ fn event_message(
         scan_id,
         code: code.into(),
         detail: detail.into(),
+        model_version: None,
+        active_version: None,
     };
     OutboxMessage {
         topic: topics.events(),
@@ -182,37 +187,29 @@ async fn run_until(
     let secret = DeviceSecret::load_or_create(&dirs.state)
         .map_err(|e| DaemonError::Config(format!("device secret in {}: {e}", dirs.state.display())))?;
     let store = Arc::new(Store::open(&dirs.state.join(STORE_FILE), &secret)?);
-    let model_config = config.model.clone();
-    let triage = config.triage.clone();
-    let classifier = blocking(move || Classifier::load(&model_config, &triage))
-        .await?
-        .map_err(|e| DaemonError::Config(e.to_string()))?;
-    tracing::info!(model = %classifier.stamp().name, version = %classifier.stamp().version, backend = %classifier.stamp().backend, "model loaded");
     {
         let store = store.clone();
-        let stamp = serde_json::to_vec(classifier.stamp()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
-        let counts = blocking(move || {
-            store.set_setting("active_model", &stamp)?;
-            store.counts()
-        })
-        .await??;
+        let counts = blocking(move || store.counts()).await??;
         tracing::info!(scans = ?counts.by_state, outbox = counts.outbox, "store opened");
     }
+    let wake = Arc::new(Notify::new());
+    let topics = Topics::new(&config);
+    let updater = Updater::start(&config, &dirs.state, store.clone(), topics.clone(), wake.clone()).await?;
 
     if config.mqtt.url.is_empty() {
         publish::start_embedded_broker(config.mqtt.embedded_listen).map_err(|e| DaemonError::Config(e.to_string()))?;
     }
-    let wake = Arc::new(Notify::new());
-    let topics = Topics::new(&config);
-    let publisher = Publisher::new(store.clone(), config.clone(), wake.clone(), classifier.stamp().clone());
+    let (notices_tx, notices_rx) = mpsc::channel(1);
+    let publisher = Publisher::new(store.clone(), config.clone(), wake.clone(), updater.slot(), notices_tx);
     let publisher = tokio::spawn(publisher.run(shutdown_rx.clone()));
+    let update_loop = tokio::spawn(updater.clone().run(notices_rx, shutdown_rx.clone()));
 
     let ctx = Arc::new(Context {
         deid: Deidentifier::new(secret, config.deid.burned_in_masks.clone(), InputLimits::from(&config.ingest)),
         config: config.clone(),
         dirs: dirs.clone(),
         store: store.clone(),
-        classifier,
+        updater,
         topics: topics.clone(),
         wake: wake.clone(),
     });
@@ -293,6 +290,7 @@ async fn run_until(
         let _ = w.await;
     }
     let _ = pruner.await;
+    let _ = update_loop.await;
     let _ = publisher.await;
     Ok(())
 }
@@ -430,15 +428,25 @@ fn classify_step(ctx: &Context, mut record: ScanRecord, queue_ms: u64) -> Result
     let id = record.scan_id;
     let artifact = ctx.dirs.deid.join(record.artifact.clone().unwrap_or_default());
     let started = Instant::now();
-    let classification = match ctx.classifier.classify_artifact(&artifact) {
-        Ok(c) => c,
-        Err(e) => {
-            let code = match e {
-                InferError::Input(_) => "undecodable",
-                _ => "inference_failed",
-            };
-            tracing::error!(scan_id = %id, error = %e, "classification failed");
-            return quarantine(ctx, record, EventKind::Rejected, code, &e.to_string());
+    let mut retried = false;
+    let (classification, model) = loop {
+        // The scan keeps this model until its result is written, whatever is swapped in meanwhile.
+        let model = ctx.updater.current().ok_or_else(|| DaemonError::Runtime("no model is loaded".into()))?;
+        match model.classifier.classify_artifact(&artifact) {
+            Ok(c) => break (c, model),
+            Err(e @ InferError::Input(_)) => {
+                tracing::error!(scan_id = %id, error = %e, "classification failed");
+                return quarantine(ctx, record, EventKind::Rejected, "undecodable", &e.to_string());
+            }
+            Err(e) => {
+                // A new model failing is the model's fault: roll it back and classify again.
+                if !retried && ctx.updater.model_failed(&model, &e.to_string()) {
+                    retried = true;
+                    continue;
+                }
+                tracing::error!(scan_id = %id, error = %e, "classification failed");
+                return quarantine(ctx, record, EventKind::Rejected, "inference_failed", &e.to_string());
+            }
         }
     };
     let infer_ms = started.elapsed().as_millis() as u64;
@@ -455,7 +463,7 @@ fn classify_step(ctx: &Context, mut record: ScanRecord, queue_ms: u64) -> Result
         study_uid: record.study_uid.clone(),
         laterality: record.laterality.clone(),
         classification: classification.clone(),
-        model: ctx.classifier.stamp().clone(),
+        model: model.classifier.stamp().clone(),
         timings_ms: StageTimings {
             queue_ms,
             deid_ms: record.deid_ms.unwrap_or(0),
@@ -473,7 +481,8 @@ fn classify_step(ctx: &Context, mut record: ScanRecord, queue_ms: u64) -> Result
     record.label = Some(classification.label.clone());
     record.priority = Some(classification.priority);
     ctx.store.transition(&record, Some(&outbox))?;
-    tracing::info!(scan_id = %id, label = %classification.label, confidence = classification.confidence,
+    ctx.updater.scan_succeeded(&model);
+    tracing::info!(scan_id = %id, model = %model.classifier.stamp().version, label = %classification.label, confidence = classification.confidence,
         needs_review = classification.needs_review, infer_ms, "classified");
     Ok(())
 }

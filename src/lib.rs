@@ -16,6 +16,7 @@ pub mod publish;
 pub mod scan;
 pub mod secret;
 pub mod store;
+pub mod update;
 
 /// Exit status for configuration errors: listed in the unit's RestartPreventExitStatus so a
 /// bad configuration does not restart-loop (sysexits EX_CONFIG).

@@ -25,7 +25,7 @@ enum Command {
     Classify {
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// Model folder (model.onnx + manifest.json); default from the configuration.
+        /// Model folder (model.onnx + manifest.json); default: model.dir, else models/default.
         #[arg(long)]
         model: Option<PathBuf>,
         /// One JSON object per line (the default output is a short human summary).
@@ -43,6 +43,85 @@ enum Command {
     Config {
         #[command(subcommand)]
         action: ConfigAction,
+    },
+    /// The installed models and every install, refusal, commit and rollback, from the store
+    /// (while the daemon is stopped: the store is its alone while it runs).
+    Models,
+    /// Model bundles and their signed channel (see docs/model-channel.md).
+    Bundle {
+        #[command(subcommand)]
+        action: BundleAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleAction {
+    /// Create an Ed25519 signing key (PKCS#8, mode 0600) and print its key id.
+    Keygen { out: PathBuf },
+    /// Write a channel's root of trust; run again with new keys to rotate it (then the
+    /// previous root keys must sign too: --previous-root-key).
+    Init {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(long = "root-key", required = true)]
+        root_keys: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        root_threshold: u64,
+        #[arg(long = "targets-key", required = true)]
+        targets_keys: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        targets_threshold: u64,
+        #[arg(long = "snapshot-key", required = true)]
+        snapshot_keys: Vec<PathBuf>,
+        #[arg(long = "timestamp-key", required = true)]
+        timestamp_keys: Vec<PathBuf>,
+        /// How long the root stays valid.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        expires: std::time::Duration,
+        #[arg(long = "previous-root-key")]
+        previous_root_keys: Vec<PathBuf>,
+    },
+    /// Pack a model folder into a bundle with a self-test computed on this machine.
+    Pack {
+        /// Folder with model.onnx and manifest.json.
+        #[arg(long)]
+        model: PathBuf,
+        /// Self-test inputs (de-identified images); default: generated synthetic B-scans.
+        #[arg(long)]
+        samples: Option<PathBuf>,
+        /// Largest allowed difference of a class probability on the device.
+        #[arg(long, default_value_t = 1e-3)]
+        tolerance: f32,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add bundles to (or withdraw versions from) a channel and re-sign it; with neither,
+    /// refresh the timestamp.
+    Publish {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(long)]
+        add: Vec<PathBuf>,
+        #[arg(long)]
+        withdraw: Vec<String>,
+        /// Signing keys (any roles; each signs the roles the root gives it).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        targets_expires: std::time::Duration,
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        snapshot_expires: std::time::Duration,
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        timestamp_expires: std::time::Duration,
+    },
+    /// Verify a channel and its newest bundle as a device would, self-test included.
+    Verify {
+        /// Channel location: folder, file://, http:// or https://.
+        #[arg(long)]
+        repository: String,
+        /// The trusted root.json.
+        #[arg(long)]
+        root: PathBuf,
     },
 }
 
@@ -105,7 +184,7 @@ fn main() -> ExitCode {
         Command::Classify { files, model, json } => {
             let mut config = config;
             if let Some(dir) = model {
-                config.model.dir = dir;
+                config.model.dir = Some(dir);
             }
             match octd::commands::classify(&config, &files) {
                 Ok(values) if json => {
@@ -144,6 +223,72 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Models => match octd::commands::models(&config) {
+            Ok(value) => {
+                println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("octd: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Bundle { action } => {
+            use octd::commands::bundle;
+            let result = match action {
+                BundleAction::Keygen { out } => bundle::keygen(&out),
+                BundleAction::Init {
+                    repo,
+                    root_keys,
+                    root_threshold,
+                    targets_keys,
+                    targets_threshold,
+                    snapshot_keys,
+                    timestamp_keys,
+                    expires,
+                    previous_root_keys,
+                } => bundle::init(bundle::RootArgs {
+                    repo,
+                    root: bundle::role(root_keys, root_threshold),
+                    targets: bundle::role(targets_keys, targets_threshold),
+                    snapshot: bundle::role(snapshot_keys, 1),
+                    timestamp: bundle::role(timestamp_keys, 1),
+                    expires,
+                    previous_root_keys,
+                }),
+                BundleAction::Pack { model, samples, tolerance, out } => {
+                    bundle::pack(&config, &model, samples.as_deref(), tolerance, &out)
+                }
+                BundleAction::Publish {
+                    repo,
+                    add,
+                    withdraw,
+                    keys,
+                    targets_expires,
+                    snapshot_expires,
+                    timestamp_expires,
+                } => bundle::publish(bundle::PublishArgs {
+                    repo,
+                    add,
+                    withdraw,
+                    keys,
+                    targets_expires,
+                    snapshot_expires,
+                    timestamp_expires,
+                }),
+                BundleAction::Verify { repository, root } => bundle::verify(&config, &repository, &root),
+            };
+            match result {
+                Ok(value) => {
+                    println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("octd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Config { action: ConfigAction::Check } => match toml::to_string_pretty(&config) {
             Ok(text) => {
                 println!("{text}");

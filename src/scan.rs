@@ -192,6 +192,14 @@ pub enum EventKind {
     Quarantined,
     Alarm,
     AlarmCleared,
+    /// A verified, self-tested model bundle was swapped in.
+    ModelInstalled,
+    /// A model update was refused; `code` says why (signature, expiry, hash, self-test, ...).
+    ModelRefused,
+    /// The newly installed model passed its health gate and is kept.
+    ModelCommitted,
+    /// The active model was replaced by an earlier one (failure, crash loop, withdrawal).
+    ModelRolledBack,
 }
 
 /// The payload of `oct/{site}/{device}/events`.
@@ -206,6 +214,11 @@ pub struct EventMessage {
     /// Machine-readable reason, e.g. `disk_low`, `unsupported_transfer_syntax`.
     pub code: String,
     pub detail: String,
+    /// Model events: the version concerned and the version active afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_version: Option<String>,
 }
 
 pub fn now_ms() -> u64 {

@@ -85,6 +85,11 @@ fn embedded_broker_serves_results_when_no_broker_is_configured() {
             broker_url: String::new(),
             workers: 1,
             extra: format!("embedded_listen = \"127.0.0.1:{port}\"\n"),
+            // The shipped development channel, as `cargo run -- run` uses it.
+            channel: Some((
+                common::repo().join("models/channel").display().to_string(),
+                common::repo().join("models/channel/metadata/1.root.json"),
+            )),
         },
     );
     octd.start();
@@ -93,7 +98,12 @@ fn embedded_broker_serves_results_when_no_broker_is_configured() {
     drop_file(&octd.inbox, "scan.jpeg", &std::fs::read(&images[3].0).unwrap());
     let messages =
         sub.wait_until(Duration::from_secs(60), |m| results(m).len() == 1, "a result via the embedded broker");
-    assert_eq!(results(&messages).len(), 1);
+    let result = results(&messages).into_values().next().unwrap();
+    // Installed from the development-signed bundle, not loaded from models/default.
+    assert_eq!(result["model"]["version"], "0.2.0");
+    assert!(octd.state.join("models/0.2.0/selftest.json").is_file());
+    let status = messages.iter().rev().find(|m| m.topic.ends_with("/status")).unwrap();
+    assert!(status.payload.contains("\"version\":\"0.2.0\""), "{}", status.payload);
     assert!(octd.stop().success());
 }
 

@@ -77,10 +77,12 @@ fn tls_and_credentials_are_used_and_enforced() {
     let url = format!("mqtts://127.0.0.1:{tls_port}");
     let mut good = Octd::new(
         &dir.path().join("good"),
-        OctdOptions { broker_url: url.clone(), workers: 1, extra: tls("s3cret-pass") },
+        OctdOptions { broker_url: url.clone(), workers: 1, extra: tls("s3cret-pass"), channel: None },
     );
-    let mut intruder =
-        Octd::new(&dir.path().join("intruder"), OctdOptions { broker_url: url, workers: 1, extra: tls("wrong") });
+    let mut intruder = Octd::new(
+        &dir.path().join("intruder"),
+        OctdOptions { broker_url: url, workers: 1, extra: tls("wrong"), channel: None },
+    );
     let config = std::fs::read_to_string(&intruder.config).unwrap();
     std::fs::write(&intruder.config, config.replace("id = \"test-device\"", "id = \"intruder\"")).unwrap();
     good.start();

@@ -1,6 +1,8 @@
 //! One-shot commands: `octd classify`, `octd deidentify`, `octd config check`.
 //! Each prints one JSON object per input and reports on every input, good or bad.
 
+pub mod bundle;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -11,10 +13,14 @@ use crate::infer::Classifier;
 use crate::scan::ScanId;
 use crate::secret::DeviceSecret;
 
+/// The model `octd classify` uses when neither `--model` nor `model.dir` names one.
+pub const DEFAULT_MODEL_DIR: &str = "models/default";
+
 /// Classify each input: de-identify into a private temporary folder, then run the model on
 /// the de-identified pixels, exactly as the daemon does.
 pub fn classify(config: &Config, inputs: &[PathBuf]) -> Result<Vec<Value>, String> {
-    let classifier = Classifier::load(&config.model, &config.triage).map_err(|e| e.to_string())?;
+    let dir = config.model.dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_DIR));
+    let classifier = Classifier::load(&dir, &config.model, &config.triage).map_err(|e| e.to_string())?;
     let deid = Deidentifier::new(
         DeviceSecret::ephemeral(),
         config.deid.burned_in_masks.clone(),
@@ -68,4 +74,18 @@ pub fn deidentify(config: &Config, inputs: &[PathBuf], out_dir: &Path) -> Result
             }
         })
         .collect())
+}
+
+/// The model state and history recorded in the store.
+pub fn models(config: &Config) -> Result<Value, String> {
+    let state_dir = &config.device.state_dir;
+    let store_path = state_dir.join(crate::store::STORE_FILE);
+    if !store_path.exists() {
+        return Err(format!("no store at {}", store_path.display()));
+    }
+    let secret = DeviceSecret::load_or_create(state_dir).map_err(|e| format!("device secret: {e}"))?;
+    let store = crate::store::Store::open(&store_path, &secret).map_err(|e| e.to_string())?;
+    let state: Option<crate::update::ModelState> = store.model_state().map_err(|e| e.to_string())?;
+    let events: Vec<crate::update::ModelEvent> = store.model_events().map_err(|e| e.to_string())?;
+    Ok(json!({"state": state, "events": events}))
 }

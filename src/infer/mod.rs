@@ -59,10 +59,10 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 }
 
 impl Classifier {
-    /// Load `config.dir`, checking model.onnx against the manifest's sha256.
-    pub fn load(config: &ModelConfig, triage: &TriageConfig) -> Result<Classifier, InferError> {
-        let manifest = Manifest::load(&config.dir)?;
-        let model_path = config.dir.join(&manifest.model_file);
+    /// Load the model folder `dir`, checking model.onnx against the manifest's sha256.
+    pub fn load(dir: &Path, config: &ModelConfig, triage: &TriageConfig) -> Result<Classifier, InferError> {
+        let manifest = Manifest::load(dir)?;
+        let model_path = dir.join(&manifest.model_file);
         let sha256 = sha256_file(&model_path)
             .map_err(|e| InferError::Model(format!("cannot read {}: {e}", model_path.display())))?;
         if !sha256.eq_ignore_ascii_case(&manifest.sha256) {
@@ -105,6 +105,10 @@ impl Classifier {
 
     pub fn stamp(&self) -> &ModelStamp {
         &self.stamp
+    }
+
+    pub fn classes(&self) -> &[String] {
+        &self.manifest.classes
     }
 
     pub fn classify_artifact(&self, artifact: &Path) -> Result<Classification, InferError> {

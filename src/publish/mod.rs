@@ -13,13 +13,14 @@ use rumqttc::{
     AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
 };
 use serde::Serialize;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 pub use broker::start_embedded_broker;
 
 use crate::config::{Config, MqttConfig};
 use crate::scan::{now_ms, rfc3339_ms, ModelStamp, ScanId, STATUS_SCHEMA};
 use crate::store::{OutboxMessage, Store};
+use crate::update::ModelSlot;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -84,6 +85,16 @@ impl Topics {
     pub fn status(&self) -> String {
         format!("{}/status", self.base)
     }
+
+    /// Where the cloud says "this device has a new model waiting".
+    pub fn model_notice(&self) -> String {
+        format!("{}/model", self.base)
+    }
+}
+
+/// Where the cloud says "the fleet has a new model waiting".
+pub fn fleet_model_notice(config: &Config) -> String {
+    format!("{}/fleet/models", config.mqtt.topic_prefix)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,6 +106,30 @@ struct StatusMessage<'a> {
     octd_version: &'static str,
     model: Option<&'a ModelStamp>,
     at: String,
+}
+
+fn status_payload(config: &Config, state: &'static str, model: Option<&ModelStamp>) -> String {
+    let message = StatusMessage {
+        schema: STATUS_SCHEMA,
+        state,
+        site: &config.device.site,
+        device: &config.device.id,
+        octd_version: env!("CARGO_PKG_VERSION"),
+        model: if state == "online" { model } else { None },
+        at: rfc3339_ms(now_ms()),
+    };
+    serde_json::to_string(&message).unwrap_or_default()
+}
+
+/// The retained "online" status naming `model`, as an outbox message (queued when the
+/// active model changes, so the status follows it durably and in order).
+pub fn status_message(config: &Config, topics: &Topics, model: Option<&ModelStamp>) -> OutboxMessage {
+    OutboxMessage {
+        topic: topics.status(),
+        payload: status_payload(config, "online", model),
+        retain: true,
+        completes_scan: None,
+    }
 }
 
 /// Connection settings for the configured broker, or the embedded one.
@@ -136,7 +171,10 @@ pub struct Publisher {
     config: Config,
     topics: Topics,
     wake: Arc<Notify>,
-    model: ModelStamp,
+    model: Arc<ModelSlot>,
+    /// Model notices from the cloud go to the updater; a full channel means a check is
+    /// already due, so extra notices are dropped.
+    notices: mpsc::Sender<()>,
 }
 
 /// Publishes of one connection, in the order handed to rumqttc.
@@ -151,22 +189,19 @@ struct Session {
 }
 
 impl Publisher {
-    pub fn new(store: Arc<Store>, config: Config, wake: Arc<Notify>, model: ModelStamp) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        config: Config,
+        wake: Arc<Notify>,
+        model: Arc<ModelSlot>,
+        notices: mpsc::Sender<()>,
+    ) -> Self {
         let topics = Topics::new(&config);
-        Publisher { store, config, topics, wake, model }
+        Publisher { store, config, topics, wake, model, notices }
     }
 
     fn status_payload(&self, state: &'static str) -> String {
-        let message = StatusMessage {
-            schema: STATUS_SCHEMA,
-            state,
-            site: &self.config.device.site,
-            device: &self.config.device.id,
-            octd_version: env!("CARGO_PKG_VERSION"),
-            model: (state == "online").then_some(&self.model),
-            at: rfc3339_ms(now_ms()),
-        };
-        serde_json::to_string(&message).unwrap_or_default()
+        status_payload(&self.config, state, self.model.stamp().as_ref())
     }
 
     /// Runs until `shutdown` turns true; then says goodbye on the status topic.
@@ -215,7 +250,15 @@ impl Publisher {
                         if session.client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, status).is_ok() {
                             session.queued.push_back(None);
                         }
+                        for topic in [fleet_model_notice(&self.config), self.topics.model_notice()] {
+                            let _ = session.client.try_subscribe(topic, QoS::AtLeastOnce);
+                        }
                         self.fill(&mut session).await;
+                    }
+                    Ok(Event::Incoming(Packet::Publish(notice))) => {
+                        if notice.topic == fleet_model_notice(&self.config) || notice.topic == self.topics.model_notice() {
+                            let _ = self.notices.try_send(());
+                        }
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(seq) = session.queued.pop_front() {

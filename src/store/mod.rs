@@ -7,7 +7,9 @@
 //! - `outbox`:  sequence number -> OutboxMessage (JSON), drained in key order
 //! - `linkage`: scan_id -> sealed Linkage (ChaCha20-Poly1305 under a key derived from the
 //!   device secret, so the store file alone reveals no identity)
-//! - `settings`: name -> bytes
+//! - `settings`: name -> bytes (`model_state`: the installed models and the health gate)
+//! - `model_events`: sequence number -> ModelEvent (JSON): every install, refusal, commit
+//!   and rollback, kept for audit
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,6 +31,8 @@ const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 /// the outbox is empty, or a publisher that has sent N would skip a new message N.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const NEXT_OUTBOX_SEQ: &str = "outbox_next_seq";
+const MODEL_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("model_events");
+const MODEL_STATE: &str = "model_state";
 
 pub const STORE_FILE: &str = "octd.redb";
 
@@ -98,6 +102,7 @@ impl Store {
             txn.open_table(LINKAGE)?;
             txn.open_table(SETTINGS)?;
             txn.open_table(COUNTERS)?;
+            txn.open_table(MODEL_EVENTS)?;
         }
         txn.commit()?;
         let key = secret.mac("octd linkage seal v1", b"");
@@ -303,6 +308,50 @@ impl Store {
         txn.open_table(SETTINGS)?.insert(name, value)?;
         txn.commit()?;
         Ok(())
+    }
+
+    pub fn setting(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SETTINGS)?;
+        Ok(table.get(name)?.map(|v| v.value().to_vec()))
+    }
+
+    /// The persisted model state, or `None` before the first install.
+    pub fn model_state<T: for<'de> Deserialize<'de>>(&self) -> Result<Option<T>, StoreError> {
+        self.setting(MODEL_STATE)?.map(|b| decode(&b)).transpose()
+    }
+
+    /// Save the model state, record the event and queue its message, in one transaction: a
+    /// crash leaves either all three or none.
+    pub fn commit_model_change<S: Serialize, E: Serialize>(
+        &self,
+        state: &S,
+        event: Option<&E>,
+        messages: &[OutboxMessage],
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(SETTINGS)?.insert(MODEL_STATE, encode(state)?.as_slice())?;
+        if let Some(event) = event {
+            let mut events = txn.open_table(MODEL_EVENTS)?;
+            let next = events.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            events.insert(next, encode(event)?.as_slice())?;
+        }
+        for message in messages {
+            Self::push(&txn, message)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every recorded model event, oldest first.
+    pub fn model_events<E: for<'de> Deserialize<'de>>(&self) -> Result<Vec<E>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MODEL_EVENTS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            out.push(decode(entry?.1.value())?);
+        }
+        Ok(out)
     }
 
     /// Every value of every table except the sealed linkage, for PHI audits.

@@ -277,6 +277,8 @@ pub struct OctdOptions {
     pub broker_url: String,
     pub workers: usize,
     pub extra: String,
+    /// A model channel (repository location, trusted root) instead of the pinned default model.
+    pub channel: Option<(String, PathBuf)>,
 }
 
 impl Octd {
@@ -286,15 +288,26 @@ impl Octd {
         std::fs::create_dir_all(&inbox).unwrap();
         let config = root.join("octd.toml");
         let mut f = std::fs::File::create(&config).unwrap();
+        let model = match &opts.channel {
+            None => format!("dir = \"{}\"\n", repo().join("models/default").display()),
+            Some(_) => String::new(),
+        };
+        let update = match &opts.channel {
+            None => String::new(),
+            Some((repository, trusted_root)) => {
+                format!("[update]\nrepository = \"{repository}\"\ntrusted_root = \"{}\"\n", trusted_root.display())
+            }
+        };
         write!(
             f,
             "[device]\nsite = \"test-site\"\nid = \"test-device\"\nstate_dir = \"{}\"\n\n\
              [ingest]\nwatch = [\"{}\"]\nsettle = \"300ms\"\nrescan_interval = \"1s\"\n\n\
-             [model]\ndir = \"{}\"\nthreads = 1\n\n[pipeline]\nworkers = {}\n\n\
+             [model]\n{}threads = 1\n\n{}\n[pipeline]\nworkers = {}\n\n\
              [mqtt]\nurl = \"{}\"\nreconnect_delay = \"300ms\"\n{}\n",
             state.display(),
             inbox.display(),
-            repo().join("models/default").display(),
+            model,
+            update,
             opts.workers,
             opts.broker_url,
             opts.extra,
@@ -420,7 +433,7 @@ impl Rig {
         let sub = Subscriber::connect(broker.port, topic_filter);
         let octd = Octd::new(
             &dir.path().join("octd"),
-            OctdOptions { broker_url: broker.url(), workers, extra: String::new() },
+            OctdOptions { broker_url: broker.url(), workers, extra: String::new(), channel: None },
         );
         Some(Rig { images, broker, sub, octd, dir })
     }

@@ -1,0 +1,697 @@
+//! Model updates, beside the pipeline: verified bundles from a TUF channel are staged,
+//! self-tested and swapped in atomically; a new model must pass a health gate (scans
+//! without model failure, or time, and no crash loop across restarts) before it is
+//! committed, and is rolled back to the previous one when it fails or is withdrawn.
+//!
+//! Workers only read the [`ModelSlot`]: each scan holds the model it started with, so a swap
+//! never changes the model under a scan in flight, and every result names its model.
+
+pub mod selftest;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use octd_bundle::archive::{self, Limits};
+use octd_bundle::client::{self, Channel, ModelTarget, Refusal};
+use octd_bundle::SelfTest;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::config::Config;
+use crate::infer::{Classifier, InferError};
+use crate::publish::{self, Topics};
+use crate::scan::{now_ms, rfc3339_ms, EventKind, EventMessage, ModelStamp, EVENT_SCHEMA};
+use crate::store::{OutboxMessage, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpdateError {
+    /// No model could be loaded or installed: nothing can classify.
+    #[error("no usable model: {0}")]
+    NoModel(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The model a scan is classified with.
+pub struct ActiveModel {
+    pub classifier: Classifier,
+    /// The installed bundle's version; `None` for a pinned, unsigned model folder.
+    pub bundle_version: Option<String>,
+}
+
+/// The active model, swapped atomically.
+#[derive(Default)]
+pub struct ModelSlot {
+    current: RwLock<Option<Arc<ActiveModel>>>,
+}
+
+impl ModelSlot {
+    pub fn current(&self) -> Option<Arc<ActiveModel>> {
+        match self.current.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn stamp(&self) -> Option<ModelStamp> {
+        self.current().map(|m| m.classifier.stamp().clone())
+    }
+
+    fn replace(&self, model: Arc<ActiveModel>) {
+        match self.current.write() {
+            Ok(mut guard) => *guard = Some(model),
+            Err(poisoned) => *poisoned.into_inner() = Some(model),
+        }
+    }
+}
+
+/// What is installed, persisted in the store (`settings/model_state`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ModelState {
+    pub active: Option<String>,
+    pub pending: Option<Pending>,
+    /// Versions on disk under `<state>/models/`, verified when installed.
+    pub installed: BTreeMap<String, Installed>,
+    /// Versions that passed the health gate, oldest first.
+    pub committed: Vec<String>,
+    /// Bundles (by sha256) refused or rolled back: never fetched again.
+    pub refused: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Installed {
+    pub target: String,
+    pub bundle_sha256: String,
+    pub model_sha256: String,
+    pub installed_at: String,
+}
+
+/// The health gate of a newly installed model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pending {
+    pub version: String,
+    pub previous: Option<String>,
+    /// Starts of the daemon since the install.
+    pub boots: u32,
+    pub since_ms: u64,
+}
+
+/// The store's record of one model change (table `model_events`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelEvent {
+    pub at: String,
+    pub kind: EventKind,
+    pub code: String,
+    pub detail: String,
+    pub version: Option<String>,
+    pub active: Option<String>,
+}
+
+pub const STAGING_DIR: &str = ".staging";
+
+pub struct Updater {
+    config: Config,
+    store: Arc<Store>,
+    slot: Arc<ModelSlot>,
+    topics: Topics,
+    wake: Arc<Notify>,
+    models_dir: PathBuf,
+    tuf_dir: PathBuf,
+    channel: Option<Channel>,
+    state: Mutex<ModelState>,
+    /// Held while a model is swapped or rolled back.
+    changing: Mutex<()>,
+    good_scans: AtomicU32,
+    last_refusal: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+type Failure = (&'static str, String);
+
+impl Updater {
+    /// Load the model to run: a pinned folder, or the active bundle (rolling back if it
+    /// fails to load or has crash-looped), or, on first start, the channel's newest bundle.
+    pub async fn start(
+        config: &Config,
+        state_dir: &Path,
+        store: Arc<Store>,
+        topics: Topics,
+        wake: Arc<Notify>,
+    ) -> Result<Arc<Updater>, UpdateError> {
+        let channel = match &config.model.dir {
+            Some(_) => None,
+            None => Some(Channel::parse(&config.update.repository).map_err(UpdateError::NoModel)?),
+        };
+        let state = store.model_state::<ModelState>()?.unwrap_or_default();
+        let updater = Arc::new(Updater {
+            config: config.clone(),
+            store,
+            slot: Arc::new(ModelSlot::default()),
+            topics,
+            wake,
+            models_dir: state_dir.join("models"),
+            tuf_dir: state_dir.join("tuf"),
+            channel,
+            state: Mutex::new(state),
+            changing: Mutex::new(()),
+            good_scans: AtomicU32::new(0),
+            last_refusal: Mutex::new(None),
+        });
+        if let Some(dir) = &config.model.dir {
+            let (dir, u) = (dir.clone(), updater.clone());
+            let classifier = blocking(move || Classifier::load(&dir, &u.config.model, &u.config.triage))
+                .await?
+                .map_err(|e| UpdateError::NoModel(e.to_string()))?;
+            tracing::warn!(version = %classifier.stamp().version, "running a pinned, unsigned model folder (model.dir); updates are off");
+            updater.slot.replace(Arc::new(ActiveModel { classifier, bundle_version: None }));
+            return Ok(updater);
+        }
+        std::fs::create_dir_all(&updater.models_dir)
+            .map_err(|e| UpdateError::NoModel(format!("{}: {e}", updater.models_dir.display())))?;
+        let u = updater.clone();
+        blocking(move || u.load_at_start()).await??;
+        if updater.slot.current().is_none() {
+            tracing::info!(repository = %config.update.repository, "no model installed yet: installing from the channel");
+            updater.refresh().await;
+        }
+        match updater.slot.stamp() {
+            Some(stamp) => {
+                tracing::info!(model = %stamp.name, version = %stamp.version, backend = %stamp.backend, "model loaded");
+                Ok(updater)
+            }
+            None => Err(UpdateError::NoModel(format!(
+                "nothing installed and nothing installable from {} (see the events above)",
+                config.update.repository
+            ))),
+        }
+    }
+
+    pub fn slot(&self) -> Arc<ModelSlot> {
+        self.slot.clone()
+    }
+
+    pub fn current(&self) -> Option<Arc<ActiveModel>> {
+        self.slot.current()
+    }
+
+    pub fn state(&self) -> ModelState {
+        lock(&self.state).clone()
+    }
+
+    fn load_at_start(&self) -> Result<(), UpdateError> {
+        let _changing = lock(&self.changing);
+        let mut state = lock(&self.state).clone();
+        let mut skip = None;
+        if let Some(pending) = &mut state.pending {
+            if pending.boots >= self.config.update.max_boot_attempts {
+                skip = Some((
+                    pending.version.clone(),
+                    "crash_loop",
+                    format!("{} did not pass its health gate in {} starts", pending.version, pending.boots),
+                ));
+            } else {
+                pending.boots += 1;
+                self.persist(&state, None)?;
+            }
+        }
+        let Some(active) = state.active.clone() else { return Ok(()) };
+        let mut failure = skip.as_ref().map(|(_, code, detail)| (*code, detail.clone()));
+        if skip.is_none() {
+            match self.load_installed(&active) {
+                Ok(classifier) => {
+                    self.slot.replace(Arc::new(ActiveModel { classifier, bundle_version: Some(active) }));
+                    return Ok(());
+                }
+                Err((_, detail)) => {
+                    tracing::error!(version = %active, error = %detail, "the active model does not load");
+                    failure = Some(("load_failed", detail));
+                }
+            }
+        }
+        let (code, detail) = failure.unwrap_or(("load_failed", String::new()));
+        if !self.roll_back_locked(&active, code, &detail, None)? {
+            tracing::error!(version = %active, "no earlier model loads either");
+        }
+        Ok(())
+    }
+
+    /// Load and self-test an installed version.
+    fn load_installed(&self, version: &str) -> Result<Classifier, Failure> {
+        let dir = self.models_dir.join(version);
+        let (_, selftest) = archive::check_dir(&dir).map_err(|e| ("load_failed", e.to_string()))?;
+        self.prepare(&dir, &selftest)
+    }
+
+    /// Load a model folder and prove it on this device: compatible classes, self-test passed.
+    fn prepare(&self, dir: &Path, selftest: &SelfTest) -> Result<Classifier, Failure> {
+        let classifier = Classifier::load(dir, &self.config.model, &self.config.triage).map_err(|e| match e {
+            InferError::Backend(_) => ("load_failed", e.to_string()),
+            _ => ("incompatible", e.to_string()),
+        })?;
+        let ours: BTreeSet<&String> = self.config.triage.priorities.keys().collect();
+        let theirs: BTreeSet<&String> = classifier.classes().iter().collect();
+        if ours != theirs {
+            return Err((
+                "incompatible",
+                format!("the model's classes {theirs:?} are not this device's triage classes {ours:?}"),
+            ));
+        }
+        selftest::run(&classifier, dir, selftest).map_err(|e| ("selftest_failed", e))?;
+        Ok(classifier)
+    }
+
+    /// Check the channel; install what is newer, roll back what was withdrawn.
+    pub async fn refresh(self: &Arc<Self>) {
+        let Some(channel) = &self.channel else { return };
+        let root = match std::fs::read(&self.config.update.trusted_root) {
+            Ok(r) => r,
+            Err(e) => {
+                let detail = format!("cannot read the trusted root {}: {e}", self.config.update.trusted_root.display());
+                self.report_refusal(EventKind::Alarm, "trusted_root_missing", &detail, None);
+                return;
+            }
+        };
+        let verified = match client::load(&root, channel, &self.tuf_dir).await {
+            Ok(v) => v,
+            Err(refusal) => {
+                self.channel_refused(&refusal, None);
+                return;
+            }
+        };
+        *lock(&self.last_refusal) = None;
+        let listed = verified.models();
+        let state = self.state();
+
+        if let Some(active) = &state.active {
+            let ours = state.installed.get(active).map(|i| i.bundle_sha256.clone());
+            let still_listed = listed.iter().any(|m| Some(&m.bundle_sha256) == ours.as_ref());
+            if !still_listed {
+                let allowed: BTreeSet<String> = listed.iter().map(|m| m.version.to_string()).collect();
+                let me = self.clone();
+                let active = active.clone();
+                let detail = format!("{active} is no longer listed by the model channel");
+                let _ = blocking(move || {
+                    let _changing = lock(&me.changing);
+                    me.roll_back_locked(&active, "withdrawn", &detail, Some(&allowed))
+                })
+                .await;
+            }
+        }
+        let Some(newest) = listed.last() else { return };
+        let state = self.state();
+        if state.refused.contains(&newest.bundle_sha256) {
+            return;
+        }
+        if let Some(active) = state.active.as_ref().and_then(|v| semver::Version::parse(v).ok()) {
+            if newest.version <= active {
+                let same = state.installed.get(&newest.version.to_string()).map(|i| &i.bundle_sha256)
+                    == Some(&newest.bundle_sha256);
+                if !same {
+                    let detail = format!(
+                        "{} {} is not newer than the installed {active}; versions only go up",
+                        newest.target, newest.version
+                    );
+                    if let Err(e) = self.refuse_target(newest, "not_newer", &detail) {
+                        tracing::error!(error = %e, "cannot record the refusal");
+                    }
+                }
+                return;
+            }
+        }
+        self.install(&verified, newest).await;
+    }
+
+    async fn install(self: &Arc<Self>, verified: &client::VerifiedRepository, target: &ModelTarget) {
+        let staging = self.models_dir.join(STAGING_DIR);
+        let _ = std::fs::remove_dir_all(&staging);
+        if let Err(e) = std::fs::create_dir_all(&staging) {
+            tracing::error!(error = %e, "cannot create the staging folder");
+            return;
+        }
+        if target.length > self.config.update.max_bundle_bytes {
+            let detail = format!("{} is {} bytes, more than update.max_bundle_bytes", target.target, target.length);
+            if let Err(e) = self.refuse_target(target, "bundle_too_large", &detail) {
+                tracing::error!(error = %e, "cannot record the refusal");
+            }
+            return;
+        }
+        tracing::info!(target = %target.target, version = %target.version, "fetching a model bundle");
+        let archive_path = staging.join("bundle.tar.gz");
+        if let Err(refusal) = verified.fetch(target, &archive_path).await {
+            self.channel_refused(&refusal, Some(target));
+            return;
+        }
+        let (me, target) = (self.clone(), target.clone());
+        match blocking(move || me.stage_and_swap(&target, &archive_path)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "installing the model failed"),
+            Err(e) => tracing::error!(error = %e, "installing the model failed"),
+        }
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+
+    fn stage_and_swap(&self, target: &ModelTarget, archive_path: &Path) -> Result<(), UpdateError> {
+        let version = target.version.to_string();
+        let unpacked = archive_path.with_file_name(&version);
+        let limits = Limits { max_file_bytes: self.config.update.max_bundle_bytes, ..Limits::default() };
+        let (head, selftest) = match archive::unpack(archive_path, &unpacked, limits) {
+            Ok(x) => x,
+            Err(e) => return self.refuse_target(target, "bundle_invalid", &e.to_string()),
+        };
+        if head.version != version
+            || head.name != target.name
+            || !head.sha256.eq_ignore_ascii_case(&target.model_sha256)
+        {
+            let detail = format!(
+                "the bundle holds {} {} (model {}), the signed metadata says {} {} (model {})",
+                head.name, head.version, head.sha256, target.name, version, target.model_sha256
+            );
+            return self.refuse_target(target, "metadata_mismatch", &detail);
+        }
+        let classifier = match self.prepare(&unpacked, &selftest) {
+            Ok(c) => c,
+            Err((code, detail)) => return self.refuse_target(target, code, &detail),
+        };
+
+        let _changing = lock(&self.changing);
+        let final_dir = self.models_dir.join(&version);
+        let _ = std::fs::remove_dir_all(&final_dir);
+        let moved = std::fs::rename(&unpacked, &final_dir).and_then(|()| crate::fsutil::sync_dir(&self.models_dir));
+        if let Err(e) = moved {
+            tracing::error!(error = %e, "cannot move the verified model into place");
+            return Ok(());
+        }
+        let mut state = self.state();
+        let previous = state.active.clone();
+        state.installed.insert(
+            version.clone(),
+            Installed {
+                target: target.target.clone(),
+                bundle_sha256: target.bundle_sha256.clone(),
+                model_sha256: target.model_sha256.clone(),
+                installed_at: rfc3339_ms(now_ms()),
+            },
+        );
+        state.pending =
+            Some(Pending { version: version.clone(), previous: previous.clone(), boots: 0, since_ms: now_ms() });
+        state.active = Some(version.clone());
+        let model = Arc::new(ActiveModel { classifier, bundle_version: Some(version.clone()) });
+        let detail = match &previous {
+            Some(p) => format!("{} {version} replaces {p} after verification and self-test", head.name),
+            None => format!("{} {version} installed after verification and self-test", head.name),
+        };
+        let event = self.event(EventKind::ModelInstalled, "installed", &detail, Some(&version), Some(&version));
+        self.persist(&state, Some((&event, Some(model.classifier.stamp()))))?;
+        self.slot.replace(model);
+        self.good_scans.store(0, Ordering::Relaxed);
+        tracing::info!(version = %version, previous = ?previous, "model installed");
+        self.prune(&mut state);
+        Ok(())
+    }
+
+    /// After a scan classified without a model failure.
+    pub fn scan_succeeded(&self, model: &ActiveModel) {
+        let Some(version) = &model.bundle_version else { return };
+        let pending = lock(&self.state).pending.as_ref().is_some_and(|p| &p.version == version);
+        if pending {
+            let good = self.good_scans.fetch_add(1, Ordering::Relaxed) + 1;
+            if good >= self.config.update.commit_after_scans {
+                self.commit(version, &format!("{good} scans classified without a model failure"));
+            }
+        }
+    }
+
+    /// A model failure (not an input fault) on `model`. Returns true when the model was
+    /// rolled back, so the scan can be classified again on the restored one.
+    pub fn model_failed(&self, model: &ActiveModel, error: &str) -> bool {
+        let Some(version) = &model.bundle_version else { return false };
+        let _changing = lock(&self.changing);
+        let state = self.state();
+        if state.active.as_ref() != Some(version) {
+            return true; // already replaced by another worker
+        }
+        if state.pending.as_ref().is_none_or(|p| &p.version != version) {
+            return false; // a committed model's failures are the scan's problem
+        }
+        let detail = format!("{version} failed after install: {error}");
+        self.roll_back_locked(version, "failed_after_install", &detail, None).unwrap_or(false)
+    }
+
+    fn commit(&self, version: &str, why: &str) {
+        let _changing = lock(&self.changing);
+        let mut state = self.state();
+        if state.pending.as_ref().is_none_or(|p| p.version != version) {
+            return;
+        }
+        state.pending = None;
+        state.committed.retain(|v| v != version);
+        state.committed.push(version.to_string());
+        let event = self.event(EventKind::ModelCommitted, "health_gate_passed", why, Some(version), Some(version));
+        match self.persist(&state, Some((&event, None))) {
+            Ok(()) => tracing::info!(version, why, "model committed"),
+            Err(e) => tracing::error!(error = %e, "cannot record the model commit"),
+        }
+    }
+
+    fn commit_if_due(&self) {
+        let pending = lock(&self.state).pending.clone();
+        if let Some(p) = pending {
+            let age = Duration::from_millis(now_ms().saturating_sub(p.since_ms));
+            if age >= self.config.update.commit_after {
+                self.commit(
+                    &p.version,
+                    &format!("active for {} without a model failure", humantime::format_duration(age)),
+                );
+            }
+        }
+    }
+
+    /// Replace `from` by the newest earlier installed version that loads and passes its
+    /// self-test (limited to `allowed` versions when given). `from` is refused from then on.
+    /// Call with `changing` held. Returns whether a model was restored.
+    fn roll_back_locked(
+        &self,
+        from: &str,
+        code: &str,
+        detail: &str,
+        allowed: Option<&BTreeSet<String>>,
+    ) -> Result<bool, UpdateError> {
+        let mut state = self.state();
+        if state.active.as_deref() != Some(from) {
+            return Ok(true);
+        }
+        let from_semver = semver::Version::parse(from).ok();
+        let mut candidates: Vec<String> = Vec::new();
+        if let Some(prev) = state.pending.as_ref().filter(|p| p.version == from).and_then(|p| p.previous.clone()) {
+            candidates.push(prev);
+        }
+        let mut older: Vec<(semver::Version, String)> = state
+            .installed
+            .keys()
+            .filter_map(|v| Some((semver::Version::parse(v).ok()?, v.clone())))
+            .filter(|(sv, _)| from_semver.as_ref().is_none_or(|f| sv < f))
+            .collect();
+        older.sort();
+        candidates.extend(older.into_iter().rev().map(|(_, v)| v));
+        candidates.dedup();
+        for candidate in candidates {
+            if candidate == from || allowed.is_some_and(|a| !a.contains(&candidate)) {
+                continue;
+            }
+            match self.load_installed(&candidate) {
+                Ok(classifier) => {
+                    if let Some(bad) = state.installed.remove(from) {
+                        state.refused.insert(bad.bundle_sha256);
+                    }
+                    state.committed.retain(|v| v != from);
+                    state.pending = None;
+                    state.active = Some(candidate.clone());
+                    let model = Arc::new(ActiveModel { classifier, bundle_version: Some(candidate.clone()) });
+                    let event = self.event(EventKind::ModelRolledBack, code, detail, Some(from), Some(&candidate));
+                    self.persist(&state, Some((&event, Some(model.classifier.stamp()))))?;
+                    self.slot.replace(model);
+                    let _ = std::fs::remove_dir_all(self.models_dir.join(from));
+                    tracing::warn!(from, to = %candidate, code, detail, "model rolled back");
+                    return Ok(true);
+                }
+                Err((_, why)) => {
+                    tracing::error!(version = %candidate, error = %why, "cannot roll back to this version")
+                }
+            }
+        }
+        let detail = format!("{detail}; no earlier installed model could replace it");
+        self.report_refusal(EventKind::Alarm, "rollback_impossible", &detail, Some(from));
+        Ok(false)
+    }
+
+    /// Remove installed versions beyond `keep_versions`, never the active one or the one a
+    /// pending model would roll back to.
+    fn prune(&self, state: &mut ModelState) {
+        let keep = self.config.update.keep_versions;
+        let mut versions: Vec<(semver::Version, String)> =
+            state.installed.keys().filter_map(|v| Some((semver::Version::parse(v).ok()?, v.clone()))).collect();
+        versions.sort();
+        let protected: Vec<String> = [state.active.clone(), state.pending.as_ref().and_then(|p| p.previous.clone())]
+            .into_iter()
+            .flatten()
+            .collect();
+        let excess = versions.len().saturating_sub(keep);
+        let removable: Vec<String> =
+            versions.into_iter().map(|(_, v)| v).filter(|v| !protected.contains(v)).take(excess).collect();
+        if removable.is_empty() {
+            return;
+        }
+        for v in &removable {
+            state.installed.remove(v);
+            state.committed.retain(|c| c != v);
+        }
+        if self.persist(state, None).is_ok() {
+            for v in &removable {
+                let _ = std::fs::remove_dir_all(self.models_dir.join(v));
+            }
+            tracing::info!(removed = ?removable, "old model versions removed");
+        }
+    }
+
+    fn channel_refused(&self, refusal: &Refusal, target: Option<&ModelTarget>) {
+        match refusal {
+            Refusal::Unreachable(detail) => {
+                tracing::warn!(error = %detail, "model channel unreachable; will retry");
+            }
+            Refusal::MetadataExpired { .. } => {
+                self.report_refusal(EventKind::Alarm, refusal.code(), &refusal.to_string(), None);
+            }
+            _ => match target {
+                Some(t) => {
+                    let _ = self.refuse_target(t, refusal.code(), &refusal.to_string());
+                }
+                None => self.report_refusal(EventKind::ModelRefused, refusal.code(), &refusal.to_string(), None),
+            },
+        }
+    }
+
+    /// Refuse a bundle for good: recorded, announced, never fetched again.
+    fn refuse_target(&self, target: &ModelTarget, code: &str, detail: &str) -> Result<(), UpdateError> {
+        let _changing = lock(&self.changing);
+        let mut state = self.state();
+        state.refused.insert(target.bundle_sha256.clone());
+        let version = target.version.to_string();
+        let event = self.event(EventKind::ModelRefused, code, detail, Some(&version), state.active.as_deref());
+        tracing::warn!(target = %target.target, code, detail, "model bundle refused");
+        self.persist(&state, Some((&event, None)))
+    }
+
+    /// A refusal of the channel as a whole: announced once until the channel changes.
+    fn report_refusal(&self, kind: EventKind, code: &str, detail: &str, version: Option<&str>) {
+        let key = format!("{code}:{}", detail.split("device clock").next().unwrap_or_default());
+        {
+            let mut last = lock(&self.last_refusal);
+            if last.as_deref() == Some(key.as_str()) {
+                return;
+            }
+            *last = Some(key);
+        }
+        tracing::error!(code, detail, "model update refused");
+        let state = self.state();
+        let event = self.event(kind, code, detail, version, state.active.as_deref());
+        if let Err(e) = self.persist(&state, Some((&event, None))) {
+            tracing::error!(error = %e, "cannot record the refusal");
+        }
+    }
+
+    fn event(
+        &self,
+        kind: EventKind,
+        code: &str,
+        detail: &str,
+        version: Option<&str>,
+        active: Option<&str>,
+    ) -> ModelEvent {
+        ModelEvent {
+            at: rfc3339_ms(now_ms()),
+            kind,
+            code: code.into(),
+            detail: detail.into(),
+            version: version.map(str::to_string),
+            active: active.map(str::to_string),
+        }
+    }
+
+    /// Save `state`; with an event, record it and announce it on MQTT (and, when the active
+    /// model changed, a new retained status) in the same transaction.
+    fn persist(
+        &self,
+        state: &ModelState,
+        event: Option<(&ModelEvent, Option<&ModelStamp>)>,
+    ) -> Result<(), UpdateError> {
+        let mut messages = Vec::new();
+        if let Some((e, new_model)) = event {
+            let message = EventMessage {
+                schema: EVENT_SCHEMA.into(),
+                kind: e.kind,
+                site: self.config.device.site.clone(),
+                device: self.config.device.id.clone(),
+                at: e.at.clone(),
+                scan_id: None,
+                code: e.code.clone(),
+                detail: e.detail.clone(),
+                model_version: e.version.clone(),
+                active_version: e.active.clone(),
+            };
+            messages.push(OutboxMessage {
+                topic: self.topics.events(),
+                payload: serde_json::to_string(&message).unwrap_or_default(),
+                retain: false,
+                completes_scan: None,
+            });
+            if let Some(stamp) = new_model {
+                messages.push(publish::status_message(&self.config, &self.topics, Some(stamp)));
+            }
+        }
+        self.store.commit_model_change(state, event.map(|(e, _)| e), &messages)?;
+        *lock(&self.state) = state.clone();
+        if !messages.is_empty() {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Check the channel every `update.interval` and whenever a notice arrives; commit a
+    /// pending model once its time has come.
+    pub async fn run(self: Arc<Self>, mut notices: mpsc::Receiver<()>, mut shutdown: watch::Receiver<bool>) {
+        if self.channel.is_none() {
+            return;
+        }
+        let mut refresh = tokio::time::interval(self.config.update.interval);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        refresh.reset(); // start-up already checked
+        let mut health = tokio::time::interval(
+            (self.config.update.commit_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(30)),
+        );
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = refresh.tick() => self.refresh().await,
+                Some(()) = notices.recv() => {
+                    tracing::info!("model notice received: checking the channel");
+                    self.refresh().await;
+                }
+                _ = health.tick() => {
+                    let me = self.clone();
+                    let _ = blocking(move || me.commit_if_due()).await;
+                }
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, UpdateError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| UpdateError::NoModel(format!("model task: {e}")))
+}

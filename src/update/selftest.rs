@@ -1,0 +1,34 @@
+//! A bundle's self-test: its sample inputs must give this exact model's expected outputs on
+//! this device's backend, or the model does not classify a patient's scan.
+
+use std::path::Path;
+
+use octd_bundle::SelfTest;
+
+use crate::infer::{frames, Classifier};
+
+/// Ok, or the first disagreement in words.
+pub fn run(classifier: &Classifier, bundle_dir: &Path, test: &SelfTest) -> Result<(), String> {
+    for (i, case) in test.cases.iter().enumerate() {
+        let frames = frames::load(&bundle_dir.join(&case.input)).map_err(|e| format!("case {i}: {e}"))?;
+        let got = classifier.classify_frames(&frames).map_err(|e| format!("case {i}: {e}"))?;
+        if got.label != case.label {
+            return Err(format!("case {i}: label {} where the bundle expects {}", got.label, case.label));
+        }
+        if got.probabilities.len() != case.probabilities.len() {
+            return Err(format!("case {i}: the model's classes differ from the expected ones"));
+        }
+        for (class, expected) in &case.probabilities {
+            let actual = got.probabilities.get(class).copied().unwrap_or(f32::NAN);
+            let diff = (actual - expected).abs();
+            // NaN fails too.
+            if diff.is_nan() || diff > test.tolerance {
+                return Err(format!(
+                    "case {i}: P({class}) = {actual:.6}, expected {expected:.6} (tolerance {})",
+                    test.tolerance
+                ));
+            }
+        }
+    }
+    Ok(())
+}
