@@ -143,6 +143,20 @@ fn print_json_lines(values: &[serde_json::Value]) {
     }
 }
 
+/// A one-shot command's report as pretty JSON, or its error.
+fn print_report(result: Result<serde_json::Value, String>) -> ExitCode {
+    match result {
+        Ok(value) => {
+            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("octd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
@@ -223,16 +237,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Models => match octd::commands::models(&config) {
-            Ok(value) => {
-                println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("octd: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Models => print_report(octd::commands::models(&config)),
         Command::Bundle { action } => {
             use octd::commands::bundle;
             let result = match action {
@@ -278,16 +283,7 @@ fn main() -> ExitCode {
                 }),
                 BundleAction::Verify { repository, root } => bundle::verify(&config, &repository, &root),
             };
-            match result {
-                Ok(value) => {
-                    println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("octd: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            print_report(result)
         }
         Command::Config { action: ConfigAction::Check } => match toml::to_string_pretty(&config) {
             Ok(text) => {
