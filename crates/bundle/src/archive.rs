@@ -87,12 +87,10 @@ pub fn sha256_file(path: &Path) -> Result<String, BundleError> {
 /// Check a bundle folder: manifest readable, model present with the manifest's hash,
 /// self-test present with every input. Returns the manifest head and self-test.
 pub fn check_dir(dir: &Path) -> Result<(ManifestHead, SelfTest), BundleError> {
-    let read_json = |name: &str| -> Result<Vec<u8>, BundleError> {
-        let path = dir.join(name);
-        std::fs::read(&path).map_err(io_err(&path))
-    };
-    let head: ManifestHead = serde_json::from_slice(&read_json(MANIFEST_FILE)?)
-        .map_err(|e| BundleError::Invalid(format!("{MANIFEST_FILE}: {e}")))?;
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let manifest = std::fs::read(&manifest_path).map_err(io_err(&manifest_path))?;
+    let head: ManifestHead =
+        serde_json::from_slice(&manifest).map_err(|e| BundleError::Invalid(format!("{MANIFEST_FILE}: {e}")))?;
     head.semver()?;
     if !is_plain_name(&head.model_file) {
         return Err(BundleError::Invalid(format!("model_file {:?} must be a plain file name", head.model_file)));
@@ -104,8 +102,17 @@ pub fn check_dir(dir: &Path) -> Result<(ManifestHead, SelfTest), BundleError> {
             head.model_file, head.sha256
         )));
     }
-    let selftest: SelfTest = serde_json::from_slice(&read_json(SELFTEST_FILE)?)
-        .map_err(|e| BundleError::Invalid(format!("{SELFTEST_FILE}: {e}")))?;
+    let selftest = read_selftest(dir)?;
+    Ok((head, selftest))
+}
+
+/// Read and check a folder's `selftest.json`: format, tolerance, every input present under
+/// `selftest/`. (The model's hash is the loader's to check, once.)
+pub fn read_selftest(dir: &Path) -> Result<SelfTest, BundleError> {
+    let path = dir.join(SELFTEST_FILE);
+    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+    let selftest: SelfTest =
+        serde_json::from_slice(&bytes).map_err(|e| BundleError::Invalid(format!("{SELFTEST_FILE}: {e}")))?;
     if selftest.format_version != SELFTEST_FORMAT {
         return Err(BundleError::Invalid(format!("self-test format {} is not supported", selftest.format_version)));
     }
@@ -124,7 +131,7 @@ pub fn check_dir(dir: &Path) -> Result<(ManifestHead, SelfTest), BundleError> {
             )));
         }
     }
-    Ok((head, selftest))
+    Ok(selftest)
 }
 
 fn is_plain_name(name: &str) -> bool {

@@ -8,6 +8,7 @@ use std::path::Path;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tough::error::Error as TufError;
+use tough::schema::Target;
 use tough::{ExpirationEnforcement, Limits, RepositoryLoader, TargetName};
 use url::Url;
 
@@ -137,6 +138,30 @@ pub struct ModelTarget {
     pub length: u64,
 }
 
+impl ModelTarget {
+    /// The target's octd metadata (written by `repo::target_custom`), if it is a model bundle.
+    pub fn from_target(name: &TargetName, target: &Target) -> Option<ModelTarget> {
+        let custom = target.custom.get(CUSTOM_KEY)?;
+        let text = |k: &str| custom.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        Some(ModelTarget {
+            target: name.raw().to_string(),
+            name: text("name")?,
+            version: semver::Version::parse(&text("version")?).ok()?,
+            model_sha256: text("model_sha256")?,
+            classes: custom.get("classes")?.as_array()?.iter().filter_map(|c| c.as_str().map(str::to_string)).collect(),
+            bundle_sha256: hex::encode(&target.hashes.sha256),
+            length: target.length,
+        })
+    }
+
+    /// The model bundles among `targets`, oldest version first.
+    pub fn listing<'a>(targets: impl Iterator<Item = (&'a TargetName, &'a Target)>) -> Vec<ModelTarget> {
+        let mut out: Vec<ModelTarget> = targets.filter_map(|(name, target)| Self::from_target(name, target)).collect();
+        out.sort_by(|a, b| a.version.cmp(&b.version));
+        out
+    }
+}
+
 /// A channel whose metadata verified against the trusted root.
 pub struct VerifiedRepository {
     repo: tough::Repository,
@@ -175,30 +200,7 @@ impl VerifiedRepository {
     /// The model bundles listed, oldest version first. Targets without octd's custom
     /// metadata are not models and are ignored.
     pub fn models(&self) -> Vec<ModelTarget> {
-        let mut out: Vec<ModelTarget> = self
-            .repo
-            .all_targets()
-            .filter_map(|(name, target)| {
-                let custom = target.custom.get(CUSTOM_KEY)?;
-                let text = |k: &str| custom.get(k).and_then(|v| v.as_str()).map(str::to_string);
-                Some(ModelTarget {
-                    target: name.raw().to_string(),
-                    name: text("name")?,
-                    version: semver::Version::parse(&text("version")?).ok()?,
-                    model_sha256: text("model_sha256")?,
-                    classes: custom
-                        .get("classes")?
-                        .as_array()?
-                        .iter()
-                        .filter_map(|c| c.as_str().map(str::to_string))
-                        .collect(),
-                    bundle_sha256: hex::encode(&target.hashes.sha256),
-                    length: target.length,
-                })
-            })
-            .collect();
-        out.sort_by(|a, b| a.version.cmp(&b.version));
-        out
+        ModelTarget::listing(self.repo.all_targets())
     }
 
     /// Earliest expiry of the metadata this device relies on.

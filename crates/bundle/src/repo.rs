@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::SignedDuration;
+pub use jiff::Timestamp;
 use serde_json::json;
 use tough::editor::signed::{PathExists, SignedRole};
 use tough::editor::RepositoryEditor;
@@ -18,6 +19,7 @@ use tough::schema::{KeyHolder, RoleKeys, RoleType, Root, Signed, Target};
 use tough::{ExpirationEnforcement, RepositoryLoader, TargetName};
 
 use crate::archive::{self, ManifestHead};
+use crate::client::ModelTarget;
 use crate::{io_err, keys, repo_err, BundleError};
 
 pub const METADATA_DIR: &str = "metadata";
@@ -179,13 +181,14 @@ pub async fn publish(repo: &Path, publication: &Publication) -> Result<PublishRe
     let mut editor = RepositoryEditor::new(&signing_root).await.map_err(repo_err("editor"))?;
     // The current listing is read as written, not verified: after a root rotation it is
     // still signed by the old keys, and this publication re-signs it with the new ones.
-    let versions = match current_metadata(&metadata)? {
+    let (versions, listed_before) = match current_metadata(&metadata)? {
         Some((targets, snapshot_version, timestamp_version)) => {
             let targets_version = targets.signed.version.get();
+            let listed = ModelTarget::listing(targets.signed.targets.iter());
             editor.targets(targets).map_err(repo_err("current targets"))?;
-            (targets_version, snapshot_version, timestamp_version)
+            ((targets_version, snapshot_version, timestamp_version), listed)
         }
-        None => (0, 0, 0),
+        None => ((0, 0, 0), Vec::new()),
     };
 
     let mut added = Vec::new();
@@ -202,15 +205,14 @@ pub async fn publish(repo: &Path, publication: &Publication) -> Result<PublishRe
     for version in &publication.withdraw {
         let wanted = semver::Version::parse(version)
             .map_err(|e| BundleError::Repository(format!("{version:?} is not a version: {e}")))?;
-        let listed = listed_models(repo).await.unwrap_or_default();
-        let names: Vec<&(String, semver::Version)> = listed.iter().filter(|(_, v)| *v == wanted).collect();
-        if names.is_empty() {
+        let matching: Vec<&ModelTarget> = listed_before.iter().filter(|m| m.version == wanted).collect();
+        if matching.is_empty() {
             return Err(BundleError::Repository(format!("no bundle of version {version} is listed")));
         }
-        for (name, _) in names {
-            let target_name = TargetName::new(name.as_str()).map_err(repo_err("target name"))?;
+        for m in matching {
+            let target_name = TargetName::new(m.target.as_str()).map_err(repo_err("target name"))?;
             editor.remove_target(&target_name).map_err(repo_err("withdrawing"))?;
-            withdrawn.push(name.clone());
+            withdrawn.push(m.target.clone());
         }
     }
 
@@ -253,7 +255,7 @@ pub async fn publish(repo: &Path, publication: &Publication) -> Result<PublishRe
     // Check the result as a device would (expiry aside); a deliberately forged signing root
     // (tests of the device's refusals) leaves a repository that must not verify.
     let listed = match (&publication.signing_root, listed_models(repo).await) {
-        (_, Ok(listed)) => listed.into_iter().map(|(n, _)| n).collect(),
+        (_, Ok(listed)) => listed.into_iter().map(|m| m.target).collect(),
         (Some(_), Err(_)) => Vec::new(),
         (None, Err(e)) => return Err(e),
     };
@@ -314,16 +316,7 @@ pub async fn load_local(repo: &Path) -> Result<tough::Repository, BundleError> {
         .map_err(repo_err("loading the repository"))
 }
 
-/// The model bundles a local repository lists, with their versions.
-pub async fn listed_models(repo: &Path) -> Result<Vec<(String, semver::Version)>, BundleError> {
-    let loaded = load_local(repo).await?;
-    let mut out: Vec<(String, semver::Version)> = loaded
-        .all_targets()
-        .filter_map(|(name, target)| {
-            let version = target.custom.get(CUSTOM_KEY)?.get("version")?.as_str()?;
-            Some((name.raw().to_string(), semver::Version::parse(version).ok()?))
-        })
-        .collect();
-    out.sort_by(|a, b| a.1.cmp(&b.1));
-    Ok(out)
+/// The model bundles a local repository lists (signatures checked), oldest version first.
+pub async fn listed_models(repo: &Path) -> Result<Vec<ModelTarget>, BundleError> {
+    Ok(ModelTarget::listing(load_local(repo).await?.all_targets()))
 }

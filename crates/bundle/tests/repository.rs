@@ -264,6 +264,25 @@ async fn rotated_root_is_followed_and_old_keys_stop_working() {
 }
 
 #[tokio::test]
+async fn withdrawal_right_after_a_root_rotation_is_signed_with_the_new_keys() {
+    let f = Fixture::new(1).await;
+    f.publish("1.0.0").await;
+    f.publish("1.1.0").await;
+    let k = &f.keys;
+    let new_targets = f.dir.path().join("keys/targets-3.pk8");
+    keys::generate(&new_targets).await.unwrap();
+    let rotated = spec(k, vec![new_targets.clone()], 1);
+    repo::write_root(&f.repo, &rotated, std::slice::from_ref(&k.root)).await.unwrap();
+    // The current listing is still signed by the old targets key; withdrawing reads it as
+    // written and re-signs it with the new one.
+    let mut p = publication(vec![new_targets, k.snapshot.clone(), k.timestamp.clone()], vec![]);
+    p.withdraw = vec!["1.1.0".into()];
+    repo::publish(&f.repo, &p).await.unwrap();
+    let versions: Vec<String> = f.device_load().await.unwrap().models().iter().map(|m| m.version.to_string()).collect();
+    assert_eq!(versions, ["1.0.0"]);
+}
+
+#[tokio::test]
 async fn withdrawing_a_version_removes_it_from_the_signed_listing() {
     let f = Fixture::new(1).await;
     f.publish("1.0.0").await;
