@@ -20,7 +20,7 @@ use crate::ingest::{self, DiskGuard, Ingest, Job};
 use crate::publish::{self, Publisher, Topics};
 use crate::scan::{
     now_ms, rfc3339_ms, EventKind, EventMessage, ResultMessage, ScanId, ScanRecord, ScanState, StageTimings,
-    EVENT_SCHEMA, RESULT_SCHEMA,
+    RESULT_SCHEMA,
 };
 use crate::secret::DeviceSecret;
 use crate::store::{OutboxMessage, Store, StoreError, STORE_FILE};
@@ -128,24 +128,7 @@ fn event_message(
     code: &str,
     detail: &str,
 ) -> OutboxMessage {
-    let event = EventMessage {
-        schema: EVENT_SCHEMA.into(),
-        kind,
-        site: config.device.site.clone(),
-        device: config.device.id.clone(),
-        at: rfc3339_ms(now_ms()),
-        scan_id,
-        code: code.into(),
-        detail: detail.into(),
-        model_version: None,
-        active_version: None,
-    };
-    OutboxMessage {
-        topic: topics.events(),
-        payload: serde_json::to_string(&event).unwrap_or_default(),
-        retain: false,
-        completes_scan: None,
-    }
+    publish::event_outbox(topics, &EventMessage { scan_id, ..EventMessage::new(config, kind, code, detail) })
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, DaemonError> {

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::config::Priority;
+use crate::config::{Config, Priority};
 
 /// Identifies a scan everywhere (UUIDv7: time-ordered, carries no identity).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -219,6 +219,24 @@ pub struct EventMessage {
     pub model_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_version: Option<String>,
+}
+
+impl EventMessage {
+    /// An event of this device, now; scan and model fields unset.
+    pub fn new(config: &Config, kind: EventKind, code: &str, detail: &str) -> EventMessage {
+        EventMessage {
+            schema: EVENT_SCHEMA.into(),
+            kind,
+            site: config.device.site.clone(),
+            device: config.device.id.clone(),
+            at: rfc3339_ms(now_ms()),
+            scan_id: None,
+            code: code.into(),
+            detail: detail.into(),
+            model_version: None,
+            active_version: None,
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {

@@ -86,6 +86,6 @@ pub fn models(config: &Config) -> Result<Value, String> {
     let secret = DeviceSecret::load_or_create(state_dir).map_err(|e| format!("device secret: {e}"))?;
     let store = crate::store::Store::open(&store_path, &secret).map_err(|e| e.to_string())?;
     let state: Option<crate::update::ModelState> = store.model_state().map_err(|e| e.to_string())?;
-    let events: Vec<crate::update::ModelEvent> = store.model_events().map_err(|e| e.to_string())?;
+    let events: Vec<crate::scan::EventMessage> = store.model_events().map_err(|e| e.to_string())?;
     Ok(json!({"state": state, "events": events}))
 }

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch, Notify};
 pub use broker::start_embedded_broker;
 
 use crate::config::{Config, MqttConfig};
-use crate::scan::{now_ms, rfc3339_ms, ModelStamp, ScanId, STATUS_SCHEMA};
+use crate::scan::{now_ms, rfc3339_ms, EventMessage, ModelStamp, ScanId, STATUS_SCHEMA};
 use crate::store::{OutboxMessage, Store};
 use crate::update::ModelSlot;
 
@@ -119,6 +119,16 @@ fn status_payload(config: &Config, state: &'static str, model: Option<&ModelStam
         at: rfc3339_ms(now_ms()),
     };
     serde_json::to_string(&message).unwrap_or_default()
+}
+
+/// An event as an outbox message on the device's events topic.
+pub fn event_outbox(topics: &Topics, event: &EventMessage) -> OutboxMessage {
+    OutboxMessage {
+        topic: topics.events(),
+        payload: serde_json::to_string(event).unwrap_or_default(),
+        retain: false,
+        completes_scan: None,
+    }
 }
 
 /// The retained "online" status naming `model`, as an outbox message (queued when the

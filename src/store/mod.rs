@@ -8,7 +8,7 @@
 //! - `linkage`: scan_id -> sealed Linkage (ChaCha20-Poly1305 under a key derived from the
 //!   device secret, so the store file alone reveals no identity)
 //! - `settings`: name -> bytes (`model_state`: the installed models and the health gate)
-//! - `model_events`: sequence number -> ModelEvent (JSON): every install, refusal, commit
+//! - `model_events`: sequence number -> the model event as published (JSON): every install, refusal, commit
 //!   and rollback, kept for audit
 
 use std::collections::BTreeMap;
@@ -303,22 +303,12 @@ impl Store {
         Ok(artefacts)
     }
 
-    pub fn set_setting(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(SETTINGS)?.insert(name, value)?;
-        txn.commit()?;
-        Ok(())
-    }
-
-    pub fn setting(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(SETTINGS)?;
-        Ok(table.get(name)?.map(|v| v.value().to_vec()))
-    }
-
     /// The persisted model state, or `None` before the first install.
     pub fn model_state<T: for<'de> Deserialize<'de>>(&self) -> Result<Option<T>, StoreError> {
-        self.setting(MODEL_STATE)?.map(|b| decode(&b)).transpose()
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SETTINGS)?;
+        let value = table.get(MODEL_STATE)?;
+        value.map(|v| decode(v.value())).transpose()
     }
 
     /// Save the model state, record the event and queue its message, in one transaction: a
@@ -370,6 +360,10 @@ impl Store {
         for entry in txn.open_table(SETTINGS)?.iter()? {
             let (k, v) = entry?;
             out.extend_from_slice(k.value().as_bytes());
+            out.extend_from_slice(v.value());
+        }
+        for entry in txn.open_table(MODEL_EVENTS)?.iter()? {
+            let (_, v) = entry?;
             out.extend_from_slice(v.value());
         }
         Ok(out)

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::config::Config;
 use crate::infer::{Classifier, InferError};
 use crate::publish::{self, Topics};
-use crate::scan::{now_ms, rfc3339_ms, EventKind, EventMessage, ModelStamp, EVENT_SCHEMA};
-use crate::store::{OutboxMessage, Store, StoreError};
+use crate::scan::{now_ms, rfc3339_ms, EventKind, EventMessage, ModelStamp};
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -76,8 +76,6 @@ pub struct ModelState {
     pub pending: Option<Pending>,
     /// Versions on disk under `<state>/models/`, verified when installed.
     pub installed: BTreeMap<String, Installed>,
-    /// Versions that passed the health gate, oldest first.
-    pub committed: Vec<String>,
     /// Bundles (by sha256) refused or rolled back: never fetched again.
     pub refused: BTreeSet<String>,
 }
@@ -98,17 +96,6 @@ pub struct Pending {
     /// Starts of the daemon since the install.
     pub boots: u32,
     pub since_ms: u64,
-}
-
-/// The store's record of one model change (table `model_events`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ModelEvent {
-    pub at: String,
-    pub kind: EventKind,
-    pub code: String,
-    pub detail: String,
-    pub version: Option<String>,
-    pub active: Option<String>,
 }
 
 pub const STAGING_DIR: &str = ".staging";
@@ -208,22 +195,18 @@ impl Updater {
     fn load_at_start(&self) -> Result<(), UpdateError> {
         let _changing = lock(&self.changing);
         let mut state = lock(&self.state).clone();
-        let mut skip = None;
+        let mut failure: Option<Failure> = None;
         if let Some(pending) = &mut state.pending {
             if pending.boots >= self.config.update.max_boot_attempts {
-                skip = Some((
-                    pending.version.clone(),
-                    "crash_loop",
-                    format!("{} did not pass its health gate in {} starts", pending.version, pending.boots),
-                ));
+                let detail = format!("{} did not pass its health gate in {} starts", pending.version, pending.boots);
+                failure = Some(("crash_loop", detail));
             } else {
                 pending.boots += 1;
                 self.persist(&state, None)?;
             }
         }
         let Some(active) = state.active.clone() else { return Ok(()) };
-        let mut failure = skip.as_ref().map(|(_, code, detail)| (*code, detail.clone()));
-        if skip.is_none() {
+        if failure.is_none() {
             match self.load_installed(&active) {
                 Ok(classifier) => {
                     self.slot.replace(Arc::new(ActiveModel { classifier, bundle_version: Some(active) }));
@@ -242,10 +225,10 @@ impl Updater {
         Ok(())
     }
 
-    /// Load and self-test an installed version.
+    /// Load and self-test an installed version (the loader checks the model's hash).
     fn load_installed(&self, version: &str) -> Result<Classifier, Failure> {
         let dir = self.models_dir.join(version);
-        let (_, selftest) = archive::check_dir(&dir).map_err(|e| ("load_failed", e.to_string()))?;
+        let selftest = archive::read_selftest(&dir).map_err(|e| ("load_failed", e.to_string()))?;
         self.prepare(&dir, &selftest)
     }
 
@@ -407,12 +390,18 @@ impl Updater {
             Some(p) => format!("{} {version} replaces {p} after verification and self-test", head.name),
             None => format!("{} {version} installed after verification and self-test", head.name),
         };
+        let removed = self.prune(&mut state);
         let event = self.event(EventKind::ModelInstalled, "installed", &detail, Some(&version), Some(&version));
         self.persist(&state, Some((&event, Some(model.classifier.stamp()))))?;
         self.slot.replace(model);
         self.good_scans.store(0, Ordering::Relaxed);
         tracing::info!(version = %version, previous = ?previous, "model installed");
-        self.prune(&mut state);
+        for v in &removed {
+            let _ = std::fs::remove_dir_all(self.models_dir.join(v));
+        }
+        if !removed.is_empty() {
+            tracing::info!(removed = ?removed, "old model versions removed");
+        }
         Ok(())
     }
 
@@ -451,8 +440,6 @@ impl Updater {
             return;
         }
         state.pending = None;
-        state.committed.retain(|v| v != version);
-        state.committed.push(version.to_string());
         let event = self.event(EventKind::ModelCommitted, "health_gate_passed", why, Some(version), Some(version));
         match self.persist(&state, Some((&event, None))) {
             Ok(()) => tracing::info!(version, why, "model committed"),
@@ -487,11 +474,9 @@ impl Updater {
         if state.active.as_deref() != Some(from) {
             return Ok(true);
         }
+        // Versions only go up when installed, so the version a pending model replaced is
+        // the newest older one on disk (prune keeps it).
         let from_semver = semver::Version::parse(from).ok();
-        let mut candidates: Vec<String> = Vec::new();
-        if let Some(prev) = state.pending.as_ref().filter(|p| p.version == from).and_then(|p| p.previous.clone()) {
-            candidates.push(prev);
-        }
         let mut older: Vec<(semver::Version, String)> = state
             .installed
             .keys()
@@ -499,10 +484,8 @@ impl Updater {
             .filter(|(sv, _)| from_semver.as_ref().is_none_or(|f| sv < f))
             .collect();
         older.sort();
-        candidates.extend(older.into_iter().rev().map(|(_, v)| v));
-        candidates.dedup();
-        for candidate in candidates {
-            if candidate == from || allowed.is_some_and(|a| !a.contains(&candidate)) {
+        for (_, candidate) in older.into_iter().rev() {
+            if allowed.is_some_and(|a| !a.contains(&candidate)) {
                 continue;
             }
             match self.load_installed(&candidate) {
@@ -510,7 +493,6 @@ impl Updater {
                     if let Some(bad) = state.installed.remove(from) {
                         state.refused.insert(bad.bundle_sha256);
                     }
-                    state.committed.retain(|v| v != from);
                     state.pending = None;
                     state.active = Some(candidate.clone());
                     let model = Arc::new(ActiveModel { classifier, bundle_version: Some(candidate.clone()) });
@@ -531,10 +513,10 @@ impl Updater {
         Ok(false)
     }
 
-    /// Remove installed versions beyond `keep_versions`, never the active one or the one a
-    /// pending model would roll back to.
-    fn prune(&self, state: &mut ModelState) {
-        let keep = self.config.update.keep_versions;
+    /// Drop installed versions beyond `keep_versions` from `state`, never the active one or
+    /// the one a pending model would roll back to. Returns them, for their folders to go once
+    /// the state is saved.
+    fn prune(&self, state: &mut ModelState) -> Vec<String> {
         let mut versions: Vec<(semver::Version, String)> =
             state.installed.keys().filter_map(|v| Some((semver::Version::parse(v).ok()?, v.clone()))).collect();
         versions.sort();
@@ -542,22 +524,13 @@ impl Updater {
             .into_iter()
             .flatten()
             .collect();
-        let excess = versions.len().saturating_sub(keep);
+        let excess = versions.len().saturating_sub(self.config.update.keep_versions);
         let removable: Vec<String> =
             versions.into_iter().map(|(_, v)| v).filter(|v| !protected.contains(v)).take(excess).collect();
-        if removable.is_empty() {
-            return;
-        }
         for v in &removable {
             state.installed.remove(v);
-            state.committed.retain(|c| c != v);
         }
-        if self.persist(state, None).is_ok() {
-            for v in &removable {
-                let _ = std::fs::remove_dir_all(self.models_dir.join(v));
-            }
-            tracing::info!(removed = ?removable, "old model versions removed");
-        }
+        removable
     }
 
     fn channel_refused(&self, refusal: &Refusal, target: Option<&ModelTarget>) {
@@ -613,14 +586,11 @@ impl Updater {
         detail: &str,
         version: Option<&str>,
         active: Option<&str>,
-    ) -> ModelEvent {
-        ModelEvent {
-            at: rfc3339_ms(now_ms()),
-            kind,
-            code: code.into(),
-            detail: detail.into(),
-            version: version.map(str::to_string),
-            active: active.map(str::to_string),
+    ) -> EventMessage {
+        EventMessage {
+            model_version: version.map(str::to_string),
+            active_version: active.map(str::to_string),
+            ..EventMessage::new(&self.config, kind, code, detail)
         }
     }
 
@@ -629,28 +599,11 @@ impl Updater {
     fn persist(
         &self,
         state: &ModelState,
-        event: Option<(&ModelEvent, Option<&ModelStamp>)>,
+        event: Option<(&EventMessage, Option<&ModelStamp>)>,
     ) -> Result<(), UpdateError> {
         let mut messages = Vec::new();
         if let Some((e, new_model)) = event {
-            let message = EventMessage {
-                schema: EVENT_SCHEMA.into(),
-                kind: e.kind,
-                site: self.config.device.site.clone(),
-                device: self.config.device.id.clone(),
-                at: e.at.clone(),
-                scan_id: None,
-                code: e.code.clone(),
-                detail: e.detail.clone(),
-                model_version: e.version.clone(),
-                active_version: e.active.clone(),
-            };
-            messages.push(OutboxMessage {
-                topic: self.topics.events(),
-                payload: serde_json::to_string(&message).unwrap_or_default(),
-                retain: false,
-                completes_scan: None,
-            });
+            messages.push(publish::event_outbox(&self.topics, e));
             if let Some(stamp) = new_model {
                 messages.push(publish::status_message(&self.config, &self.topics, Some(stamp)));
             }
