@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use octd::config::Config;
 use octd::EXIT_CONFIG;
+use octd_bundle::repo::{Publication, RoleSpec, RootSpec};
 
 /// octd — de-identify, classify and triage retinal OCT scans beside the scanner.
 #[derive(Parser)]
@@ -252,14 +253,16 @@ fn main() -> ExitCode {
                     timestamp_keys,
                     expires,
                     previous_root_keys,
-                } => bundle::init(bundle::RootArgs {
-                    repo,
-                    root: bundle::role(root_keys, root_threshold),
-                    targets: bundle::role(targets_keys, targets_threshold),
-                    snapshot: bundle::role(snapshot_keys, 1),
-                    timestamp: bundle::role(timestamp_keys, 1),
-                    expires,
-                    previous_root_keys,
+                } => bundle::expires_in(expires).and_then(|expires| {
+                    let role = |keys, threshold| RoleSpec { keys, threshold };
+                    let spec = RootSpec {
+                        root: role(root_keys, root_threshold),
+                        targets: role(targets_keys, targets_threshold),
+                        snapshot: role(snapshot_keys, 1),
+                        timestamp: role(timestamp_keys, 1),
+                        expires,
+                    };
+                    bundle::init(&repo, &spec, &previous_root_keys)
                 }),
                 BundleAction::Pack { model, samples, tolerance, out } => {
                     bundle::pack(&config, &model, samples.as_deref(), tolerance, &out)
@@ -272,15 +275,18 @@ fn main() -> ExitCode {
                     targets_expires,
                     snapshot_expires,
                     timestamp_expires,
-                } => bundle::publish(bundle::PublishArgs {
-                    repo,
-                    add,
-                    withdraw,
-                    keys,
-                    targets_expires,
-                    snapshot_expires,
-                    timestamp_expires,
-                }),
+                } => (|| {
+                    let publication = Publication {
+                        add,
+                        withdraw,
+                        keys,
+                        signing_root: None,
+                        targets_expires: bundle::expires_in(targets_expires)?,
+                        snapshot_expires: bundle::expires_in(snapshot_expires)?,
+                        timestamp_expires: bundle::expires_in(timestamp_expires)?,
+                    };
+                    bundle::publish(&repo, &publication)
+                })(),
                 BundleAction::Verify { repository, root } => bundle::verify(&config, &repository, &root),
             };
             print_report(result)

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use octd_bundle::archive::{self, Limits, SelfTest, SelfTestCase, SELFTEST_DIR, SELFTEST_FILE};
 use octd_bundle::client::{self, Channel};
-use octd_bundle::repo::{self, Publication, RoleSpec, RootSpec};
+use octd_bundle::repo::{self, Publication, RootSpec};
 use octd_bundle::{keys, BundleError};
 use serde_json::{json, Value};
 
@@ -30,28 +30,16 @@ pub fn keygen(out: &Path) -> CommandResult {
     Ok(json!({"key": out, "key_id": id}))
 }
 
-pub struct RootArgs {
-    pub repo: PathBuf,
-    pub root: RoleSpec,
-    pub targets: RoleSpec,
-    pub snapshot: RoleSpec,
-    pub timestamp: RoleSpec,
-    pub expires: Duration,
-    pub previous_root_keys: Vec<PathBuf>,
+/// When metadata signed now for `d` expires.
+pub fn expires_in(d: Duration) -> Result<repo::Timestamp, String> {
+    repo::expires_in(d).map_err(text)
 }
 
 /// Write the first root of a channel, or the next one (key rotation).
-pub fn init(args: RootArgs) -> CommandResult {
-    let spec = RootSpec {
-        root: args.root,
-        targets: args.targets,
-        snapshot: args.snapshot,
-        timestamp: args.timestamp,
-        expires: repo::expires_in(args.expires).map_err(text)?,
-    };
-    let version = runtime()?.block_on(repo::write_root(&args.repo, &spec, &args.previous_root_keys)).map_err(text)?;
-    Ok(json!({"repository": args.repo, "root_version": version,
-              "trusted_root": args.repo.join("metadata").join(format!("{version}.root.json"))}))
+pub fn init(repo_dir: &Path, spec: &RootSpec, previous_root_keys: &[PathBuf]) -> CommandResult {
+    let version = runtime()?.block_on(repo::write_root(repo_dir, spec, previous_root_keys)).map_err(text)?;
+    Ok(json!({"repository": repo_dir, "root_version": version,
+              "trusted_root": repo_dir.join("metadata").join(format!("{version}.root.json"))}))
 }
 
 /// Build a bundle from a model folder and self-test inputs (or generated ones).
@@ -142,27 +130,8 @@ fn synthetic_inputs(dir: &Path) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-pub struct PublishArgs {
-    pub repo: PathBuf,
-    pub add: Vec<PathBuf>,
-    pub withdraw: Vec<String>,
-    pub keys: Vec<PathBuf>,
-    pub targets_expires: Duration,
-    pub snapshot_expires: Duration,
-    pub timestamp_expires: Duration,
-}
-
-pub fn publish(args: PublishArgs) -> CommandResult {
-    let publication = Publication {
-        add: args.add,
-        withdraw: args.withdraw,
-        keys: args.keys,
-        signing_root: None,
-        targets_expires: repo::expires_in(args.targets_expires).map_err(text)?,
-        snapshot_expires: repo::expires_in(args.snapshot_expires).map_err(text)?,
-        timestamp_expires: repo::expires_in(args.timestamp_expires).map_err(text)?,
-    };
-    let report = runtime()?.block_on(repo::publish(&args.repo, &publication)).map_err(text)?;
+pub fn publish(repo_dir: &Path, publication: &Publication) -> CommandResult {
+    let report = runtime()?.block_on(repo::publish(repo_dir, publication)).map_err(text)?;
     serde_json::to_value(report).map_err(|e| e.to_string())
 }
 
@@ -198,9 +167,4 @@ pub fn verify(config: &Config, repository: &str, root: &Path) -> CommandResult {
         "verified": {"target": newest.target, "version": head.version, "model_sha256": head.sha256,
                      "selftest_cases": test.cases.len(), "backend": classifier.stamp().backend},
     }))
-}
-
-/// Parse `n` keys with a threshold into a role.
-pub fn role(keys: Vec<PathBuf>, threshold: u64) -> RoleSpec {
-    RoleSpec { keys, threshold }
 }
