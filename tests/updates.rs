@@ -172,8 +172,9 @@ struct Device {
 }
 
 impl Device {
-    /// A channel holding the default model as 0.2.0, and a device (not started) on it.
-    fn new(workers: usize, extra: &str) -> Option<Device> {
+    /// A channel holding the default model as 0.2.0, and a device (not started) on it, with
+    /// `update_settings` (TOML lines) added to its `[update]` table.
+    fn new(workers: usize, update_settings: &str) -> Option<Device> {
         let images: Vec<Vec<u8>> =
             common::shared_oct_images()?.iter().map(|(p, _)| std::fs::read(p).unwrap()).collect();
         if !mosquitto_available() {
@@ -189,10 +190,12 @@ impl Device {
             OctdOptions {
                 broker_url: broker.url(),
                 workers,
-                extra: extra.to_string(),
+                extra: String::new(),
                 channel: Some((channel.repo.display().to_string(), channel.trusted_root())),
             },
         );
+        let config = std::fs::read_to_string(&octd.config).unwrap();
+        std::fs::write(&octd.config, config.replace("[update]\n", &format!("[update]\n{update_settings}"))).unwrap();
         Some(Device { octd, sub, broker, channel, images, dropped: 0, _dir: dir })
     }
 
@@ -286,17 +289,18 @@ fn assert_refused(d: &mut Device, kind: &str, code: &str) -> serde_json::Value {
     event
 }
 
-fn started(workers: usize, extra: &str) -> Option<Device> {
-    let mut d = Device::new(workers, extra)?;
+/// A device that has installed 0.2.0 from its channel.
+fn started(workers: usize) -> Option<Device> {
+    let mut d = Device::new(workers, "")?;
     d.octd.start();
     d.octd.wait_ready();
-    d.wait_event("model_installed", "installed");
+    d.wait_model_event("model_installed", "installed", Some("0.2.0"));
     Some(d)
 }
 
 #[test]
 fn flipped_byte_in_the_served_bundle_is_refused() {
-    let Some(mut d) = started(1, "") else { return };
+    let Some(mut d) = started(1) else { return };
     let variant = model_variant(&d.channel.dir, "0.3.0", |_| {});
     d.channel.add(&d.channel.pack(&variant, "0.3.0"));
     let served = d.channel.served_bundle("0.3.0");
@@ -310,7 +314,7 @@ fn flipped_byte_in_the_served_bundle_is_refused() {
 
 #[test]
 fn bundle_whose_self_test_fails_is_refused() {
-    let Some(mut d) = started(1, "") else { return };
+    let Some(mut d) = started(1) else { return };
     let variant = model_variant(&d.channel.dir, "0.3.0", |_| {});
     let good = d.channel.pack(&variant, "0.3.0");
     // The trainer (or an attacker with the targets key) ships expectations this model does not meet.
@@ -331,7 +335,7 @@ fn bundle_whose_self_test_fails_is_refused() {
 
 #[test]
 fn manifest_incompatible_with_this_device_is_refused() {
-    let Some(mut d) = started(1, "") else { return };
+    let Some(mut d) = started(1) else { return };
     let variant = model_variant(&d.channel.dir, "0.3.0", |m| m["classes"][3] = "HEALTHY".into());
     // Packing runs the model, so it needs a device that knows the class; pack it directly.
     let bundle = d.channel.dir.join("incompatible.tar.gz");
@@ -353,7 +357,7 @@ fn manifest_incompatible_with_this_device_is_refused() {
 
 #[test]
 fn same_version_with_other_content_is_refused_as_not_newer() {
-    let Some(mut d) = started(1, "") else { return };
+    let Some(mut d) = started(1) else { return };
     let variant = model_variant(&d.channel.dir, "0.2.0", |_| {});
     d.channel.add(&d.channel.pack(&variant, "0.2.0"));
     let event = assert_refused(&mut d, "model_refused", "not_newer");
@@ -362,7 +366,7 @@ fn same_version_with_other_content_is_refused_as_not_newer() {
 
 #[test]
 fn expired_timestamp_raises_an_alarm_naming_the_device_clock() {
-    let Some(mut d) = started(1, "") else { return };
+    let Some(mut d) = started(1) else { return };
     let variant = model_variant(&d.channel.dir, "0.3.0", |_| {});
     let bundle = d.channel.pack(&variant, "0.3.0");
     d.channel.publish(&["--add", bundle.to_str().unwrap(), "--timestamp-expires", "1s"]);
@@ -373,7 +377,7 @@ fn expired_timestamp_raises_an_alarm_naming_the_device_clock() {
 
 #[test]
 fn metadata_signed_by_a_key_outside_the_root_is_refused() {
-    let Some(mut d) = started(1, "") else { return };
+    let Some(mut d) = started(1) else { return };
     // Someone with the snapshot and timestamp keys but not the targets key signs a new listing.
     let stranger = d.channel.dir.join("keys/stranger.pk8");
     octd(&["bundle", "keygen", stranger.to_str().unwrap()]);
@@ -416,30 +420,22 @@ fn metadata_signed_by_a_key_outside_the_root_is_refused() {
 
 #[test]
 fn crash_loop_after_an_install_rolls_back_and_the_bad_model_stays_out() {
-    let extra = "\n[update]\nmax_boot_attempts = 2\ncommit_after_scans = 1000\ncommit_after = \"1h\"\n";
-    // [update] is written by the harness; these keys go into a second table, so merge them.
-    let Some(mut d) = Device::new(1, "") else { return };
-    let config = std::fs::read_to_string(&d.octd.config).unwrap();
-    let config = config.replace("[update]\n", &format!("[update]\n{}", &extra["\n[update]\n".len()..]));
-    std::fs::write(&d.octd.config, config).unwrap();
+    let gate = "max_boot_attempts = 2\ncommit_after_scans = 1000\ncommit_after = \"1h\"\n";
+    let Some(mut d) = Device::new(1, gate) else { return };
     d.octd.start();
     d.octd.wait_ready();
-    d.wait_event("model_installed", "installed");
+    d.wait_model_event("model_installed", "installed", Some("0.2.0"));
     let variant = model_variant(&d.channel.dir, "0.3.0", |_| {});
     d.channel.add(&d.channel.pack(&variant, "0.3.0"));
     d.notice();
-    let installed =
-        |m: &[common::Message]| events(m).iter().any(|e| e["model_version"] == "0.3.0" && e["code"] == "installed");
-    d.sub.wait_until(MINUTE, installed, "0.3.0 installed");
-    // The process dies before the new model passes its health gate, start after start.
-    for _ in 0..2 {
+    d.wait_model_event("model_installed", "installed", Some("0.3.0"));
+    // The process dies before the new model passes its health gate, start after start: the
+    // third start finds two uncommitted starts behind it.
+    for _ in 0..3 {
         d.octd.kill9();
         d.octd.start();
         d.octd.wait_ready();
     }
-    d.octd.kill9();
-    d.octd.start();
-    d.octd.wait_ready();
     let event = d.wait_event("model_rolled_back", "crash_loop");
     assert_eq!(event["model_version"], "0.3.0");
     assert_eq!(event["active_version"], "0.2.0");
@@ -452,15 +448,11 @@ fn crash_loop_after_an_install_rolls_back_and_the_bad_model_stays_out() {
 
 #[test]
 fn installed_model_damaged_on_disk_is_rolled_back_at_start() {
-    let Some(mut d) = started(1, "") else { return };
+    let Some(mut d) = started(1) else { return };
     let variant = model_variant(&d.channel.dir, "0.3.0", |_| {});
     d.channel.add(&d.channel.pack(&variant, "0.3.0"));
     d.notice();
-    d.sub.wait_until(
-        MINUTE,
-        |m| events(m).iter().any(|e| e["model_version"] == "0.3.0" && e["code"] == "installed"),
-        "0.3.0 installed",
-    );
+    d.wait_model_event("model_installed", "installed", Some("0.3.0"));
     assert!(d.octd.stop().success());
     let onnx = d.octd.state.join("models/0.3.0/model.onnx");
     let mut bytes = std::fs::read(&onnx).unwrap();
@@ -475,7 +467,7 @@ fn installed_model_damaged_on_disk_is_rolled_back_at_start() {
 
 #[test]
 fn swap_and_rollback_under_load_lose_no_scan_and_stamp_every_result() {
-    let Some(mut d) = started(2, "") else { return };
+    let Some(mut d) = started(2) else { return };
     let variant = model_variant(&d.channel.dir, "0.3.0", |_| {});
     let bundle = d.channel.pack(&variant, "0.3.0");
     let feed = |d: &mut Device, n: usize| {
@@ -488,10 +480,7 @@ fn swap_and_rollback_under_load_lose_no_scan_and_stamp_every_result() {
     d.channel.add(&bundle);
     d.notice();
     feed(&mut d, 15);
-    d.wait_event("model_installed", "installed");
-    let has_installed_03 =
-        |m: &[common::Message]| events(m).iter().any(|e| e["model_version"] == "0.3.0" && e["code"] == "installed");
-    d.sub.wait_until(MINUTE, has_installed_03, "0.3.0 installed");
+    d.wait_model_event("model_installed", "installed", Some("0.3.0"));
     feed(&mut d, 10);
     // The operator withdraws 0.3.0: the device falls back to 0.2.0 while scans flow.
     d.channel.publish(&["--withdraw", "0.3.0"]);
