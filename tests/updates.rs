@@ -447,6 +447,44 @@ fn crash_loop_after_an_install_rolls_back_and_the_bad_model_stays_out() {
 }
 
 #[test]
+fn new_model_is_committed_after_its_health_gate_and_old_versions_are_pruned() {
+    let gate = "commit_after_scans = 2\nkeep_versions = 2\n";
+    let Some(mut d) = Device::new(1, gate) else { return };
+    d.octd.start();
+    d.octd.wait_ready();
+    d.wait_model_event("model_installed", "installed", Some("0.2.0"));
+    for version in ["0.3.0", "0.4.0"] {
+        let variant = model_variant(&d.channel.dir, version, |_| {});
+        d.channel.add(&d.channel.pack(&variant, version));
+        d.notice();
+        d.wait_model_event("model_installed", "installed", Some(version));
+    }
+    // 0.4.0 is pending and 0.3.0 is what it would roll back to: 0.2.0 is beyond keep_versions.
+    let on_disk = |d: &Device| {
+        let mut v: Vec<String> = std::fs::read_dir(d.octd.state.join("models"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(on_disk(&d), ["0.3.0", "0.4.0"]);
+    assert!(events(&d.sub.messages()).iter().all(|e| e["kind"] != "model_committed"));
+    assert_eq!(d.classify_one(), "0.4.0");
+    assert_eq!(d.classify_one(), "0.4.0");
+    let committed = d.wait_model_event("model_committed", "health_gate_passed", Some("0.4.0"));
+    assert_eq!(committed["active_version"], "0.4.0");
+    // Committed: restarts no longer count towards a crash loop.
+    for _ in 0..4 {
+        d.octd.kill9();
+        d.octd.start();
+        d.octd.wait_ready();
+    }
+    assert_eq!(d.classify_one(), "0.4.0");
+    assert!(events(&d.sub.messages()).iter().all(|e| e["kind"] != "model_rolled_back"));
+}
+
+#[test]
 fn installed_model_damaged_on_disk_is_rolled_back_at_start() {
     let Some(mut d) = started(1) else { return };
     let variant = model_variant(&d.channel.dir, "0.3.0", |_| {});

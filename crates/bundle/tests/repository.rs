@@ -187,6 +187,18 @@ async fn edited_targets_metadata_is_refused() {
 }
 
 #[tokio::test]
+async fn metadata_mixed_from_two_publications_is_refused() {
+    let f = Fixture::new(1).await;
+    f.publish("1.0.0").await;
+    f.publish("1.1.0").await;
+    // Snapshot 2 names targets 2; serve targets 1 (validly signed, older) in its place.
+    let metadata = f.repo.join("metadata");
+    std::fs::copy(metadata.join("1.targets.json"), metadata.join("2.targets.json")).unwrap();
+    let refusal = f.device_load().await.unwrap_err();
+    assert!(matches!(refusal.code(), "hash_mismatch" | "metadata_inconsistent"), "{refusal}");
+}
+
+#[tokio::test]
 async fn targets_signed_by_an_unknown_key_are_refused() {
     let f = Fixture::new(1).await;
     let k = &f.keys;
