@@ -132,7 +132,16 @@ impl Default for DeidConfig {
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum BackendKind {
+    /// Pure-Rust tract: no native library, the default.
     Tract,
+    /// ONNX Runtime on the CPU (falls back to tract).
+    Onnxruntime,
+    /// ONNX Runtime with the CUDA provider (falls back to CPU ONNX Runtime, then tract).
+    Cuda,
+    /// ONNX Runtime with TensorRT (falls back to CUDA, CPU ONNX Runtime, then tract).
+    Tensorrt,
+    /// The fastest that loads here: the TensorRT chain.
+    Auto,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,11 +157,27 @@ pub struct ModelConfig {
     pub batch_size: usize,
     /// Overrides the manifest's review threshold when set.
     pub min_confidence: Option<f32>,
+    /// libonnxruntime.so for the ONNX Runtime backends; unset: `ORT_DYLIB_PATH`, then the
+    /// system locations, then the development virtualenv's onnxruntime wheel.
+    pub onnxruntime_library: Option<PathBuf>,
+    /// TensorRT builds FP16 engines (faster; bundles need a self-test tolerance of ~1e-2).
+    pub fp16: bool,
+    /// TensorRT engine cache; unset: `<state_dir>/engine-cache` (one folder per model hash).
+    pub engine_cache_dir: Option<PathBuf>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { dir: None, backend: BackendKind::Tract, threads: 0, batch_size: 8, min_confidence: None }
+        Self {
+            dir: None,
+            backend: BackendKind::Tract,
+            threads: 0,
+            batch_size: 8,
+            min_confidence: None,
+            onnxruntime_library: None,
+            fp16: true,
+            engine_cache_dir: None,
+        }
     }
 }
 

@@ -160,12 +160,15 @@ pub async fn run(config: Config, stop: Option<watch::Receiver<bool>>) -> Result<
 }
 
 async fn run_until(
-    config: Config,
+    mut config: Config,
     shutdown_tx: watch::Sender<bool>,
     shutdown_rx: watch::Receiver<bool>,
 ) -> Result<(), DaemonError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dirs = Dirs::new(&config.device.state_dir);
+    if config.model.engine_cache_dir.is_none() {
+        config.model.engine_cache_dir = Some(dirs.state.join("engine-cache"));
+    }
     dirs.create().map_err(|e| DaemonError::Config(format!("cannot create {}: {e}", dirs.state.display())))?;
     let secret = DeviceSecret::load_or_create(&dirs.state)
         .map_err(|e| DaemonError::Config(format!("device secret in {}: {e}", dirs.state.display())))?;

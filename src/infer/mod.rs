@@ -5,6 +5,7 @@
 pub mod frames;
 pub mod manifest;
 pub mod preprocess;
+pub mod ort_backend;
 mod tract_backend;
 
 use std::collections::BTreeMap;
@@ -72,15 +73,7 @@ impl Classifier {
                 manifest.sha256
             )));
         }
-        let backend: Box<dyn Backend> = match config.backend {
-            BackendKind::Tract => Box::new(tract_backend::TractBackend::load(
-                &model_path,
-                manifest.input.channels,
-                manifest.input.height,
-                manifest.input.width,
-                config.threads,
-            )?),
-        };
+        let backend = load_backend(&model_path, &sha256, &manifest, config)?;
         let stamp = ModelStamp {
             name: manifest.name.clone(),
             version: manifest.version.clone(),
@@ -196,6 +189,58 @@ impl Classifier {
         let outside = |v: f32, range: Option<[f32; 2]>| range.is_some_and(|[lo, hi]| v < lo || v > hi);
         outside(mean, self.manifest.review.input_mean_range) || outside(std, self.manifest.review.input_std_range)
     }
+}
+
+/// The configured backend, or the next one down the chain TensorRT -> CUDA -> CPU ONNX
+/// Runtime -> tract when it cannot load here (no GPU, no library). Every fall is logged; the
+/// backend that runs is named in the model stamp (results, status, metrics).
+fn load_backend(
+    model_path: &Path,
+    sha256: &str,
+    manifest: &Manifest,
+    config: &ModelConfig,
+) -> Result<Box<dyn Backend>, InferError> {
+    use ort_backend::{OrtBackend, OrtSettings, Provider};
+    let chain: &[Option<Provider>] = match config.backend {
+        BackendKind::Tract => &[None],
+        BackendKind::Onnxruntime => &[Some(Provider::Cpu), None],
+        BackendKind::Cuda => &[Some(Provider::Cuda), Some(Provider::Cpu), None],
+        BackendKind::Tensorrt | BackendKind::Auto => {
+            &[Some(Provider::TensorRt), Some(Provider::Cuda), Some(Provider::Cpu), None]
+        }
+    };
+    let settings = OrtSettings {
+        library: config.onnxruntime_library.clone(),
+        threads: config.threads,
+        fp16: config.fp16,
+        engine_cache: config.engine_cache_dir.clone(),
+    };
+    let mut failures = Vec::new();
+    for step in chain {
+        let loaded: Result<Box<dyn Backend>, InferError> = match step {
+            Some(provider) => {
+                OrtBackend::load(model_path, sha256, *provider, &settings).map(|b| Box::new(b) as Box<dyn Backend>)
+            }
+            None => tract_backend::TractBackend::load(
+                model_path,
+                manifest.input.channels,
+                manifest.input.height,
+                manifest.input.width,
+                config.threads,
+            )
+            .map(|b| Box::new(b) as Box<dyn Backend>),
+        };
+        match loaded {
+            Ok(backend) => {
+                if !failures.is_empty() {
+                    tracing::warn!(backend = backend.name(), fell_back_from = %failures.join("; "), "inference backend fallback");
+                }
+                return Ok(backend);
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    Err(InferError::Model(failures.join("; ")))
 }
 
 fn softmax(z: &[f32]) -> Vec<f32> {

@@ -1,0 +1,187 @@
+//! ONNX Runtime through the `ort` crate, loaded at run time (load-dynamic): nothing is
+//! downloaded or linked at build time, and a device without the library still runs tract.
+//!
+//! Execution providers are tried in the order the configured backend allows:
+//! TensorRT (FP16, engine cache per model version in the state folder) -> CUDA -> CPU.
+//! Each one is registered with `error_on_failure`, so a provider that is missing is a clear
+//! error here (and the caller falls back) rather than a silent CPU run under a GPU name.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use ort::ep::{self, ExecutionProvider};
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::value::Tensor;
+
+use super::{Backend, InferError};
+
+/// Which ONNX Runtime execution provider a session runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    TensorRt,
+    Cuda,
+    Cpu,
+}
+
+impl Provider {
+    pub fn backend_name(self) -> &'static str {
+        match self {
+            Provider::TensorRt => "onnxruntime-tensorrt",
+            Provider::Cuda => "onnxruntime-cuda",
+            Provider::Cpu => "onnxruntime-cpu",
+        }
+    }
+}
+
+/// Settings the ort backend needs beyond the model file.
+#[derive(Debug, Clone)]
+pub struct OrtSettings {
+    pub library: Option<PathBuf>,
+    pub threads: usize,
+    pub fp16: bool,
+    /// TensorRT engines are cached here (one sub-folder per model hash).
+    pub engine_cache: Option<PathBuf>,
+}
+
+pub struct OrtBackend {
+    session: Mutex<Session>,
+    provider: Provider,
+}
+
+/// The library is loaded once per process; later calls get the same answer.
+static RUNTIME: OnceLock<Result<(PathBuf, Environment), String>> = OnceLock::new();
+
+/// Where ONNX Runtime is looked for when neither `model.onnxruntime_library` nor
+/// `ORT_DYLIB_PATH` names it: the system locations of JetPack / Debian packages and of a
+/// manual install, then the development virtualenv's onnxruntime wheel.
+pub fn library_candidates() -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = [
+        "/usr/lib/libonnxruntime.so",
+        "/usr/local/lib/libonnxruntime.so",
+        "/usr/lib/aarch64-linux-gnu/libonnxruntime.so",
+        "/usr/lib/x86_64-linux-gnu/libonnxruntime.so",
+        "/opt/onnxruntime/lib/libonnxruntime.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    if let Ok(entries) = std::fs::read_dir(".venv/lib") {
+        let mut wheel_libs: Vec<PathBuf> = entries
+            .flatten()
+            .map(|python| python.path().join("site-packages/onnxruntime/capi"))
+            .filter_map(|capi| std::fs::read_dir(capi).ok())
+            .flat_map(|files| files.flatten().map(|f| f.path()))
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")))
+            .collect();
+        wheel_libs.sort();
+        out.extend(wheel_libs);
+    }
+    out
+}
+
+/// The library this process would use, without loading it.
+pub fn find_library(configured: Option<&Path>) -> Option<PathBuf> {
+    if let Some(path) = configured {
+        return Some(path.to_path_buf());
+    }
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    library_candidates().into_iter().find(|p| p.is_file())
+}
+
+/// Load ONNX Runtime (once) and return the library path in use.
+pub fn init_runtime(configured: Option<&Path>) -> Result<(PathBuf, Environment), InferError> {
+    RUNTIME
+        .get_or_init(|| {
+            let path = find_library(configured).ok_or_else(|| {
+                "no ONNX Runtime library found: set model.onnxruntime_library or ORT_DYLIB_PATH \
+                 (see README: ONNX Runtime backend)"
+                    .to_string()
+            })?;
+            let builder = ort::init_from(&path).map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+            let environment =
+                builder.with_name("octd").build().map_err(|e| format!("ONNX Runtime environment: {e}"))?;
+            tracing::info!(library = %path.display(), "ONNX Runtime loaded");
+            Ok((path, environment))
+        })
+        .clone()
+        .map_err(InferError::Backend)
+}
+
+/// Whether a provider is compiled into the loaded library (false when it is not loaded).
+pub fn provider_available(provider: Provider) -> bool {
+    if !matches!(RUNTIME.get(), Some(Ok(_))) {
+        return false;
+    }
+    let available = match provider {
+        Provider::TensorRt => ep::TensorRT::is_available(),
+        Provider::Cuda => ep::CUDA::is_available(),
+        Provider::Cpu => Ok(true),
+    };
+    available.unwrap_or(false)
+}
+
+impl OrtBackend {
+    pub fn load(model: &Path, model_sha256: &str, provider: Provider, settings: &OrtSettings) -> Result<Self, InferError> {
+        let (_, environment) = init_runtime(settings.library.as_deref())?;
+        let err = |e: ort::Error| InferError::Model(format!("ONNX Runtime ({}): {e}", provider.backend_name()));
+        let mut builder = Session::builder(&environment).map_err(err)?;
+        let dispatch = match provider {
+            Provider::TensorRt => {
+                let mut trt = ep::TensorRT::default().with_fp16(settings.fp16).with_engine_cache(true);
+                if let Some(cache) = &settings.engine_cache {
+                    // One folder per model: an engine is built once per model version and
+                    // never reused for other weights.
+                    let dir = cache.join(model_sha256.get(..16).unwrap_or(model_sha256));
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| InferError::Model(format!("engine cache {}: {e}", dir.display())))?;
+                    let dir = dir.to_string_lossy().into_owned();
+                    trt = trt.with_engine_cache_path(&dir).with_timing_cache(true).with_timing_cache_path(&dir);
+                }
+                Some(trt.build().error_on_failure())
+            }
+            Provider::Cuda => Some(ep::CUDA::default().build().error_on_failure()),
+            Provider::Cpu => None,
+        };
+        if let Some(dispatch) = dispatch {
+            if !provider_available(provider) {
+                return Err(InferError::Model(format!(
+                    "the loaded ONNX Runtime has no {} execution provider",
+                    provider.backend_name()
+                )));
+            }
+            builder = builder.with_execution_providers([dispatch]).map_err(|e| err(e.into()))?;
+        }
+        if settings.threads > 0 {
+            builder = builder.with_intra_threads(settings.threads).map_err(|e| err(e.into()))?;
+        }
+        let session = builder.commit_from_file(model).map_err(err)?;
+        Ok(OrtBackend { session: Mutex::new(session), provider })
+    }
+}
+
+impl Backend for OrtBackend {
+    fn name(&self) -> &'static str {
+        self.provider.backend_name()
+    }
+
+    fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<Vec<f32>>, InferError> {
+        let err = |e: ort::Error| InferError::Backend(e.to_string());
+        let shape_i64: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let tensor = Tensor::from_array((shape_i64, input)).map_err(err)?;
+        let mut session = self.session.lock().map_err(|_| InferError::Backend("session lock poisoned".into()))?;
+        let outputs = session.run(ort::inputs![tensor]).map_err(err)?;
+        if outputs.len() == 0 {
+            return Err(InferError::Backend("model produced no output".into()));
+        }
+        let (out_shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(err)?;
+        let rows = out_shape.first().copied().unwrap_or(0).max(0) as usize;
+        if rows != shape[0] || rows == 0 {
+            return Err(InferError::Backend(format!("model returned {rows} rows for a batch of {}", shape[0])));
+        }
+        let width = data.len() / rows;
+        Ok(data.chunks(width).map(<[f32]>::to_vec).collect())
+    }
+}

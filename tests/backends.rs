@@ -1,0 +1,83 @@
+//! The inference backends on real scans: ONNX Runtime (loaded at run time) agrees with tract,
+//! each result names the backend that produced it, and a backend that cannot load here falls
+//! down the chain instead of failing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn onnxruntime_library() -> Option<PathBuf> {
+    // The same search the daemon does, from the repository root (where .venv lives).
+    let venv = common::repo().join(".venv/lib");
+    let found = std::fs::read_dir(venv).ok().and_then(|pythons| {
+        pythons
+            .flatten()
+            .filter_map(|p| std::fs::read_dir(p.path().join("site-packages/onnxruntime/capi")).ok())
+            .flat_map(|files| files.flatten().map(|f| f.path()))
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")))
+    });
+    if found.is_none() {
+        eprintln!("SKIP: no libonnxruntime.so in .venv (run scripts/test.sh, which installs the onnxruntime wheel)");
+    }
+    found
+}
+
+fn classify(backend: &str, library: Option<&Path>, files: &[PathBuf]) -> Vec<serde_json::Value> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_octd"));
+    cmd.arg("classify").arg("--json").arg("--model").arg(common::repo().join("models/default"));
+    cmd.args(files).env("OCTD_MODEL__BACKEND", backend).env_remove("ORT_DYLIB_PATH");
+    if let Some(lib) = library {
+        cmd.env("OCTD_MODEL__ONNXRUNTIME_LIBRARY", lib);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "classify failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn onnxruntime_agrees_with_tract_on_the_shared_scans() {
+    let Some(images) = common::shared_oct_images() else { return };
+    let Some(library) = onnxruntime_library() else { return };
+    let files: Vec<PathBuf> = images.into_iter().map(|(p, _)| p).collect();
+    let tract = classify("tract", None, &files);
+    let ort = classify("onnxruntime", Some(&library), &files);
+    assert_eq!(tract.len(), files.len());
+    assert_eq!(ort.len(), files.len());
+    let mut worst = 0f64;
+    for (t, o) in tract.iter().zip(&ort) {
+        assert_eq!(t["model"]["backend"], "tract");
+        assert_eq!(o["model"]["backend"], "onnxruntime-cpu", "the result names the backend that ran");
+        assert_eq!(t["label"], o["label"], "{}", t["input"]);
+        for (class, p) in t["probabilities"].as_object().unwrap() {
+            let q = o["probabilities"][class].as_f64().unwrap();
+            worst = worst.max((p.as_f64().unwrap() - q).abs());
+        }
+    }
+    assert!(worst < 1e-4, "largest probability difference tract vs ONNX Runtime: {worst}");
+}
+
+#[test]
+fn gpu_backends_fall_back_down_the_chain() {
+    let Some(images) = common::shared_oct_images() else { return };
+    let file = vec![images[0].0.clone()];
+    // No library at all: every ONNX Runtime step fails, tract runs.
+    let missing = Path::new("/nonexistent/libonnxruntime.so");
+    let r = classify("tensorrt", Some(missing), &file);
+    assert_eq!(r[0]["model"]["backend"], "tract");
+    assert!(r[0]["label"].is_string());
+
+    // With the CPU-only library: TensorRT and CUDA are not in it, CPU ONNX Runtime runs —
+    // unless this machine really has them.
+    let Some(library) = onnxruntime_library() else { return };
+    let r = classify("tensorrt", Some(&library), &file);
+    let backend = r[0]["model"]["backend"].as_str().unwrap().to_string();
+    assert!(
+        ["onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"].contains(&backend.as_str()),
+        "unexpected backend {backend}"
+    );
+    let has_gpu = Path::new("/dev/nvidia0").exists() || Path::new("/dev/nvhost-ctrl").exists();
+    if !has_gpu {
+        assert_eq!(backend, "onnxruntime-cpu");
+    }
+}
