@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 /// Sections that environment overrides may address; anything else in the `OCTD_`
 /// namespace (for example test switches) is not configuration.
-const SECTIONS: &[&str] = &["device", "ingest", "deid", "model", "update", "triage", "pipeline", "store", "mqtt"];
+const SECTIONS: &[&str] =
+    &["device", "ingest", "deid", "model", "update", "triage", "pipeline", "store", "mqtt", "telemetry", "uplink"];
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -40,6 +41,8 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub store: StoreConfig,
     pub mqtt: MqttConfig,
+    pub telemetry: TelemetryConfig,
+    pub uplink: UplinkConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -338,6 +341,42 @@ impl Default for MqttConfig {
     }
 }
 
+/// Metrics, health and the systemd watchdog.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `/metrics` (Prometheus), `/healthz`, `/readyz`, `/status` on this address; empty turns
+    /// the endpoint off (then `octd status` reads the store, only while the daemon is stopped).
+    pub listen: String,
+    /// A worker on one scan longer than this means a wedged pipeline: the watchdog stops
+    /// pinging (systemd restarts octd) and /healthz fails. Allow for the largest volume.
+    #[serde(with = "humantime_serde")]
+    pub stuck_after: Duration,
+    /// READY=1 waits for the broker at most this long; after it the daemon declares itself
+    /// ready without one (results are buffered) and says so in STATUS.
+    #[serde(with = "humantime_serde")]
+    pub ready_wait: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+            stuck_after: Duration::from_secs(600),
+            ready_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where confirmed labels go (the cloud trainer's intake). Written by `octd provision`;
+/// `octd doctor` checks that it answers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// `https://…`; empty: no uplink configured.
+    pub url: String,
+}
+
 impl Config {
     /// Defaults, then `path` (which must exist when given), then the environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -425,10 +464,24 @@ impl Config {
                 return invalid("deid.burned_in_masks", "each mask needs a manufacturer and rects");
             }
         }
+        if !self.telemetry.listen.is_empty() && self.telemetry.listen.parse::<SocketAddr>().is_err() {
+            return invalid("telemetry.listen", "must be an address like 127.0.0.1:9464, or empty");
+        }
+        if self.telemetry.stuck_after.is_zero() {
+            return invalid("telemetry.stuck_after", "must be greater than zero");
+        }
+        if !self.uplink.url.is_empty() && !self.uplink.url.starts_with("https://") && !self.uplink.url.starts_with("http://") {
+            return invalid("uplink.url", "must be an http:// or https:// URL");
+        }
         if !topic_safe(&self.mqtt.topic_prefix) {
             return invalid("mqtt.topic_prefix", "must be non-empty and contain no '/', '+' or '#'");
         }
         Ok(())
+    }
+
+    /// The telemetry endpoint's address, when it is on.
+    pub fn telemetry_address(&self) -> Option<SocketAddr> {
+        self.telemetry.listen.parse().ok()
     }
 
     pub fn client_id(&self) -> String {

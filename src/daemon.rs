@@ -24,6 +24,7 @@ use crate::scan::{
 };
 use crate::secret::DeviceSecret;
 use crate::store::{OutboxMessage, Store, StoreError, STORE_FILE};
+use crate::telemetry::{self, systemd, Sources, Telemetry};
 use crate::update::{UpdateError, Updater};
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +86,7 @@ struct Context {
     updater: Arc<Updater>,
     topics: Topics,
     wake: Arc<Notify>,
+    telemetry: Arc<Telemetry>,
 }
 
 /// Low-disk alarm: intake stops below `min_free_bytes` and an alarm goes out once.
@@ -170,6 +172,7 @@ async fn run_until(
         config.model.engine_cache_dir = Some(dirs.state.join("engine-cache"));
     }
     dirs.create().map_err(|e| DaemonError::Config(format!("cannot create {}: {e}", dirs.state.display())))?;
+    systemd::status("opening the store");
     let secret = DeviceSecret::load_or_create(&dirs.state)
         .map_err(|e| DaemonError::Config(format!("device secret in {}: {e}", dirs.state.display())))?;
     let store = Arc::new(Store::open(&dirs.state.join(STORE_FILE), &secret)?);
@@ -180,13 +183,17 @@ async fn run_until(
     }
     let wake = Arc::new(Notify::new());
     let topics = Topics::new(&config);
+    let telemetry = Arc::new(Telemetry::new(config.pipeline.workers));
+    systemd::status("loading the model");
     let updater = Updater::start(&config, &dirs.state, store.clone(), topics.clone(), wake.clone()).await?;
 
     if config.mqtt.url.is_empty() {
         publish::start_embedded_broker(config.mqtt.embedded_listen).map_err(|e| DaemonError::Config(e.to_string()))?;
     }
     let (notices_tx, notices_rx) = mpsc::channel(1);
-    let publisher = Publisher::new(store.clone(), config.clone(), wake.clone(), updater.slot(), notices_tx);
+    systemd::status("connecting to the MQTT broker");
+    let publisher = Publisher::new(store.clone(), config.clone(), wake.clone(), updater.slot(), notices_tx)
+        .with_connection_flag(telemetry.broker_connected.clone());
     let publisher = tokio::spawn(publisher.run(shutdown_rx.clone()));
     let update_loop = tokio::spawn(updater.clone().run(notices_rx, shutdown_rx.clone()));
 
@@ -195,15 +202,33 @@ async fn run_until(
         config: config.clone(),
         dirs: dirs.clone(),
         store: store.clone(),
-        updater,
+        updater: updater.clone(),
         topics: topics.clone(),
         wake: wake.clone(),
+        telemetry: telemetry.clone(),
     });
 
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(config.pipeline.queue_capacity);
+    let sources = Arc::new(Sources {
+        telemetry: telemetry.clone(),
+        store: store.clone(),
+        updater: updater.clone(),
+        jobs: jobs_tx.downgrade(),
+        config: config.clone(),
+    });
+    let endpoint = match config.telemetry_address() {
+        Some(addr) => {
+            let (bound, task) = telemetry::server::start(addr, sources.clone(), shutdown_rx.clone())
+                .await
+                .map_err(|e| DaemonError::Runtime(e.to_string()))?;
+            tracing::info!(address = %bound, "metrics and health endpoint listening");
+            Some(task)
+        }
+        None => None,
+    };
     let jobs_rx = Arc::new(Mutex::new(jobs_rx));
     let mut workers = Vec::new();
-    for _ in 0..config.pipeline.workers {
+    for worker in 0..config.pipeline.workers {
         let ctx = ctx.clone();
         let rx = jobs_rx.clone();
         let mut shutdown = shutdown_rx.clone();
@@ -217,9 +242,11 @@ async fn run_until(
                     job = async { rx.lock().await.recv().await } => job,
                 };
                 let Some(job) = job else { break };
+                ctx.telemetry.worker_busy(worker, true);
                 if let Err(e) = process(&ctx, job).await {
                     tracing::error!(scan_id = %job.scan_id, error = %e, "scan left for retry at next start");
                 }
+                ctx.telemetry.worker_busy(worker, false);
             }
         }));
     }
@@ -252,9 +279,11 @@ async fn run_until(
         config: config.clone(),
         wake: wake.clone(),
     });
-    let ingest = Ingest::new(config.ingest.clone(), store.clone(), dirs.spool.clone(), jobs_tx, disk);
+    let ingest = Ingest::new(config.ingest.clone(), store.clone(), dirs.spool.clone(), jobs_tx, disk)
+        .with_heartbeat(telemetry.ingest_heartbeat.clone());
     let mut ingest = tokio::spawn(ingest.run(shutdown_rx.clone()));
     let pruner = tokio::spawn(prune_loop(ctx.clone(), shutdown_rx.clone()));
+    let supervisor = tokio::spawn(supervise(sources, shutdown_rx.clone()));
     tracing::info!(folders = config.ingest.watch.len(), "watching");
 
     let mut stopped = shutdown_rx.clone();
@@ -270,6 +299,8 @@ async fn run_until(
         }
     }
     let _ = shutdown_tx.send(true);
+    systemd::stopping();
+    let _ = supervisor.await;
     let _ = ingest.await;
     // Workers finish the scan in hand, then stop.
     for w in workers {
@@ -278,7 +309,95 @@ async fn run_until(
     let _ = pruner.await;
     let _ = update_loop.await;
     let _ = publisher.await;
+    if let Some(endpoint) = endpoint {
+        let _ = endpoint.await;
+    }
     Ok(())
+}
+
+/// One line for `systemctl status`.
+fn status_line(sources: &Sources) -> String {
+    let t = &sources.telemetry;
+    let model = sources
+        .updater
+        .current()
+        .map(|m| format!("model {} on {}", m.classifier.stamp().version, m.classifier.stamp().backend))
+        .unwrap_or_else(|| "no model".into());
+    let broker = if t.broker_connected.load(Ordering::Relaxed) { "broker connected" } else { "broker DOWN, buffering" };
+    let depth = sources.jobs.upgrade().map(|tx| tx.max_capacity() - tx.capacity()).unwrap_or(0);
+    format!("ready: {model}; {broker}; {depth} queued")
+}
+
+/// Declares readiness once watcher, store, model and broker are up (the broker for at most
+/// `telemetry.ready_wait`), then judges the pipeline's progress every few seconds: the
+/// systemd watchdog is pinged only while it is healthy, so a wedged pipeline is restarted.
+async fn supervise(sources: Arc<Sources>, mut shutdown: watch::Receiver<bool>) {
+    let config = &sources.config.telemetry;
+    let t = sources.telemetry.clone();
+    let watchdog = systemd::watchdog_interval();
+    let period = watchdog.map(|w| w / 3).unwrap_or(Duration::from_secs(2)).max(Duration::from_millis(200));
+    let ingest_period = sources.config.ingest.settle;
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(period);
+    let mut last_status = String::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        if !t.is_ready() {
+            let model = sources.updater.current().is_some();
+            let broker = t.broker_connected.load(Ordering::Relaxed);
+            let waited_enough = started.elapsed() >= config.ready_wait;
+            if model && t.watcher_up() && (broker || waited_enough) {
+                t.set_ready();
+                let line = status_line(&sources);
+                systemd::ready(&line);
+                tracing::info!(status = %line, "ready");
+                last_status = line;
+            } else if !t.watcher_up() {
+                systemd::status("starting the folder watcher");
+            } else if !broker {
+                systemd::status("waiting for the MQTT broker");
+            }
+        }
+        // The store must answer too: a hung disk wedges every stage.
+        let store = sources.store.clone();
+        let probe = tokio::time::timeout(config.stuck_after, blocking(move || store.counts().map(|_| ()))).await;
+        let problem = match probe {
+            Err(_) => Some(format!("the store has not answered for {} s", config.stuck_after.as_secs())),
+            Ok(Err(e)) => Some(format!("store probe: {e}")),
+            Ok(Ok(Err(e))) => Some(format!("store: {e}")),
+            Ok(Ok(Ok(()))) => t.problem(config.stuck_after, ingest_period),
+        };
+        let was = t.current_problem();
+        match &problem {
+            None => {
+                if watchdog.is_some() {
+                    systemd::watchdog_ping();
+                }
+                if was.is_some() {
+                    tracing::info!("pipeline healthy again");
+                }
+                if t.is_ready() {
+                    let line = status_line(&sources);
+                    if line != last_status {
+                        systemd::status(&line);
+                        last_status = line;
+                    }
+                }
+            }
+            Some(p) => {
+                if was.as_deref() != Some(p.as_str()) {
+                    tracing::error!(problem = %p, "pipeline unhealthy: watchdog pings stopped");
+                }
+                let line = format!("UNHEALTHY: {p}");
+                systemd::status(&line);
+                last_status = line;
+            }
+        }
+        t.set_problem(problem);
+    }
 }
 
 /// SIGTERM (systemd stop) and SIGINT (Ctrl-C), registered at once.
@@ -463,6 +582,7 @@ fn classify_step(ctx: &Context, mut record: ScanRecord, queue_ms: u64) -> Result
         retain: false,
         completes_scan: Some(id),
     };
+    ctx.telemetry.scan_classified(&message.timings_ms);
     record.state = ScanState::Classified;
     record.label = Some(classification.label.clone());
     record.priority = Some(classification.priority);
@@ -502,6 +622,8 @@ fn quarantine(
     let event = event_message(&ctx.config, &ctx.topics, kind, Some(id), code, detail);
     ctx.store.transition(&record, Some(&event))?;
     ctx.wake.notify_one();
+    let outcome = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_owned));
+    ctx.telemetry.scan_quarantined(outcome.as_deref().unwrap_or("quarantined"));
     tracing::warn!(scan_id = %id, code, "quarantined");
     Ok(())
 }

@@ -16,6 +16,7 @@ pub mod publish;
 pub mod scan;
 pub mod secret;
 pub mod store;
+pub mod telemetry;
 pub mod update;
 
 /// Exit status for configuration errors: listed in the unit's RestartPreventExitStatus so a

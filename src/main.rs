@@ -48,6 +48,11 @@ enum Command {
     /// The installed models and every install, refusal, commit and rollback, from the store
     /// (while the daemon is stopped: the store is its alone while it runs).
     Models,
+    /// What the daemon is doing: model, backend, queue, outbox, last result, broker.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Model bundles and their signed channel (see docs/model-channel.md).
     Bundle {
         #[command(subcommand)]
@@ -132,10 +137,29 @@ enum ConfigAction {
     Check,
 }
 
+/// Under systemd (stderr connected to the journal) each event goes to journald with its
+/// fields as journal fields (SCAN_ID=…, MODEL=…; `journalctl -u octd SCAN_ID=…`); in a
+/// terminal, human-readable lines on stderr.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn,rumqttc=warn,tract=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn,rumqttc=warn,tract=warn,ort=warn"))
+    };
+    if octd::telemetry::systemd::journal_attached() {
+        match tracing_journald::layer() {
+            Ok(journald) => {
+                tracing_subscriber::registry()
+                    .with(filter())
+                    .with(journald.with_syslog_identifier("octd".into()))
+                    .init();
+                return;
+            }
+            Err(e) => eprintln!("octd: journald socket unavailable ({e}); logging to stderr"),
+        }
+    }
+    tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init();
 }
 
 fn print_json_lines(values: &[serde_json::Value]) {
@@ -160,6 +184,8 @@ fn print_report(result: Result<serde_json::Value, String>) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS provider for every client (MQTT, model channel, uplink, status).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -239,6 +265,17 @@ fn main() -> ExitCode {
             }
         },
         Command::Models => print_report(octd::commands::models(&config)),
+        Command::Status { json } => match octd::commands::status::status(&config) {
+            Ok(report) if json => print_report(Ok(report)),
+            Ok(report) => {
+                println!("{}", octd::commands::status::human(&report));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("octd: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Bundle { action } => {
             use octd::commands::bundle;
             let result = match action {

@@ -23,16 +23,21 @@ impl std::fmt::Debug for DeviceSecret {
 }
 
 impl DeviceSecret {
+    /// The existing secret; never creates one (diagnostics must not change the device).
+    pub fn load(state_dir: &Path) -> std::io::Result<DeviceSecret> {
+        let bytes = fs::read(state_dir.join(SECRET_FILE))?;
+        let key: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "device.key must hold 32 bytes"))?;
+        Ok(DeviceSecret(key))
+    }
+
     pub fn load_or_create(state_dir: &Path) -> std::io::Result<DeviceSecret> {
         fs::create_dir_all(state_dir)?;
         let path = state_dir.join(SECRET_FILE);
-        match fs::read(&path) {
-            Ok(bytes) => {
-                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, "device.key must hold 32 bytes")
-                })?;
-                Ok(DeviceSecret(key))
-            }
+        match DeviceSecret::load(state_dir) {
+            Ok(secret) => Ok(secret),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut key = [0u8; 32];
                 rand::rng().fill_bytes(&mut key);

@@ -72,6 +72,7 @@ pub struct Ingest {
     candidates: HashMap<PathBuf, Candidate>,
     /// Files whose claim failed, with what they looked like then: not retried until changed.
     failed: HashMap<PathBuf, Seen>,
+    heartbeat: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn eligible_name(path: &Path) -> bool {
@@ -93,7 +94,27 @@ impl Ingest {
         jobs: mpsc::Sender<Job>,
         disk: Arc<dyn DiskGuard>,
     ) -> Self {
-        Ingest { config, store, spool, jobs, disk, candidates: HashMap::new(), failed: HashMap::new() }
+        Ingest {
+            config,
+            store,
+            spool,
+            jobs,
+            disk,
+            candidates: HashMap::new(),
+            failed: HashMap::new(),
+            heartbeat: Default::default(),
+        }
+    }
+
+    /// Stamp `beat` (ms since the epoch) on every turn of the loop, once the watches are
+    /// registered: the watchdog's evidence that the watcher is alive.
+    pub fn with_heartbeat(mut self, beat: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.heartbeat = beat;
+        self
+    }
+
+    fn beat(&self) {
+        self.heartbeat.store(crate::scan::now_ms(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Watch until `shutdown` turns true.
@@ -121,6 +142,7 @@ impl Ingest {
             watcher.watch(folder, RecursiveMode::Recursive).map_err(|source| IngestError::Watch { index, source })?;
         }
         self.rescan();
+        self.beat();
         let mut poll = tokio::time::interval(self.config.settle);
         let mut rescan = tokio::time::interval(self.config.rescan_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -140,7 +162,10 @@ impl Ingest {
                     }
                     self.observe(path);
                 }
-                _ = poll.tick() => self.poll().await?,
+                _ = poll.tick() => {
+                    self.beat();
+                    self.poll().await?
+                }
                 _ = rescan.tick() => self.rescan(),
             }
         }
@@ -216,7 +241,14 @@ impl Ingest {
             self.candidates.insert(path, Candidate { seen, polls_unchanged: 0 });
             return Ok(());
         }
-        let Ok(permit) = self.jobs.reserve().await else { return Ok(()) };
+        // Waiting for a busy pipeline is back-pressure, not a hang: keep the heartbeat going.
+        let permit = loop {
+            match tokio::time::timeout(std::time::Duration::from_secs(1), self.jobs.reserve()).await {
+                Ok(Ok(permit)) => break permit,
+                Ok(Err(_)) => return Ok(()),
+                Err(_) => self.beat(),
+            }
+        };
         let scan_id = ScanId::new();
         let record = ScanRecord::received(scan_id);
         let linkage = Linkage {

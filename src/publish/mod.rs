@@ -185,6 +185,8 @@ pub struct Publisher {
     /// Model notices from the cloud go to the updater; a full channel means a check is
     /// already due, so extra notices are dropped.
     notices: mpsc::Sender<()>,
+    /// True while a connection is up (metrics, readiness).
+    connected: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Publishes of one connection, in the order handed to rumqttc.
@@ -207,7 +209,17 @@ impl Publisher {
         notices: mpsc::Sender<()>,
     ) -> Self {
         let topics = Topics::new(&config);
-        Publisher { store, config, topics, wake, model, notices }
+        Publisher { store, config, topics, wake, model, notices, connected: Default::default() }
+    }
+
+    /// Report the connection state through `flag`.
+    pub fn with_connection_flag(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.connected = flag;
+        self
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.connected.store(up, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn status_payload(&self, state: &'static str) -> String {
@@ -223,6 +235,7 @@ impl Publisher {
             let (client, eventloop) = AsyncClient::new(options.clone(), capacity);
             let session = Session { client, queued: VecDeque::new(), inflight: HashMap::new(), last_queued: 0 };
             let ended_by_shutdown = self.connection(session, eventloop, &mut shutdown, &mut last_failure).await;
+            self.set_connected(false);
             if ended_by_shutdown {
                 break;
             }
@@ -254,6 +267,7 @@ impl Publisher {
                 event = eventloop.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         connected = true;
+                        self.set_connected(true);
                         *last_failure = None;
                         tracing::info!("connected to MQTT broker");
                         let status = self.status_payload("online");

@@ -39,6 +39,19 @@ pub fn shared_oct_images() -> Option<Vec<(PathBuf, String)>> {
     Some(out)
 }
 
+/// A plain HTTP/1.1 GET on loopback: (status code, body), or None when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -268,6 +281,10 @@ pub struct Octd {
     pub inbox: PathBuf,
     pub state: PathBuf,
     pub config: PathBuf,
+    /// The /metrics /healthz /readyz /status endpoint's port.
+    pub telemetry_port: u16,
+    /// Extra environment for the daemon (e.g. NOTIFY_SOCKET).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     /// Where the latest start's output begins in the shared log.
     log_offset: usize,
@@ -298,9 +315,10 @@ impl Octd {
                 format!("[update]\nrepository = \"{repository}\"\ntrusted_root = \"{}\"\n", trusted_root.display())
             }
         };
+        let telemetry_port = free_port();
         write!(
             f,
-            "[device]\nsite = \"test-site\"\nid = \"test-device\"\nstate_dir = \"{}\"\n\n\
+            "[telemetry]\nlisten = \"127.0.0.1:{telemetry_port}\"\n\n[device]\nsite = \"test-site\"\nid = \"test-device\"\nstate_dir = \"{}\"\n\n\
              [ingest]\nwatch = [\"{}\"]\nsettle = \"300ms\"\nrescan_interval = \"1s\"\n\n\
              [model]\n{}threads = 1\n\n{}\n[pipeline]\nworkers = {}\n\n\
              [mqtt]\nurl = \"{}\"\nreconnect_delay = \"300ms\"\n{}\n",
@@ -313,7 +331,16 @@ impl Octd {
             opts.extra,
         )
         .unwrap();
-        Octd { root: root.to_path_buf(), inbox, state, config, child: None, log_offset: 0 }
+        Octd {
+            root: root.to_path_buf(),
+            inbox,
+            state,
+            config,
+            telemetry_port,
+            env: Vec::new(),
+            child: None,
+            log_offset: 0,
+        }
     }
 
     pub fn start(&mut self) {
@@ -325,6 +352,7 @@ impl Octd {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "debug,rumqttd=warn,tract=warn,tract_core=warn,tract_onnx=warn,tract_hir=warn")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -355,6 +383,15 @@ impl Octd {
         let mut child = self.child.take().expect("running");
         let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         child.wait().unwrap()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// GET a path of the telemetry endpoint: (status code, body).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.telemetry_port, path)
     }
 
     pub fn log(&self) -> String {
