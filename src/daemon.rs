@@ -373,9 +373,6 @@ async fn supervise(sources: Arc<Sources>, mut shutdown: watch::Receiver<bool>) {
         let was = t.current_problem();
         match &problem {
             None => {
-                if watchdog.is_some() {
-                    systemd::watchdog_ping();
-                }
                 if was.is_some() {
                     tracing::info!("pipeline healthy again");
                 }
@@ -385,6 +382,9 @@ async fn supervise(sources: Arc<Sources>, mut shutdown: watch::Receiver<bool>) {
                         systemd::status(&line);
                         last_status = line;
                     }
+                }
+                if watchdog.is_some() {
+                    systemd::watchdog_ping();
                 }
             }
             Some(p) => {

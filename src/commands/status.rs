@@ -65,7 +65,10 @@ fn stopped_status(config: &Config) -> Result<Value, String> {
     Ok(json!({
         "running": false,
         "state": "stopped",
-        "model": model.as_ref().and_then(|m| m.active.clone()).map(|v| json!({"version": v})),
+        "model": match &config.model.dir {
+            Some(dir) => Some(json!({"pinned_dir": dir})),
+            None => model.as_ref().and_then(|m| m.active.clone()).map(|v| json!({"version": v})),
+        },
         "model_pending": model.as_ref().is_some_and(|m| m.pending.is_some()),
         "backend": config.model.backend,
         "outbox": {
