@@ -11,6 +11,11 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
 fi
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    echo "==> installing systemd (apt) for systemd-analyze verify/security"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
 # The tests start their own brokers; a packaged one must not hold port 1883 for them.
 as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
 
