@@ -470,7 +470,10 @@ impl Config {
         if self.telemetry.stuck_after.is_zero() {
             return invalid("telemetry.stuck_after", "must be greater than zero");
         }
-        if !self.uplink.url.is_empty() && !self.uplink.url.starts_with("https://") && !self.uplink.url.starts_with("http://") {
+        if !self.uplink.url.is_empty()
+            && !self.uplink.url.starts_with("https://")
+            && !self.uplink.url.starts_with("http://")
+        {
             return invalid("uplink.url", "must be an http:// or https:// URL");
         }
         if !topic_safe(&self.mqtt.topic_prefix) {

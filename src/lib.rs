@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod deid;
+pub mod doctor;
 pub mod fsutil;
 pub mod infer;
 pub mod ingest;

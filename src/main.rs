@@ -48,6 +48,12 @@ enum Command {
     /// The installed models and every install, refusal, commit and rollback, from the store
     /// (while the daemon is stopped: the store is its alone while it runs).
     Models,
+    /// Check this device: config, clock, folders, disk, store, model, backend, broker,
+    /// model channel, uplink. Exits 1 when a check fails; each failure says how to fix it.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
     /// What the daemon is doing: model, backend, queue, outbox, last result, broker.
     Status {
         #[arg(long)]
@@ -144,8 +150,9 @@ fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = || {
-        tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn,rumqttc=warn,tract=warn,ort=warn"))
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,rumqttd=warn,rumqttc=warn,tract=warn,ort=warn")
+        })
     };
     if octd::telemetry::systemd::journal_attached() {
         match tracing_journald::layer() {
@@ -186,6 +193,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // One TLS provider for every client (MQTT, model channel, uplink, status).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Doctor reports a configuration that does not load as its first finding.
+    if let Command::Doctor { json } = cli.command {
+        let report = octd::doctor::run(cli.config.as_deref());
+        if json {
+            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        } else {
+            print!("{}", octd::doctor::human(&report));
+        }
+        return if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -264,6 +281,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Doctor { .. } => ExitCode::SUCCESS, // handled above
         Command::Models => print_report(octd::commands::models(&config)),
         Command::Status { json } => match octd::commands::status::status(&config) {
             Ok(report) if json => print_report(Ok(report)),

@@ -31,8 +31,12 @@ impl NotifySocket {
             let mut buf = [0u8; 4096];
             loop {
                 match socket.recv(&mut buf) {
-                    Ok(n) => sink.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned())),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                    Ok(n) => {
+                        sink.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()))
+                    }
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut =>
+                    {
                         if Arc::strong_count(&sink) == 1 {
                             return;
                         }
@@ -69,7 +73,8 @@ fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 }
 
 fn octd_status(config: &Path) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_octd")).args(["status", "--json", "--config"]).arg(config).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_octd")).args(["status", "--json", "--config"]).arg(config).output().unwrap();
     assert!(out.status.success(), "octd status: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -182,8 +187,10 @@ fn a_wedged_worker_stops_the_watchdog_pings_until_it_moves_again() {
     notify.wait_for("READY=1", Duration::from_secs(60));
 
     let frames: Vec<Vec<u8>> = (0..96).map(|i| fixture::grey_frame(&images[i % images.len()].0, 512, 496)).collect();
-    let volume =
-        fixture::build(fixture::Spec::plain(fixture::OPT_SOP_CLASS, Pixels::Native { width: 512, height: 496, frames }));
+    let volume = fixture::build(fixture::Spec::plain(
+        fixture::OPT_SOP_CLASS,
+        Pixels::Native { width: 512, height: 496, frames },
+    ));
     drop_file(&octd.inbox, "volume.dcm", &volume);
     let mut saw_unhealthy_endpoint = false;
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -209,10 +216,8 @@ fn a_wedged_worker_stops_the_watchdog_pings_until_it_moves_again() {
     let messages = notify.messages();
     // While the worker was stuck, not one ping: systemd restarts a daemon that stays so
     // longer than WatchdogSec.
-    let pings_while_wedged = messages
-        .iter()
-        .filter(|(at, m)| *at > unhealthy_at && *at < recovered_at && m.contains("WATCHDOG=1"))
-        .count();
+    let pings_while_wedged =
+        messages.iter().filter(|(at, m)| *at > unhealthy_at && *at < recovered_at && m.contains("WATCHDOG=1")).count();
     assert_eq!(pings_while_wedged, 0);
     assert!(recovered_at - unhealthy_at > Duration::from_millis(600), "the wedge was too short to test anything");
     // Moving again: the pings resume.

@@ -49,9 +49,11 @@ fn unit_exposure_is_at_most_2() {
     }
     let dir = tempfile::tempdir().unwrap();
     let unit = unit_under_test(dir.path());
-    let out = Command::new("systemd-analyze").args(["security", "--offline=yes", "--no-pager"]).arg(&unit).output().unwrap();
+    let out =
+        Command::new("systemd-analyze").args(["security", "--offline=yes", "--no-pager"]).arg(&unit).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.contains("Overall exposure level")).unwrap_or_else(|| panic!("no figure in:\n{text}"));
+    let line =
+        text.lines().find(|l| l.contains("Overall exposure level")).unwrap_or_else(|| panic!("no figure in:\n{text}"));
     let figure: f64 = line.split(':').nth(1).and_then(|r| r.split_whitespace().next()).unwrap().parse().unwrap();
     eprintln!("systemd-analyze security: {}", line.trim());
     assert!(figure <= 2.0, "exposure {figure} > 2.0:\n{text}");
@@ -65,7 +67,12 @@ fn unit_declares_what_the_daemon_relies_on() {
     assert!(has("Restart=on-failure"));
     assert!(has(&format!("RestartPreventExitStatus={}", octd::EXIT_CONFIG)), "config errors must not restart-loop");
     assert!(text.lines().any(|l| l.starts_with("WatchdogSec=")));
-    assert!(has("User=octd") && has("StateDirectory=octd") && has("ConfigurationDirectory=octd") && has("LogsDirectory=octd"));
+    assert!(
+        has("User=octd")
+            && has("StateDirectory=octd")
+            && has("ConfigurationDirectory=octd")
+            && has("LogsDirectory=octd")
+    );
     assert!(has("ProtectSystem=strict") && has("NoNewPrivileges=yes") && has("CapabilityBoundingSet="));
 }
 

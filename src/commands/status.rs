@@ -24,7 +24,8 @@ pub fn endpoint_get(config: &Config, path: &str) -> Result<(u16, String), Option
             .no_proxy()
             .build()
             .map_err(|e| Some(e.to_string()))?;
-        let response = client.get(&url).send().await.map_err(|e| if e.is_connect() { None } else { Some(e.to_string()) })?;
+        let response =
+            client.get(&url).send().await.map_err(|e| if e.is_connect() { None } else { Some(e.to_string()) })?;
         let code = response.status().as_u16();
         let body = response.text().await.map_err(|e| Some(e.to_string()))?;
         Ok((code, body))
@@ -101,7 +102,10 @@ pub fn human(report: &Value) -> String {
     if report["queue"].is_object() {
         out.push(format!(
             "queue:    {}/{} waiting, {}/{} workers busy",
-            report["queue"]["depth"], report["queue"]["capacity"], report["queue"]["workers_busy"], report["queue"]["workers"]
+            report["queue"]["depth"],
+            report["queue"]["capacity"],
+            report["queue"]["workers_busy"],
+            report["queue"]["workers"]
         ));
     }
     out.push(format!(

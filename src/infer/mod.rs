@@ -4,8 +4,8 @@
 
 pub mod frames;
 pub mod manifest;
-pub mod preprocess;
 pub mod ort_backend;
+pub mod preprocess;
 mod tract_backend;
 
 use std::collections::BTreeMap;

@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use ort::ep::{self, ExecutionProvider};
 use ort::environment::Environment;
+use ort::ep::{self, ExecutionProvider};
 use ort::session::Session;
 use ort::value::Tensor;
 
@@ -124,7 +124,12 @@ pub fn provider_available(provider: Provider) -> bool {
 }
 
 impl OrtBackend {
-    pub fn load(model: &Path, model_sha256: &str, provider: Provider, settings: &OrtSettings) -> Result<Self, InferError> {
+    pub fn load(
+        model: &Path,
+        model_sha256: &str,
+        provider: Provider,
+        settings: &OrtSettings,
+    ) -> Result<Self, InferError> {
         let (_, environment) = init_runtime(settings.library.as_deref())?;
         let err = |e: ort::Error| InferError::Model(format!("ONNX Runtime ({}): {e}", provider.backend_name()));
         let mut builder = Session::builder(&environment).map_err(err)?;

@@ -144,20 +144,33 @@ pub fn status_message(config: &Config, topics: &Topics, model: Option<&ModelStam
 
 /// Connection settings for the configured broker, or the embedded one.
 pub fn mqtt_options(config: &Config, will_payload: String) -> Result<MqttOptions, PublishError> {
+    connection_options(config, config.client_id(), Some(will_payload))
+}
+
+/// The same broker and credentials under another client id, with or without a last will
+/// (a probe such as `octd doctor` must neither take over the daemon's session nor leave an
+/// "offline" will behind).
+pub fn connection_options(
+    config: &Config,
+    client_id: String,
+    will_payload: Option<String>,
+) -> Result<MqttOptions, PublishError> {
     let mqtt: &MqttConfig = &config.mqtt;
     let address = if mqtt.url.is_empty() {
         BrokerAddress { tls: false, host: mqtt.embedded_listen.ip().to_string(), port: mqtt.embedded_listen.port() }
     } else {
         BrokerAddress::parse(&mqtt.url).map_err(PublishError::Settings)?
     };
-    let mut options = MqttOptions::new(config.client_id(), address.host, address.port);
+    let mut options = MqttOptions::new(client_id, address.host, address.port);
     options
         .set_keep_alive(mqtt.keep_alive.max(Duration::from_secs(5)))
         .set_clean_session(true)
         .set_inflight(mqtt.max_inflight)
         .set_request_channel_capacity(usize::from(mqtt.max_inflight) + 8)
-        .set_max_packet_size(1 << 20, 1 << 20)
-        .set_last_will(LastWill::new(Topics::new(config).status(), will_payload, QoS::AtLeastOnce, true));
+        .set_max_packet_size(1 << 20, 1 << 20);
+    if let Some(payload) = will_payload {
+        options.set_last_will(LastWill::new(Topics::new(config).status(), payload, QoS::AtLeastOnce, true));
+    }
     if let (Some(user), password) = (&mqtt.username, &mqtt.password) {
         options.set_credentials(user.clone(), password.clone().unwrap_or_default());
     }

@@ -361,12 +361,7 @@ impl Sources {
             backend: model.as_ref().map(|m| m.backend.clone()),
             model,
             model_pending,
-            queue: QueueReport {
-                depth,
-                capacity,
-                workers_busy: t.busy_workers(),
-                workers: t.workers.len(),
-            },
+            queue: QueueReport { depth, capacity, workers_busy: t.busy_workers(), workers: t.workers.len() },
             outbox: OutboxReport { messages: counts.outbox, oldest_age_s },
             scans: counts.by_state,
             last_result_at: (last > 0).then(|| rfc3339_ms(last)),

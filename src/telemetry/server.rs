@@ -54,10 +54,8 @@ async fn off_runtime<T: Send + 'static>(
 
 async fn metrics(State(sources): State<Arc<Sources>>) -> Response {
     match off_runtime(sources, Sources::metrics_text).await {
-        Ok(text) => {
-            ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
-                .into_response()
-        }
+        Ok(text) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+            .into_response(),
         Err(r) => r,
     }
 }

@@ -29,7 +29,9 @@ fn sender() -> Option<&'static SyncSender<Message>> {
                     let result = match &message {
                         Message::Status(line) => sd_notify::notify(&[NotifyState::Status(line)]),
                         Message::Ready(line) => sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(line)]),
-                        Message::Stopping => sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]),
+                        Message::Stopping => {
+                            sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")])
+                        }
                         Message::Watchdog => sd_notify::notify(&[NotifyState::Watchdog]),
                     };
                     if let Err(e) = result {

@@ -100,6 +100,31 @@ pub struct Pending {
 
 pub const STAGING_DIR: &str = ".staging";
 
+/// Load a model folder and prove it on this device: compatible classes, self-test passed.
+fn prepare_model(config: &Config, dir: &Path, selftest: &SelfTest) -> Result<Classifier, Failure> {
+    let classifier = Classifier::load(dir, &config.model, &config.triage).map_err(|e| match e {
+        InferError::Backend(_) => ("load_failed", e.to_string()),
+        _ => ("incompatible", e.to_string()),
+    })?;
+    let ours: BTreeSet<&String> = config.triage.priorities.keys().collect();
+    let theirs: BTreeSet<&String> = classifier.classes().iter().collect();
+    if ours != theirs {
+        return Err((
+            "incompatible",
+            format!("the model's classes {theirs:?} are not this device's triage classes {ours:?}"),
+        ));
+    }
+    selftest::run(&classifier, dir, selftest).map_err(|e| ("selftest_failed", e))?;
+    Ok(classifier)
+}
+
+/// Load and self-test an installed model folder as the daemon would (for `octd doctor`).
+pub fn prove_installed(config: &Config, dir: &Path) -> Result<(ModelStamp, usize), String> {
+    let selftest = archive::read_selftest(dir).map_err(|e| e.to_string())?;
+    let classifier = prepare_model(config, dir, &selftest).map_err(|(code, e)| format!("{code}: {e}"))?;
+    Ok((classifier.stamp().clone(), selftest.cases.len()))
+}
+
 pub struct Updater {
     config: Config,
     store: Arc<Store>,
@@ -232,22 +257,8 @@ impl Updater {
         self.prepare(&dir, &selftest)
     }
 
-    /// Load a model folder and prove it on this device: compatible classes, self-test passed.
     fn prepare(&self, dir: &Path, selftest: &SelfTest) -> Result<Classifier, Failure> {
-        let classifier = Classifier::load(dir, &self.config.model, &self.config.triage).map_err(|e| match e {
-            InferError::Backend(_) => ("load_failed", e.to_string()),
-            _ => ("incompatible", e.to_string()),
-        })?;
-        let ours: BTreeSet<&String> = self.config.triage.priorities.keys().collect();
-        let theirs: BTreeSet<&String> = classifier.classes().iter().collect();
-        if ours != theirs {
-            return Err((
-                "incompatible",
-                format!("the model's classes {theirs:?} are not this device's triage classes {ours:?}"),
-            ));
-        }
-        selftest::run(&classifier, dir, selftest).map_err(|e| ("selftest_failed", e))?;
-        Ok(classifier)
+        prepare_model(&self.config, dir, selftest)
     }
 
     /// Check the channel; install what is newer, roll back what was withdrawn.
