@@ -48,6 +48,57 @@ enum Command {
     /// The installed models and every install, refusal, commit and rollback, from the store
     /// (while the daemon is stopped: the store is its alone while it runs).
     Models,
+    /// Make this machine a device: configuration (written to --config, default
+    /// /etc/octd/octd.toml), trust root, device secret and identity key, folders and owners.
+    /// Idempotent; a provisioned device is changed only with --force.
+    Provision {
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        device_id: Option<String>,
+        /// Scanner export folder (repeat for several).
+        #[arg(long)]
+        watch: Vec<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// mqtt://host:port or mqtts://host:port; empty: the embedded broker.
+        #[arg(long)]
+        broker_url: Option<String>,
+        #[arg(long)]
+        broker_username: Option<String>,
+        /// Prefer --broker-password-file or OCTD_BROKER_PASSWORD (flags show in `ps`).
+        #[arg(long, env = "OCTD_BROKER_PASSWORD", hide_env_values = true)]
+        broker_password: Option<String>,
+        #[arg(long)]
+        broker_password_file: Option<PathBuf>,
+        /// PEM CA bundle for mqtts.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Model channel: https://..., http://..., file://... or a folder.
+        #[arg(long)]
+        repository: Option<String>,
+        /// The channel's root.json (copied next to the configuration).
+        #[arg(long)]
+        trusted_root: Option<PathBuf>,
+        /// Where confirmed labels are uploaded.
+        #[arg(long)]
+        uplink_url: Option<String>,
+        /// Service user owning the state folder, watch folders and secrets (when run as root).
+        #[arg(long, default_value = "octd")]
+        owner: String,
+        /// systemd drop-in folder for ReadWritePaths= of the watch folders.
+        #[arg(long, default_value = "/etc/systemd/system/octd.service.d")]
+        systemd_dropin_dir: PathBuf,
+        /// Do not write the systemd drop-in (no systemd on this machine).
+        #[arg(long)]
+        no_systemd_dropin: bool,
+        /// Ask for every value the flags do not give.
+        #[arg(long, short)]
+        interactive: bool,
+        /// Replace the settings of a provisioned device (its secret and identity key stay).
+        #[arg(long)]
+        force: bool,
+    },
     /// Check this device: config, clock, folders, disk, store, model, backend, broker,
     /// model channel, uplink. Exits 1 when a check fails; each failure says how to fix it.
     Doctor {
@@ -193,6 +244,69 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // One TLS provider for every client (MQTT, model channel, uplink, status).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Provision writes the configuration; it must not need one.
+    if let Command::Provision {
+        site,
+        device_id,
+        watch,
+        state_dir,
+        broker_url,
+        broker_username,
+        broker_password,
+        broker_password_file,
+        ca_file,
+        repository,
+        trusted_root,
+        uplink_url,
+        owner,
+        systemd_dropin_dir,
+        no_systemd_dropin,
+        interactive,
+        force,
+    } = cli.command
+    {
+        use octd::commands::provision::{self, Answers, Options};
+        let broker_password = match broker_password_file {
+            Some(path) => match std::fs::read_to_string(&path) {
+                Ok(p) => Some(p.trim_end_matches(['\n', '\r']).to_string()),
+                Err(e) => {
+                    eprintln!("octd: {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => broker_password,
+        };
+        let mut answers = Answers {
+            site,
+            device_id,
+            watch,
+            state_dir,
+            broker_url,
+            broker_username,
+            broker_password,
+            ca_file,
+            repository,
+            trusted_root,
+            uplink_url,
+        };
+        if interactive {
+            let stdin = std::io::stdin();
+            match provision::ask(answers, &mut stdin.lock(), &mut std::io::stderr()) {
+                Ok(a) => answers = a,
+                Err(e) => {
+                    eprintln!("octd: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        let options = Options {
+            config_path: cli.config.clone().unwrap_or_else(|| PathBuf::from("/etc/octd/octd.toml")),
+            owner: Some(owner),
+            systemd_dropin_dir: (!no_systemd_dropin).then_some(systemd_dropin_dir),
+            force,
+        };
+        return print_report(provision::provision(&answers, &options).map_err(|e| e.to_string()));
+    }
     // Doctor reports a configuration that does not load as its first finding.
     if let Command::Doctor { json } = cli.command {
         let report = octd::doctor::run(cli.config.as_deref());
@@ -281,7 +395,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Doctor { .. } => ExitCode::SUCCESS, // handled above
+        Command::Doctor { .. } | Command::Provision { .. } => ExitCode::SUCCESS, // handled above
         Command::Models => print_report(octd::commands::models(&config)),
         Command::Status { json } => match octd::commands::status::status(&config) {
             Ok(report) if json => print_report(Ok(report)),

@@ -2,6 +2,7 @@
 //! Each prints one JSON object per input and reports on every input, good or bad.
 
 pub mod bundle;
+pub mod provision;
 pub mod status;
 
 use std::path::{Path, PathBuf};
