@@ -28,6 +28,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, onnxruntime
     cp trainer/requirements.txt .venv/.requirements.txt
 fi
 
+if ! command -v cargo-deb >/dev/null 2>&1; then
+    echo "==> installing cargo-deb (builds the .deb in tests/packaging.rs)"
+    cargo install -q cargo-deb --locked --version 3.8.0
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --check
 
