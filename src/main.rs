@@ -208,10 +208,19 @@ fn init_logging() {
     if octd::telemetry::systemd::journal_attached() {
         match tracing_journald::layer() {
             Ok(journald) => {
-                tracing_subscriber::registry()
-                    .with(filter())
-                    .with(journald.with_syslog_identifier("octd".into()))
-                    .init();
+                use tracing_journald::{Priority, PriorityMappings};
+                // syslog's meaning: info is 6 and debug 7 (`journalctl -p info` hides debug).
+                let priorities = PriorityMappings {
+                    info: Priority::Informational,
+                    debug: Priority::Debug,
+                    trace: Priority::Debug,
+                    ..PriorityMappings::new()
+                };
+                let journald = journald
+                    .with_syslog_identifier("octd".into())
+                    .with_field_prefix(None)
+                    .with_priority_mappings(priorities);
+                tracing_subscriber::registry().with(filter()).with(journald).init();
                 return;
             }
             Err(e) => eprintln!("octd: journald socket unavailable ({e}); logging to stderr"),

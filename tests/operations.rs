@@ -258,3 +258,89 @@ fn status_reads_the_store_while_the_daemon_is_stopped() {
     assert!(status["model"]["pinned_dir"].as_str().is_some_and(|d| d.ends_with("models/default")), "{status}");
     assert_eq!(status["scans"]["published"], 1, "{status}");
 }
+
+#[test]
+fn under_systemd_logs_go_to_journald_with_structured_fields() {
+    // journald's socket has a fixed path; a test can only stand in for it where no journald
+    // runs (CI containers) and it may create /run/systemd/journal.
+    let socket_path = Path::new("/run/systemd/journal/socket");
+    if socket_path.exists() {
+        eprintln!("SKIP: a journald already listens on {}", socket_path.display());
+        return;
+    }
+    if std::fs::create_dir_all("/run/systemd/journal").is_err() {
+        eprintln!("SKIP: cannot create /run/systemd/journal (not root)");
+        return;
+    }
+    let Ok(socket) = UnixDatagram::bind(socket_path) else {
+        eprintln!("SKIP: cannot bind {}", socket_path.display());
+        return;
+    };
+    struct Cleanup;
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file("/run/systemd/journal/socket");
+        }
+    }
+    let _cleanup = Cleanup;
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let Some(Rig { images, sub, mut octd, broker: _broker, dir: _dir }) = Rig::new(1, "oct/#") else { return };
+    // systemd sets JOURNAL_STREAM when stdout/stderr are connected to the journal.
+    octd.env.push(("JOURNAL_STREAM".into(), "8:424242".into()));
+    octd.env.push(("RUST_LOG".into(), "info".into()));
+    octd.start();
+    drop_file(&octd.inbox, "DOE_JOHN_scan.jpeg", &std::fs::read(&images[0].0).unwrap());
+    sub.wait_until(Duration::from_secs(60), |m| results(m).len() == 1, "a result");
+
+    let mut entries = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = vec![0u8; 65536];
+    while Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buf) {
+            entries.push(journal_fields(&buf[..n]).join("\n"));
+            if entries.iter().any(|e| e.contains("MESSAGE=classified")) {
+                break;
+            }
+        }
+    }
+    let _ = Command::new("kill").arg("-TERM").arg(octd.pid().unwrap().to_string()).status();
+    let classified = entries
+        .iter()
+        .find(|e| e.contains("MESSAGE=classified"))
+        .unwrap_or_else(|| panic!("no 'classified' journal entry among {} entries: {entries:?}", entries.len()));
+    let fields: Vec<&str> = classified.lines().collect();
+    for expected in ["SYSLOG_IDENTIFIER=octd", "PRIORITY=6", "MODEL=0.2.0", "LABEL="] {
+        assert!(fields.iter().any(|f| f.starts_with(expected)), "{expected} missing in {fields:?}");
+    }
+    assert!(fields.iter().any(|f| f.starts_with("SCAN_ID=")), "the scan id is a journal field: {fields:?}");
+    assert!(octd.log().is_empty(), "nothing on stderr when the journal takes the logs: {}", octd.log());
+    for entry in &entries {
+        assert!(!entry.contains("DOE_JOHN"), "a journal entry names the original file: {entry}");
+    }
+}
+
+/// journald's native protocol: `KEY=value\n`, or `KEY\n<u64 LE length><bytes>\n` for
+/// values that may hold newlines. Returns `KEY=value` strings.
+fn journal_fields(mut datagram: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    while !datagram.is_empty() {
+        let Some(end) = datagram.iter().position(|&b| b == b'\n' || b == b'=') else { break };
+        let key = String::from_utf8_lossy(&datagram[..end]).into_owned();
+        if datagram[end] == b'=' {
+            let rest = &datagram[end + 1..];
+            let stop = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            out.push(format!("{key}={}", String::from_utf8_lossy(&rest[..stop])));
+            datagram = rest.get(stop + 1..).unwrap_or_default();
+        } else {
+            let rest = &datagram[end + 1..];
+            if rest.len() < 8 {
+                break;
+            }
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            let value = rest.get(8..8 + len).unwrap_or_default();
+            out.push(format!("{key}={}", String::from_utf8_lossy(value)));
+            datagram = rest.get(8 + len + 1..).unwrap_or_default();
+        }
+    }
+    out
+}

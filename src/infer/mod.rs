@@ -104,6 +104,17 @@ impl Classifier {
         &self.manifest.classes
     }
 
+    /// The model's input as its manifest describes it.
+    pub fn input_spec(&self) -> &manifest::InputSpec {
+        &self.manifest.input
+    }
+
+    /// The backend alone on a ready NCHW tensor: raw scores, one row per batch item (for
+    /// benchmarks and cross-backend parity checks).
+    pub fn run_tensor(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<Vec<f32>>, InferError> {
+        self.backend.run(input, shape)
+    }
+
     pub fn classify_artifact(&self, artifact: &Path) -> Result<Classification, InferError> {
         let frames = frames::load(artifact)?;
         self.classify_frames(&frames)
