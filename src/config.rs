@@ -163,7 +163,8 @@ pub struct ModelConfig {
     /// libonnxruntime.so for the ONNX Runtime backends; unset: `ORT_DYLIB_PATH`, then the
     /// system locations, then the development virtualenv's onnxruntime wheel.
     pub onnxruntime_library: Option<PathBuf>,
-    /// TensorRT builds FP16 engines (faster; bundles need a self-test tolerance of ~1e-2).
+    /// TensorRT builds FP16 engines (faster); their self-test tolerance widens to 2e-2
+    /// (labels must still agree).
     pub fp16: bool,
     /// TensorRT engine cache; unset: `<state_dir>/engine-cache` (one folder per model hash).
     pub engine_cache_dir: Option<PathBuf>,

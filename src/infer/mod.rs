@@ -34,6 +34,10 @@ pub enum InferError {
 /// An inference engine. Input is NCHW f32; output is one row of scores per batch item.
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
+    /// Computes in less than fp32 (TensorRT FP16): outputs differ from fp32 in the 3rd decimal.
+    fn reduced_precision(&self) -> bool {
+        false
+    }
     fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<Vec<f32>>, InferError>;
 }
 
@@ -102,6 +106,11 @@ impl Classifier {
 
     pub fn classes(&self) -> &[String] {
         &self.manifest.classes
+    }
+
+    /// The backend computes in reduced precision (FP16); see `update::selftest`.
+    pub fn reduced_precision(&self) -> bool {
+        self.backend.reduced_precision()
     }
 
     /// The model's input as its manifest describes it.

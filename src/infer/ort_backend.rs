@@ -47,6 +47,7 @@ pub struct OrtSettings {
 pub struct OrtBackend {
     session: Mutex<Session>,
     provider: Provider,
+    fp16: bool,
 }
 
 /// The library is loaded once per process; later calls get the same answer.
@@ -163,13 +164,17 @@ impl OrtBackend {
             builder = builder.with_intra_threads(settings.threads).map_err(|e| err(e.into()))?;
         }
         let session = builder.commit_from_file(model).map_err(err)?;
-        Ok(OrtBackend { session: Mutex::new(session), provider })
+        Ok(OrtBackend { session: Mutex::new(session), provider, fp16: settings.fp16 && provider == Provider::TensorRt })
     }
 }
 
 impl Backend for OrtBackend {
     fn name(&self) -> &'static str {
         self.provider.backend_name()
+    }
+
+    fn reduced_precision(&self) -> bool {
+        self.fp16
     }
 
     fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<Vec<f32>>, InferError> {
