@@ -523,6 +523,16 @@ mod tests {
     }
 
     #[test]
+    fn packaged_system_config_parses_with_system_paths() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/octd-system.toml");
+        let cfg = Config::load(Some(&path)).unwrap();
+        assert_eq!(cfg.device.state_dir, PathBuf::from("/var/lib/octd"));
+        assert_eq!(cfg.ingest.watch, vec![PathBuf::from("/srv/octd/inbox")]);
+        assert_eq!(cfg.update.trusted_root, PathBuf::from("/etc/octd/root.json"));
+        assert_eq!(cfg.telemetry_address(), Some(SocketAddr::from(([127, 0, 0, 1], 9464))));
+    }
+
+    #[test]
     fn typos_and_bad_values_are_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("octd.toml");
@@ -534,6 +544,8 @@ mod tests {
         assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "ingest.watch", .. })));
         std::fs::write(&path, "[mqtt]\nurl = \"http://x\"\n").unwrap();
         assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "mqtt.url", .. })));
+        std::fs::write(&path, "[telemetry]\nlisten = \"localhost\"\n").unwrap();
+        assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "telemetry.listen", .. })));
         std::fs::write(&path, "[update]\nrepository = \"ftp://x/y\"\n").unwrap();
         assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "update.repository", .. })));
         assert!(matches!(Config::load(Some(&dir.path().join("nope.toml"))), Err(ConfigError::Missing(_))));

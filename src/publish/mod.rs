@@ -200,6 +200,7 @@ pub struct Publisher {
     notices: mpsc::Sender<()>,
     /// True while a connection is up (metrics, readiness).
     connected: Arc<std::sync::atomic::AtomicBool>,
+    started: std::time::Instant,
 }
 
 /// Publishes of one connection, in the order handed to rumqttc.
@@ -222,7 +223,16 @@ impl Publisher {
         notices: mpsc::Sender<()>,
     ) -> Self {
         let topics = Topics::new(&config);
-        Publisher { store, config, topics, wake, model, notices, connected: Default::default() }
+        Publisher {
+            store,
+            config,
+            topics,
+            wake,
+            model,
+            notices,
+            connected: Default::default(),
+            started: std::time::Instant::now(),
+        }
     }
 
     /// Report the connection state through `flag`.
@@ -318,6 +328,10 @@ impl Publisher {
                         let failure = e.to_string();
                         if connected {
                             tracing::warn!(error = %failure, "MQTT connection lost; unacknowledged messages stay in the outbox");
+                        } else if self.config.mqtt.url.is_empty() && self.started.elapsed() < Duration::from_secs(3) {
+                            // The embedded broker's threads are still opening their listener.
+                            tracing::debug!(error = %failure, "embedded broker not listening yet");
+                            return false;
                         } else if last_failure.as_deref() != Some(failure.as_str()) {
                             // Once per distinct failure: a refused login or a bad certificate
                             // must be visible without a log line every second.

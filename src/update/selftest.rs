@@ -13,11 +13,8 @@ pub const REDUCED_PRECISION_TOLERANCE: f32 = 2e-2;
 
 /// Ok, or the first disagreement in words.
 pub fn run(classifier: &Classifier, bundle_dir: &Path, test: &SelfTest) -> Result<(), String> {
-    let tolerance = if classifier.reduced_precision() {
-        test.tolerance.max(REDUCED_PRECISION_TOLERANCE)
-    } else {
-        test.tolerance
-    };
+    let tolerance =
+        if classifier.reduced_precision() { test.tolerance.max(REDUCED_PRECISION_TOLERANCE) } else { test.tolerance };
     for (i, case) in test.cases.iter().enumerate() {
         let frames = frames::load(&bundle_dir.join(&case.input)).map_err(|e| format!("case {i}: {e}"))?;
         let got = classifier.classify_frames(&frames).map_err(|e| format!("case {i}: {e}"))?;
@@ -32,7 +29,9 @@ pub fn run(classifier: &Classifier, bundle_dir: &Path, test: &SelfTest) -> Resul
             let diff = (actual - expected).abs();
             // NaN fails too.
             if diff.is_nan() || diff > tolerance {
-                return Err(format!("case {i}: P({class}) = {actual:.6}, expected {expected:.6} (tolerance {tolerance})"));
+                return Err(format!(
+                    "case {i}: P({class}) = {actual:.6}, expected {expected:.6} (tolerance {tolerance})"
+                ));
             }
         }
     }
