@@ -184,6 +184,10 @@ async fn run_until(
     let wake = Arc::new(Notify::new());
     let topics = Topics::new(&config);
     let telemetry = Arc::new(Telemetry::new(config.pipeline.workers));
+    // systemd's watchdog runs from the moment the process starts; until the supervisor judges
+    // the pipeline, a live runtime is the evidence (start-up is bounded by TimeoutStartSec,
+    // and a first model install or TensorRT engine build may outlast WatchdogSec).
+    let startup_pings = StartupPings::start();
     systemd::status("loading the model");
     let updater = Updater::start(&config, &dirs.state, store.clone(), topics.clone(), wake.clone()).await?;
 
@@ -283,6 +287,7 @@ async fn run_until(
         .with_heartbeat(telemetry.ingest_heartbeat.clone());
     let mut ingest = tokio::spawn(ingest.run(shutdown_rx.clone()));
     let pruner = tokio::spawn(prune_loop(ctx.clone(), shutdown_rx.clone()));
+    drop(startup_pings);
     let supervisor = tokio::spawn(supervise(sources, shutdown_rx.clone()));
     tracing::info!(folders = config.ingest.watch.len(), "watching");
 
@@ -313,6 +318,31 @@ async fn run_until(
         let _ = endpoint.await;
     }
     Ok(())
+}
+
+/// Watchdog pings while the daemon starts; stops when dropped.
+struct StartupPings(Option<tokio::task::JoinHandle<()>>);
+
+impl StartupPings {
+    fn start() -> StartupPings {
+        StartupPings(systemd::watchdog_interval().map(|w| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval((w / 3).max(Duration::from_millis(100)));
+                loop {
+                    tick.tick().await;
+                    systemd::watchdog_ping();
+                }
+            })
+        }))
+    }
+}
+
+impl Drop for StartupPings {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 /// One line for `systemctl status`.

@@ -184,7 +184,10 @@ fn a_wedged_worker_stops_the_watchdog_pings_until_it_moves_again() {
     // One scan may take 1 s; the volume below takes several on one thread.
     octd.env.push(("OCTD_TELEMETRY__STUCK_AFTER".into(), "1s".into()));
     octd.start();
-    notify.wait_for("READY=1", Duration::from_secs(60));
+    let ready = notify.wait_for("READY=1", Duration::from_secs(60));
+    // systemd's watchdog already runs during start-up (model load, first install): pinged.
+    let first_ping = notify.wait_for("WATCHDOG=1", Duration::from_secs(5));
+    assert!(first_ping < ready, "no watchdog ping before READY: {:?}", notify.texts());
 
     let frames: Vec<Vec<u8>> = (0..96).map(|i| fixture::grey_frame(&images[i % images.len()].0, 512, 496)).collect();
     let volume = fixture::build(fixture::Spec::plain(
