@@ -393,7 +393,7 @@ async fn supervise(sources: Arc<Sources>, mut shutdown: watch::Receiver<bool>) {
         }
         // The store must answer too: a hung disk wedges every stage.
         let store = sources.store.clone();
-        let probe = tokio::time::timeout(config.stuck_after, blocking(move || store.counts().map(|_| ()))).await;
+        let probe = tokio::time::timeout(config.stuck_after, blocking(move || store.probe().map(|_| ()))).await;
         let problem = match probe {
             Err(_) => Some(format!("the store has not answered for {} s", config.stuck_after.as_secs())),
             Ok(Err(e)) => Some(format!("store probe: {e}")),

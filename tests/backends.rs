@@ -81,3 +81,19 @@ fn gpu_backends_fall_back_down_the_chain() {
         assert_eq!(backend, "onnxruntime-cpu");
     }
 }
+
+#[test]
+fn the_shipped_bundle_passes_its_self_test_on_onnxruntime() {
+    let Some(library) = onnxruntime_library() else { return };
+    let out = Command::new(env!("CARGO_BIN_EXE_octd"))
+        .current_dir(common::repo())
+        .args(["bundle", "verify", "--repository", "models/channel", "--root", "models/channel/metadata/1.root.json"])
+        .env("OCTD_MODEL__BACKEND", "onnxruntime")
+        .env("OCTD_MODEL__ONNXRUNTIME_LIBRARY", &library)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verified"]["backend"], "onnxruntime-cpu", "{report}");
+    assert_eq!(report["verified"]["selftest_cases"], 4, "{report}");
+}

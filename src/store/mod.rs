@@ -253,6 +253,12 @@ impl Store {
         Ok(out)
     }
 
+    /// A cheap proof of life: a read transaction and the outbox's length.
+    pub fn probe(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(OUTBOX)?.len()?)
+    }
+
     pub fn counts(&self) -> Result<StoreCounts, StoreError> {
         let mut counts = StoreCounts::default();
         for record in self.scans_where(|_| true)? {
