@@ -19,6 +19,14 @@ fi
 # The tests start their own brokers; a packaged one must not hold port 1883 for them.
 as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
 
+# cargo-deb compiles while pip downloads (one is CPU-bound, the other mostly network).
+deb_install=""
+if ! command -v cargo-deb >/dev/null 2>&1; then
+    echo "==> installing cargo-deb 3.8.0 in the background (builds the .deb in tests/packaging.rs)"
+    cargo install -q cargo-deb --locked --version 3.8.0 > /tmp/octd-cargo-deb-install.log 2>&1 &
+    deb_install=$!
+fi
+
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, onnxruntime, pytest" >/dev/null 2>&1 \
     || ! cmp -s trainer/requirements.txt .venv/.requirements.txt; then
     echo "==> creating .venv from trainer/requirements.txt"
@@ -28,9 +36,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, onnxruntime
     cp trainer/requirements.txt .venv/.requirements.txt
 fi
 
-if ! command -v cargo-deb >/dev/null 2>&1; then
-    echo "==> installing cargo-deb (builds the .deb in tests/packaging.rs)"
-    cargo install -q cargo-deb --locked --version 3.8.0
+if [ -n "$deb_install" ]; then
+    if ! wait "$deb_install"; then
+        cat /tmp/octd-cargo-deb-install.log >&2
+        exit 1
+    fi
 fi
 
 echo "==> cargo fmt --check"
