@@ -111,6 +111,74 @@ fn debian_package_holds_the_appliance_and_its_scripts_are_sound() {
         std::fs::read_to_string(root.join("usr/lib/systemd/system/octd.service")).unwrap(),
         std::fs::read_to_string(repo().join("systemd/octd.service")).unwrap()
     );
+
+    install_in_a_throwaway_root(&deb, dir.path());
+}
+
+/// `dpkg -i` then `dpkg --purge` for real, inside a chroot whose root is an overlay of this
+/// machine's (writes land in a temporary upper layer; a private mount namespace drops the
+/// overlay with the process), so the maintainer scripts run as on a device while this
+/// machine gets no user and no files. Needs root and overlayfs; skipped (with a message)
+/// where those are not available.
+fn install_in_a_throwaway_root(deb: &Path, dir: &Path) {
+    let is_root =
+        std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    if !is_root || !tool_available("unshare", &["--version"], "private mount namespace") {
+        eprintln!("SKIP: installing the .deb in a throwaway root needs root and unshare");
+        return;
+    }
+    let host_user = || Command::new("getent").args(["passwd", "octd"]).output().is_ok_and(|o| o.status.success());
+    let host_had_user = host_user();
+    let host_had_state = Path::new("/var/lib/octd").exists();
+    let ov = dir.join("overlay");
+    for d in ["upper", "work", "merged"] {
+        std::fs::create_dir_all(ov.join(d)).unwrap();
+    }
+    let script = format!(
+        r#"set -e
+mount -t overlay overlay -o lowerdir=/,upperdir={ov}/upper,workdir={ov}/work {ov}/merged || exit 77
+cp {deb} {ov}/merged/root/octd.deb
+chroot {ov}/merged sh -ec '
+  dpkg -i /root/octd.deb
+  echo "user: $(getent passwd octd)"
+  echo "state: $(stat -c "%U:%G %a" /var/lib/octd)"
+  echo "inbox: $(stat -c "%U:%G %a" /srv/octd/inbox)"
+  echo "config: $(stat -c "%U:%G %a" /etc/octd/octd.toml)"
+  echo "enabled: $(readlink /etc/systemd/system/multi-user.target.wants/octd.service)"
+  octd doctor --config /etc/octd/octd.toml > /root/doctor.txt && echo "doctor: ok" || {{ cat /root/doctor.txt; echo "doctor: failed"; }}
+  dpkg --purge octd
+  test ! -e /var/lib/octd && echo "purged: state removed"
+  test ! -e /usr/bin/octd && echo "purged: binary removed"
+'
+"#,
+        ov = ov.display(),
+        deb = deb.display()
+    );
+    let out = Command::new("unshare").args(["-m", "sh", "-c", &script]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.code() == Some(77) {
+        eprintln!("SKIP: no overlayfs here for a throwaway root:\n{text}");
+        return;
+    }
+    assert!(out.status.success(), "install in the throwaway root failed:\n{text}");
+    assert!(
+        text.contains("user: octd:x:") && text.contains("/usr/sbin/nologin"),
+        "postinst created the system user:\n{text}"
+    );
+    assert!(text.contains("state: octd:octd 750"), "{text}");
+    assert!(text.contains("inbox: octd:octd 750"), "{text}");
+    assert!(text.contains("config: root:octd 640"), "{text}");
+    assert!(
+        text.contains("enabled: /lib/systemd/system/octd.service")
+            || text.contains("enabled: /usr/lib/systemd/system/octd.service"),
+        "{text}"
+    );
+    assert!(text.contains("doctor: ok"), "the freshly installed device passes doctor:\n{text}");
+    assert!(text.contains("purged: state removed") && text.contains("purged: binary removed"), "{text}");
+    assert!(!text.contains("Warning"), "maintainer scripts warned:\n{text}");
+    // And this machine is untouched.
+    assert_eq!(host_user(), host_had_user, "the host's users changed");
+    assert_eq!(Path::new("/var/lib/octd").exists(), host_had_state, "the host's /var/lib changed");
 }
 
 #[test]
