@@ -354,7 +354,7 @@ fn status_line(sources: &Sources) -> String {
         .map(|m| format!("model {} on {}", m.classifier.stamp().version, m.classifier.stamp().backend))
         .unwrap_or_else(|| "no model".into());
     let broker = if t.broker_connected.load(Ordering::Relaxed) { "broker connected" } else { "broker DOWN, buffering" };
-    let depth = sources.jobs.upgrade().map(|tx| tx.max_capacity() - tx.capacity()).unwrap_or(0);
+    let (depth, _) = sources.queue();
     format!("ready: {model}; {broker}; {depth} queued")
 }
 

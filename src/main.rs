@@ -52,37 +52,10 @@ enum Command {
     /// /etc/octd/octd.toml), trust root, device secret and identity key, folders and owners.
     /// Idempotent; a provisioned device is changed only with --force.
     Provision {
-        #[arg(long)]
-        site: Option<String>,
-        #[arg(long)]
-        device_id: Option<String>,
-        /// Scanner export folder (repeat for several).
-        #[arg(long)]
-        watch: Vec<PathBuf>,
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// mqtt://host:port or mqtts://host:port; empty: the embedded broker.
-        #[arg(long)]
-        broker_url: Option<String>,
-        #[arg(long)]
-        broker_username: Option<String>,
-        /// Prefer --broker-password-file or OCTD_BROKER_PASSWORD (flags show in `ps`).
-        #[arg(long, env = "OCTD_BROKER_PASSWORD", hide_env_values = true)]
-        broker_password: Option<String>,
+        #[command(flatten)]
+        answers: octd::commands::provision::Answers,
         #[arg(long)]
         broker_password_file: Option<PathBuf>,
-        /// PEM CA bundle for mqtts.
-        #[arg(long)]
-        ca_file: Option<PathBuf>,
-        /// Model channel: https://..., http://..., file://... or a folder.
-        #[arg(long)]
-        repository: Option<String>,
-        /// The channel's root.json (copied next to the configuration).
-        #[arg(long)]
-        trusted_root: Option<PathBuf>,
-        /// Where confirmed labels are uploaded.
-        #[arg(long)]
-        uplink_url: Option<String>,
         /// Service user owning the state folder, watch folders and secrets (when run as root).
         #[arg(long, default_value = "octd")]
         owner: String,
@@ -255,18 +228,8 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     // Provision writes the configuration; it must not need one.
     if let Command::Provision {
-        site,
-        device_id,
-        watch,
-        state_dir,
-        broker_url,
-        broker_username,
-        broker_password,
+        mut answers,
         broker_password_file,
-        ca_file,
-        repository,
-        trusted_root,
-        uplink_url,
         owner,
         systemd_dropin_dir,
         no_systemd_dropin,
@@ -274,30 +237,16 @@ fn main() -> ExitCode {
         force,
     } = cli.command
     {
-        use octd::commands::provision::{self, Answers, Options};
-        let broker_password = match broker_password_file {
-            Some(path) => match std::fs::read_to_string(&path) {
-                Ok(p) => Some(p.trim_end_matches(['\n', '\r']).to_string()),
+        use octd::commands::provision::{self, Options};
+        if let Some(path) = broker_password_file {
+            match std::fs::read_to_string(&path) {
+                Ok(p) => answers.broker_password = Some(p.trim_end_matches(['\n', '\r']).to_string()),
                 Err(e) => {
                     eprintln!("octd: {}: {e}", path.display());
                     return ExitCode::FAILURE;
                 }
-            },
-            None => broker_password,
-        };
-        let mut answers = Answers {
-            site,
-            device_id,
-            watch,
-            state_dir,
-            broker_url,
-            broker_username,
-            broker_password,
-            ca_file,
-            repository,
-            trusted_root,
-            uplink_url,
-        };
+            }
+        }
         if interactive {
             let stdin = std::io::stdin();
             match provision::ask(answers, &mut stdin.lock(), &mut std::io::stderr()) {

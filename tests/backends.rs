@@ -7,18 +7,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The library the daemon would load from the repository root (`ORT_DYLIB_PATH`, the
+/// system directories, the .venv onnxruntime wheel).
 fn onnxruntime_library() -> Option<PathBuf> {
-    // The same search the daemon does, from the repository root (where .venv lives).
-    let venv = common::repo().join(".venv/lib");
-    let found = std::fs::read_dir(venv).ok().and_then(|pythons| {
-        pythons
-            .flatten()
-            .filter_map(|p| std::fs::read_dir(p.path().join("site-packages/onnxruntime/capi")).ok())
-            .flat_map(|files| files.flatten().map(|f| f.path()))
-            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")))
-    });
+    let found = octd::infer::ort_backend::find_library(None);
     if found.is_none() {
-        eprintln!("SKIP: no libonnxruntime.so in .venv (run scripts/test.sh, which installs the onnxruntime wheel)");
+        eprintln!("SKIP: no libonnxruntime.so found (run scripts/test.sh, which installs the onnxruntime wheel)");
     }
     found
 }

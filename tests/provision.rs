@@ -29,27 +29,27 @@ fn provision(root: &Path, extra: &[&str]) -> std::process::Output {
     cmd.output().unwrap()
 }
 
+/// A clinic's full set of answers, given twice to show idempotence.
+const CLINIC_7: &[&str] = &[
+    "--site",
+    "clinic-7",
+    "--device-id",
+    "oct-2",
+    "--broker-url",
+    "mqtts://broker.clinic:8883",
+    "--broker-username",
+    "oct-2",
+    "--uplink-url",
+    "https://trainer.example/labels",
+    "--ca-file",
+    "/etc/octd/ca.pem",
+];
+
 #[test]
 fn provisioning_writes_a_working_device_and_is_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let out = provision(
-        root,
-        &[
-            "--site",
-            "clinic-7",
-            "--device-id",
-            "oct-2",
-            "--broker-url",
-            "mqtts://broker.clinic:8883",
-            "--broker-username",
-            "oct-2",
-            "--uplink-url",
-            "https://trainer.example/labels",
-            "--ca-file",
-            "/etc/octd/ca.pem",
-        ],
-    );
+    let out = provision(root, CLINIC_7);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report["changed"].as_array().unwrap().len() >= 6, "{report}");
@@ -83,23 +83,7 @@ fn provisioning_writes_a_working_device_and_is_idempotent() {
     // Same answers again: nothing changes.
     let secret = std::fs::read(root.join("var/lib/octd/device.key")).unwrap();
     let identity = std::fs::read(root.join("etc/octd/device-identity.pk8")).unwrap();
-    let again = provision(
-        root,
-        &[
-            "--site",
-            "clinic-7",
-            "--device-id",
-            "oct-2",
-            "--broker-url",
-            "mqtts://broker.clinic:8883",
-            "--broker-username",
-            "oct-2",
-            "--uplink-url",
-            "https://trainer.example/labels",
-            "--ca-file",
-            "/etc/octd/ca.pem",
-        ],
-    );
+    let again = provision(root, CLINIC_7);
     assert!(again.status.success());
     let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(again["changed"].as_array().unwrap().len(), 0, "{again}");

@@ -18,22 +18,23 @@ fn analyze_available() -> bool {
     ok
 }
 
-/// The unit with ExecStart pointing at the binary under test (verify checks it exists).
-fn unit_under_test(dir: &std::path::Path) -> PathBuf {
+/// The unit with ExecStart pointing at the binary under test (verify checks it exists),
+/// or None (after saying why) where systemd-analyze is missing.
+fn unit_under_test() -> Option<(tempfile::TempDir, PathBuf)> {
+    if !analyze_available() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(common::repo().join("systemd/octd.service")).unwrap();
     let text = text.replace("ExecStart=/usr/bin/octd", &format!("ExecStart={}", env!("CARGO_BIN_EXE_octd")));
-    let path = dir.join("octd.service");
+    let path = dir.path().join("octd.service");
     std::fs::write(&path, text).unwrap();
-    path
+    Some((dir, path))
 }
 
 #[test]
 fn unit_passes_systemd_analyze_verify() {
-    if !analyze_available() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let unit = unit_under_test(dir.path());
+    let Some((_dir, unit)) = unit_under_test() else { return };
     let out = Command::new("systemd-analyze").arg("verify").arg(&unit).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "systemd-analyze verify failed:\n{stderr}");
@@ -44,11 +45,7 @@ fn unit_passes_systemd_analyze_verify() {
 
 #[test]
 fn unit_exposure_is_at_most_2() {
-    if !analyze_available() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let unit = unit_under_test(dir.path());
+    let Some((_dir, unit)) = unit_under_test() else { return };
     let out =
         Command::new("systemd-analyze").args(["security", "--offline=yes", "--no-pager"]).arg(&unit).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -16,19 +16,38 @@ use serde_json::{json, Value};
 use crate::config::Config;
 use crate::secret::DeviceSecret;
 
-/// Answers to the provisioning questions (flags, or prompts in interactive mode).
-#[derive(Debug, Clone, Default)]
+/// Answers to the provisioning questions: `octd provision`'s flags, or prompts in
+/// interactive mode.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Answers {
+    #[arg(long)]
     pub site: Option<String>,
+    #[arg(long)]
     pub device_id: Option<String>,
+    /// Scanner export folder (repeat for several).
+    #[arg(long)]
     pub watch: Vec<PathBuf>,
+    #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// mqtt://host:port or mqtts://host:port; empty: the embedded broker.
+    #[arg(long)]
     pub broker_url: Option<String>,
+    #[arg(long)]
     pub broker_username: Option<String>,
+    /// Prefer --broker-password-file or OCTD_BROKER_PASSWORD (flags show in `ps`).
+    #[arg(long, env = "OCTD_BROKER_PASSWORD", hide_env_values = true)]
     pub broker_password: Option<String>,
+    /// PEM CA bundle for mqtts.
+    #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// Model channel: https://..., http://..., file://... or a folder.
+    #[arg(long)]
     pub repository: Option<String>,
+    /// The channel's root.json (copied next to the configuration).
+    #[arg(long)]
     pub trusted_root: Option<PathBuf>,
+    /// Where confirmed labels are uploaded.
+    #[arg(long)]
     pub uplink_url: Option<String>,
 }
 

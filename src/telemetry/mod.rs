@@ -94,6 +94,17 @@ pub struct Telemetry {
     problem: Mutex<Option<String>>,
 }
 
+/// Register `metric` under `name` and hand back the handle the stages update.
+fn register<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 fn stage_buckets() -> impl Iterator<Item = f64> {
     // 5 ms .. ~80 s: a B-scan on a GPU up to a large volume on a CPU.
     prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 15)
@@ -102,41 +113,37 @@ fn stage_buckets() -> impl Iterator<Item = f64> {
 impl Telemetry {
     pub fn new(workers: usize) -> Telemetry {
         let mut registry = Registry::with_prefix("octd");
-        let scans = Family::<OutcomeLabels, Counter>::default();
-        registry.register("scans", "Scans finished, by outcome (classified, or the quarantine kind)", scans.clone());
-        let stage_seconds =
-            Family::<StageLabels, Histogram>::new_with_constructor(|| Histogram::new(stage_buckets()) as Histogram);
-        registry.register(
+        let r = &mut registry;
+        let scans =
+            register(r, "scans", "Scans finished, by outcome (classified, or the quarantine kind)", Family::default());
+        let stage_seconds = register(
+            r,
             "stage_duration_seconds",
             "Time per pipeline stage (queue, deid, infer) and in all (total), per classified scan",
-            stage_seconds.clone(),
+            Family::<StageLabels, Histogram>::new_with_constructor(|| Histogram::new(stage_buckets()) as Histogram),
         );
-        let scans_in_state = Family::<StateLabels, Gauge>::default();
-        registry.register("scans_in_state", "Scans in the store, by state", scans_in_state.clone());
-        let gauge = |registry: &mut Registry, name: &str, help: &str| {
-            let g = Gauge::default();
-            registry.register(name, help, g.clone());
-            g
-        };
-        let queue_depth = gauge(&mut registry, "queue_depth", "Claimed scans waiting for a worker");
-        let queue_capacity = gauge(&mut registry, "queue_capacity", "Size of the worker queue");
-        let workers_busy = gauge(&mut registry, "workers_busy", "Workers processing a scan now");
-        let outbox_messages = gauge(&mut registry, "outbox_messages", "Messages waiting for the broker's PUBACK");
-        let outbox_oldest_age = Gauge::<f64, AtomicU64>::default();
-        registry.register(
+        let scans_in_state = register(r, "scans_in_state", "Scans in the store, by state", Family::default());
+        let queue_depth = register(r, "queue_depth", "Claimed scans waiting for a worker", Gauge::default());
+        let queue_capacity = register(r, "queue_capacity", "Size of the worker queue", Gauge::default());
+        let workers_busy = register(r, "workers_busy", "Workers processing a scan now", Gauge::default());
+        let outbox_messages =
+            register(r, "outbox_messages", "Messages waiting for the broker's PUBACK", Gauge::default());
+        let outbox_oldest_age = register(
+            r,
             "outbox_oldest_age_seconds",
             "Age of the oldest classified scan whose result is not yet acknowledged",
-            outbox_oldest_age.clone(),
+            Gauge::<f64, AtomicU64>::default(),
         );
-        let model_info = Family::<ModelLabels, Gauge>::default();
-        registry.register("model_info", "The active model and the backend it runs on (value 1)", model_info.clone());
-        let broker_gauge = gauge(&mut registry, "broker_connected", "1 while connected to the MQTT broker");
-        let disk_free = gauge(&mut registry, "disk_free_bytes", "Free space on the state directory's filesystem");
-        let disk_total = gauge(&mut registry, "disk_total_bytes", "Size of the state directory's filesystem");
-        let ready_gauge = gauge(&mut registry, "ready", "1 once watcher, store, model and broker are up");
-        let healthy_gauge = gauge(&mut registry, "healthy", "1 while the pipeline makes progress (the watchdog pings)");
-        let build = Family::<BuildLabels, Gauge>::default();
-        registry.register("build_info", "octd version (value 1)", build.clone());
+        let model_info =
+            register(r, "model_info", "The active model and the backend it runs on (value 1)", Family::default());
+        let broker_gauge = register(r, "broker_connected", "1 while connected to the MQTT broker", Gauge::default());
+        let disk_free =
+            register(r, "disk_free_bytes", "Free space on the state directory's filesystem", Gauge::default());
+        let disk_total = register(r, "disk_total_bytes", "Size of the state directory's filesystem", Gauge::default());
+        let ready_gauge = register(r, "ready", "1 once watcher, store, model and broker are up", Gauge::default());
+        let healthy_gauge =
+            register(r, "healthy", "1 while the pipeline makes progress (the watchdog pings)", Gauge::default());
+        let build = register(r, "build_info", "octd version (value 1)", Family::<BuildLabels, Gauge>::default());
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         Telemetry {
             registry,
@@ -299,15 +306,20 @@ pub fn broker_target(config: &Config) -> String {
 }
 
 impl Sources {
+    /// (scans waiting for a worker, queue size).
+    pub fn queue(&self) -> (usize, usize) {
+        match self.jobs.upgrade() {
+            Some(tx) => (tx.max_capacity() - tx.capacity(), tx.max_capacity()),
+            None => (0, self.config.pipeline.queue_capacity),
+        }
+    }
+
     /// Reads the store: call off the async runtime. Also refreshes the gauges.
     pub fn snapshot(&self) -> Result<StatusReport, TelemetryError> {
         let t = &self.telemetry;
         let counts = self.store.counts().map_err(|e| TelemetryError::Snapshot(e.to_string()))?;
         let now = now_ms();
-        let (depth, capacity) = match self.jobs.upgrade() {
-            Some(tx) => (tx.max_capacity() - tx.capacity(), tx.max_capacity()),
-            None => (0, self.config.pipeline.queue_capacity),
-        };
+        let (depth, capacity) = self.queue();
         let oldest_age_s = counts.outbox_oldest_ms.map(|ms| now.saturating_sub(ms) as f64 / 1000.0);
         let state_dir = &self.config.device.state_dir;
         let disk = DiskReport {
