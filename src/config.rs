@@ -13,6 +13,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+pub use crate::scan::Priority;
+
 /// Sections that environment overrides may address; anything else in the `OCTD_`
 /// namespace (for example test switches) is not configuration.
 const SECTIONS: &[&str] =
@@ -224,25 +226,6 @@ impl Default for UpdateConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Priority {
-    Urgent,
-    FollowUp,
-    Routine,
-}
-
-impl Priority {
-    /// 1 is seen first.
-    pub fn rank(self) -> u8 {
-        match self {
-            Priority::Urgent => 1,
-            Priority::FollowUp => 2,
-            Priority::Routine => 3,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TriageConfig {
@@ -274,11 +257,30 @@ pub struct PipelineConfig {
     pub workers: usize,
     /// Claimed scans waiting for a worker; intake pauses when full.
     pub queue_capacity: usize,
+    /// A scan in hand each time the daemon died this many times is quarantined
+    /// (`poison_scan`) instead of resumed.
+    pub max_attempts: u32,
+    /// Address-space limit of each decoder worker process. At least one input and its
+    /// decoded pixels: `ingest.max_file_bytes + ingest.max_decoded_bytes`.
+    pub decoder_memory_bytes: u64,
+    /// CPU time one scan may take in the decoder worker.
+    #[serde(with = "humantime_serde")]
+    pub decoder_cpu_time: Duration,
+    /// Wall-clock time one scan may take in the decoder worker.
+    #[serde(with = "humantime_serde")]
+    pub decoder_timeout: Duration,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        Self { workers: 2, queue_capacity: 32 }
+        Self {
+            workers: 2,
+            queue_capacity: 32,
+            max_attempts: 2,
+            decoder_memory_bytes: 3 << 30,
+            decoder_cpu_time: Duration::from_secs(60),
+            decoder_timeout: Duration::from_secs(120),
+        }
     }
 }
 
@@ -429,6 +431,19 @@ impl Config {
         if self.pipeline.workers == 0 || self.pipeline.queue_capacity == 0 {
             return invalid("pipeline", "workers and queue_capacity must be at least 1");
         }
+        if self.pipeline.max_attempts == 0 {
+            return invalid("pipeline.max_attempts", "must be at least 1");
+        }
+        let needed = self.ingest.max_file_bytes.saturating_add(self.ingest.max_decoded_bytes);
+        if self.pipeline.decoder_memory_bytes < needed {
+            return invalid(
+                "pipeline.decoder_memory_bytes",
+                "must hold one input and its decoded pixels (ingest.max_file_bytes + ingest.max_decoded_bytes)",
+            );
+        }
+        if self.pipeline.decoder_cpu_time.is_zero() || self.pipeline.decoder_timeout.is_zero() {
+            return invalid("pipeline", "decoder_cpu_time and decoder_timeout must be greater than zero");
+        }
         if self.model.batch_size == 0 {
             return invalid("model.batch_size", "must be at least 1");
         }
@@ -454,8 +469,11 @@ impl Config {
             return invalid("mqtt.max_inflight", "must be at least 1");
         }
         if !self.mqtt.url.is_empty() {
-            crate::publish::BrokerAddress::parse(&self.mqtt.url)
+            let address = crate::mqtt::BrokerAddress::parse(&self.mqtt.url)
                 .map_err(|reason| ConfigError::Invalid { field: "mqtt.url", reason })?;
+            if address.tls {
+                check_trust_store(self.mqtt.ca_file.as_deref())?;
+            }
         }
         if self.mqtt.client_cert.is_some() != self.mqtt.client_key.is_some() {
             return invalid("mqtt.client_cert", "client_cert and client_key go together");
@@ -488,9 +506,30 @@ impl Config {
         self.telemetry.listen.parse().ok()
     }
 
+    /// This device's topic names.
+    pub fn topics(&self) -> crate::mqtt::Topics {
+        crate::mqtt::Topics::new(&self.mqtt.topic_prefix, &self.device.site, &self.device.id)
+    }
+
     pub fn client_id(&self) -> String {
         self.mqtt.client_id.clone().unwrap_or_else(|| format!("octd-{}", self.device.id))
     }
+}
+
+/// An `mqtts://` broker needs a CA file that holds at least one PEM certificate: without it
+/// the publisher could never connect, and the device would only look ready.
+fn check_trust_store(ca_file: Option<&Path>) -> Result<(), ConfigError> {
+    let reason = match ca_file {
+        None => "mqtts:// needs mqtt.ca_file (the CA that signed the broker's certificate)".to_string(),
+        Some(path) => match std::fs::read_to_string(path) {
+            Err(e) => format!("mqtt.ca_file {}: {e}", path.display()),
+            Ok(pem) if !pem.contains("-----BEGIN CERTIFICATE-----") => {
+                format!("mqtt.ca_file {} holds no PEM certificate", path.display())
+            }
+            Ok(_) => return Ok(()),
+        },
+    };
+    Err(ConfigError::Invalid { field: "mqtt.ca_file", reason })
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Move a file, atomically where both paths share a filesystem, else copy + fsync + unlink.
+/// Both folders are fsynced, so after a power cut the file is in exactly one of them: a
+/// claimed scan must not reappear in the export folder and be processed twice.
 pub fn move_file(from: &Path, to: &Path) -> io::Result<()> {
     match fs::rename(from, to) {
         Ok(()) => {}
@@ -40,6 +42,13 @@ pub fn move_file(from: &Path, to: &Path) -> io::Result<()> {
     }
     if let Some(dir) = to.parent() {
         sync_dir(dir)?;
+    }
+    if let Some(dir) = from.parent().filter(|d| Some(*d) != to.parent()) {
+        // A watch folder we may not open for reading (a share) cannot be synced; the
+        // destination's sync above still holds the new name.
+        if let Err(e) = sync_dir(dir) {
+            tracing::debug!(error = %e.kind(), "cannot fsync the source folder");
+        }
     }
     Ok(())
 }

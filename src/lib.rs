@@ -1,7 +1,9 @@
 //! octd: an edge daemon beside a retinal OCT scanner.
 //!
 //! ingest -> deid -> infer -> store -> publish, one module per stage; see
-//! docs/architecture.md. `daemon` wires them; `commands` holds the one-shot commands.
+//! docs/architecture.md. `pipeline` decides each scan's life, `isolation` runs the decoders
+//! in a sandboxed worker process, `daemon` wires and supervises; `commands` holds the
+//! one-shot commands.
 
 #![forbid(unsafe_code)]
 
@@ -13,9 +15,13 @@ pub mod doctor;
 pub mod fsutil;
 pub mod infer;
 pub mod ingest;
+pub mod isolation;
+pub mod mqtt;
+pub mod pipeline;
 pub mod publish;
 pub mod scan;
 pub mod secret;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod update;

@@ -22,6 +22,12 @@ struct Cli {
 enum Command {
     /// Watch the export folders and publish a result for every scan (the daemon).
     Run,
+    /// The daemon's sandboxed decoder worker (started by `octd run`, speaks on stdin/stdout).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        memory_bytes: u64,
+    },
     /// Classify files once and print one JSON object per input.
     Classify {
         #[arg(required = true)]
@@ -224,6 +230,10 @@ fn print_report(result: Result<serde_json::Value, String>) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The decoder worker confines itself first thing: no configuration, no logging.
+    if let Command::Worker { memory_bytes } = cli.command {
+        return ExitCode::from(octd::isolation::child::serve(memory_bytes).clamp(0, 255) as u8);
+    }
     // One TLS provider for every client (MQTT, model channel, uplink, status).
     let _ = rustls::crypto::ring::default_provider().install_default();
     // Provision writes the configuration; it must not need one.
@@ -353,7 +363,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Doctor { .. } | Command::Provision { .. } => ExitCode::SUCCESS, // handled above
+        Command::Doctor { .. } | Command::Provision { .. } | Command::Worker { .. } => ExitCode::SUCCESS, // handled above
         Command::Models => print_report(octd::commands::models(&config)),
         Command::Status { json } => match octd::commands::status::status(&config) {
             Ok(report) if json => print_report(Ok(report)),

@@ -7,7 +7,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::config::{Config, Priority};
 
 /// Identifies a scan everywhere (UUIDv7: time-ordered, carries no identity).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -77,6 +76,25 @@ impl InputKind {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Urgent,
+    FollowUp,
+    Routine,
+}
+
+impl Priority {
+    /// 1 is seen first.
+    pub fn rank(self) -> u8 {
+        match self {
+            Priority::Urgent => 1,
+            Priority::FollowUp => 2,
+            Priority::Routine => 3,
+        }
+    }
+}
+
 /// The store's record of one scan.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScanRecord {
@@ -96,6 +114,10 @@ pub struct ScanRecord {
     /// Keyed-hash pseudonym of the DICOM StudyInstanceUID.
     pub study_uid: Option<String>,
     pub laterality: Option<String>,
+    /// Times a worker took this scan in hand (committed before it starts): the poison-scan
+    /// rule quarantines a scan in hand at `pipeline.max_attempts` daemon deaths.
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 impl ScanRecord {
@@ -115,6 +137,7 @@ impl ScanRecord {
             deid_ms: None,
             study_uid: None,
             laterality: None,
+            attempts: 0,
         }
     }
 }
@@ -222,13 +245,13 @@ pub struct EventMessage {
 }
 
 impl EventMessage {
-    /// An event of this device, now; scan and model fields unset.
-    pub fn new(config: &Config, kind: EventKind, code: &str, detail: &str) -> EventMessage {
+    /// An event of `device` at `site`, now; scan and model fields unset.
+    pub fn new(site: &str, device: &str, kind: EventKind, code: &str, detail: &str) -> EventMessage {
         EventMessage {
             schema: EVENT_SCHEMA.into(),
             kind,
-            site: config.device.site.clone(),
-            device: config.device.id.clone(),
+            site: site.into(),
+            device: device.into(),
             at: rfc3339_ms(now_ms()),
             scan_id: None,
             code: code.into(),

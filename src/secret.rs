@@ -54,9 +54,14 @@ impl DeviceSecret {
         }
     }
 
-    #[cfg(test)]
+    /// The key as the decoder worker receives it over its pipe (see `isolation`).
     pub fn from_bytes(key: [u8; 32]) -> Self {
         DeviceSecret(key)
+    }
+
+    /// The raw key, for handing to the decoder worker over its pipe; never log it.
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 
     /// HMAC-SHA256 under this device's key, domain-separated by `purpose`.

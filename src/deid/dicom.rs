@@ -2,15 +2,14 @@
 //! decoded, the Annex E profile at every sequence depth, keyed-hash UIDs, burned-in masks.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
-use std::path::Path;
+use std::io::Read;
 
 use dicom_core::header::Header;
 use dicom_core::value::{PrimitiveValue, Value};
 use dicom_core::{DataElement, Length, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::meta::FileMetaTableBuilder;
+use dicom_object::file::ReadPreamble;
 use dicom_object::{FileDicomObject, FileMetaTable, InMemDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
 use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
@@ -41,6 +40,7 @@ const LINKAGE_ATTRIBUTES: &[(Tag, &str)] = &[
 ];
 
 pub(super) struct DicomOutput {
+    pub artifact: Vec<u8>,
     pub frames: u32,
     pub identifiers: BTreeMap<String, String>,
     pub study_uid: Option<String>,
@@ -62,17 +62,15 @@ fn int(obj: &InMemDicomObject, tag: Tag) -> Option<u64> {
 
 /// Read the file meta group alone, to refuse an unknown transfer syntax with a clear reason
 /// before parsing the data set.
-fn read_transfer_syntax(input: &Path) -> Result<String, DeidError> {
-    let mut reader = BufReader::new(File::open(input)?);
-    reader.seek(SeekFrom::Start(128))?;
-    let meta = FileMetaTable::from_reader(reader.by_ref().take(1 << 20))
+fn read_transfer_syntax(input: &[u8]) -> Result<String, DeidError> {
+    let after_preamble = input.get(128..).ok_or_else(|| DeidError::Truncated("DICOM preamble".into()))?;
+    let meta = FileMetaTable::from_reader(after_preamble.take(1 << 20))
         .map_err(|e| DeidError::Corrupt(format!("DICOM file meta: {e}")))?;
     Ok(meta.transfer_syntax().trim_end_matches(['\0', ' ']).to_string())
 }
 
 pub(super) fn deidentify(
-    input: &Path,
-    artifact: &Path,
+    input: &[u8],
     secret: &DeviceSecret,
     masks: &[BurnedInMask],
     limits: &InputLimits,
@@ -83,8 +81,11 @@ pub(super) fn deidentify(
         .filter(|ts| !ts.is_unsupported() && !ts.is_unsupported_pixel_encapsulation() && ts.can_decode_all())
         .ok_or_else(|| DeidError::UnsupportedTransferSyntax(ts_uid.clone()))?;
     let encapsulated = ts.is_encapsulated_pixel_data();
+    // Nesting, counts and lengths are bounded before the toolkit builds anything (its
+    // reader recurses into sequences and reserves what lengths declare).
+    super::walk::check(input, &ts_uid)?;
 
-    let obj: Obj = OpenFileOptions::new().open_file(input).map_err(|e| {
+    let obj: Obj = OpenFileOptions::new().read_preamble(ReadPreamble::Never).from_reader(&input[128..]).map_err(|e| {
         let msg = e.to_string();
         if msg.contains("end of file") || msg.contains("UnexpectedEof") || msg.contains("failed to fill whole buffer") {
             DeidError::Truncated(format!("DICOM data set: {msg}"))
@@ -164,15 +165,10 @@ pub(super) fn deidentify(
     let study_uid = text(&cleaned, tags::STUDY_INSTANCE_UID);
     let file = cleaned.with_exact_meta(meta);
 
-    let dir = artifact.parent().unwrap_or(Path::new("."));
-    let tmp = dir
-        .join(format!(".{}.tmp", artifact.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
-    file.write_to_file(&tmp).map_err(|e| DeidError::Corrupt(format!("writing de-identified DICOM: {e}")))?;
-    File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, artifact)?;
-    crate::fsutil::sync_dir(dir)?;
+    let mut artifact = Vec::new();
+    file.write_all(&mut artifact).map_err(|e| DeidError::Corrupt(format!("writing de-identified DICOM: {e}")))?;
 
-    Ok(DicomOutput { frames, identifiers, study_uid, laterality })
+    Ok(DicomOutput { artifact, frames, identifiers, study_uid, laterality })
 }
 
 /// Declared geometry against the limits and against the bytes actually present.

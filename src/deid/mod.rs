@@ -5,6 +5,7 @@
 
 mod dicom;
 pub mod profile;
+pub mod walk;
 
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
@@ -103,6 +104,37 @@ pub struct Deidentified {
     pub laterality: Option<String>,
 }
 
+/// De-identification done in memory: the artefact's bytes, not yet written anywhere (the
+/// decoder worker has no file system; the daemon writes what it returns).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeidOutput {
+    pub kind: InputKind,
+    /// `dcm` or `png`: the artefact's file name is `<scan_id>.<extension>`.
+    pub extension: &'static str,
+    pub artifact: Vec<u8>,
+    pub frames: u32,
+    pub identifiers: BTreeMap<String, String>,
+    pub study_uid: Option<String>,
+    pub laterality: Option<String>,
+}
+
+impl DeidOutput {
+    /// Write the artefact atomically into `out_dir` as `<scan_id>.<extension>`.
+    pub fn write(self, out_dir: &Path, scan_id: ScanId) -> Result<Deidentified, DeidError> {
+        std::fs::create_dir_all(out_dir)?;
+        let artifact = out_dir.join(format!("{scan_id}.{}", self.extension));
+        crate::fsutil::write_atomic(&artifact, &self.artifact)?;
+        Ok(Deidentified {
+            kind: self.kind,
+            artifact,
+            frames: self.frames,
+            identifiers: self.identifiers,
+            study_uid: self.study_uid,
+            laterality: self.laterality,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Deidentifier {
     secret: DeviceSecret,
@@ -115,38 +147,73 @@ impl Deidentifier {
         Deidentifier { secret, masks, limits }
     }
 
-    /// De-identify `input` into `out_dir/<scan_id>.{dcm,png}`. The artefact is written
-    /// atomically, so it either exists whole or not at all.
+    pub fn limits(&self) -> &InputLimits {
+        &self.limits
+    }
+
+    /// Read `input` within the size limit.
+    pub fn read_input(&self, input: &Path) -> Result<Vec<u8>, DeidError> {
+        read_input_within(input, &self.limits)
+    }
+
+    /// De-identify `input` into `out_dir/<scan_id>.{dcm,png}`, in this process (the one-shot
+    /// commands; the daemon runs [`Deidentifier::deidentify_bytes`] in its decoder worker).
+    /// The artefact is written atomically, so it either exists whole or not at all.
     pub fn deidentify(&self, input: &Path, out_dir: &Path, scan_id: ScanId) -> Result<Deidentified, DeidError> {
-        let size = std::fs::metadata(input)?.len();
-        if size == 0 {
+        let bytes = self.read_input(input)?;
+        self.deidentify_bytes(&bytes)?.write(out_dir, scan_id)
+    }
+
+    /// De-identify a whole input held in memory.
+    pub fn deidentify_bytes(&self, bytes: &[u8]) -> Result<DeidOutput, DeidError> {
+        if bytes.is_empty() {
             return Err(DeidError::Empty);
         }
-        if size > self.limits.max_file_bytes {
-            return Err(DeidError::FileTooLarge { size, limit: self.limits.max_file_bytes });
+        if bytes.len() as u64 > self.limits.max_file_bytes {
+            return Err(DeidError::FileTooLarge { size: bytes.len() as u64, limit: self.limits.max_file_bytes });
         }
-        let mut head = Vec::with_capacity(132);
-        std::fs::File::open(input)?.take(132).read_to_end(&mut head)?;
-        let kind = InputKind::sniff(&head).ok_or(DeidError::NotAnImage)?;
-        std::fs::create_dir_all(out_dir)?;
+        let kind = InputKind::sniff(&bytes[..bytes.len().min(132)]).ok_or(DeidError::NotAnImage)?;
         if kind == InputKind::Dicom {
-            let artifact = out_dir.join(format!("{scan_id}.dcm"));
-            let out = dicom::deidentify(input, &artifact, &self.secret, &self.masks, &self.limits)?;
-            return Ok(Deidentified {
+            let out = dicom::deidentify(bytes, &self.secret, &self.masks, &self.limits)?;
+            return Ok(DeidOutput {
                 kind,
-                artifact,
+                extension: "dcm",
+                artifact: out.artifact,
                 frames: out.frames,
                 identifiers: out.identifiers,
                 study_uid: out.study_uid,
                 laterality: out.laterality,
             });
         }
-        let bytes = std::fs::read(input)?;
-        let png = reencode_image(&bytes, kind, &self.limits)?;
-        let artifact = out_dir.join(format!("{scan_id}.png"));
-        crate::fsutil::write_atomic(&artifact, &png)?;
-        Ok(Deidentified { kind, artifact, frames: 1, identifiers: BTreeMap::new(), study_uid: None, laterality: None })
+        let png = reencode_image(bytes, kind, &self.limits)?;
+        Ok(DeidOutput {
+            kind,
+            extension: "png",
+            artifact: png,
+            frames: 1,
+            identifiers: BTreeMap::new(),
+            study_uid: None,
+            laterality: None,
+        })
     }
+}
+
+/// Read a whole input, its size checked before a byte is read (and again while reading: the
+/// file may still be growing).
+pub fn read_input_within(input: &Path, limits: &InputLimits) -> Result<Vec<u8>, DeidError> {
+    let size = std::fs::metadata(input)?.len();
+    if size == 0 {
+        return Err(DeidError::Empty);
+    }
+    if size > limits.max_file_bytes {
+        return Err(DeidError::FileTooLarge { size, limit: limits.max_file_bytes });
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(input)?.take(limits.max_file_bytes + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limits.max_file_bytes {
+        return Err(DeidError::FileTooLarge { size: bytes.len() as u64, limit: limits.max_file_bytes });
+    }
+    Ok(bytes)
 }
 
 /// Decode and re-encode as PNG: only pixels survive, so EXIF, XMP, IPTC, JPEG comments,

@@ -13,7 +13,8 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{BackendKind, ModelConfig, Priority, TriageConfig};
+use crate::config::{BackendKind, ModelConfig, TriageConfig};
+use crate::scan::Priority;
 use crate::scan::{Classification, ModelStamp};
 pub use manifest::Manifest;
 pub use preprocess::GreyFrame;

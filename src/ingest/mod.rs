@@ -47,8 +47,8 @@ pub struct Job {
 
 /// Free space of the state directory, and the alarm raised when it runs low.
 pub trait DiskGuard: Send + Sync {
-    /// True when intake may go on.
-    fn intake_allowed(&self) -> bool;
+    /// True when intake may go on with a file of `incoming` bytes.
+    fn intake_allowed(&self, incoming: u64) -> bool;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -236,7 +236,7 @@ impl Ingest {
     /// Record, then move into the spool, then hand to a worker. Waits for room in the
     /// pipeline first, so a backlog stays in the export folder rather than in memory.
     async fn claim(&mut self, path: PathBuf, seen: Seen) -> Result<(), IngestError> {
-        if !self.disk.intake_allowed() {
+        if !self.disk.intake_allowed(seen.size) {
             // The file stays where it is, watched, until space returns.
             self.candidates.insert(path, Candidate { seen, polls_unchanged: 0 });
             return Ok(());
@@ -266,7 +266,19 @@ impl Ingest {
         })
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-        match outcome? {
+        let outcome = match outcome {
+            Ok(moved) => moved,
+            Err(e) => {
+                // Nothing was claimed (the record did not commit): the file stays where it is
+                // and is tried again at the next poll, while the store recovers.
+                tracing::error!(error = %e, "cannot record a claim; the file stays in the export folder");
+                self.candidates.insert(path, Candidate { seen, polls_unchanged: 0 });
+                drop(permit);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                return Ok(());
+            }
+        };
+        match outcome {
             Ok(()) => {
                 tracing::info!(%scan_id, "claimed");
                 permit.send(Job { scan_id, queued_at: Instant::now() });

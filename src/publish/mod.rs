@@ -12,15 +12,18 @@ use std::time::Duration;
 use rumqttc::{
     AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
 };
-use serde::Serialize;
 use tokio::sync::{mpsc, watch, Notify};
 
 pub use broker::start_embedded_broker;
 
 use crate::config::{Config, MqttConfig};
-use crate::scan::{now_ms, rfc3339_ms, EventMessage, ModelStamp, ScanId, STATUS_SCHEMA};
+use crate::mqtt::{status_payload, BrokerAddress, Topics};
+use crate::scan::ModelStamp;
 use crate::store::{OutboxMessage, Store};
-use crate::update::ModelSlot;
+
+/// The active model's stamp, for the retained status (the publisher knows nothing else of
+/// models).
+pub type ModelStampSource = Arc<dyn Fn() -> Option<ModelStamp> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -29,117 +32,6 @@ pub enum PublishError {
     Settings(String),
     #[error("embedded broker: {0}")]
     Broker(String),
-}
-
-/// `mqtt://host[:port]` or `mqtts://host[:port]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerAddress {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-}
-
-impl BrokerAddress {
-    pub fn parse(url: &str) -> Result<BrokerAddress, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
-            (false, r)
-        } else if let Some(r) = url.strip_prefix("mqtts://") {
-            (true, r)
-        } else {
-            return Err(format!("{url:?} must start with mqtt:// or mqtts://"));
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                (h, p.parse::<u16>().map_err(|_| format!("bad port in {url:?}"))?)
-            }
-            _ => (rest, if tls { 8883 } else { 1883 }),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains('/') {
-            return Err(format!("no host in {url:?}"));
-        }
-        Ok(BrokerAddress { tls, host: host.to_string(), port })
-    }
-}
-
-/// Topic names of one device; see docs/mqtt.md.
-#[derive(Debug, Clone)]
-pub struct Topics {
-    base: String,
-}
-
-impl Topics {
-    pub fn new(config: &Config) -> Self {
-        Topics { base: format!("{}/{}/{}", config.mqtt.topic_prefix, config.device.site, config.device.id) }
-    }
-
-    pub fn result(&self, scan_id: ScanId) -> String {
-        format!("{}/results/{scan_id}", self.base)
-    }
-
-    pub fn events(&self) -> String {
-        format!("{}/events", self.base)
-    }
-
-    pub fn status(&self) -> String {
-        format!("{}/status", self.base)
-    }
-
-    /// Where the cloud says "this device has a new model waiting".
-    pub fn model_notice(&self) -> String {
-        format!("{}/model", self.base)
-    }
-}
-
-/// Where the cloud says "the fleet has a new model waiting".
-pub fn fleet_model_notice(config: &Config) -> String {
-    format!("{}/fleet/models", config.mqtt.topic_prefix)
-}
-
-#[derive(Debug, Clone, Serialize)]
-struct StatusMessage<'a> {
-    schema: &'static str,
-    state: &'static str,
-    site: &'a str,
-    device: &'a str,
-    octd_version: &'static str,
-    model: Option<&'a ModelStamp>,
-    at: String,
-}
-
-fn status_payload(config: &Config, state: &'static str, model: Option<&ModelStamp>) -> String {
-    let message = StatusMessage {
-        schema: STATUS_SCHEMA,
-        state,
-        site: &config.device.site,
-        device: &config.device.id,
-        octd_version: env!("CARGO_PKG_VERSION"),
-        model: if state == "online" { model } else { None },
-        at: rfc3339_ms(now_ms()),
-    };
-    serde_json::to_string(&message).unwrap_or_default()
-}
-
-/// An event as an outbox message on the device's events topic.
-pub fn event_outbox(topics: &Topics, event: &EventMessage) -> OutboxMessage {
-    OutboxMessage {
-        topic: topics.events(),
-        payload: serde_json::to_string(event).unwrap_or_default(),
-        retain: false,
-        completes_scan: None,
-    }
-}
-
-/// The retained "online" status naming `model`, as an outbox message (queued when the
-/// active model changes, so the status follows it durably and in order).
-pub fn status_message(config: &Config, topics: &Topics, model: Option<&ModelStamp>) -> OutboxMessage {
-    OutboxMessage {
-        topic: topics.status(),
-        payload: status_payload(config, "online", model),
-        retain: true,
-        completes_scan: None,
-    }
 }
 
 /// Connection settings for the configured broker, or the embedded one.
@@ -169,7 +61,7 @@ pub fn connection_options(
         .set_request_channel_capacity(usize::from(mqtt.max_inflight) + 8)
         .set_max_packet_size(1 << 20, 1 << 20);
     if let Some(payload) = will_payload {
-        options.set_last_will(LastWill::new(Topics::new(config).status(), payload, QoS::AtLeastOnce, true));
+        options.set_last_will(LastWill::new(config.topics().status(), payload, QoS::AtLeastOnce, true));
     }
     if let (Some(user), password) = (&mqtt.username, &mqtt.password) {
         options.set_credentials(user.clone(), password.clone().unwrap_or_default());
@@ -194,7 +86,7 @@ pub struct Publisher {
     config: Config,
     topics: Topics,
     wake: Arc<Notify>,
-    model: Arc<ModelSlot>,
+    model: ModelStampSource,
     /// Model notices from the cloud go to the updater; a full channel means a check is
     /// already due, so extra notices are dropped.
     notices: mpsc::Sender<()>,
@@ -219,10 +111,10 @@ impl Publisher {
         store: Arc<Store>,
         config: Config,
         wake: Arc<Notify>,
-        model: Arc<ModelSlot>,
+        model: ModelStampSource,
         notices: mpsc::Sender<()>,
     ) -> Self {
-        let topics = Topics::new(&config);
+        let topics = config.topics();
         Publisher {
             store,
             config,
@@ -246,7 +138,7 @@ impl Publisher {
     }
 
     fn status_payload(&self, state: &'static str) -> String {
-        status_payload(&self.config, state, self.model.stamp().as_ref())
+        status_payload(&self.topics, state, (self.model)().as_ref())
     }
 
     /// Runs until `shutdown` turns true; then says goodbye on the status topic.
@@ -297,13 +189,13 @@ impl Publisher {
                         if session.client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, status).is_ok() {
                             session.queued.push_back(None);
                         }
-                        for topic in [fleet_model_notice(&self.config), self.topics.model_notice()] {
+                        for topic in [self.topics.fleet_model_notice(), self.topics.model_notice()] {
                             let _ = session.client.try_subscribe(topic, QoS::AtLeastOnce);
                         }
                         self.fill(&mut session).await;
                     }
                     Ok(Event::Incoming(Packet::Publish(notice))) => {
-                        if notice.topic == fleet_model_notice(&self.config) || notice.topic == self.topics.model_notice() {
+                        if notice.topic == self.topics.fleet_model_notice() || notice.topic == self.topics.model_notice() {
                             let _ = self.notices.try_send(());
                         }
                     }
@@ -393,24 +285,5 @@ impl Publisher {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn broker_urls() {
-        assert_eq!(
-            BrokerAddress::parse("mqtt://broker.local").unwrap(),
-            BrokerAddress { tls: false, host: "broker.local".into(), port: 1883 }
-        );
-        assert_eq!(BrokerAddress::parse("mqtts://10.0.0.2:9999/").unwrap().port, 9999);
-        assert_eq!(BrokerAddress::parse("mqtts://h").unwrap().port, 8883);
-        assert_eq!(BrokerAddress::parse("mqtt://[::1]:1884").unwrap().host, "::1");
-        assert!(BrokerAddress::parse("http://h").is_err());
-        assert!(BrokerAddress::parse("mqtt://h:notaport").is_err());
-        assert!(BrokerAddress::parse("mqtt://").is_err());
     }
 }

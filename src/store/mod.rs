@@ -31,6 +31,7 @@ const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 /// the outbox is empty, or a publisher that has sent N would skip a new message N.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const NEXT_OUTBOX_SEQ: &str = "outbox_next_seq";
+const PROBE_COUNTER: &str = "probe_writes";
 const MODEL_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("model_events");
 const MODEL_STATE: &str = "model_state";
 
@@ -185,6 +186,27 @@ impl Store {
         Ok(seq)
     }
 
+    /// A worker takes the scan in hand: count the attempt, durably, before any work on it.
+    pub fn take_in_hand(&self, scan_id: ScanId) -> Result<Option<ScanRecord>, StoreError> {
+        let key = scan_id.to_string();
+        let txn = self.db.begin_write()?;
+        let record = {
+            let mut scans = txn.open_table(SCANS)?;
+            let record = scans.get(key.as_str())?.map(|v| decode::<ScanRecord>(v.value())).transpose()?;
+            match record {
+                Some(mut record) => {
+                    record.attempts = record.attempts.saturating_add(1);
+                    record.updated_at_ms = now_ms();
+                    scans.insert(key.as_str(), encode(&record)?.as_slice())?;
+                    Some(record)
+                }
+                None => None,
+            }
+        };
+        txn.commit()?;
+        Ok(record)
+    }
+
     /// A message that belongs to no scan transition (alarms).
     pub fn enqueue(&self, message: &OutboxMessage) -> Result<u64, StoreError> {
         let txn = self.db.begin_write()?;
@@ -257,6 +279,20 @@ impl Store {
     pub fn probe(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(OUTBOX)?.len()?)
+    }
+
+    /// Proof that the store can still commit: a tiny durable write (a full disk or a
+    /// read-only remount fails here, where a read would still succeed).
+    pub fn probe_write(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let beats = {
+            let mut counters = txn.open_table(COUNTERS)?;
+            let beats = counters.get(PROBE_COUNTER)?.map(|v| v.value()).unwrap_or(0) + 1;
+            counters.insert(PROBE_COUNTER, beats)?;
+            beats
+        };
+        txn.commit()?;
+        Ok(beats)
     }
 
     pub fn counts(&self) -> Result<StoreCounts, StoreError> {

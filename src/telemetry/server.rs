@@ -15,30 +15,27 @@ use tokio::sync::watch;
 
 use super::{Sources, TelemetryError};
 
-/// Bind now (so a taken port is a start-up error), serve until `shutdown`.
-pub async fn start(
-    addr: SocketAddr,
+/// Bind now, so that a taken port is a start-up error.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, TelemetryError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| TelemetryError::Listen { addr, source })
+}
+
+/// Serve on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
     sources: Arc<Sources>,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), TelemetryError> {
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.map_err(|source| TelemetryError::Listen { addr, source })?;
-    let bound = listener.local_addr().map_err(|source| TelemetryError::Listen { addr, source })?;
+) -> Result<(), std::io::Error> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .with_state(sources);
-    let task = tokio::spawn(async move {
-        let stop = async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
-    Ok((bound, task))
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    axum::serve(listener, app).with_graceful_shutdown(stop).await
 }
 
 async fn off_runtime<T: Send + 'static>(

@@ -10,7 +10,6 @@ pub mod selftest;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -22,7 +21,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::Config;
 use crate::infer::{Classifier, InferError};
-use crate::publish::{self, Topics};
+use crate::mqtt::{self, Topics};
 use crate::scan::{now_ms, rfc3339_ms, EventKind, EventMessage, ModelStamp};
 use crate::store::{Store, StoreError};
 
@@ -78,6 +77,21 @@ pub struct ModelState {
     pub installed: BTreeMap<String, Installed>,
     /// Bundles (by sha256) refused or rolled back: never fetched again.
     pub refused: BTreeSet<String>,
+    /// A bundle being loaded and self-tested before install; if the daemon dies during that
+    /// `update.max_boot_attempts` times, the bundle is refused.
+    #[serde(default)]
+    pub trying: Option<Trying>,
+    /// Why the active model runs although it failed its health gate (nothing to roll back
+    /// to); shown by `octd status` until it commits or is replaced.
+    #[serde(default)]
+    pub alarm: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Trying {
+    pub bundle_sha256: String,
+    pub version: String,
+    pub deaths: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,9 +107,20 @@ pub struct Installed {
 pub struct Pending {
     pub version: String,
     pub previous: Option<String>,
-    /// Starts of the daemon since the install.
+    /// Starts of the daemon after a run that died while this model was loading or
+    /// classifying. A run killed while idle or de-identifying is no evidence against it.
     pub boots: u32,
     pub since_ms: u64,
+    /// True while the model is being loaded or runs inference (persisted, so the next start
+    /// knows what the last run was doing when it died).
+    #[serde(default)]
+    pub in_use: bool,
+    /// Scans classified on it without a model failure (persisted: a restart keeps progress).
+    #[serde(default)]
+    pub good_scans: u32,
+    /// It crash-looped with nothing to roll back to, and is kept: boots no longer count.
+    #[serde(default)]
+    pub kept_without_fallback: bool,
 }
 
 pub const STAGING_DIR: &str = ".staging";
@@ -137,8 +162,32 @@ pub struct Updater {
     state: Mutex<ModelState>,
     /// Held while a model is swapped or rolled back.
     changing: Mutex<()>,
-    good_scans: AtomicU32,
+    /// Inferences running on the pending model.
+    busy: Mutex<u32>,
     last_refusal: Mutex<Option<String>>,
+}
+
+/// Held while a scan runs inference on a pending model; see [`Updater::inference_started`].
+pub struct InferenceGuard<'a> {
+    updater: &'a Updater,
+    version: String,
+    done: bool,
+}
+
+impl InferenceGuard<'_> {
+    /// The scan was classified and its result committed.
+    pub fn succeeded(mut self) {
+        self.done = true;
+        self.updater.inference_finished(&self.version, true);
+    }
+}
+
+impl Drop for InferenceGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.updater.inference_finished(&self.version, false);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,6 +205,7 @@ impl Updater {
         store: Arc<Store>,
         topics: Topics,
         wake: Arc<Notify>,
+        slot: Arc<ModelSlot>,
     ) -> Result<Arc<Updater>, UpdateError> {
         let channel = match &config.model.dir {
             Some(_) => None,
@@ -165,7 +215,7 @@ impl Updater {
         let updater = Arc::new(Updater {
             config: config.clone(),
             store,
-            slot: Arc::new(ModelSlot::default()),
+            slot,
             topics,
             wake,
             models_dir: state_dir.join("models"),
@@ -173,7 +223,7 @@ impl Updater {
             channel,
             state: Mutex::new(state),
             changing: Mutex::new(()),
-            good_scans: AtomicU32::new(0),
+            busy: Mutex::new(0),
             last_refusal: Mutex::new(None),
         });
         if let Some(dir) = &config.model.dir {
@@ -220,21 +270,53 @@ impl Updater {
     fn load_at_start(&self) -> Result<(), UpdateError> {
         let _changing = lock(&self.changing);
         let mut state = lock(&self.state).clone();
-        let mut failure: Option<Failure> = None;
-        if let Some(pending) = &mut state.pending {
-            if pending.boots >= self.config.update.max_boot_attempts {
-                let detail = format!("{} did not pass its health gate in {} starts", pending.version, pending.boots);
-                failure = Some(("crash_loop", detail));
+        let max = self.config.update.max_boot_attempts;
+        if let Some(trying) = &mut state.trying {
+            // The last run died while self-testing a new bundle.
+            trying.deaths += 1;
+            // With no model installed, refusing the only candidate would leave the device with
+            // nothing to classify with: keep trying it.
+            if trying.deaths >= max && state.active.is_some() {
+                let trying = trying.clone();
+                state.trying = None;
+                state.refused.insert(trying.bundle_sha256.clone());
+                let detail =
+                    format!("the daemon died {} times while loading and self-testing {}", trying.deaths, trying.version);
+                let event = self.event(
+                    EventKind::ModelRefused,
+                    "crash_loop",
+                    &detail,
+                    Some(&trying.version),
+                    state.active.as_deref(),
+                );
+                tracing::error!(version = %trying.version, detail, "model bundle refused");
+                self.persist(&state, Some((&event, None)))?;
             } else {
-                pending.boots += 1;
                 self.persist(&state, None)?;
             }
+        }
+        let mut failure: Option<Failure> = None;
+        if let Some(pending) = &mut state.pending {
+            if pending.in_use && !pending.kept_without_fallback {
+                pending.boots += 1;
+            }
+            if pending.boots >= max && !pending.kept_without_fallback {
+                let detail = format!(
+                    "{} was loading or classifying each time the daemon died, {} times, before its health gate",
+                    pending.version, pending.boots
+                );
+                failure = Some(("crash_loop", detail));
+            }
+            // Loading it now: a death from here on is evidence against it.
+            pending.in_use = true;
+            self.persist(&state, None)?;
         }
         let Some(active) = state.active.clone() else { return Ok(()) };
         if failure.is_none() {
             match self.load_installed(&active) {
                 Ok(classifier) => {
                     self.slot.replace(Arc::new(ActiveModel { classifier, bundle_version: Some(active) }));
+                    self.set_in_use(false)?;
                     return Ok(());
                 }
                 Err((_, detail)) => {
@@ -244,10 +326,94 @@ impl Updater {
             }
         }
         let (code, detail) = failure.unwrap_or(("load_failed", String::new()));
-        if !self.roll_back_locked(&active, code, &detail, None)? {
-            tracing::error!(version = %active, "no earlier model loads either");
+        if self.roll_back_locked(&active, code, &detail, None)? {
+            return Ok(());
         }
+        if code == "crash_loop" {
+            // Never refuse the only model: a device that classifies with a suspect model and
+            // says so serves its patients; one that stops does not.
+            if let Ok(classifier) = self.load_installed(&active) {
+                let mut state = self.state();
+                let why = format!("{detail}; kept, as no earlier model is installed to roll back to");
+                if let Some(p) = &mut state.pending {
+                    p.kept_without_fallback = true;
+                    p.in_use = false;
+                    p.boots = 0;
+                }
+                state.alarm = Some(why.clone());
+                let event = self.event(EventKind::Alarm, "model_kept_without_fallback", &why, Some(&active), Some(&active));
+                self.persist(&state, Some((&event, None)))?;
+                tracing::error!(version = %active, why, "model kept without a fallback");
+                self.slot.replace(Arc::new(ActiveModel { classifier, bundle_version: Some(active) }));
+                return Ok(());
+            }
+        }
+        // It does not load and nothing replaces it: forget the install, so that the channel's
+        // copy is fetched, verified and tested again (a power cut may have cut its files short).
+        let mut state = self.state();
+        state.installed.remove(&active);
+        state.active = None;
+        state.pending = None;
+        self.persist(&state, None)?;
+        let _ = std::fs::remove_dir_all(self.models_dir.join(&active));
+        tracing::warn!(version = %active, "the installed model is unusable; it will be installed again from the channel");
         Ok(())
+    }
+
+    fn set_in_use(&self, in_use: bool) -> Result<(), UpdateError> {
+        let mut state = self.state();
+        match &mut state.pending {
+            Some(p) if p.in_use != in_use => p.in_use = in_use,
+            _ => return Ok(()),
+        }
+        self.persist(&state, None)
+    }
+
+    /// A scan starts inference on `model`. While the model is pending its health gate, the
+    /// store knows it is in use until the returned guard is dropped or succeeds.
+    pub fn inference_started(&self, model: &ActiveModel) -> Option<InferenceGuard<'_>> {
+        let version = model.bundle_version.as_ref()?;
+        let pending = lock(&self.state).pending.as_ref().is_some_and(|p| &p.version == version);
+        if !pending {
+            return None;
+        }
+        let _changing = lock(&self.changing);
+        let first = {
+            let mut busy = lock(&self.busy);
+            *busy += 1;
+            *busy == 1
+        };
+        if first {
+            if let Err(e) = self.set_in_use(true) {
+                tracing::error!(error = %e, "cannot record that the pending model is in use");
+            }
+        }
+        Some(InferenceGuard { updater: self, version: version.clone(), done: false })
+    }
+
+    fn inference_finished(&self, version: &str, succeeded: bool) {
+        let due = {
+            let _changing = lock(&self.changing);
+            let idle = {
+                let mut busy = lock(&self.busy);
+                *busy = busy.saturating_sub(1);
+                *busy == 0
+            };
+            let mut state = self.state();
+            let Some(p) = state.pending.as_mut().filter(|p| p.version == version) else { return };
+            if succeeded {
+                p.good_scans = p.good_scans.saturating_add(1);
+            }
+            p.in_use = !idle;
+            let good = p.good_scans;
+            if let Err(e) = self.persist(&state, None) {
+                tracing::error!(error = %e, "cannot record the health gate's progress");
+            }
+            good >= self.config.update.commit_after_scans
+        };
+        if due {
+            self.commit(version, &format!("{} scans classified without a model failure", self.config.update.commit_after_scans));
+        }
     }
 
     /// Load and self-test an installed version (the loader checks the model's hash).
@@ -369,7 +535,22 @@ impl Updater {
             );
             return self.refuse_target(target, "metadata_mismatch", &detail);
         }
-        let classifier = match self.prepare(&unpacked, &selftest) {
+        {
+            // If loading or self-testing this bundle kills the daemon, the next start knows.
+            let _changing = lock(&self.changing);
+            let mut state = self.state();
+            state.trying =
+                Some(Trying { bundle_sha256: target.bundle_sha256.clone(), version: version.clone(), deaths: 0 });
+            self.persist(&state, None)?;
+        }
+        let prepared = self.prepare(&unpacked, &selftest);
+        {
+            let _changing = lock(&self.changing);
+            let mut state = self.state();
+            state.trying = None;
+            self.persist(&state, None)?;
+        }
+        let classifier = match prepared {
             Ok(c) => c,
             Err((code, detail)) => return self.refuse_target(target, code, &detail),
         };
@@ -393,8 +574,17 @@ impl Updater {
                 installed_at: rfc3339_ms(now_ms()),
             },
         );
-        state.pending =
-            Some(Pending { version: version.clone(), previous: previous.clone(), boots: 0, since_ms: now_ms() });
+        state.pending = Some(Pending {
+            version: version.clone(),
+            previous: previous.clone(),
+            boots: 0,
+            since_ms: now_ms(),
+            in_use: false,
+            good_scans: 0,
+            kept_without_fallback: false,
+        });
+        state.trying = None;
+        state.alarm = None;
         state.active = Some(version.clone());
         let model = Arc::new(ActiveModel { classifier, bundle_version: Some(version.clone()) });
         let detail = match &previous {
@@ -405,7 +595,6 @@ impl Updater {
         let event = self.event(EventKind::ModelInstalled, "installed", &detail, Some(&version), Some(&version));
         self.persist(&state, Some((&event, Some(model.classifier.stamp()))))?;
         self.slot.replace(model);
-        self.good_scans.store(0, Ordering::Relaxed);
         tracing::info!(version = %version, previous = ?previous, "model installed");
         for v in &removed {
             let _ = std::fs::remove_dir_all(self.models_dir.join(v));
@@ -414,18 +603,6 @@ impl Updater {
             tracing::info!(removed = ?removed, "old model versions removed");
         }
         Ok(())
-    }
-
-    /// After a scan classified without a model failure.
-    pub fn scan_succeeded(&self, model: &ActiveModel) {
-        let Some(version) = &model.bundle_version else { return };
-        let pending = lock(&self.state).pending.as_ref().is_some_and(|p| &p.version == version);
-        if pending {
-            let good = self.good_scans.fetch_add(1, Ordering::Relaxed) + 1;
-            if good >= self.config.update.commit_after_scans {
-                self.commit(version, &format!("{good} scans classified without a model failure"));
-            }
-        }
     }
 
     /// A model failure (not an input fault) on `model`. Returns true when the model was
@@ -451,6 +628,7 @@ impl Updater {
             return;
         }
         state.pending = None;
+        state.alarm = None;
         let event = self.event(EventKind::ModelCommitted, "health_gate_passed", why, Some(version), Some(version));
         match self.persist(&state, Some((&event, None))) {
             Ok(()) => tracing::info!(version, why, "model committed"),
@@ -505,6 +683,7 @@ impl Updater {
                         state.refused.insert(bad.bundle_sha256);
                     }
                     state.pending = None;
+                    state.alarm = None;
                     state.active = Some(candidate.clone());
                     let model = Arc::new(ActiveModel { classifier, bundle_version: Some(candidate.clone()) });
                     let event = self.event(EventKind::ModelRolledBack, code, detail, Some(from), Some(&candidate));
@@ -601,7 +780,7 @@ impl Updater {
         EventMessage {
             model_version: version.map(str::to_string),
             active_version: active.map(str::to_string),
-            ..EventMessage::new(&self.config, kind, code, detail)
+            ..self.topics.event(kind, code, detail)
         }
     }
 
@@ -614,9 +793,9 @@ impl Updater {
     ) -> Result<(), UpdateError> {
         let mut messages = Vec::new();
         if let Some((e, new_model)) = event {
-            messages.push(publish::event_outbox(&self.topics, e));
+            messages.push(mqtt::event_outbox(&self.topics, e));
             if let Some(stamp) = new_model {
-                messages.push(publish::status_message(&self.config, &self.topics, Some(stamp)));
+                messages.push(mqtt::status_message(&self.topics, Some(stamp)));
             }
         }
         self.store.commit_model_change(state, event.map(|(e, _)| e), &messages)?;
@@ -629,10 +808,16 @@ impl Updater {
 
     /// Check the channel every `update.interval` and whenever a notice arrives; commit a
     /// pending model once its time has come.
-    pub async fn run(self: Arc<Self>, mut notices: mpsc::Receiver<()>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(
+        self: Arc<Self>,
+        notices: Arc<tokio::sync::Mutex<mpsc::Receiver<()>>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         if self.channel.is_none() {
+            let _ = shutdown.wait_for(|s| *s).await;
             return;
         }
+        let mut notices = notices.lock().await;
         let mut refresh = tokio::time::interval(self.config.update.interval);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         refresh.reset(); // start-up already checked
@@ -641,7 +826,7 @@ impl Updater {
         );
         loop {
             tokio::select! {
-                _ = shutdown.changed() => return,
+                _ = crate::shutdown::requested(&mut shutdown) => return,
                 _ = refresh.tick() => self.refresh().await,
                 Some(()) = notices.recv() => {
                     tracing::info!("model notice received: checking the channel");

@@ -1,0 +1,272 @@
+//! Decoders run isolated: every byte from the scanner is parsed, decoded and de-identified
+//! in a worker process (`octd worker`, this same binary re-executed) behind an address-space
+//! limit, a CPU-time limit per scan, a wall-clock timeout and a seccomp sandbox. A crash,
+//! abort, stack overflow, exhausted memory or hang kills the worker, not the daemon: the
+//! scan gets a reason (`processor_crashed`, `timeout`, `memory_limit`) and the next scan a
+//! fresh worker.
+
+pub mod child;
+pub mod protocol;
+pub mod sandbox;
+
+use std::collections::VecDeque;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use self::protocol::{Header, ProtocolError, Setup, WireLimits};
+use crate::config::BurnedInMask;
+use crate::deid::{DeidOutput, InputLimits};
+use crate::scan::{EventKind, InputKind};
+use crate::secret::DeviceSecret;
+
+/// Environment switch for the fault-injection inputs of the tests (see `child`).
+pub const FAULT_INJECTION_ENV: &str = "OCTD_FAULT_INJECTION";
+/// Bytes of the worker's stderr kept, to tell an exhausted allocator from other deaths.
+const STDERR_TAIL: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IsolationError {
+    /// The input was refused by de-identification: quarantine it with this reason.
+    #[error("{detail}")]
+    Refused { code: String, detail: String, kind: EventKind },
+    /// The worker died or was killed on this input: quarantine it with this reason.
+    #[error("{detail}")]
+    Killed { code: &'static str, detail: String },
+    /// No worker could be started or spoken to: the device's problem, not the scan's.
+    #[error("decoder worker: {0}")]
+    Unavailable(String),
+}
+
+impl IsolationError {
+    pub fn code(&self) -> &str {
+        match self {
+            IsolationError::Refused { code, .. } => code,
+            IsolationError::Killed { code, .. } => code,
+            IsolationError::Unavailable(_) => "worker_unavailable",
+        }
+    }
+}
+
+/// How decoder workers are started and limited.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub program: PathBuf,
+    pub memory_bytes: u64,
+    pub cpu_seconds: u64,
+    pub timeout: Duration,
+    pub secret: DeviceSecret,
+    pub masks: Vec<BurnedInMask>,
+    pub limits: InputLimits,
+}
+
+struct Running {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    stderr_tail: Arc<Mutex<VecDeque<u8>>>,
+}
+
+/// One decoder worker process, started on first use and again after each death.
+pub struct Decoder {
+    settings: Arc<WorkerSettings>,
+    running: Option<Running>,
+    fault_injection: bool,
+    sandbox_logged: bool,
+}
+
+impl Decoder {
+    pub fn new(settings: Arc<WorkerSettings>) -> Decoder {
+        let fault_injection = std::env::var(FAULT_INJECTION_ENV).is_ok_and(|v| v == "1");
+        Decoder { settings, running: None, fault_injection, sandbox_logged: false }
+    }
+
+    async fn start(&mut self) -> Result<&mut Running, IsolationError> {
+        if self.running.is_none() {
+            let s = &self.settings;
+            let mut child = Command::new(&s.program)
+                .arg("worker")
+                .arg("--memory-bytes")
+                .arg(s.memory_bytes.to_string())
+                .env_clear()
+                .env("RUST_BACKTRACE", "0")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| IsolationError::Unavailable(format!("cannot start {}: {e}", s.program.display())))?;
+            let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
+                (child.stdin.take(), child.stdout.take(), child.stderr.take())
+            else {
+                return Err(IsolationError::Unavailable("worker pipes missing".into()));
+            };
+            let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+            let tail = stderr_tail.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stderr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+                    for &b in &buf[..n] {
+                        if tail.len() == STDERR_TAIL {
+                            tail.pop_front();
+                        }
+                        tail.push_back(b);
+                    }
+                }
+            });
+            let hello = tokio::time::timeout(Duration::from_secs(30), protocol::read_frame_async(&mut stdout, 0))
+                .await
+                .map_err(|_| IsolationError::Unavailable("the worker did not say hello within 30 s".into()))?;
+            let sandbox = match hello {
+                Ok((Header::Hello { sandbox, .. }, _)) => sandbox,
+                Ok(_) => return Err(IsolationError::Unavailable("the worker spoke out of turn".into())),
+                Err(e) => {
+                    let status = child.wait().await.ok().and_then(|s| s.code());
+                    return Err(IsolationError::Unavailable(format!(
+                        "the worker did not start ({e}; exit status {status:?})"
+                    )));
+                }
+            };
+            if !self.sandbox_logged {
+                tracing::info!(sandbox = %sandbox, memory_bytes = s.memory_bytes, "decoder worker confined");
+                self.sandbox_logged = true;
+            }
+            let setup = Header::Setup(Setup {
+                secret_hex: hex::encode(s.secret.bytes()),
+                masks: s.masks.clone(),
+                limits: WireLimits::from(&s.limits),
+                fault_injection: self.fault_injection,
+            });
+            protocol::write_frame_async(&mut stdin, &setup, &[])
+                .await
+                .map_err(|e| IsolationError::Unavailable(format!("worker setup: {e}")))?;
+            self.running = Some(Running { child, stdin, stdout, stderr_tail });
+        }
+        self.running.as_mut().ok_or_else(|| IsolationError::Unavailable("no worker".into()))
+    }
+
+    /// De-identify `input` in the worker.
+    pub async fn deidentify(&mut self, input: Vec<u8>) -> Result<DeidOutput, IsolationError> {
+        let cpu_seconds = self.settings.cpu_seconds;
+        let timeout = self.settings.timeout;
+        // The artefact can outgrow its input (a masked, decompressed DICOM object).
+        let max_blob = self.settings.limits.max_decoded_bytes.saturating_add(self.settings.limits.max_file_bytes);
+        let running = self.start().await?;
+        let exchange = async {
+            protocol::write_frame_async(&mut running.stdin, &Header::Job { cpu_seconds }, &input).await?;
+            drop(input);
+            protocol::read_frame_async(&mut running.stdout, max_blob).await
+        };
+        let outcome = tokio::time::timeout(timeout, exchange).await;
+        match outcome {
+            Ok(Ok((Header::Done(done), artifact))) => Ok(DeidOutput {
+                kind: done.kind,
+                extension: extension(done.kind, &done.extension)?,
+                artifact,
+                frames: done.frames,
+                identifiers: done.identifiers,
+                study_uid: done.study_uid,
+                laterality: done.laterality,
+            }),
+            Ok(Ok((Header::Refused { code, detail, kind }, _))) => Err(IsolationError::Refused { code, detail, kind }),
+            Ok(Ok(_)) => {
+                self.kill().await;
+                Err(IsolationError::Killed { code: "processor_crashed", detail: "the worker spoke out of turn".into() })
+            }
+            Ok(Err(ProtocolError::BadFrame(why))) => {
+                self.kill().await;
+                Err(IsolationError::Killed { code: "processor_crashed", detail: format!("bad answer: {why}") })
+            }
+            Ok(Err(_)) => Err(self.death().await),
+            Err(_) => {
+                self.kill().await;
+                Err(IsolationError::Killed {
+                    code: "timeout",
+                    detail: format!("decoding took longer than {} s; the worker was stopped", timeout.as_secs()),
+                })
+            }
+        }
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut running) = self.running.take() {
+            let _ = running.child.start_kill();
+            let _ = running.child.wait().await;
+        }
+    }
+
+    /// The worker closed its pipe: find out how it died.
+    async fn death(&mut self) -> IsolationError {
+        let Some(mut running) = self.running.take() else {
+            return IsolationError::Unavailable("no worker".into());
+        };
+        let status = match tokio::time::timeout(Duration::from_secs(5), running.child.wait()).await {
+            Ok(Ok(status)) => Some(status),
+            _ => {
+                let _ = running.child.start_kill();
+                running.child.wait().await.ok()
+            }
+        };
+        // Let the stderr reader catch up with the last words.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let tail: Vec<u8> = running.stderr_tail.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        let said = |needle: &[u8]| tail.windows(needle.len()).any(|w| w == needle);
+        let signal = status.and_then(|s| s.signal());
+        // Never the worker's own words in the reason: they may quote the input.
+        if said(b"memory allocation of") {
+            return IsolationError::Killed {
+                code: "memory_limit",
+                detail: format!(
+                    "decoding needed more than the worker's {} MiB address space",
+                    self.settings.memory_bytes >> 20
+                ),
+            };
+        }
+        match signal {
+            Some(libc::SIGXCPU) => IsolationError::Killed {
+                code: "timeout",
+                detail: format!("decoding used more than {} s of CPU; the kernel stopped the worker", self.settings.cpu_seconds),
+            },
+            Some(libc::SIGKILL) => IsolationError::Killed {
+                code: "memory_limit",
+                detail: "the worker was killed (SIGKILL), as the kernel does when memory runs out".into(),
+            },
+            Some(sig) => IsolationError::Killed {
+                code: "processor_crashed",
+                detail: format!(
+                    "the decoder worker died of signal {sig}{}",
+                    if said(b"overflowed its stack") { " (stack overflow)" } else { "" }
+                ),
+            },
+            None => IsolationError::Killed {
+                code: "processor_crashed",
+                detail: format!("the decoder worker exited with status {:?}", status.and_then(|s| s.code())),
+            },
+        }
+    }
+}
+
+fn extension(kind: InputKind, claimed: &str) -> Result<&'static str, IsolationError> {
+    match (kind, claimed) {
+        (InputKind::Dicom, "dcm") => Ok("dcm"),
+        (InputKind::Dicom, _) => Err(IsolationError::Killed {
+            code: "processor_crashed",
+            detail: format!("the worker named a DICOM artefact {claimed:?}"),
+        }),
+        (_, "png") => Ok("png"),
+        _ => Err(IsolationError::Killed {
+            code: "processor_crashed",
+            detail: format!("the worker named an image artefact {claimed:?}"),
+        }),
+    }
+}

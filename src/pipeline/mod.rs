@@ -1,0 +1,311 @@
+//! The life of a scan: claimed (by `ingest`) → de-identified (in the decoder worker) →
+//! classified → published (by `publish`), or quarantined with a reason. Every step first
+//! reads the scan's state from the store and does only what is left, so a job re-sent after
+//! a crash resumes where the last commit left it.
+//!
+//! One entry, [`Pipeline::process`]; `recovery` resumes what a crash interrupted (and
+//! applies the poison-scan rule), `retention` prunes, `disk` guards free space, `quarantine`
+//! keeps what could not be processed.
+
+pub mod disk;
+pub mod quarantine;
+pub mod recovery;
+pub mod retention;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use self::quarantine::{codes, Quarantine, QuarantineReason};
+use crate::config::Config;
+use crate::deid::{DeidError, InputLimits};
+use crate::infer::InferError;
+use crate::ingest::Job;
+use crate::isolation::{Decoder, IsolationError};
+use crate::mqtt::{self, Topics};
+use crate::scan::{
+    now_ms, rfc3339_ms, EventKind, EventMessage, ResultMessage, ScanId, ScanRecord, ScanState, StageTimings,
+    RESULT_SCHEMA,
+};
+use crate::store::{OutboxMessage, Store, StoreError};
+use crate::telemetry::Telemetry;
+use crate::update::Updater;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The device, not the scan, is at fault (disk, decoder worker, no model): try again.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// The folders under the state directory.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    pub state: PathBuf,
+    pub spool: PathBuf,
+    pub deid: PathBuf,
+    pub quarantine: PathBuf,
+}
+
+impl Dirs {
+    pub fn new(state: &Path) -> Self {
+        Dirs {
+            state: state.to_path_buf(),
+            spool: state.join("spool"),
+            deid: state.join("deid"),
+            quarantine: state.join("quarantine"),
+        }
+    }
+
+    pub fn create(&self) -> std::io::Result<()> {
+        for d in [&self.state, &self.spool, &self.deid, &self.quarantine] {
+            std::fs::create_dir_all(d)?;
+        }
+        Ok(())
+    }
+}
+
+/// What every step of a scan needs.
+pub struct Pipeline {
+    pub config: Config,
+    pub dirs: Dirs,
+    pub store: Arc<Store>,
+    pub updater: Arc<Updater>,
+    pub topics: Topics,
+    pub wake: Arc<Notify>,
+    pub telemetry: Arc<Telemetry>,
+    pub quarantine: Quarantine,
+    pub limits: InputLimits,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PipelineError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| PipelineError::Transient(format!("worker task: {e}")))
+}
+
+impl Pipeline {
+    /// Drive one scan from whatever state it is in to classified (or quarantined).
+    pub async fn process(self: &Arc<Self>, decoder: &mut Decoder, job: Job) -> Result<(), PipelineError> {
+        let queue_ms = job.queued_at.elapsed().as_millis() as u64;
+        let me = self.clone();
+        let id = job.scan_id;
+        // Counted before any work: a scan in hand each time the daemon dies is poison
+        // (see `recovery`).
+        let Some(mut record) = blocking(move || me.store.take_in_hand(id)).await?? else {
+            return Err(PipelineError::Store(StoreError::UnknownScan(id)));
+        };
+        if record.state == ScanState::Received {
+            match self.deidentify_step(decoder, record).await? {
+                Some(next) => record = next,
+                None => return Ok(()), // quarantined
+            }
+        }
+        if record.state == ScanState::Deidentified {
+            let me = self.clone();
+            blocking(move || me.classify_step(record, queue_ms)).await??;
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Returns the de-identified record, or None when the scan went to quarantine.
+    async fn deidentify_step(
+        self: &Arc<Self>,
+        decoder: &mut Decoder,
+        mut record: ScanRecord,
+    ) -> Result<Option<ScanRecord>, PipelineError> {
+        let id = record.scan_id;
+        let spooled = self.dirs.spool.join(id.to_string());
+        if !spooled.exists() {
+            // Either a quarantine a crash interrupted, or a file that vanished before its claim.
+            let me = self.clone();
+            blocking(move || match me.quarantine.reason(id) {
+                Some(r) => me.quarantine(record, r.kind, &r.code, &r.detail),
+                None => me.quarantine(
+                    record,
+                    EventKind::Rejected,
+                    codes::SOURCE_MISSING,
+                    "the claimed file disappeared before it could be read",
+                ),
+            })
+            .await??;
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let limits = self.limits;
+        let path = spooled.clone();
+        let read = blocking(move || crate::deid::read_input_within(&path, &limits)).await?;
+        let bytes = match read {
+            Ok(bytes) => bytes,
+            Err(DeidError::Io(e)) => return Err(PipelineError::Transient(format!("reading the spooled scan: {e}"))),
+            Err(e) => return self.quarantine_async(record, e.event_kind(), e.code(), &e.to_string()).await,
+        };
+        let out = match decoder.deidentify(bytes).await {
+            Ok(out) => out,
+            Err(IsolationError::Unavailable(why)) => return Err(PipelineError::Transient(why)),
+            Err(e @ IsolationError::Killed { .. }) => {
+                tracing::error!(scan_id = %id, code = e.code(), "decoder worker lost on this scan");
+                let code = e.code().to_string();
+                return self.quarantine_async(record, EventKind::Rejected, &code, &e.to_string()).await;
+            }
+            Err(IsolationError::Refused { code, detail, kind }) => {
+                return self.quarantine_async(record, kind, &code, &detail).await
+            }
+        };
+        let me = self.clone();
+        let next = blocking(move || -> Result<ScanRecord, PipelineError> {
+            let frames = out.frames;
+            let written = out.write(&me.dirs.deid, id).map_err(|e| PipelineError::Transient(e.to_string()))?;
+            if !written.identifiers.is_empty() {
+                me.store.extend_linkage(id, written.identifiers)?;
+            }
+            record.state = ScanState::Deidentified;
+            record.kind = Some(written.kind);
+            record.frames = Some(frames);
+            record.artifact = written.artifact.file_name().map(|n| n.to_string_lossy().into_owned());
+            record.study_uid = written.study_uid;
+            record.laterality = written.laterality;
+            record.deid_ms = Some(started.elapsed().as_millis() as u64);
+            me.store.transition(&record, None)?;
+            // The de-identified artefact is committed; the identified original may go. Its
+            // identity stays in the sealed linkage.
+            let _ = std::fs::remove_file(&spooled);
+            let _ = crate::fsutil::sync_dir(&me.dirs.spool);
+            tracing::info!(scan_id = %id, frames, "de-identified");
+            Ok(record)
+        })
+        .await??;
+        Ok(Some(next))
+    }
+
+    fn classify_step(&self, mut record: ScanRecord, queue_ms: u64) -> Result<(), PipelineError> {
+        let id = record.scan_id;
+        let artifact = self.dirs.deid.join(record.artifact.clone().unwrap_or_default());
+        let started = Instant::now();
+        let mut retried = false;
+        let (classification, model) = loop {
+            // The scan keeps this model until its result is written, whatever is swapped in meanwhile.
+            let model = self.updater.current().ok_or_else(|| PipelineError::Transient("no model is loaded".into()))?;
+            let busy = self.updater.inference_started(&model);
+            match model.classifier.classify_artifact(&artifact) {
+                Ok(c) => break (c, (model, busy)),
+                Err(e @ InferError::Input(_)) => {
+                    drop(busy);
+                    tracing::error!(scan_id = %id, error = %e, "classification failed");
+                    return self.quarantine(record, EventKind::Rejected, codes::UNDECODABLE, &e.to_string());
+                }
+                Err(e) => {
+                    drop(busy);
+                    // A new model failing is the model's fault: roll it back and classify again.
+                    if !retried && self.updater.model_failed(&model, &e.to_string()) {
+                        retried = true;
+                        continue;
+                    }
+                    tracing::error!(scan_id = %id, error = %e, "classification failed");
+                    return self.quarantine(record, EventKind::Rejected, codes::INFERENCE_FAILED, &e.to_string());
+                }
+            }
+        };
+        let (model, busy) = model;
+        let infer_ms = started.elapsed().as_millis() as u64;
+        let now = now_ms();
+        let kind = record.kind.ok_or_else(|| PipelineError::Transient("de-identified scan without input kind".into()))?;
+        let message = ResultMessage {
+            schema: RESULT_SCHEMA.into(),
+            scan_id: id,
+            site: self.config.device.site.clone(),
+            device: self.config.device.id.clone(),
+            received_at: rfc3339_ms(record.received_at_ms),
+            classified_at: rfc3339_ms(now),
+            input_kind: kind,
+            study_uid: record.study_uid.clone(),
+            laterality: record.laterality.clone(),
+            classification: classification.clone(),
+            model: model.classifier.stamp().clone(),
+            timings_ms: StageTimings {
+                queue_ms,
+                deid_ms: record.deid_ms.unwrap_or(0),
+                infer_ms,
+                total_ms: now.saturating_sub(record.received_at_ms),
+            },
+        };
+        let outbox = OutboxMessage {
+            topic: self.topics.result(id),
+            payload: serde_json::to_string(&message).map_err(|e| PipelineError::Transient(e.to_string()))?,
+            retain: false,
+            completes_scan: Some(id),
+        };
+        record.state = ScanState::Classified;
+        record.label = Some(classification.label.clone());
+        record.priority = Some(classification.priority);
+        self.store.transition(&record, Some(&outbox))?;
+        self.telemetry.scan_classified(&message.timings_ms);
+        if let Some(busy) = busy {
+            busy.succeeded();
+        }
+        tracing::info!(scan_id = %id, model = %model.classifier.stamp().version, label = %classification.label, confidence = classification.confidence,
+            needs_review = classification.needs_review, infer_ms, "classified");
+        Ok(())
+    }
+
+    async fn quarantine_async(
+        self: &Arc<Self>,
+        record: ScanRecord,
+        kind: EventKind,
+        code: &str,
+        detail: &str,
+    ) -> Result<Option<ScanRecord>, PipelineError> {
+        let (me, code, detail) = (self.clone(), code.to_string(), detail.to_string());
+        blocking(move || me.quarantine(record, kind, &code, &detail)).await??;
+        Ok(None)
+    }
+
+    /// Move the input aside with a reason file, record it, and announce it — in that order,
+    /// so a crash in between is finished by the next start (see `deidentify_step`).
+    pub fn quarantine(
+        &self,
+        mut record: ScanRecord,
+        kind: EventKind,
+        code: &str,
+        detail: &str,
+    ) -> Result<(), PipelineError> {
+        let id = record.scan_id;
+        let spooled = self.dirs.spool.join(id.to_string());
+        let reason =
+            QuarantineReason { scan_id: id, code: code.into(), detail: detail.into(), kind, at: rfc3339_ms(now_ms()) };
+        // The reason is recorded in the store even when the disk is too full for the file.
+        if let Err(e) = self.quarantine.admit(&spooled, &reason) {
+            tracing::error!(scan_id = %id, error = %e, "cannot write the quarantine folder; recording the reason in the store");
+        }
+        if let Some(artifact) = &record.artifact {
+            let _ = std::fs::remove_file(self.dirs.deid.join(artifact));
+        }
+        record.state = ScanState::Quarantined;
+        record.reason = Some(format!("{code}: {detail}"));
+        let event = self.event(kind, Some(id), code, detail);
+        self.store.transition(&record, Some(&event))?;
+        self.wake.notify_one();
+        let outcome = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_owned));
+        self.telemetry.scan_quarantined(outcome.as_deref().unwrap_or("quarantined"));
+        tracing::warn!(scan_id = %id, code, "quarantined");
+        Ok(())
+    }
+
+    pub fn event(&self, kind: EventKind, scan_id: Option<ScanId>, code: &str, detail: &str) -> OutboxMessage {
+        event_message(&self.topics, kind, scan_id, code, detail)
+    }
+}
+
+/// An event as the outbox message that announces it.
+pub fn event_message(topics: &Topics, kind: EventKind, scan_id: Option<ScanId>, code: &str, detail: &str) -> OutboxMessage {
+    mqtt::event_outbox(topics, &EventMessage { scan_id, ..topics.event(kind, code, detail) })
+}
+
+/// Backoff for a scan whose step failed through no fault of its own: 1 s, 2 s, 4 s … 60 s.
+pub fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.min(6)).min(Duration::from_secs(60))
+}
