@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use common::dicom::{self as fixture, Pixels};
 use common::{
     drop_file, events, free_port, mosquitto_available, repo, results, Mosquitto, Octd, OctdOptions, Subscriber,
 };
@@ -429,9 +430,31 @@ fn crash_loop_after_an_install_rolls_back_and_the_bad_model_stays_out() {
     d.channel.add(&d.channel.pack(&variant, "0.3.0"));
     d.notice();
     d.wait_model_event("model_installed", "installed", Some("0.3.0"));
-    // The process dies before the new model passes its health gate, start after start: the
-    // third start finds two uncommitted starts behind it.
+    // Killed while idle: no evidence against the new model, however often.
     for _ in 0..3 {
+        d.octd.kill9();
+        d.octd.start();
+        d.octd.wait_ready();
+    }
+    assert_eq!(d.classify_one(), "0.3.0", "kills while idle are not a crash loop");
+    // The process dies while the new model classifies a volume, start after start: the
+    // third start finds two such deaths behind it.
+    let images = common::shared_oct_images().expect("shared scans");
+    let frames: Vec<Vec<u8>> = (0..64).map(|i| fixture::grey_frame(&images[i % images.len()].0, 512, 496)).collect();
+    let volume = fixture::build(fixture::Spec::plain(
+        fixture::OPT_SOP_CLASS,
+        Pixels::Native { width: 512, height: 496, frames },
+    ));
+    for round in 0..2 {
+        let before = d.octd.plain_log().matches("frames=64").count();
+        drop_file(&d.octd.inbox, &format!("volume-{round}.dcm"), &volume);
+        let deadline = Instant::now() + MINUTE;
+        while d.octd.plain_log().matches("frames=64").count() <= before {
+            assert!(Instant::now() < deadline, "the volume was not de-identified");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // 64 B-scans take more than a second of inference: die in the middle of it.
+        std::thread::sleep(Duration::from_millis(300));
         d.octd.kill9();
         d.octd.start();
         d.octd.wait_ready();
@@ -550,4 +573,51 @@ fn swap_and_rollback_under_load_lose_no_scan_and_stamp_every_result() {
     let mut by_time: Vec<&serde_json::Value> = all.values().collect();
     by_time.sort_by_key(|r| r["classified_at"].as_str().unwrap().to_string());
     assert!(by_time.iter().rev().take(5).all(|r| r["model"]["version"] == "0.2.0"), "after the rollback: 0.2.0");
+}
+
+#[test]
+fn power_flapping_before_the_first_health_gate_keeps_the_model_and_every_scan() {
+    // A fresh device whose first model is pending its health gate all along, killed again
+    // and again from its first second while a backlog is processed.
+    let gate = "max_boot_attempts = 3\ncommit_after_scans = 100000\ncommit_after = \"1h\"\n";
+    let Some(mut d) = Device::new(2, gate) else { return };
+    let total = 200;
+    for _ in 0..total {
+        d.scan();
+    }
+    d.octd.start();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..24 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(150 + seed % 1200));
+        d.octd.kill9();
+        d.octd.start();
+    }
+    d.octd.wait_ready();
+    let accounted = |m: &[common::Message]| {
+        let rejected: std::collections::HashSet<String> = events(m)
+            .into_iter()
+            .filter(|e| e["kind"] == "rejected")
+            .map(|e| e["scan_id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        results(m).len() + rejected.len()
+    };
+    let messages = d.sub.wait_until(Duration::from_secs(300), |m| accounted(m) >= total, "every scan accounted for");
+    assert_eq!(accounted(&messages), total, "each scan once: a result or a reason");
+    let rejected: Vec<serde_json::Value> = events(&messages).into_iter().filter(|e| e["kind"] == "rejected").collect();
+    assert!(rejected.iter().all(|e| e["code"] == "poison_scan"), "only scans in hand at repeated deaths: {rejected:?}");
+    assert!(
+        results(&messages).len() >= total - 4,
+        "almost every scan classified: {} of {total}",
+        results(&messages).len()
+    );
+    assert!(results(&messages).values().all(|r| r["model"]["version"] == "0.2.0"));
+    assert!(
+        !events(&messages).iter().any(|e| e["kind"] == "model_rolled_back" || e["kind"] == "model_refused"),
+        "the only model is never refused"
+    );
+    assert_eq!(std::fs::read_dir(&d.octd.inbox).unwrap().count(), 0);
+    assert_eq!(d.classify_one(), "0.2.0", "still classifying after the storm");
 }

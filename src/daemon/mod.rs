@@ -144,6 +144,9 @@ async fn run_until(
             return Err(e.into());
         }
     };
+    // The publisher said "online" before a model was loaded; now name it.
+    store.enqueue(&crate::mqtt::status_message(&topics, updater.slot().stamp().as_ref()))?;
+    wake.notify_one();
     let update_loop = {
         let updater = updater.clone();
         let notices_rx = Arc::new(Mutex::new(notices_rx));
@@ -168,8 +171,9 @@ async fn run_until(
         limits: InputLimits::from(&config.ingest),
     });
     let decoders = Arc::new(WorkerSettings {
-        program: std::env::current_exe()
-            .map_err(|e| DaemonError::Config(format!("cannot find octd's own executable for its decoder worker: {e}")))?,
+        program: std::env::current_exe().map_err(|e| {
+            DaemonError::Config(format!("cannot find octd's own executable for its decoder worker: {e}"))
+        })?,
         memory_bytes: config.pipeline.decoder_memory_bytes,
         cpu_seconds: config.pipeline.decoder_cpu_time.as_secs().max(1),
         timeout: config.pipeline.decoder_timeout,

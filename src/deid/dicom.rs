@@ -8,8 +8,8 @@ use dicom_core::header::Header;
 use dicom_core::value::{PrimitiveValue, Value};
 use dicom_core::{DataElement, Length, Tag, VR};
 use dicom_dictionary_std::tags;
-use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::file::ReadPreamble;
+use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::{FileDicomObject, FileMetaTable, InMemDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
 use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
@@ -85,14 +85,18 @@ pub(super) fn deidentify(
     // reader recurses into sequences and reserves what lengths declare).
     super::walk::check(input, &ts_uid)?;
 
-    let obj: Obj = OpenFileOptions::new().read_preamble(ReadPreamble::Never).from_reader(&input[128..]).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("end of file") || msg.contains("UnexpectedEof") || msg.contains("failed to fill whole buffer") {
-            DeidError::Truncated(format!("DICOM data set: {msg}"))
-        } else {
-            DeidError::Corrupt(format!("DICOM data set: {msg}"))
-        }
-    })?;
+    let obj: Obj =
+        OpenFileOptions::new().read_preamble(ReadPreamble::Never).from_reader(&input[128..]).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("end of file")
+                || msg.contains("UnexpectedEof")
+                || msg.contains("failed to fill whole buffer")
+            {
+                DeidError::Truncated(format!("DICOM data set: {msg}"))
+            } else {
+                DeidError::Corrupt(format!("DICOM data set: {msg}"))
+            }
+        })?;
 
     let frames = check_pixel_data(&obj, encapsulated, limits)?;
 

@@ -98,9 +98,7 @@ fn long_form(vr: &[u8; 2]) -> bool {
 }
 
 fn is_sequence_in_dictionary(group: u16, element: u16) -> bool {
-    StandardDataDictionary
-        .by_tag(dicom_core::Tag(group, element))
-        .is_some_and(|e| e.vr() == VirtualVr::Exact(VR::SQ))
+    StandardDataDictionary.by_tag(dicom_core::Tag(group, element)).is_some_and(|e| e.vr() == VirtualVr::Exact(VR::SQ))
 }
 
 /// Check `file` (preamble, `DICM`, meta group, data set) encoded with transfer syntax `ts`.

@@ -107,7 +107,7 @@ fn inject_fault(bytes: &[u8]) {
             fn deeper(n: u64, pad: &mut [u8; 4096]) -> u64 {
                 pad[(n % 4096) as usize] = n as u8;
                 let mut next = [0u8; 4096];
-                deeper(n + 1, &mut next) + u64::from(pad[0])
+                deeper(n + 1, std::hint::black_box(&mut next)) + u64::from(pad[0])
             }
             let mut pad = [0u8; 4096];
             std::hint::black_box(deeper(0, &mut pad));
@@ -123,11 +123,14 @@ fn inject_fault(bytes: &[u8]) {
         b"hang" => loop {
             std::hint::black_box(0u64);
         },
+        b"sleep" => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
         b"escape" => {
             // Try what a compromised decoder would: read a file, open a socket.
             let file = std::fs::read("/etc/hostname").is_ok() || std::fs::read("/proc/self/status").is_ok();
-            let socket = std::net::TcpStream::connect("127.0.0.1:9").is_ok()
-                || std::net::UdpSocket::bind("127.0.0.1:0").is_ok();
+            let socket =
+                std::net::TcpStream::connect("127.0.0.1:9").is_ok() || std::net::UdpSocket::bind("127.0.0.1:0").is_ok();
             if file || socket {
                 panic!("the sandbox let a decoder open a file or a socket");
             }

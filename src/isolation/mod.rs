@@ -235,7 +235,10 @@ impl Decoder {
         match signal {
             Some(libc::SIGXCPU) => IsolationError::Killed {
                 code: "timeout",
-                detail: format!("decoding used more than {} s of CPU; the kernel stopped the worker", self.settings.cpu_seconds),
+                detail: format!(
+                    "decoding used more than {} s of CPU; the kernel stopped the worker",
+                    self.settings.cpu_seconds
+                ),
             },
             Some(libc::SIGKILL) => IsolationError::Killed {
                 code: "memory_limit",

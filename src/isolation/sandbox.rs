@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 
 use rustix::process::{setrlimit, Resource, Rlimit};
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 
 /// The system calls a de-identification needs once its input is in memory.
-const ALLOWED: &[libc::c_long] = &[
+// Syscall numbers are `c_long`, which is i64 on every 64-bit Linux octd runs on.
+const ALLOWED: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_close,
@@ -45,8 +45,7 @@ pub fn confine(memory_bytes: u64) -> Result<String, String> {
     setrlimit(Resource::As, Rlimit { current: Some(memory_bytes), maximum: Some(memory_bytes) })
         .map_err(|e| format!("address-space limit: {e}"))?;
     // A core dump of a decoder holds the scan: none.
-    setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })
-        .map_err(|e| format!("core limit: {e}"))?;
+    setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) }).map_err(|e| format!("core limit: {e}"))?;
     rustix::thread::set_no_new_privs(true).map_err(|e| format!("no_new_privs: {e}"))?;
     let Ok(arch) = TargetArch::try_from(std::env::consts::ARCH) else {
         return Ok(format!("rlimits, no_new_privs (no seccomp filter for {})", std::env::consts::ARCH));
@@ -57,7 +56,7 @@ pub fn confine(memory_bytes: u64) -> Result<String, String> {
 }
 
 fn filter(arch: TargetArch) -> Result<BpfProgram, String> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|&n| (n as i64, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|&n| (n, vec![])).collect();
     // prlimit64(0, RLIMIT_CPU, ...) only: the worker sets its own CPU budget per scan, and
     // can touch no other limit of its own or any limit of another process.
     let own_cpu_limit = SeccompRule::new(vec![
@@ -66,7 +65,7 @@ fn filter(arch: TargetArch) -> Result<BpfProgram, String> {
             .map_err(|e| e.to_string())?,
     ])
     .map_err(|e| e.to_string())?;
-    rules.insert(libc::SYS_prlimit64 as i64, vec![own_cpu_limit]);
+    rules.insert(libc::SYS_prlimit64, vec![own_cpu_limit]);
     let filter = SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch)
         .map_err(|e| format!("seccomp filter: {e}"))?;
     filter.try_into().map_err(|e: seccompiler::BackendError| format!("seccomp program: {e}"))

@@ -213,7 +213,8 @@ impl Pipeline {
         let (model, busy) = model;
         let infer_ms = started.elapsed().as_millis() as u64;
         let now = now_ms();
-        let kind = record.kind.ok_or_else(|| PipelineError::Transient("de-identified scan without input kind".into()))?;
+        let kind =
+            record.kind.ok_or_else(|| PipelineError::Transient("de-identified scan without input kind".into()))?;
         let message = ResultMessage {
             schema: RESULT_SCHEMA.into(),
             scan_id: id,
@@ -301,7 +302,13 @@ impl Pipeline {
 }
 
 /// An event as the outbox message that announces it.
-pub fn event_message(topics: &Topics, kind: EventKind, scan_id: Option<ScanId>, code: &str, detail: &str) -> OutboxMessage {
+pub fn event_message(
+    topics: &Topics,
+    kind: EventKind,
+    scan_id: Option<ScanId>,
+    code: &str,
+    detail: &str,
+) -> OutboxMessage {
     mqtt::event_outbox(topics, &EventMessage { scan_id, ..topics.event(kind, code, detail) })
 }
 

@@ -280,8 +280,10 @@ impl Updater {
                 let trying = trying.clone();
                 state.trying = None;
                 state.refused.insert(trying.bundle_sha256.clone());
-                let detail =
-                    format!("the daemon died {} times while loading and self-testing {}", trying.deaths, trying.version);
+                let detail = format!(
+                    "the daemon died {} times while loading and self-testing {}",
+                    trying.deaths, trying.version
+                );
                 let event = self.event(
                     EventKind::ModelRefused,
                     "crash_loop",
@@ -341,7 +343,8 @@ impl Updater {
                     p.boots = 0;
                 }
                 state.alarm = Some(why.clone());
-                let event = self.event(EventKind::Alarm, "model_kept_without_fallback", &why, Some(&active), Some(&active));
+                let event =
+                    self.event(EventKind::Alarm, "model_kept_without_fallback", &why, Some(&active), Some(&active));
                 self.persist(&state, Some((&event, None)))?;
                 tracing::error!(version = %active, why, "model kept without a fallback");
                 self.slot.replace(Arc::new(ActiveModel { classifier, bundle_version: Some(active) }));
@@ -412,7 +415,10 @@ impl Updater {
             good >= self.config.update.commit_after_scans
         };
         if due {
-            self.commit(version, &format!("{} scans classified without a model failure", self.config.update.commit_after_scans));
+            self.commit(
+                version,
+                &format!("{} scans classified without a model failure", self.config.update.commit_after_scans),
+            );
         }
     }
 

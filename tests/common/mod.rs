@@ -398,6 +398,25 @@ impl Octd {
         std::fs::read_to_string(self.root.join("octd.log")).unwrap_or_default()
     }
 
+    /// The log without its terminal colours, for matching `field=value`.
+    pub fn plain_log(&self) -> String {
+        let log = self.log();
+        let mut out = String::with_capacity(log.len());
+        let mut chars = log.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
     pub fn quarantine_reasons(&self) -> Vec<serde_json::Value> {
         let dir = self.state.join("quarantine");
         let mut out = Vec::new();

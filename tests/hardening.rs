@@ -1,0 +1,181 @@
+//! One file or one power cut must not stop the device: decoders that crash, hang or exhaust
+//! memory in the sandboxed worker cost only their scan; a scan in hand at repeated daemon
+//! deaths is set aside; a full disk stops intake without stopping the daemon. Real daemon,
+//! real Mosquitto, real scans (the faults are injected into real JPEGs through the
+//! `OCTD_FAULT_INJECTION` switch, since no known input crashes the decoders).
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::dicom::{self as fixture, Pixels};
+use common::{drop_file, events, results, Rig};
+
+/// A real JPEG with a comment segment right after SOI.
+fn with_comment(jpeg: &[u8], comment: &str) -> Vec<u8> {
+    assert_eq!(&jpeg[..2], &[0xFF, 0xD8]);
+    let mut out = jpeg[..2].to_vec();
+    out.extend_from_slice(&[0xFF, 0xFE]);
+    out.extend_from_slice(&((comment.len() + 2) as u16).to_be_bytes());
+    out.extend_from_slice(comment.as_bytes());
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+fn rejected(messages: &[common::Message]) -> Vec<serde_json::Value> {
+    events(messages).into_iter().filter(|e| e["kind"] == "rejected").collect()
+}
+
+fn volume(images: &[(PathBuf, String)], frames: usize) -> Vec<u8> {
+    let frames: Vec<Vec<u8>> =
+        (0..frames).map(|i| fixture::grey_frame(&images[i % images.len()].0, 512, 496)).collect();
+    fixture::build(fixture::Spec::plain(fixture::OPT_SOP_CLASS, Pixels::Native { width: 512, height: 496, frames }))
+}
+
+#[test]
+fn a_crashing_hanging_or_exhausted_decoder_costs_only_its_scan() {
+    let Some(mut rig) = Rig::new(1, "oct/#") else { return };
+    for (k, v) in [
+        ("OCTD_FAULT_INJECTION", "1"),
+        ("OCTD_PIPELINE__DECODER_CPU_TIME", "2s"),
+        ("OCTD_PIPELINE__DECODER_TIMEOUT", "5s"),
+        ("OCTD_PIPELINE__DECODER_MEMORY_BYTES", "536870912"),
+        ("OCTD_INGEST__MAX_FILE_BYTES", "67108864"),
+        ("OCTD_INGEST__MAX_DECODED_BYTES", "134217728"),
+    ] {
+        rig.octd.env.push((k.into(), v.into()));
+    }
+    rig.octd.start();
+    rig.octd.wait_ready();
+    let pid = rig.octd.pid();
+    let faults = ["abort", "hang", "sleep", "oom", "stack", "panic"];
+    let expected =
+        ["processor_crashed", "timeout", "timeout", "memory_limit", "processor_crashed", "processor_crashed"];
+    let mut good = 0;
+    let drop_good = |rig: &Rig, n: &mut usize| {
+        drop_file(&rig.octd.inbox, &format!("good-{n}.jpeg"), &rig.image(*n));
+        *n += 1;
+        std::thread::sleep(Duration::from_millis(400));
+    };
+    drop_good(&rig, &mut good);
+    for fault in faults {
+        let bytes = with_comment(&rig.image(good), &format!("OCTD-FAULT:{fault}"));
+        drop_file(&rig.octd.inbox, &format!("fault-{fault}.jpeg"), &bytes);
+        std::thread::sleep(Duration::from_millis(400));
+        drop_good(&rig, &mut good);
+    }
+    // A decoder that tries to open a file or a socket is refused by the sandbox, and its
+    // (valid) scan is still classified.
+    let escape = with_comment(&rig.image(0), "OCTD-FAULT:escape");
+    drop_file(&rig.octd.inbox, "fault-escape.jpeg", &escape);
+    let messages = rig.sub.wait_until(
+        Duration::from_secs(180),
+        |m| results(m).len() > good && rejected(m).len() >= faults.len(),
+        "a result per good scan and a rejection per fault",
+    );
+    let codes: Vec<String> = rejected(&messages).iter().map(|e| e["code"].as_str().unwrap().to_string()).collect();
+    assert_eq!(codes, expected, "each fault quarantined with its reason, in order");
+    let details: Vec<String> = rejected(&messages).iter().map(|e| e["detail"].as_str().unwrap().to_string()).collect();
+    assert!(details[4].contains("stack overflow"), "the stack overflow is named: {}", details[4]);
+    assert!(details[1].contains("CPU"), "the busy hang meets the CPU limit: {}", details[1]);
+    assert!(details[2].contains("longer than"), "the blocked hang meets the wall clock: {}", details[2]);
+    assert_eq!(results(&messages).len(), good + 1, "every good scan and the sandboxed one classified");
+    assert_eq!(rig.octd.pid(), pid, "the daemon itself never died");
+    let reasons = rig.octd.quarantine_reasons();
+    assert_eq!(reasons.len(), faults.len());
+    assert!(rig.octd.stop().success());
+}
+
+#[test]
+fn a_scan_in_hand_at_repeated_daemon_deaths_is_set_aside_as_poison() {
+    let Some(mut rig) = Rig::new(1, "oct/#") else { return };
+    rig.octd.env.push(("OCTD_PIPELINE__MAX_ATTEMPTS".into(), "2".into()));
+    rig.octd.start();
+    rig.octd.wait_ready();
+    drop_file(&rig.octd.inbox, "volume.dcm", &volume(&rig.images, 96));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !rig.octd.plain_log().contains("frames=96") {
+        assert!(Instant::now() < deadline, "the volume was not de-identified:\n{}", rig.octd.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Dies while classifying it (96 B-scans take seconds), then again once it resumed.
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(400));
+        rig.octd.kill9();
+        rig.octd.start();
+        rig.octd.wait_ready();
+    }
+    drop_file(&rig.octd.inbox, "after.jpeg", &rig.image(0));
+    let messages = rig.sub.wait_until(
+        Duration::from_secs(120),
+        |m| !results(m).is_empty() && rejected(m).iter().any(|e| e["code"] == "poison_scan"),
+        "the poison scan set aside and the next scan classified",
+    );
+    let poison = rejected(&messages).into_iter().find(|e| e["code"] == "poison_scan").unwrap();
+    assert!(poison["detail"].as_str().unwrap().contains("2 times"), "{poison}");
+    let classified: Vec<String> = results(&messages).keys().cloned().collect();
+    assert!(!classified.contains(&poison["scan_id"].as_str().unwrap().to_string()));
+    assert!(rig.octd.stop().success());
+}
+
+/// A small filesystem for the state folder (tmpfs), unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size_mib: u32) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(at)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run");
+            return None;
+        }
+        Some(SmallDisk(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_intake_without_stopping_the_daemon_and_nothing_is_lost() {
+    let Some(mut rig) = Rig::new(1, "oct/#") else { return };
+    let Some(_disk) = SmallDisk::mount(&rig.octd.state, 24) else { return };
+    rig.octd.env.push(("OCTD_INGEST__MIN_FREE_BYTES".into(), (4u64 << 20).to_string()));
+    rig.octd.start();
+    rig.octd.wait_ready();
+    let pid = rig.octd.pid();
+    // Fill the state folder's filesystem to 2 MiB, below the intake floor.
+    let filler = rig.octd.state.join("filler");
+    let free = fs4::available_space(&rig.octd.state).unwrap();
+    std::fs::write(&filler, vec![0u8; (free - (2 << 20)) as usize]).unwrap();
+    for i in 0..5 {
+        drop_file(&rig.octd.inbox, &format!("scan-{i}.jpeg"), &rig.image(i));
+    }
+    let messages = rig.sub.wait_until(
+        Duration::from_secs(60),
+        |m| events(m).iter().any(|e| e["kind"] == "alarm" && e["code"] == "disk_low"),
+        "the disk alarm",
+    );
+    assert!(results(&messages).is_empty(), "nothing claimed onto a full disk");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(std::fs::read_dir(&rig.octd.inbox).unwrap().count(), 5, "the scans wait in the export folder");
+    assert_eq!(rig.octd.pid(), pid, "the daemon is still running");
+    std::fs::remove_file(&filler).unwrap();
+    let messages =
+        rig.sub.wait_until(Duration::from_secs(120), |m| results(m).len() >= 5, "every scan once space is back");
+    assert!(events(&messages).iter().any(|e| e["kind"] == "alarm_cleared" && e["code"] == "disk_low"));
+    let ids: HashSet<String> = results(&messages).keys().cloned().collect();
+    assert_eq!(ids.len(), 5);
+    assert!(rig.octd.stop().success());
+}
