@@ -471,8 +471,11 @@ impl Config {
         if !self.mqtt.url.is_empty() {
             let address = crate::mqtt::BrokerAddress::parse(&self.mqtt.url)
                 .map_err(|reason| ConfigError::Invalid { field: "mqtt.url", reason })?;
-            if address.tls {
-                check_trust_store(self.mqtt.ca_file.as_deref())?;
+            if address.tls && self.mqtt.ca_file.is_none() {
+                return invalid(
+                    "mqtt.ca_file",
+                    "mqtts:// needs mqtt.ca_file (the CA that signed the broker's certificate)",
+                );
             }
         }
         if self.mqtt.client_cert.is_some() != self.mqtt.client_key.is_some() {
@@ -504,6 +507,18 @@ impl Config {
     /// The telemetry endpoint's address, when it is on.
     pub fn telemetry_address(&self) -> Option<SocketAddr> {
         self.telemetry.listen.parse().ok()
+    }
+
+    /// The files the settings name must be usable on this machine (the daemon and `octd
+    /// config check` ask; provisioning for another root does not). Today: an `mqtts://`
+    /// broker's CA file must hold a certificate, or the publisher could never connect while
+    /// the device looked ready.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let tls = crate::mqtt::BrokerAddress::parse(&self.mqtt.url).is_ok_and(|a| a.tls);
+        if tls {
+            check_trust_store(self.mqtt.ca_file.as_deref())?;
+        }
+        Ok(())
     }
 
     /// This device's topic names.
@@ -588,5 +603,27 @@ mod tests {
         std::fs::write(&path, "[update]\nrepository = \"ftp://x/y\"\n").unwrap();
         assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "update.repository", .. })));
         assert!(matches!(Config::load(Some(&dir.path().join("nope.toml"))), Err(ConfigError::Missing(_))));
+    }
+
+    #[test]
+    fn mqtts_without_a_usable_trust_store_is_a_configuration_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("octd.toml");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&path, "[mqtt]\nurl = \"mqtts://broker:8883\"\n").unwrap();
+        assert!(matches!(Config::load(Some(&path)), Err(ConfigError::Invalid { field: "mqtt.ca_file", .. })));
+        let with_ca = format!("[mqtt]\nurl = \"mqtts://broker:8883\"\nca_file = \"{}\"\n", ca.display());
+        std::fs::write(&path, with_ca).unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        assert!(matches!(config.check_files(), Err(ConfigError::Invalid { field: "mqtt.ca_file", .. })));
+        std::fs::write(&ca, "not a certificate").unwrap();
+        assert!(matches!(config.check_files(), Err(ConfigError::Invalid { field: "mqtt.ca_file", .. })));
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+        assert!(config.check_files().is_ok());
+        std::fs::write(&path, "[pipeline]\ndecoder_memory_bytes = 1048576\n").unwrap();
+        assert!(matches!(
+            Config::load(Some(&path)),
+            Err(ConfigError::Invalid { field: "pipeline.decoder_memory_bytes", .. })
+        ));
     }
 }

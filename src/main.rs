@@ -292,6 +292,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
+    if matches!(cli.command, Command::Run | Command::Config { .. }) {
+        if let Err(e) = config.check_files() {
+            eprintln!("octd: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    }
     match cli.command {
         Command::Run => {
             init_logging();

@@ -71,6 +71,7 @@ fn stopped_status(config: &Config) -> Result<Value, String> {
             None => model.as_ref().and_then(|m| m.active.clone()).map(|v| json!({"version": v})),
         },
         "model_pending": model.as_ref().is_some_and(|m| m.pending.is_some()),
+        "model_alarm": model.as_ref().and_then(|m| m.alarm.clone()),
         "backend": config.model.backend,
         "outbox": {
             "messages": counts.outbox,
@@ -99,6 +100,9 @@ pub fn human(report: &Value) -> String {
         if report["model_pending"].as_bool() == Some(true) { " (pending health gate)" } else { "" },
         s(&report["backend"])
     ));
+    if let Some(alarm) = report["model_alarm"].as_str() {
+        out.push(format!("model alarm: {alarm}"));
+    }
     if report["queue"].is_object() {
         out.push(format!(
             "queue:    {}/{} waiting, {}/{} workers busy",

@@ -97,6 +97,18 @@ fn long_form(vr: &[u8; 2]) -> bool {
     matches!(vr, b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV")
 }
 
+/// The VR and value length of an explicit-VR element header (the tag already read).
+fn explicit_vr_and_length(r: &mut Reader<'_>) -> Result<([u8; 2], u32), DeidError> {
+    let vr = r.take::<2>("VR")?;
+    let len = if long_form(&vr) {
+        r.take::<2>("header")?;
+        r.u32("length")?
+    } else {
+        u32::from(r.u16("length")?)
+    };
+    Ok((vr, len))
+}
+
 fn is_sequence_in_dictionary(group: u16, element: u16) -> bool {
     StandardDataDictionary.by_tag(dicom_core::Tag(group, element)).is_some_and(|e| e.vr() == VirtualVr::Exact(VR::SQ))
 }
@@ -113,13 +125,7 @@ pub fn check(file: &[u8], ts: &str) -> Result<(), DeidError> {
     while r.remaining() >= 2 && u16::from_le_bytes([file[r.pos], file[r.pos + 1]]) == 0x0002 {
         let group = r.u16("meta group tag")?;
         let element = r.u16("meta group tag")?;
-        let vr = r.take::<2>("meta group VR")?;
-        let len = if long_form(&vr) {
-            r.take::<2>("meta group header")?;
-            r.u32("meta group length")?
-        } else {
-            u32::from(r.u16("meta group length")?)
-        };
+        let (_, len) = explicit_vr_and_length(&mut r)?;
         if len == UNDEFINED {
             return Err(DeidError::Corrupt("undefined length in the file meta group".into()));
         }
@@ -207,13 +213,7 @@ fn walk(r: &mut Reader<'_>, implicit_data_set: bool) -> Result<(), DeidError> {
             let len = r.u32("length")?;
             (len == UNDEFINED || is_sequence_in_dictionary(group, element), false, len)
         } else {
-            let vr = r.take::<2>("VR")?;
-            let len = if long_form(&vr) {
-                r.take::<2>("header")?;
-                r.u32("length")?
-            } else {
-                u32::from(r.u16("length")?)
-            };
+            let (vr, len) = explicit_vr_and_length(r)?;
             (&vr == b"SQ" || (&vr == b"UN" && len == UNDEFINED), &vr == b"UN", len)
         };
         if (group, element) == (0x7FE0, 0x0010) && len == UNDEFINED {

@@ -251,6 +251,8 @@ pub struct StatusReport {
     pub uptime_s: u64,
     pub model: Option<ModelStamp>,
     pub model_pending: bool,
+    /// Why the active model runs although its health gate failed (nothing to roll back to).
+    pub model_alarm: Option<String>,
     pub backend: Option<String>,
     pub queue: QueueReport,
     pub outbox: OutboxReport,
@@ -373,6 +375,7 @@ impl Sources {
             backend: model.as_ref().map(|m| m.backend.clone()),
             model,
             model_pending,
+            model_alarm: self.updater.state().alarm,
             queue: QueueReport { depth, capacity, workers_busy: t.busy_workers(), workers: t.workers.len() },
             outbox: OutboxReport { messages: counts.outbox, oldest_age_s },
             scans: counts.by_state,
