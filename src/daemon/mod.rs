@@ -307,7 +307,7 @@ async fn work(
         pipeline.telemetry.worker_busy(worker, true);
         let mut attempt = 0;
         loop {
-            match pipeline.process(&mut decoder, job).await {
+            match pipeline.process(&mut decoder, job, attempt > 0).await {
                 Ok(()) => break,
                 Err(PipelineError::Store(StoreError::UnknownScan(_))) => break,
                 Err(e) => {

@@ -17,6 +17,7 @@ pub const EXIT_SANDBOX: i32 = 4;
 
 /// Runs the worker; returns its exit status.
 pub fn serve(memory_bytes: u64) -> i32 {
+    let cpu_hard = sandbox::cpu_hard_limit();
     let sandbox = match sandbox::confine(memory_bytes) {
         Ok(s) => s,
         Err(e) => {
@@ -42,7 +43,7 @@ pub fn serve(memory_bytes: u64) -> i32 {
             Ok(Some((Header::Job { cpu_seconds }, bytes))) => (cpu_seconds, bytes),
             Ok(Some(_)) | Err(_) => return EXIT_PROTOCOL,
         };
-        if let Err(e) = sandbox::cpu_budget(cpu_seconds) {
+        if let Err(e) = sandbox::cpu_budget(cpu_seconds, cpu_hard) {
             let _ = writeln!(std::io::stderr(), "octd worker: {e}");
             return EXIT_SANDBOX;
         }

@@ -88,6 +88,14 @@ impl Decoder {
     }
 
     async fn start(&mut self) -> Result<&mut Running, IsolationError> {
+        // A worker that died while idle (the kernel's OOM killer, an operator) is replaced
+        // here, so its death is not blamed on the next scan.
+        if let Some(running) = self.running.as_mut() {
+            if !matches!(running.child.try_wait(), Ok(None)) {
+                tracing::warn!("the decoder worker died while idle; starting a new one");
+                self.running = None;
+            }
+        }
         if self.running.is_none() {
             let s = &self.settings;
             let mut child = Command::new(&s.program)
@@ -131,6 +139,10 @@ impl Decoder {
                 Ok((Header::Hello { sandbox, .. }, _)) => sandbox,
                 Ok(_) => return Err(IsolationError::Unavailable("the worker spoke out of turn".into())),
                 Err(e) => {
+                    // Close its stdin and stop it first: a worker waiting for its setup
+                    // would never exit on its own.
+                    drop(stdin);
+                    let _ = child.start_kill();
                     let status = child.wait().await.ok().and_then(|s| s.code());
                     return Err(IsolationError::Unavailable(format!(
                         "the worker did not start ({e}; exit status {status:?})"

@@ -71,10 +71,16 @@ fn filter(arch: TargetArch) -> Result<BpfProgram, String> {
     filter.try_into().map_err(|e: seccompiler::BackendError| format!("seccomp program: {e}"))
 }
 
+/// The hard CPU limit the service manager set (`LimitCPU=`), read before confinement.
+pub fn cpu_hard_limit() -> Option<u64> {
+    rustix::process::getrlimit(Resource::Cpu).maximum
+}
+
 /// Let the next scan use `seconds` of CPU from now on; past that the kernel sends SIGXCPU.
-pub fn cpu_budget(seconds: u64) -> Result<(), String> {
+/// Stays within `hard` (from [`cpu_hard_limit`]).
+pub fn cpu_budget(seconds: u64, hard: Option<u64>) -> Result<(), String> {
     let used = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
     let used = u64::try_from(used.tv_sec).unwrap_or(0);
-    setrlimit(Resource::Cpu, Rlimit { current: Some(used + seconds.max(1)), maximum: None })
-        .map_err(|e| format!("CPU limit: {e}"))
+    let soft = (used + seconds.max(1)).min(hard.unwrap_or(u64::MAX));
+    setrlimit(Resource::Cpu, Rlimit { current: Some(soft), maximum: hard }).map_err(|e| format!("CPU limit: {e}"))
 }

@@ -89,13 +89,16 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Pipeline {
     /// Drive one scan from whatever state it is in to classified (or quarantined).
-    pub async fn process(self: &Arc<Self>, decoder: &mut Decoder, job: Job) -> Result<(), PipelineError> {
+    /// `retry` is true when the same worker tries the scan again after a transient failure:
+    /// that is not another attempt for the poison-scan rule.
+    pub async fn process(self: &Arc<Self>, decoder: &mut Decoder, job: Job, retry: bool) -> Result<(), PipelineError> {
         let queue_ms = job.queued_at.elapsed().as_millis() as u64;
         let me = self.clone();
         let id = job.scan_id;
         // Counted before any work: a scan in hand each time the daemon dies is poison
         // (see `recovery`).
-        let Some(mut record) = blocking(move || me.store.take_in_hand(id)).await?? else {
+        let taken = blocking(move || if retry { me.store.get(id) } else { me.store.take_in_hand(id) }).await??;
+        let Some(mut record) = taken else {
             return Err(PipelineError::Store(StoreError::UnknownScan(id)));
         };
         if record.state == ScanState::Received {

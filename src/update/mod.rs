@@ -545,8 +545,15 @@ impl Updater {
             // If loading or self-testing this bundle kills the daemon, the next start knows.
             let _changing = lock(&self.changing);
             let mut state = self.state();
+            // Deaths while trying this same bundle before are kept: they are the evidence.
+            let deaths = state
+                .trying
+                .as_ref()
+                .filter(|t| t.bundle_sha256 == target.bundle_sha256)
+                .map(|t| t.deaths)
+                .unwrap_or(0);
             state.trying =
-                Some(Trying { bundle_sha256: target.bundle_sha256.clone(), version: version.clone(), deaths: 0 });
+                Some(Trying { bundle_sha256: target.bundle_sha256.clone(), version: version.clone(), deaths });
             self.persist(&state, None)?;
         }
         let prepared = self.prepare(&unpacked, &selftest);
