@@ -27,7 +27,7 @@ pub fn shared_data() -> Option<PathBuf> {
     }
 }
 
-/// The 41 labelled B-scans: (path, label).
+/// The labelled shared B-scans (as many as `labels.csv` lists): (path, label).
 pub fn shared_oct_images() -> Option<Vec<(PathBuf, String)>> {
     let dir = shared_data()?.join("oct");
     let mut out = Vec::new();

@@ -267,7 +267,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
     export_onnx(model, out / "model.onnx")
     digest = hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
     parity = onnx_parity(model, out / "model.onnx", [greys[s.path] for s in test_s + val_s][:16])
-    data_name = "../shared/data/oct (41 Kermany 2018 B-scans)" if "shared" in str(args.data) else str(args.data)
+    data_name = f"../shared/data/oct ({len(samples)} Kermany 2018 B-scans)" if "shared" in str(args.data) else str(args.data)
     manifest = {
         "format_version": 1,
         "name": args.name,
