@@ -13,7 +13,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-pub use crate::scan::Priority;
+use crate::scan::Priority;
 
 /// Sections that environment overrides may address; anything else in the `OCTD_`
 /// namespace (for example test switches) is not configuration.

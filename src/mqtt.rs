@@ -52,14 +52,6 @@ impl Topics {
         Topics { prefix: prefix.into(), site: site.into(), device: device.into() }
     }
 
-    pub fn site(&self) -> &str {
-        &self.site
-    }
-
-    pub fn device(&self) -> &str {
-        &self.device
-    }
-
     fn base(&self) -> String {
         format!("{}/{}/{}", self.prefix, self.site, self.device)
     }

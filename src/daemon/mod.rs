@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Mutex, Notify};
 
-use self::tasks::{supervised, Restart, TaskHealth};
-
+use self::tasks::{supervised, TaskHealth};
 use crate::config::Config;
 use crate::deid::InputLimits;
 use crate::ingest::{Ingest, Job};
@@ -122,7 +121,7 @@ async fn run_until(
     let publisher = {
         let (store, config, wake, slot, flag) =
             (store.clone(), config.clone(), wake.clone(), slot.clone(), telemetry.broker_connected.clone());
-        supervised("publisher", Restart::Always, health.clone(), shutdown_rx.clone(), move |shutdown| {
+        supervised("publisher", health.clone(), shutdown_rx.clone(), move |shutdown| {
             let stamps: publish::ModelStampSource = {
                 let slot = slot.clone();
                 Arc::new(move || slot.stamp())
@@ -150,7 +149,7 @@ async fn run_until(
     let update_loop = {
         let updater = updater.clone();
         let notices_rx = Arc::new(Mutex::new(notices_rx));
-        supervised("updater", Restart::Always, health.clone(), shutdown_rx.clone(), move |shutdown| {
+        supervised("updater", health.clone(), shutdown_rx.clone(), move |shutdown| {
             let (updater, notices_rx) = (updater.clone(), notices_rx.clone());
             async move {
                 updater.run(notices_rx, shutdown).await;
@@ -168,7 +167,6 @@ async fn run_until(
         wake: wake.clone(),
         telemetry: telemetry.clone(),
         quarantine: Quarantine::new(&dirs.quarantine),
-        limits: InputLimits::from(&config.ingest),
     });
     let decoders = Arc::new(WorkerSettings {
         program: std::env::current_exe().map_err(|e| {
@@ -192,11 +190,11 @@ async fn run_until(
     });
     let endpoint = match config.telemetry_address() {
         Some(addr) => {
-            let listener = telemetry::server::bind(addr).await.map_err(|e| DaemonError::Config(e.to_string()))?;
+            let listener = telemetry::server::bind(addr).await.map_err(|e| DaemonError::Runtime(e.to_string()))?;
             tracing::info!(address = %addr, "metrics and health endpoint listening");
             let listener = Arc::new(std::sync::Mutex::new(Some(listener)));
             let sources = sources.clone();
-            Some(supervised("telemetry", Restart::Always, health.clone(), shutdown_rx.clone(), move |shutdown| {
+            Some(supervised("telemetry", health.clone(), shutdown_rx.clone(), move |shutdown| {
                 let (sources, listener) = (sources.clone(), listener.clone());
                 async move {
                     let taken = listener.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -215,7 +213,7 @@ async fn run_until(
     for worker in 0..config.pipeline.workers {
         let (pipeline, rx, decoders) = (pipeline.clone(), jobs_rx.clone(), decoders.clone());
         let name = format!("pipeline worker {worker}");
-        workers.push(supervised(&name, Restart::Always, health.clone(), shutdown_rx.clone(), move |shutdown| {
+        workers.push(supervised(&name, health.clone(), shutdown_rx.clone(), move |shutdown| {
             let (pipeline, rx, decoders) = (pipeline.clone(), rx.clone(), decoders.clone());
             work(pipeline, worker, rx, Decoder::new(decoders), shutdown)
         }));
@@ -247,7 +245,7 @@ async fn run_until(
     let ingest = {
         let (config, store, spool, beat) =
             (config.ingest.clone(), store.clone(), dirs.spool.clone(), telemetry.ingest_heartbeat.clone());
-        supervised("ingest", Restart::Always, health.clone(), shutdown_rx.clone(), move |shutdown| {
+        supervised("ingest", health.clone(), shutdown_rx.clone(), move |shutdown| {
             Ingest::new(config.clone(), store.clone(), spool.clone(), jobs_tx.clone(), disk.clone())
                 .with_heartbeat(beat.clone())
                 .run(shutdown)
@@ -255,7 +253,7 @@ async fn run_until(
     };
     let pruner = {
         let pipeline = pipeline.clone();
-        supervised("retention", Restart::Always, health.clone(), shutdown_rx.clone(), move |shutdown| {
+        supervised("retention", health.clone(), shutdown_rx.clone(), move |shutdown| {
             let pipeline = pipeline.clone();
             async move {
                 retention::prune_loop(pipeline, shutdown).await;

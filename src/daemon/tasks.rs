@@ -12,13 +12,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-/// What to do when a task ends before shutdown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Restart {
-    /// Restart it with backoff (every task of the daemon: none may end while it runs).
-    Always,
-}
-
 /// Failures this close together make a task "keeps failing".
 const FAILURE_WINDOW: Duration = Duration::from_secs(600);
 const FAILURES_UNHEALTHY: usize = 5;
@@ -53,10 +46,10 @@ impl TaskHealth {
     }
 }
 
-/// Run `make(shutdown)` as a task named `name`, again whenever it ends before shutdown.
+/// Run `make(shutdown)` as a task named `name`, again whenever it ends before shutdown (no
+/// task of the daemon may end while it runs).
 pub fn supervised<F, Fut, E>(
     name: &str,
-    restart: Restart,
     health: Arc<TaskHealth>,
     shutdown: watch::Receiver<bool>,
     make: F,
@@ -66,12 +59,11 @@ where
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Display + Send + 'static,
 {
-    supervised_with(name, restart, health, shutdown, Duration::from_secs(1), make)
+    supervised_with(name, health, shutdown, Duration::from_secs(1), make)
 }
 
 fn supervised_with<F, Fut, E>(
     name: &str,
-    restart: Restart,
     health: Arc<TaskHealth>,
     shutdown: watch::Receiver<bool>,
     first_backoff: Duration,
@@ -84,7 +76,6 @@ where
 {
     let name = name.to_string();
     tokio::spawn(async move {
-        let Restart::Always = restart;
         let mut backoff = first_backoff;
         loop {
             let started = Instant::now();
@@ -127,7 +118,7 @@ mod tests {
         let (tx, rx) = watch::channel(false);
         let runs = Arc::new(AtomicU32::new(0));
         let counter = runs.clone();
-        let task = supervised_with("flaky", Restart::Always, health.clone(), rx, Duration::from_millis(1), move |_| {
+        let task = supervised_with("flaky", health.clone(), rx, Duration::from_millis(1), move |_| {
             let counter = counter.clone();
             async move {
                 let n = counter.fetch_add(1, Ordering::SeqCst);

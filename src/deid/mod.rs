@@ -71,7 +71,7 @@ impl DeidError {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct InputLimits {
     pub max_file_bytes: u64,
     pub max_frame_pixels: u64,
@@ -145,10 +145,6 @@ pub struct Deidentifier {
 impl Deidentifier {
     pub fn new(secret: DeviceSecret, masks: Vec<BurnedInMask>, limits: InputLimits) -> Self {
         Deidentifier { secret, masks, limits }
-    }
-
-    pub fn limits(&self) -> &InputLimits {
-        &self.limits
     }
 
     /// Read `input` within the size limit.

@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 
 use super::protocol::{self, Done, Header, Setup};
 use super::sandbox;
-use crate::deid::{DeidError, Deidentifier, InputLimits};
+use crate::deid::{DeidError, Deidentifier};
 use crate::scan::EventKind;
 use crate::secret::DeviceSecret;
 
@@ -68,7 +68,7 @@ pub fn serve(memory_bytes: u64) -> i32 {
             Ok(Err(e)) => protocol::write_frame(&mut output, &refusal(&e), &[]),
             Err(_) => {
                 let header = Header::Refused {
-                    code: "processor_crashed".into(),
+                    code: super::codes::PROCESSOR_CRASHED.into(),
                     detail: "a decoder panicked on this input".into(),
                     kind: EventKind::Rejected,
                 };
@@ -84,8 +84,7 @@ pub fn serve(memory_bytes: u64) -> i32 {
 fn deidentifier(setup: &Setup) -> Option<Deidentifier> {
     let bytes = hex::decode(&setup.secret_hex).ok()?;
     let secret: [u8; 32] = bytes.try_into().ok()?;
-    let limits: InputLimits = setup.limits.into();
-    Some(Deidentifier::new(DeviceSecret::from_bytes(secret), setup.masks.clone(), limits))
+    Some(Deidentifier::new(DeviceSecret::from_bytes(secret), setup.masks.clone(), setup.limits))
 }
 
 fn refusal(e: &DeidError) -> Header {

@@ -19,11 +19,22 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use self::protocol::{Header, ProtocolError, Setup, WireLimits};
+use self::protocol::{Header, ProtocolError, Setup};
 use crate::config::BurnedInMask;
 use crate::deid::{DeidOutput, InputLimits};
 use crate::scan::{EventKind, InputKind};
 use crate::secret::DeviceSecret;
+
+/// The quarantine codes of a scan that cost its worker (re-exported by
+/// `pipeline::quarantine::codes`).
+pub mod codes {
+    /// The decoder worker died on this input (crash, abort, stack overflow, panic).
+    pub const PROCESSOR_CRASHED: &str = "processor_crashed";
+    /// Decoding took longer than its wall-clock or CPU budget.
+    pub const TIMEOUT: &str = "timeout";
+    /// Decoding needed more memory than the worker may have.
+    pub const MEMORY_LIMIT: &str = "memory_limit";
+}
 
 /// Environment switch for the fault-injection inputs of the tests (see `child`).
 pub const FAULT_INJECTION_ENV: &str = "OCTD_FAULT_INJECTION";
@@ -156,7 +167,7 @@ impl Decoder {
             let setup = Header::Setup(Setup {
                 secret_hex: hex::encode(s.secret.bytes()),
                 masks: s.masks.clone(),
-                limits: WireLimits::from(&s.limits),
+                limits: s.limits,
                 fault_injection: self.fault_injection,
             });
             protocol::write_frame_async(&mut stdin, &setup, &[])
@@ -193,17 +204,20 @@ impl Decoder {
             Ok(Ok((Header::Refused { code, detail, kind }, _))) => Err(IsolationError::Refused { code, detail, kind }),
             Ok(Ok(_)) => {
                 self.kill().await;
-                Err(IsolationError::Killed { code: "processor_crashed", detail: "the worker spoke out of turn".into() })
+                Err(IsolationError::Killed {
+                    code: codes::PROCESSOR_CRASHED,
+                    detail: "the worker spoke out of turn".into(),
+                })
             }
             Ok(Err(ProtocolError::BadFrame(why))) => {
                 self.kill().await;
-                Err(IsolationError::Killed { code: "processor_crashed", detail: format!("bad answer: {why}") })
+                Err(IsolationError::Killed { code: codes::PROCESSOR_CRASHED, detail: format!("bad answer: {why}") })
             }
             Ok(Err(_)) => Err(self.death().await),
             Err(_) => {
                 self.kill().await;
                 Err(IsolationError::Killed {
-                    code: "timeout",
+                    code: codes::TIMEOUT,
                     detail: format!("decoding took longer than {} s; the worker was stopped", timeout.as_secs()),
                 })
             }
@@ -237,7 +251,7 @@ impl Decoder {
         // Never the worker's own words in the reason: they may quote the input.
         if said(b"memory allocation of") {
             return IsolationError::Killed {
-                code: "memory_limit",
+                code: codes::MEMORY_LIMIT,
                 detail: format!(
                     "decoding needed more than the worker's {} MiB address space",
                     self.settings.memory_bytes >> 20
@@ -246,25 +260,25 @@ impl Decoder {
         }
         match signal {
             Some(libc::SIGXCPU) => IsolationError::Killed {
-                code: "timeout",
+                code: codes::TIMEOUT,
                 detail: format!(
                     "decoding used more than {} s of CPU; the kernel stopped the worker",
                     self.settings.cpu_seconds
                 ),
             },
             Some(libc::SIGKILL) => IsolationError::Killed {
-                code: "memory_limit",
+                code: codes::MEMORY_LIMIT,
                 detail: "the worker was killed (SIGKILL), as the kernel does when memory runs out".into(),
             },
             Some(sig) => IsolationError::Killed {
-                code: "processor_crashed",
+                code: codes::PROCESSOR_CRASHED,
                 detail: format!(
                     "the decoder worker died of signal {sig}{}",
                     if said(b"overflowed its stack") { " (stack overflow)" } else { "" }
                 ),
             },
             None => IsolationError::Killed {
-                code: "processor_crashed",
+                code: codes::PROCESSOR_CRASHED,
                 detail: format!("the decoder worker exited with status {:?}", status.and_then(|s| s.code())),
             },
         }
@@ -275,12 +289,12 @@ fn extension(kind: InputKind, claimed: &str) -> Result<&'static str, IsolationEr
     match (kind, claimed) {
         (InputKind::Dicom, "dcm") => Ok("dcm"),
         (InputKind::Dicom, _) => Err(IsolationError::Killed {
-            code: "processor_crashed",
+            code: codes::PROCESSOR_CRASHED,
             detail: format!("the worker named a DICOM artefact {claimed:?}"),
         }),
         (_, "png") => Ok("png"),
         _ => Err(IsolationError::Killed {
-            code: "processor_crashed",
+            code: codes::PROCESSOR_CRASHED,
             detail: format!("the worker named an image artefact {claimed:?}"),
         }),
     }

@@ -52,39 +52,9 @@ pub enum Header {
 pub struct Setup {
     pub secret_hex: String,
     pub masks: Vec<BurnedInMask>,
-    pub limits: WireLimits,
+    pub limits: InputLimits,
     /// Test builds of a device only (`OCTD_FAULT_INJECTION=1` in the daemon's environment).
     pub fault_injection: bool,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub struct WireLimits {
-    pub max_file_bytes: u64,
-    pub max_frame_pixels: u64,
-    pub max_frames: u32,
-    pub max_decoded_bytes: u64,
-}
-
-impl From<&InputLimits> for WireLimits {
-    fn from(l: &InputLimits) -> Self {
-        WireLimits {
-            max_file_bytes: l.max_file_bytes,
-            max_frame_pixels: l.max_frame_pixels,
-            max_frames: l.max_frames,
-            max_decoded_bytes: l.max_decoded_bytes,
-        }
-    }
-}
-
-impl From<WireLimits> for InputLimits {
-    fn from(l: WireLimits) -> Self {
-        InputLimits {
-            max_file_bytes: l.max_file_bytes,
-            max_frame_pixels: l.max_frame_pixels,
-            max_frames: l.max_frames,
-            max_decoded_bytes: l.max_decoded_bytes,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

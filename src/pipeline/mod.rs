@@ -80,7 +80,6 @@ pub struct Pipeline {
     pub wake: Arc<Notify>,
     pub telemetry: Arc<Telemetry>,
     pub quarantine: Quarantine,
-    pub limits: InputLimits,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PipelineError> {
@@ -125,21 +124,16 @@ impl Pipeline {
         let spooled = self.dirs.spool.join(id.to_string());
         if !spooled.exists() {
             // Either a quarantine a crash interrupted, or a file that vanished before its claim.
-            let me = self.clone();
-            blocking(move || match me.quarantine.reason(id) {
-                Some(r) => me.quarantine(record, r.kind, &r.code, &r.detail),
-                None => me.quarantine(
-                    record,
-                    EventKind::Rejected,
-                    codes::SOURCE_MISSING,
-                    "the claimed file disappeared before it could be read",
-                ),
-            })
-            .await??;
-            return Ok(None);
+            return match self.quarantine.reason(id) {
+                Some(r) => self.quarantine_async(record, r.kind, &r.code, &r.detail).await,
+                None => {
+                    let detail = "the claimed file disappeared before it could be read";
+                    self.quarantine_async(record, EventKind::Rejected, codes::SOURCE_MISSING, detail).await
+                }
+            };
         }
         let started = Instant::now();
-        let limits = self.limits;
+        let limits = InputLimits::from(&self.config.ingest);
         let path = spooled.clone();
         let read = blocking(move || crate::deid::read_input_within(&path, &limits)).await?;
         let bytes = match read {
@@ -190,12 +184,12 @@ impl Pipeline {
         let artifact = self.dirs.deid.join(record.artifact.clone().unwrap_or_default());
         let started = Instant::now();
         let mut retried = false;
-        let (classification, model) = loop {
+        let (classification, model, busy) = loop {
             // The scan keeps this model until its result is written, whatever is swapped in meanwhile.
             let model = self.updater.current().ok_or_else(|| PipelineError::Transient("no model is loaded".into()))?;
             let busy = self.updater.inference_started(&model);
             match model.classifier.classify_artifact(&artifact) {
-                Ok(c) => break (c, (model, busy)),
+                Ok(c) => break (c, model, busy),
                 Err(e @ InferError::Input(_)) => {
                     drop(busy);
                     tracing::error!(scan_id = %id, error = %e, "classification failed");
@@ -213,7 +207,6 @@ impl Pipeline {
                 }
             }
         };
-        let (model, busy) = model;
         let infer_ms = started.elapsed().as_millis() as u64;
         let now = now_ms();
         let kind =

@@ -11,12 +11,7 @@ use crate::scan::{EventKind, ScanId};
 /// Codes octd writes when a scan is quarantined by the pipeline itself (de-identification's
 /// codes, such as `not_an_image` or `burned_in_annotation`, come from `DeidError::code`).
 pub mod codes {
-    /// The decoder worker died on this input (crash, abort, stack overflow).
-    pub const PROCESSOR_CRASHED: &str = "processor_crashed";
-    /// Decoding took longer than its wall-clock or CPU budget.
-    pub const TIMEOUT: &str = "timeout";
-    /// Decoding needed more memory than the worker may have.
-    pub const MEMORY_LIMIT: &str = "memory_limit";
+    pub use crate::isolation::codes::{MEMORY_LIMIT, PROCESSOR_CRASHED, TIMEOUT};
     /// The scan was in hand each time the daemon died, `pipeline.max_attempts` times.
     pub const POISON_SCAN: &str = "poison_scan";
     /// The claimed file vanished before it could be read.
@@ -69,21 +64,5 @@ impl Quarantine {
         }
         let json = serde_json::to_vec_pretty(reason).map_err(std::io::Error::other)?;
         crate::fsutil::write_atomic(&self.reason_path(reason.scan_id), &json)
-    }
-
-    /// Every reason file, oldest scan first.
-    pub fn list(&self) -> Vec<QuarantineReason> {
-        let mut out: Vec<QuarantineReason> = std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let id = ScanId::parse(name.strip_suffix(".reason.json")?)?;
-                self.reason(id)
-            })
-            .collect();
-        out.sort_by_key(|r| r.scan_id);
-        out
     }
 }

@@ -14,9 +14,8 @@ use crate::scan::{EventKind, ScanId, ScanState};
 pub fn resumable(pipeline: &Arc<Pipeline>) -> Result<Vec<ScanId>, PipelineError> {
     let max = pipeline.config.pipeline.max_attempts;
     let mut out = Vec::new();
-    let mut unfinished = pipeline.store.unfinished()?;
-    unfinished.sort_by_key(|r| r.scan_id);
-    for record in unfinished {
+    // In key order: scan ids are UUIDv7, so oldest first.
+    for record in pipeline.store.unfinished()? {
         let id = record.scan_id;
         if record.attempts >= max {
             let detail = format!(

@@ -353,16 +353,18 @@ impl Store {
         value.map(|v| decode(v.value())).transpose()
     }
 
-    /// Save the model state, record the event and queue its message, in one transaction: a
-    /// crash leaves either all three or none.
+    /// Save the model state (when given), record the event and queue its messages, in one
+    /// transaction: a crash leaves either all of them or none.
     pub fn commit_model_change<S: Serialize, E: Serialize>(
         &self,
-        state: &S,
+        state: Option<&S>,
         event: Option<&E>,
         messages: &[OutboxMessage],
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        txn.open_table(SETTINGS)?.insert(MODEL_STATE, encode(state)?.as_slice())?;
+        if let Some(state) = state {
+            txn.open_table(SETTINGS)?.insert(MODEL_STATE, encode(state)?.as_slice())?;
+        }
         if let Some(event) = event {
             let mut events = txn.open_table(MODEL_EVENTS)?;
             let next = events.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);

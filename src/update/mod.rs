@@ -775,10 +775,14 @@ impl Updater {
             *last = Some(key);
         }
         tracing::error!(code, detail, "model update refused");
-        let state = self.state();
-        let event = self.event(kind, code, detail, version, state.active.as_deref());
-        if let Err(e) = self.persist(&state, Some((&event, None))) {
-            tracing::error!(error = %e, "cannot record the refusal");
+        let active = self.state().active;
+        let event = self.event(kind, code, detail, version, active.as_deref());
+        // The event alone: the state is not this caller's to write (it may not hold
+        // `changing`, and a snapshot written back would undo a concurrent change).
+        let message = mqtt::event_outbox(&self.topics, &event);
+        match self.store.commit_model_change(None::<&ModelState>, Some(&event), std::slice::from_ref(&message)) {
+            Ok(()) => self.wake.notify_one(),
+            Err(e) => tracing::error!(error = %e, "cannot record the refusal"),
         }
     }
 
@@ -811,7 +815,7 @@ impl Updater {
                 messages.push(mqtt::status_message(&self.topics, Some(stamp)));
             }
         }
-        self.store.commit_model_change(state, event.map(|(e, _)| e), &messages)?;
+        self.store.commit_model_change(Some(state), event.map(|(e, _)| e), &messages)?;
         *lock(&self.state) = state.clone();
         if !messages.is_empty() {
             self.wake.notify_one();
