@@ -179,3 +179,28 @@ fn a_full_disk_stops_intake_without_stopping_the_daemon_and_nothing_is_lost() {
     assert_eq!(ids.len(), 5);
     assert!(rig.octd.stop().success());
 }
+
+#[test]
+fn compressed_dicom_decodes_inside_the_sandbox() {
+    // JPEG Baseline DICOM: its decoder must not need threads the sandbox forbids.
+    let Some(mut rig) = Rig::new(1, "oct/#") else { return };
+    rig.octd.start();
+    rig.octd.wait_ready();
+    let dims = image::image_dimensions(&rig.images[0].0).unwrap();
+    let jpeg_dicom = fixture::build(fixture::Spec::plain(
+        fixture::OPT_SOP_CLASS,
+        Pixels::Jpeg { width: dims.0, height: dims.1, jpeg: rig.image(0) },
+    ));
+    drop_file(&rig.octd.inbox, "jpeg.dcm", &jpeg_dicom);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let messages = rig.sub.messages();
+        if !results(&messages).is_empty() {
+            break;
+        }
+        assert!(rejected(&messages).is_empty(), "refused: {:?}\n{}", rejected(&messages), rig.octd.plain_log());
+        assert!(Instant::now() < deadline, "no result:\n{}", rig.octd.plain_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(rig.octd.stop().success());
+}

@@ -1,7 +1,9 @@
 //! The decoder worker's confinement, applied by the worker to itself before it reads a byte
 //! of input: an address-space limit, no new privileges, and a seccomp-bpf filter that leaves
-//! it nothing but its pipes, memory and its own CPU limit — no files, no sockets, no
-//! processes. Anything else fails with EPERM.
+//! it nothing but its pipes, memory, threads of its own and its own CPU limit — no files, no
+//! sockets, no processes. Anything else fails with ENOSYS, which is also what makes glibc
+//! fall back from `clone3` (whose flags a filter cannot see) to `clone`, allowed only for
+//! threads: the JPEG decoder decodes colour components on threads of its own.
 
 use std::collections::BTreeMap;
 
@@ -37,6 +39,10 @@ const ALLOWED: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_exit,
     libc::SYS_exit_group,
+    // Threads (see `clone` below): what a new thread sets up, and the CPU count query.
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_sched_getaffinity,
 ];
 
 /// Limit the address space to `memory_bytes` (hard and soft, so it cannot be raised again)
@@ -66,7 +72,17 @@ fn filter(arch: TargetArch) -> Result<BpfProgram, String> {
     ])
     .map_err(|e| e.to_string())?;
     rules.insert(libc::SYS_prlimit64, vec![own_cpu_limit]);
-    let filter = SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch)
+    // clone(CLONE_THREAD | ...) only: threads, never a new process.
+    let thread = SeccompRule::new(vec![SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+        libc::CLONE_THREAD as u64,
+    )
+    .map_err(|e| e.to_string())?])
+    .map_err(|e| e.to_string())?;
+    rules.insert(libc::SYS_clone, vec![thread]);
+    let filter = SeccompFilter::new(rules, SeccompAction::Errno(libc::ENOSYS as u32), SeccompAction::Allow, arch)
         .map_err(|e| format!("seccomp filter: {e}"))?;
     filter.try_into().map_err(|e: seccompiler::BackendError| format!("seccomp program: {e}"))
 }
