@@ -102,12 +102,18 @@ fn a_scan_in_hand_at_repeated_daemon_deaths_is_set_aside_as_poison() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Dies while classifying it (96 B-scans take seconds), then again once it resumed.
-    for _ in 0..2 {
-        std::thread::sleep(Duration::from_millis(400));
-        rig.octd.kill9();
-        rig.octd.start();
-        rig.octd.wait_ready();
+    std::thread::sleep(Duration::from_millis(400));
+    rig.octd.kill9();
+    rig.octd.start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !rig.octd.plain_log().contains("resuming interrupted scans in_hand=1") {
+        assert!(Instant::now() < deadline, "the volume was not resumed:\n{}", rig.octd.plain_log());
+        std::thread::sleep(Duration::from_millis(20));
     }
+    std::thread::sleep(Duration::from_millis(600));
+    rig.octd.kill9();
+    rig.octd.start();
+    rig.octd.wait_ready();
     drop_file(&rig.octd.inbox, "after.jpeg", &rig.image(0));
     let messages = rig.sub.wait_until(
         Duration::from_secs(120),
@@ -202,5 +208,43 @@ fn compressed_dicom_decodes_inside_the_sandbox() {
         assert!(Instant::now() < deadline, "no result:\n{}", rig.octd.plain_log());
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(rig.octd.stop().success());
+}
+
+#[test]
+fn only_the_scan_in_hand_at_each_death_is_blamed_not_its_neighbour() {
+    // Two workers: two volumes in hand at the first death. They are resumed one at a time,
+    // so the second death counts against the first volume alone.
+    let Some(mut rig) = Rig::new(2, "oct/#") else { return };
+    rig.octd.start();
+    rig.octd.wait_ready();
+    let bytes = volume(&rig.images, 96);
+    drop_file(&rig.octd.inbox, "volume-a.dcm", &bytes);
+    drop_file(&rig.octd.inbox, "volume-b.dcm", &bytes);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rig.octd.plain_log().matches("frames=96").count() < 2 {
+        assert!(Instant::now() < deadline, "the volumes were not de-identified");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    rig.octd.kill9();
+    rig.octd.start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !rig.octd.plain_log().contains("resuming interrupted scans in_hand=2") {
+        assert!(Instant::now() < deadline, "the volumes were not resumed:\n{}", rig.octd.plain_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    rig.octd.kill9();
+    rig.octd.start();
+    rig.octd.wait_ready();
+    let messages = rig.sub.wait_until(
+        Duration::from_secs(120),
+        |m| results(m).len() + rejected(m).len() >= 2,
+        "both volumes accounted for",
+    );
+    let poison: Vec<_> = rejected(&messages).into_iter().filter(|e| e["code"] == "poison_scan").collect();
+    assert_eq!(poison.len(), 1, "one volume was in hand at both deaths: {poison:?}");
+    assert_eq!(results(&messages).len(), 1, "the other is classified");
     assert!(rig.octd.stop().success());
 }

@@ -21,7 +21,7 @@ use crate::deid::InputLimits;
 use crate::ingest::{Ingest, Job};
 use crate::isolation::{Decoder, WorkerSettings};
 use crate::pipeline::disk::Disk;
-use crate::pipeline::quarantine::Quarantine;
+use crate::pipeline::quarantine::{codes, Quarantine};
 use crate::pipeline::{recovery, retention, retry_delay, Dirs, Pipeline, PipelineError};
 use crate::publish::{self, Publisher};
 use crate::secret::DeviceSecret;
@@ -224,10 +224,23 @@ async fn run_until(
         let pipeline = pipeline.clone();
         blocking(move || recovery::resumable(&pipeline)).await??
     };
-    if !resumable.is_empty() {
-        tracing::info!(count = resumable.len(), "resuming interrupted scans");
+    if !resumable.in_hand.is_empty() || !resumable.queued.is_empty() {
+        tracing::info!(
+            in_hand = resumable.in_hand.len(),
+            queued = resumable.queued.len(),
+            "resuming interrupted scans"
+        );
     }
-    for scan_id in resumable {
+    // The scans that were in hand when the daemon died go first and one at a time, so that
+    // a death now counts against the scan that caused it and no other.
+    if !resumable.in_hand.is_empty() {
+        let mut decoder = Decoder::new(decoders.clone());
+        let mut stop = shutdown_rx.clone();
+        for scan_id in resumable.in_hand {
+            run_job(&pipeline, &mut decoder, Job { scan_id, queued_at: Instant::now() }, &mut stop).await;
+        }
+    }
+    for scan_id in resumable.queued {
         if jobs_tx.send(Job { scan_id, queued_at: Instant::now() }).await.is_err() {
             break;
         }
@@ -303,23 +316,37 @@ async fn work(
         };
         let Some(job) = job else { return Ok(()) };
         pipeline.telemetry.worker_busy(worker, true);
-        let mut attempt = 0;
-        loop {
-            match pipeline.process(&mut decoder, job, attempt > 0).await {
-                Ok(()) => break,
-                Err(PipelineError::Store(StoreError::UnknownScan(_))) => break,
-                Err(e) => {
-                    let delay = retry_delay(attempt);
-                    attempt += 1;
-                    tracing::error!(scan_id = %job.scan_id, error = %e, retry_in_s = delay.as_secs(), "scan step failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = crate::shutdown::requested(&mut shutdown) => break,
-                    }
+        run_job(&pipeline, &mut decoder, job, &mut shutdown).await;
+        pipeline.telemetry.worker_busy(worker, false);
+    }
+}
+
+/// One scan to its end: classified, quarantined, or (on shutdown) left for the next start.
+/// A step that fails through no fault of the scan is tried again with backoff; one that
+/// panics sets the scan aside.
+async fn run_job(pipeline: &Arc<Pipeline>, decoder: &mut Decoder, job: Job, shutdown: &mut watch::Receiver<bool>) {
+    let mut attempt = 0;
+    loop {
+        match pipeline.process(decoder, job, attempt > 0).await {
+            Ok(()) | Err(PipelineError::Store(StoreError::UnknownScan(_))) => return,
+            Err(PipelineError::Panicked) => {
+                tracing::error!(scan_id = %job.scan_id, "a processing step panicked on this scan; setting it aside");
+                let detail = "a processing step panicked on this scan";
+                if let Err(e) = pipeline.set_aside(job.scan_id, codes::PROCESSOR_CRASHED, detail).await {
+                    tracing::error!(scan_id = %job.scan_id, error = %e, "cannot quarantine the scan; it is retried at the next start");
+                }
+                return;
+            }
+            Err(e) => {
+                let delay = retry_delay(attempt);
+                attempt += 1;
+                tracing::error!(scan_id = %job.scan_id, error = %e, retry_in_s = delay.as_secs(), "scan step failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = crate::shutdown::requested(shutdown) => return,
                 }
             }
         }
-        pipeline.telemetry.worker_busy(worker, false);
     }
 }
 

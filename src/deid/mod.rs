@@ -45,6 +45,22 @@ pub enum DeidError {
 }
 
 impl DeidError {
+    /// Every code [`DeidError::code`] returns (the decoder worker's refusals are checked
+    /// against it).
+    pub const CODES: &'static [&'static str] = &[
+        "empty",
+        "file_too_large",
+        "not_an_image",
+        "no_pixel_data",
+        "unsupported_transfer_syntax",
+        "over_limits",
+        "pixel_data_short",
+        "truncated",
+        "corrupt",
+        "burned_in_annotation",
+        "io_error",
+    ];
+
     /// Stable, machine-readable reason for events and quarantine records.
     pub fn code(&self) -> &'static str {
         match self {
@@ -299,6 +315,25 @@ mod tests {
 
     fn limits() -> InputLimits {
         InputLimits::from(&IngestConfig::default())
+    }
+
+    #[test]
+    fn every_code_is_listed() {
+        let all = [
+            DeidError::Empty,
+            DeidError::FileTooLarge { size: 2, limit: 1 },
+            DeidError::NotAnImage,
+            DeidError::NoPixelData(String::new()),
+            DeidError::UnsupportedTransferSyntax(String::new()),
+            DeidError::OverLimits(String::new()),
+            DeidError::PixelDataShort { declared: 2, found: 1 },
+            DeidError::Truncated(String::new()),
+            DeidError::Corrupt(String::new()),
+            DeidError::BurnedInAnnotation,
+            DeidError::Io(std::io::Error::other("x")),
+        ];
+        let codes: Vec<&str> = all.iter().map(DeidError::code).collect();
+        assert_eq!(codes, DeidError::CODES);
     }
 
     #[test]

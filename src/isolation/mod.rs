@@ -38,6 +38,8 @@ pub mod codes {
 
 /// Environment switch for the fault-injection inputs of the tests (see `child`).
 pub const FAULT_INJECTION_ENV: &str = "OCTD_FAULT_INJECTION";
+/// Longest refusal detail passed on from the worker.
+const MAX_DETAIL: usize = 400;
 /// Bytes of the worker's stderr kept, to tell an exhausted allocator from other deaths.
 const STDERR_TAIL: usize = 4096;
 
@@ -82,6 +84,8 @@ struct Running {
     stdin: ChildStdin,
     stdout: ChildStdout,
     stderr_tail: Arc<Mutex<VecDeque<u8>>>,
+    /// Ends when the worker's stderr closes: its last words are then in `stderr_tail`.
+    stderr_reader: tokio::task::JoinHandle<()>,
 }
 
 /// One decoder worker process, started on first use and again after each death.
@@ -128,7 +132,7 @@ impl Decoder {
             };
             let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
             let tail = stderr_tail.clone();
-            tokio::spawn(async move {
+            let stderr_reader = tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 while let Ok(n) = stderr.read(&mut buf).await {
                     if n == 0 {
@@ -173,7 +177,7 @@ impl Decoder {
             protocol::write_frame_async(&mut stdin, &setup, &[])
                 .await
                 .map_err(|e| IsolationError::Unavailable(format!("worker setup: {e}")))?;
-            self.running = Some(Running { child, stdin, stdout, stderr_tail });
+            self.running = Some(Running { child, stdin, stdout, stderr_tail, stderr_reader });
         }
         self.running.as_mut().ok_or_else(|| IsolationError::Unavailable("no worker".into()))
     }
@@ -192,16 +196,42 @@ impl Decoder {
         };
         let outcome = tokio::time::timeout(timeout, exchange).await;
         match outcome {
-            Ok(Ok((Header::Done(done), artifact))) => Ok(DeidOutput {
-                kind: done.kind,
-                extension: extension(done.kind, &done.extension)?,
-                artifact,
-                frames: done.frames,
-                identifiers: done.identifiers,
-                study_uid: done.study_uid,
-                laterality: done.laterality,
-            }),
-            Ok(Ok((Header::Refused { code, detail, kind }, _))) => Err(IsolationError::Refused { code, detail, kind }),
+            Ok(Ok((Header::Done(done), artifact))) => {
+                // What goes into results and events must be what octd itself would write,
+                // whatever a worker gone wrong says.
+                let uid_ok = done.study_uid.as_ref().is_none_or(|u| {
+                    u.len() <= 64 && !u.is_empty() && u.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                });
+                let laterality_ok = done.laterality.as_deref().is_none_or(|l| matches!(l, "R" | "L" | "B" | "U"));
+                if !uid_ok || !laterality_ok {
+                    self.kill().await;
+                    return Err(IsolationError::Killed {
+                        code: codes::PROCESSOR_CRASHED,
+                        detail: "the worker's answer did not hold together".into(),
+                    });
+                }
+                Ok(DeidOutput {
+                    kind: done.kind,
+                    extension: extension(done.kind, &done.extension)?,
+                    artifact,
+                    frames: done.frames,
+                    identifiers: done.identifiers,
+                    study_uid: done.study_uid,
+                    laterality: done.laterality,
+                })
+            }
+            Ok(Ok((Header::Refused { code, detail, kind }, _))) => {
+                let known = crate::deid::DeidError::CODES.contains(&code.as_str()) || code == codes::PROCESSOR_CRASHED;
+                if !known || !matches!(kind, EventKind::Rejected | EventKind::Quarantined) {
+                    self.kill().await;
+                    return Err(IsolationError::Killed {
+                        code: codes::PROCESSOR_CRASHED,
+                        detail: "the worker refused the input with a reason octd does not know".into(),
+                    });
+                }
+                let detail: String = detail.chars().filter(|c| !c.is_control()).take(MAX_DETAIL).collect();
+                Err(IsolationError::Refused { code, detail, kind })
+            }
             Ok(Ok(_)) => {
                 self.kill().await;
                 Err(IsolationError::Killed {
@@ -243,8 +273,8 @@ impl Decoder {
                 running.child.wait().await.ok()
             }
         };
-        // Let the stderr reader catch up with the last words.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The worker is gone, so its stderr closes: wait for the reader to have it all.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut running.stderr_reader).await;
         let tail: Vec<u8> = running.stderr_tail.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
         let said = |needle: &[u8]| tail.windows(needle.len()).any(|w| w == needle);
         let signal = status.and_then(|s| s.signal());

@@ -41,6 +41,9 @@ pub enum PipelineError {
     /// The device, not the scan, is at fault (disk, decoder worker, no model): try again.
     #[error("{0}")]
     Transient(String),
+    /// A step panicked on this scan: retrying would panic again, so it is the scan's fault.
+    #[error("a processing step panicked")]
+    Panicked,
 }
 
 /// The folders under the state directory.
@@ -83,7 +86,10 @@ pub struct Pipeline {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PipelineError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| PipelineError::Transient(format!("worker task: {e}")))
+    tokio::task::spawn_blocking(f).await.map_err(|e| match e.is_panic() {
+        true => PipelineError::Panicked,
+        false => PipelineError::Transient(format!("worker task: {e}")),
+    })
 }
 
 impl Pipeline {
@@ -290,6 +296,13 @@ impl Pipeline {
         self.telemetry.scan_quarantined(outcome.as_deref().unwrap_or("quarantined"));
         tracing::warn!(scan_id = %id, code, "quarantined");
         Ok(())
+    }
+
+    /// Quarantine a scan known only by its id (a step panicked on it).
+    pub async fn set_aside(self: &Arc<Self>, id: ScanId, code: &str, detail: &str) -> Result<(), PipelineError> {
+        let me = self.clone();
+        let Some(record) = blocking(move || me.store.get(id)).await?? else { return Ok(()) };
+        self.quarantine_async(record, EventKind::Rejected, code, detail).await.map(|_| ())
     }
 
     pub fn event(&self, kind: EventKind, scan_id: Option<ScanId>, code: &str, detail: &str) -> OutboxMessage {

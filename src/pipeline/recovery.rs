@@ -10,10 +10,18 @@ use super::{Pipeline, PipelineError};
 use crate::ingest;
 use crate::scan::{EventKind, ScanId, ScanState};
 
-/// The scans to hand to the workers again, oldest first.
-pub fn resumable(pipeline: &Arc<Pipeline>) -> Result<Vec<ScanId>, PipelineError> {
+/// The unfinished scans to process again, oldest first.
+#[derive(Debug, Default)]
+pub struct Resumable {
+    /// Taken in hand before (`attempts > 0`): one of them may be what killed the daemon.
+    pub in_hand: Vec<ScanId>,
+    /// Claimed but never taken in hand.
+    pub queued: Vec<ScanId>,
+}
+
+pub fn resumable(pipeline: &Arc<Pipeline>) -> Result<Resumable, PipelineError> {
     let max = pipeline.config.pipeline.max_attempts;
-    let mut out = Vec::new();
+    let mut out = Resumable::default();
     // In key order: scan ids are UUIDv7, so oldest first.
     for record in pipeline.store.unfinished()? {
         let id = record.scan_id;
@@ -30,7 +38,11 @@ pub fn resumable(pipeline: &Arc<Pipeline>) -> Result<Vec<ScanId>, PipelineError>
         if record.state == ScanState::Received {
             ingest::recover_claim(&pipeline.store, &pipeline.dirs.spool, id)?;
         }
-        out.push(id);
+        if record.attempts > 0 {
+            out.in_hand.push(id);
+        } else {
+            out.queued.push(id);
+        }
     }
     Ok(out)
 }
