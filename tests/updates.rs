@@ -621,3 +621,20 @@ fn power_flapping_before_the_first_health_gate_keeps_the_model_and_every_scan() 
     assert_eq!(std::fs::read_dir(&d.octd.inbox).unwrap().count(), 0);
     assert_eq!(d.classify_one(), "0.2.0", "still classifying after the storm");
 }
+
+#[test]
+fn the_only_model_cut_short_on_disk_is_installed_again_from_the_channel() {
+    // A power cut left the only installed model's weights half written.
+    let Some(mut d) = started(1) else { return };
+    assert!(d.octd.stop().success());
+    let onnx = d.octd.state.join("models/0.2.0/model.onnx");
+    let mut bytes = std::fs::read(&onnx).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&onnx, bytes).unwrap();
+    d.octd.start();
+    d.octd.wait_ready();
+    assert_eq!(d.classify_one(), "0.2.0", "verified and installed again, not left without a model");
+    let whole = std::fs::read(&onnx).unwrap();
+    let expected = std::fs::read(repo().join("models/default/model.onnx")).unwrap();
+    assert_eq!(whole, expected, "the weights on disk are whole again");
+}

@@ -298,6 +298,7 @@ impl Updater {
             }
         }
         let mut failure: Option<Failure> = None;
+        let mut damaged = false;
         if let Some(pending) = &mut state.pending {
             if pending.in_use && !pending.kept_without_fallback {
                 pending.boots += 1;
@@ -321,8 +322,11 @@ impl Updater {
                     self.set_in_use(false)?;
                     return Ok(());
                 }
-                Err((_, detail)) => {
+                Err((code, detail)) => {
                     tracing::error!(version = %active, error = %detail, "the active model does not load");
+                    // A backend that fails (no library, GPU out of memory) is the device's
+                    // problem; anything else means the files on disk are damaged.
+                    damaged = code != "load_failed";
                     failure = Some(("load_failed", detail));
                 }
             }
@@ -351,8 +355,14 @@ impl Updater {
                 return Ok(());
             }
         }
-        // It does not load and nothing replaces it: forget the install, so that the channel's
-        // copy is fetched, verified and tested again (a power cut may have cut its files short).
+        if !damaged {
+            // Its files are whole: keep it for when the device recovers (an offline device
+            // could not fetch it again).
+            return Ok(());
+        }
+        // Its files are damaged and nothing replaces it: forget the install, so that the
+        // channel's copy is fetched, verified and tested again (a power cut may have cut its
+        // files short).
         let mut state = self.state();
         state.installed.remove(&active);
         state.active = None;
@@ -425,7 +435,8 @@ impl Updater {
     /// Load and self-test an installed version (the loader checks the model's hash).
     fn load_installed(&self, version: &str) -> Result<Classifier, Failure> {
         let dir = self.models_dir.join(version);
-        let selftest = archive::read_selftest(&dir).map_err(|e| ("load_failed", e.to_string()))?;
+        // Missing or unreadable files are the install's damage, like a wrong hash.
+        let selftest = archive::read_selftest(&dir).map_err(|e| ("incompatible", e.to_string()))?;
         self.prepare(&dir, &selftest)
     }
 
