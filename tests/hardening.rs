@@ -96,20 +96,12 @@ fn a_scan_in_hand_at_repeated_daemon_deaths_is_set_aside_as_poison() {
     rig.octd.start();
     rig.octd.wait_ready();
     drop_file(&rig.octd.inbox, "volume.dcm", &volume(&rig.images, 96));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !rig.octd.plain_log().contains("frames=96") {
-        assert!(Instant::now() < deadline, "the volume was not de-identified:\n{}", rig.octd.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    rig.octd.wait_log("the volume was not de-identified", |log| log.contains("frames=96"));
     // Dies while classifying it (96 B-scans take seconds), then again once it resumed.
     std::thread::sleep(Duration::from_millis(400));
     rig.octd.kill9();
     rig.octd.start();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !rig.octd.plain_log().contains("resuming interrupted scans in_hand=1") {
-        assert!(Instant::now() < deadline, "the volume was not resumed:\n{}", rig.octd.plain_log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    rig.octd.wait_log("the volume was not resumed", |log| log.contains("resuming interrupted scans in_hand=1"));
     std::thread::sleep(Duration::from_millis(600));
     rig.octd.kill9();
     rig.octd.start();
@@ -221,19 +213,11 @@ fn only_the_scan_in_hand_at_each_death_is_blamed_not_its_neighbour() {
     let bytes = volume(&rig.images, 96);
     drop_file(&rig.octd.inbox, "volume-a.dcm", &bytes);
     drop_file(&rig.octd.inbox, "volume-b.dcm", &bytes);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while rig.octd.plain_log().matches("frames=96").count() < 2 {
-        assert!(Instant::now() < deadline, "the volumes were not de-identified");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    rig.octd.wait_log("the volumes were not de-identified", |log| log.matches("frames=96").count() >= 2);
     std::thread::sleep(Duration::from_millis(400));
     rig.octd.kill9();
     rig.octd.start();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !rig.octd.plain_log().contains("resuming interrupted scans in_hand=2") {
-        assert!(Instant::now() < deadline, "the volumes were not resumed:\n{}", rig.octd.plain_log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    rig.octd.wait_log("the volumes were not resumed", |log| log.contains("resuming interrupted scans in_hand=2"));
     std::thread::sleep(Duration::from_millis(600));
     rig.octd.kill9();
     rig.octd.start();

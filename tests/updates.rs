@@ -448,11 +448,7 @@ fn crash_loop_after_an_install_rolls_back_and_the_bad_model_stays_out() {
     for round in 0..2 {
         let before = d.octd.plain_log().matches("frames=64").count();
         drop_file(&d.octd.inbox, &format!("volume-{round}.dcm"), &volume);
-        let deadline = Instant::now() + MINUTE;
-        while d.octd.plain_log().matches("frames=64").count() <= before {
-            assert!(Instant::now() < deadline, "the volume was not de-identified");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        d.octd.wait_log("the volume was not de-identified", |log| log.matches("frames=64").count() > before);
         // 64 B-scans take more than a second of inference: die in the middle of it.
         std::thread::sleep(Duration::from_millis(300));
         d.octd.kill9();

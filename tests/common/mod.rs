@@ -398,6 +398,15 @@ impl Octd {
         std::fs::read_to_string(self.root.join("octd.log")).unwrap_or_default()
     }
 
+    /// Wait (up to a minute) until the colourless log satisfies `done`.
+    pub fn wait_log(&self, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done(&self.plain_log()) {
+            assert!(Instant::now() < deadline, "{what}:\n{}", self.plain_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The log without its terminal colours, for matching `field=value`.
     pub fn plain_log(&self) -> String {
         let log = self.log();
