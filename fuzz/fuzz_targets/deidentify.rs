@@ -16,5 +16,5 @@ fuzz_target!(|data: &[u8]| {
         max_decoded_bytes: 64 << 20,
     };
     let deid = Deidentifier::new(DeviceSecret::from_bytes([7; 32]), Vec::new(), limits);
-    let _ = deid.deidentify_bytes(data);
+    let _ = deid.deidentify_bytes(data.to_vec());
 });

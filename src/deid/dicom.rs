@@ -69,13 +69,16 @@ fn read_transfer_syntax(input: &[u8]) -> Result<String, DeidError> {
     Ok(meta.transfer_syntax().trim_end_matches(['\0', ' ']).to_string())
 }
 
+/// De-identify one DICOM file held in `input`. The input is dropped once parsed and the
+/// pixel data moved (not copied) into the cleaned object, so one volume's pixels are held at
+/// most twice at once: in the object, and in the written artefact (or the decoded frames).
 pub(super) fn deidentify(
-    input: &[u8],
+    input: Vec<u8>,
     secret: &DeviceSecret,
     masks: &[BurnedInMask],
     limits: &InputLimits,
 ) -> Result<DicomOutput, DeidError> {
-    let ts_uid = read_transfer_syntax(input)?;
+    let ts_uid = read_transfer_syntax(&input)?;
     let ts = TransferSyntaxRegistry
         .get(&ts_uid)
         .filter(|ts| !ts.is_unsupported() && !ts.is_unsupported_pixel_encapsulation() && ts.can_decode_all())
@@ -83,7 +86,7 @@ pub(super) fn deidentify(
     let encapsulated = ts.is_encapsulated_pixel_data();
     // Nesting, counts and lengths are bounded before the toolkit builds anything (its
     // reader recurses into sequences and reserves what lengths declare).
-    super::walk::check(input, &ts_uid)?;
+    super::walk::check(&input, &ts_uid)?;
 
     let obj: Obj =
         OpenFileOptions::new().read_preamble(ReadPreamble::Never).from_reader(&input[128..]).map_err(|e| {
@@ -97,6 +100,7 @@ pub(super) fn deidentify(
                 DeidError::Corrupt(format!("DICOM data set: {msg}"))
             }
         })?;
+    drop(input);
 
     let frames = check_pixel_data(&obj, encapsulated, limits)?;
 
@@ -115,12 +119,9 @@ pub(super) fn deidentify(
         }
     }
     let laterality = text(&obj, tags::IMAGE_LATERALITY).or_else(|| text(&obj, tags::LATERALITY));
-
-    let cleaner = Cleaner { secret };
-    let mut cleaned = cleaner.clean(&obj);
     let mut out_ts = if ts_uid == DEFLATED_EXPLICIT_VR_LE { EXPLICIT_VR_LE.to_string() } else { ts_uid.clone() };
 
-    if text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES")) {
+    let masked = if text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES")) {
         let manufacturer = text(&obj, tags::MANUFACTURER).unwrap_or_default();
         let model = text(&obj, tags::MANUFACTURER_MODEL_NAME).unwrap_or_default();
         let mask = masks
@@ -130,8 +131,19 @@ pub(super) fn deidentify(
                     && (m.model.is_empty() || m.model.eq_ignore_ascii_case(&model))
             })
             .ok_or(DeidError::BurnedInAnnotation)?;
-        apply_mask(&mut cleaned, &decoded, &mask.rects)?;
         out_ts = EXPLICIT_VR_LE.to_string();
+        Some(masked_pixels(&decoded, &mask.rects)?)
+    } else {
+        None
+    };
+    drop(decoded);
+
+    let cleaner = Cleaner { secret };
+    let sop_class = obj.meta().media_storage_sop_class_uid().trim_end_matches(['\0', ' ']).to_string();
+    let sop_instance = cleaner.uid(obj.meta().media_storage_sop_instance_uid().trim_end_matches(['\0', ' ']));
+    let mut cleaned = cleaner.clean(obj.into_inner());
+    for element in masked.into_iter().flatten() {
+        cleaned.put(element);
     }
 
     cleaned.put(DataElement::new(tags::PATIENT_IDENTITY_REMOVED, VR::CS, PrimitiveValue::from("YES")));
@@ -156,8 +168,6 @@ pub(super) fn deidentify(
         PrimitiveValue::from("REMOVED"),
     ));
 
-    let sop_class = obj.meta().media_storage_sop_class_uid().trim_end_matches(['\0', ' ']).to_string();
-    let sop_instance = cleaner.uid(obj.meta().media_storage_sop_instance_uid().trim_end_matches(['\0', ' ']));
     let meta = FileMetaTableBuilder::new()
         .media_storage_sop_class_uid(sop_class)
         .media_storage_sop_instance_uid(sop_instance)
@@ -206,11 +216,12 @@ fn check_pixel_data(obj: &InMemDicomObject, encapsulated: bool, limits: &InputLi
     u32::try_from(frames).map_err(|_| DeidError::OverLimits(format!("{frames} frames")))
 }
 
-fn apply_mask(
-    cleaned: &mut InMemDicomObject,
+/// The decoded pixels with the mask's rectangles blacked out, as the elements that replace
+/// the object's pixel data (uncompressed, so the transfer syntax becomes explicit VR LE).
+fn masked_pixels(
     decoded: &dicom_pixeldata::DecodedPixelData<'_>,
     rects: &[crate::config::Rect],
-) -> Result<(), DeidError> {
+) -> Result<Vec<DataElement<InMemDicomObject>>, DeidError> {
     let rows = decoded.rows() as usize;
     let cols = decoded.columns() as usize;
     let samples = decoded.samples_per_pixel() as usize;
@@ -238,13 +249,13 @@ fn apply_mask(
     } else {
         PrimitiveValue::U16(data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
     };
-    cleaned.put(DataElement::new(tags::PIXEL_DATA, if bytes == 1 { VR::OB } else { VR::OW }, value));
+    let mut out = vec![DataElement::new(tags::PIXEL_DATA, if bytes == 1 { VR::OB } else { VR::OW }, value)];
     if samples == 3 {
-        cleaned.put(DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from("RGB")));
-        cleaned.put(DataElement::new(tags::PLANAR_CONFIGURATION, VR::US, PrimitiveValue::from(0u16)));
+        out.push(DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, PrimitiveValue::from("RGB")));
+        out.push(DataElement::new(tags::PLANAR_CONFIGURATION, VR::US, PrimitiveValue::from(0u16)));
     }
-    cleaned.put(DataElement::new(tags::BURNED_IN_ANNOTATION, VR::CS, PrimitiveValue::from("NO")));
-    Ok(())
+    out.push(DataElement::new(tags::BURNED_IN_ANNOTATION, VR::CS, PrimitiveValue::from("NO")));
+    Ok(out)
 }
 
 struct Cleaner<'a> {
@@ -269,9 +280,11 @@ impl Cleaner<'_> {
         format!("OCTD-{}", hex::encode(&mac[..8]))
     }
 
-    fn clean(&self, dataset: &InMemDicomObject) -> InMemDicomObject {
+    /// The profile applied to `dataset`, which is consumed: kept values (the pixel data
+    /// above all) move into the result instead of being copied.
+    fn clean(&self, dataset: InMemDicomObject) -> InMemDicomObject {
         let mut out = InMemDicomObject::new_empty();
-        for element in dataset.iter() {
+        for element in dataset {
             let tag = element.tag();
             if tag.group() % 2 == 1 {
                 continue; // private attributes and their creators, at any depth
@@ -300,13 +313,14 @@ impl Cleaner<'_> {
                     let replaced = if value.is_empty() { String::new() } else { self.pseudonym(&value) };
                     out.put(DataElement::new(tag, vr, PrimitiveValue::from(replaced)));
                 }
-                Action::Keep => match element.value() {
+                Action::Keep => match element.into_value() {
                     Value::Sequence(seq) => {
-                        let items: Vec<InMemDicomObject> = seq.items().iter().map(|item| self.clean(item)).collect();
+                        let items: Vec<InMemDicomObject> =
+                            seq.into_items().into_iter().map(|item| self.clean(item)).collect();
                         out.put(DataElement::new(tag, VR::SQ, Value::new_sequence(items, Length::UNDEFINED)));
                     }
-                    _ => {
-                        out.put(element.clone());
+                    value => {
+                        out.put(DataElement::new(tag, vr, value));
                     }
                 },
             }

@@ -173,11 +173,12 @@ impl Deidentifier {
     /// The artefact is written atomically, so it either exists whole or not at all.
     pub fn deidentify(&self, input: &Path, out_dir: &Path, scan_id: ScanId) -> Result<Deidentified, DeidError> {
         let bytes = self.read_input(input)?;
-        self.deidentify_bytes(&bytes)?.write(out_dir, scan_id)
+        self.deidentify_bytes(bytes)?.write(out_dir, scan_id)
     }
 
-    /// De-identify a whole input held in memory.
-    pub fn deidentify_bytes(&self, bytes: &[u8]) -> Result<DeidOutput, DeidError> {
+    /// De-identify a whole input held in memory; the input is dropped as soon as it is parsed
+    /// or decoded.
+    pub fn deidentify_bytes(&self, bytes: Vec<u8>) -> Result<DeidOutput, DeidError> {
         if bytes.is_empty() {
             return Err(DeidError::Empty);
         }
@@ -220,7 +221,9 @@ pub fn read_input_within(input: &Path, limits: &InputLimits) -> Result<Vec<u8>, 
     if size > limits.max_file_bytes {
         return Err(DeidError::FileTooLarge { size, limit: limits.max_file_bytes });
     }
-    let mut bytes = Vec::new();
+    // Reserved at the size seen, so reading does not grow the buffer by doubling (`take`
+    // hides the file's size from `read_to_end`).
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     std::fs::File::open(input)?.take(limits.max_file_bytes + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limits.max_file_bytes {
         return Err(DeidError::FileTooLarge { size: bytes.len() as u64, limit: limits.max_file_bytes });
@@ -230,7 +233,7 @@ pub fn read_input_within(input: &Path, limits: &InputLimits) -> Result<Vec<u8>, 
 
 /// Decode and re-encode as PNG: only pixels survive, so EXIF, XMP, IPTC, JPEG comments,
 /// PNG text chunks and ICC profiles are all gone.
-fn reencode_image(bytes: &[u8], kind: InputKind, limits: &InputLimits) -> Result<Vec<u8>, DeidError> {
+fn reencode_image(bytes: Vec<u8>, kind: InputKind, limits: &InputLimits) -> Result<Vec<u8>, DeidError> {
     let format = match kind {
         InputKind::Jpeg => ImageFormat::Jpeg,
         InputKind::Png => ImageFormat::Png,
@@ -238,14 +241,14 @@ fn reencode_image(bytes: &[u8], kind: InputKind, limits: &InputLimits) -> Result
         InputKind::Bmp => ImageFormat::Bmp,
         InputKind::Dicom => return Err(DeidError::NotAnImage),
     };
-    if kind == InputKind::Jpeg && !jpeg_has_end_marker(bytes) {
+    if kind == InputKind::Jpeg && !jpeg_has_end_marker(&bytes) {
         return Err(DeidError::Truncated("JPEG has no end-of-image marker".into()));
     }
-    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
+    let (width, height) = ImageReader::with_format(Cursor::new(&bytes), format)
         .into_dimensions()
         .map_err(|e| DeidError::Corrupt(format!("image header: {e}")))?;
     check_frame_limits(width.into(), height.into(), 1, 8, limits)?;
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut reader = ImageReader::with_format(Cursor::new(&bytes), format);
     let mut decode_limits = image::Limits::default();
     decode_limits.max_image_width = Some(width);
     decode_limits.max_image_height = Some(height);
@@ -258,6 +261,7 @@ fn reencode_image(bytes: &[u8], kind: InputKind, limits: &InputLimits) -> Result
         }
         other => DeidError::Corrupt(format!("image data: {other}")),
     })?;
+    drop(bytes);
     let image = match image {
         DynamicImage::ImageLuma8(_)
         | DynamicImage::ImageLuma16(_)
@@ -370,7 +374,7 @@ mod tests {
         with_text.extend_from_slice(&text);
         with_text.extend_from_slice(&plain[33..]);
         assert!(with_text.windows(8).any(|w| w == b"DOE^JANE"));
-        let out = reencode_image(&with_text, InputKind::Png, &limits()).unwrap();
+        let out = reencode_image(with_text, InputKind::Png, &limits()).unwrap();
         assert!(!out.windows(8).any(|w| w == b"DOE^JANE"));
         let back = image::load_from_memory(&out).unwrap().to_luma8();
         assert_eq!(back.get_pixel(3, 3).0[0], 200);

@@ -10,13 +10,29 @@ use image::DynamicImage;
 use super::preprocess::{GreyFrame, LUMA};
 use super::InferError;
 
+/// Every B-scan of the artefact at once (self-tests, tools: small inputs).
 pub fn load(artifact: &Path) -> Result<Vec<GreyFrame>, InferError> {
+    let mut all = Vec::new();
+    for_each_batch(artifact, usize::MAX, |batch| {
+        all.extend_from_slice(batch);
+        Ok(())
+    })?;
+    Ok(all)
+}
+
+/// The artefact's B-scans, `batch` at a time, in order: a volume is never held as f32 whole,
+/// only its decoded pixels and one batch of converted frames.
+pub fn for_each_batch(
+    artifact: &Path,
+    batch: usize,
+    mut f: impl FnMut(&[GreyFrame]) -> Result<(), InferError>,
+) -> Result<(), InferError> {
     let is_dicom = artifact.extension().is_some_and(|e| e == "dcm");
     if is_dicom {
-        load_dicom(artifact)
+        dicom_batches(artifact, batch.max(1), f)
     } else {
         let image = image::open(artifact).map_err(|e| InferError::Input(format!("artefact does not decode: {e}")))?;
-        Ok(vec![from_image(&image)])
+        f(&[from_image(&image)])
     }
 }
 
@@ -45,7 +61,11 @@ fn luma(r: f32, g: f32, b: f32) -> f32 {
     r * LUMA[0] + g * LUMA[1] + b * LUMA[2]
 }
 
-fn load_dicom(path: &Path) -> Result<Vec<GreyFrame>, InferError> {
+fn dicom_batches(
+    path: &Path,
+    batch: usize,
+    mut f: impl FnMut(&[GreyFrame]) -> Result<(), InferError>,
+) -> Result<(), InferError> {
     let obj = OpenFileOptions::new()
         .open_file(path)
         .map_err(|e| InferError::Input(format!("artefact is not readable DICOM: {e}")))?;
@@ -62,9 +82,13 @@ fn load_dicom(path: &Path) -> Result<Vec<GreyFrame>, InferError> {
         .is_some_and(|p| p.trim() == "MONOCHROME1");
     let max = ((1u32 << bits_stored) - 1) as f32;
     let offset = if signed { f32::from(1u16 << (bits_stored - 1)) } else { 0.0 };
-    let mut frames = Vec::with_capacity(decoded.number_of_frames() as usize);
-    for f in 0..decoded.number_of_frames() {
-        let data = decoded.frame_data(f).map_err(|e| InferError::Input(format!("frame {f}: {e}")))?;
+    let count = decoded.number_of_frames();
+    if count == 0 {
+        return Err(InferError::Input("no frames".into()));
+    }
+    let mut frames = Vec::with_capacity(batch.min(count as usize));
+    for i in 0..count {
+        let data = decoded.frame_data(i).map_err(|e| InferError::Input(format!("frame {i}: {e}")))?;
         let values: Vec<f32> = match bits_allocated {
             8 if signed => data.iter().map(|&b| (f32::from(b as i8) + offset) / max).collect(),
             8 => data.iter().map(|&b| f32::from(b) / max).collect(),
@@ -80,7 +104,7 @@ fn load_dicom(path: &Path) -> Result<Vec<GreyFrame>, InferError> {
         };
         let n = rows * cols;
         if values.len() < n * samples {
-            return Err(InferError::Input(format!("frame {f} is short")));
+            return Err(InferError::Input(format!("frame {i} is short")));
         }
         let mut pixels: Vec<f32> = if samples == 1 {
             values[..n].iter().map(|v| v.clamp(0.0, 1.0)).collect()
@@ -93,9 +117,10 @@ fn load_dicom(path: &Path) -> Result<Vec<GreyFrame>, InferError> {
             pixels.iter_mut().for_each(|v| *v = 1.0 - *v);
         }
         frames.push(GreyFrame { width: cols, height: rows, pixels });
+        if frames.len() == batch || i + 1 == count {
+            f(&frames)?;
+            frames.clear();
+        }
     }
-    if frames.is_empty() {
-        return Err(InferError::Input("no frames".into()));
-    }
-    Ok(frames)
+    Ok(())
 }

@@ -42,6 +42,12 @@ pub trait Backend: Send + Sync {
     fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<Vec<f32>>, InferError>;
 }
 
+/// One B-scan's probabilities and the statistics of its input (for the review rule).
+struct Scored {
+    probabilities: Vec<f32>,
+    mean_std: (f32, f32),
+}
+
 pub struct Classifier {
     manifest: Manifest,
     backend: Box<dyn Backend>,
@@ -126,43 +132,56 @@ impl Classifier {
     }
 
     pub fn classify_artifact(&self, artifact: &Path) -> Result<Classification, InferError> {
-        let frames = frames::load(artifact)?;
-        self.classify_frames(&frames)
+        let mut scored = Vec::new();
+        frames::for_each_batch(artifact, self.batch_size, |batch| self.score_batch(batch, &mut scored))?;
+        self.summarise(scored)
     }
 
     /// Per-B-scan probabilities -> one result. For a volume: each class's probability is its
     /// maximum over B-scans, the label is that of the least normal B-scan, and
     /// `most_suspicious_frame` says which one it is.
     pub fn classify_frames(&self, frames: &[GreyFrame]) -> Result<Classification, InferError> {
+        let mut scored = Vec::with_capacity(frames.len());
+        for batch in frames.chunks(self.batch_size) {
+            self.score_batch(batch, &mut scored)?;
+        }
+        self.summarise(scored)
+    }
+
+    /// Run one batch; append each B-scan's probabilities and input statistics.
+    fn score_batch(&self, batch: &[GreyFrame], out: &mut Vec<Scored>) -> Result<(), InferError> {
         let spec = &self.manifest.input;
         let classes = &self.manifest.classes;
-        let per_item = spec.channels * spec.height * spec.width;
-        let mut probabilities: Vec<Vec<f32>> = Vec::with_capacity(frames.len());
-        for chunk in frames.chunks(self.batch_size) {
-            let mut input = Vec::with_capacity(per_item * chunk.len());
-            for frame in chunk {
-                preprocess::preprocess_into(frame, spec, &mut input);
-            }
-            let scores = self.backend.run(input, [chunk.len(), spec.channels, spec.height, spec.width])?;
-            for row in scores {
-                if row.len() != classes.len() {
-                    return Err(InferError::Model(format!(
-                        "model gives {} scores, the manifest names {} classes",
-                        row.len(),
-                        classes.len()
-                    )));
-                }
-                probabilities.push(match self.manifest.output.kind {
-                    manifest::OutputKind::Logits => softmax(&row),
-                    manifest::OutputKind::Probabilities => row,
-                });
-            }
+        let mut input = Vec::with_capacity(spec.channels * spec.height * spec.width * batch.len());
+        for frame in batch {
+            preprocess::preprocess_into(frame, spec, &mut input);
         }
-        if probabilities.is_empty() {
+        let scores = self.backend.run(input, [batch.len(), spec.channels, spec.height, spec.width])?;
+        for (row, frame) in scores.into_iter().zip(batch) {
+            if row.len() != classes.len() {
+                return Err(InferError::Model(format!(
+                    "model gives {} scores, the manifest names {} classes",
+                    row.len(),
+                    classes.len()
+                )));
+            }
+            let probabilities = match self.manifest.output.kind {
+                manifest::OutputKind::Logits => softmax(&row),
+                manifest::OutputKind::Probabilities => row,
+            };
+            out.push(Scored { probabilities, mean_std: frame.mean_std() });
+        }
+        Ok(())
+    }
+
+    fn summarise(&self, scored: Vec<Scored>) -> Result<Classification, InferError> {
+        let classes = &self.manifest.classes;
+        if scored.is_empty() {
             return Err(InferError::Input("no B-scans to classify".into()));
         }
+        let probabilities: Vec<&Vec<f32>> = scored.iter().map(|s| &s.probabilities).collect();
         let normal = classes.iter().position(|c| c.eq_ignore_ascii_case("NORMAL"));
-        let abnormality = |p: &Vec<f32>| match normal {
+        let abnormality = |p: &&Vec<f32>| match normal {
             Some(i) => 1.0 - p[i],
             None => p.iter().copied().fold(0.0, f32::max),
         };
@@ -184,7 +203,7 @@ impl Classifier {
         if confidence.is_nan() || confidence < self.min_confidence {
             review_reasons.push("low_confidence".to_string());
         }
-        if self.unlike_training(&frames[suspicious]) {
+        if self.unlike_training(scored[suspicious].mean_std) {
             review_reasons.push("input_unlike_training".to_string());
         }
         let needs_review = !review_reasons.is_empty();
@@ -205,8 +224,7 @@ impl Classifier {
         })
     }
 
-    fn unlike_training(&self, frame: &GreyFrame) -> bool {
-        let (mean, std) = frame.mean_std();
+    fn unlike_training(&self, (mean, std): (f32, f32)) -> bool {
         let outside = |v: f32, range: Option<[f32; 2]>| range.is_some_and(|[lo, hi]| v < lo || v > hi);
         outside(mean, self.manifest.review.input_mean_range) || outside(std, self.manifest.review.input_std_range)
     }

@@ -51,8 +51,7 @@ pub fn serve(memory_bytes: u64) -> i32 {
             inject_fault(&bytes);
         }
         // A panic in a decoder is that input's fault: refuse it and keep serving.
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| deid.deidentify_bytes(&bytes)));
-        drop(bytes);
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| deid.deidentify_bytes(bytes)));
         let written = match outcome {
             Ok(Ok(out)) => {
                 let done = Done {
