@@ -86,7 +86,7 @@ pub(super) fn deidentify(
     let encapsulated = ts.is_encapsulated_pixel_data();
     // Nesting, counts and lengths are bounded before the toolkit builds anything (its
     // reader recurses into sequences and reserves what lengths declare).
-    super::walk::check(&input, &ts_uid)?;
+    super::walk::check(&input, &ts_uid, limits.max_decoded_bytes.saturating_add(limits.max_file_bytes))?;
 
     let obj: Obj =
         OpenFileOptions::new().read_preamble(ReadPreamble::Never).from_reader(&input[128..]).map_err(|e| {

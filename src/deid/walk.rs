@@ -114,12 +114,8 @@ fn is_sequence_in_dictionary(group: u16, element: u16) -> bool {
 }
 
 /// Check `file` (preamble, `DICM`, meta group, data set) encoded with transfer syntax `ts`.
-pub fn check(file: &[u8], ts: &str) -> Result<(), DeidError> {
-    if ts == DEFLATED_EXPLICIT_VR_LE {
-        // The data set is deflated; the toolkit inflates it in the worker, whose memory and
-        // stack limits bound what it can cost.
-        return Ok(());
-    }
+/// A deflated data set is inflated (to at most `max_inflated` bytes) and walked too.
+pub fn check(file: &[u8], ts: &str, max_inflated: u64) -> Result<(), DeidError> {
     let mut r = Reader { bytes: file, pos: 132, big_endian: false };
     // The meta group is always explicit VR little endian.
     while r.remaining() >= 2 && u16::from_le_bytes([file[r.pos], file[r.pos + 1]]) == 0x0002 {
@@ -130,6 +126,18 @@ pub fn check(file: &[u8], ts: &str) -> Result<(), DeidError> {
             return Err(DeidError::Corrupt("undefined length in the file meta group".into()));
         }
         r.skip(len, group, element)?;
+    }
+    if ts == DEFLATED_EXPLICIT_VR_LE {
+        use std::io::Read;
+        let mut inflated = Vec::new();
+        flate2::read::DeflateDecoder::new(&file[r.pos..])
+            .take(max_inflated.saturating_add(1))
+            .read_to_end(&mut inflated)
+            .map_err(|e| DeidError::Corrupt(format!("deflated data set: {e}")))?;
+        if inflated.len() as u64 > max_inflated {
+            return Err(DeidError::OverLimits(format!("the deflated data set inflates past {max_inflated} bytes")));
+        }
+        return walk(&mut Reader { bytes: &inflated, pos: 0, big_endian: false }, false);
     }
     let implicit = ts == IMPLICIT_VR_LE;
     r.big_endian = ts == EXPLICIT_VR_BE;
@@ -290,13 +298,13 @@ mod tests {
         let mut ds = element(0x0010, 0x0010, b"PN", b"DOE^JANE");
         ds.extend(nested(5));
         ds.extend(element(0x7FE0, 0x0010, b"OB", &[0u8; 64]));
-        assert!(check(&file(&ds), EXPLICIT_LE).is_ok());
+        assert!(check(&file(&ds), EXPLICIT_LE, 1 << 20).is_ok());
     }
 
     #[test]
     fn deep_nesting_is_refused_without_recursion() {
         let ds = nested(100_000);
-        match check(&file(&ds), EXPLICIT_LE) {
+        match check(&file(&ds), EXPLICIT_LE, 1 << 20) {
             Err(DeidError::OverLimits(why)) => assert!(why.contains("nested"), "{why}"),
             other => panic!("expected a depth refusal, got {other:?}"),
         }
@@ -308,7 +316,7 @@ mod tests {
         ds.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
         ds.extend_from_slice(&0xF000_0000u32.to_le_bytes());
         ds.extend_from_slice(&[0u8; 16]);
-        assert!(matches!(check(&file(&ds), EXPLICIT_LE), Err(DeidError::Truncated(_))));
+        assert!(matches!(check(&file(&ds), EXPLICIT_LE, 1 << 20), Err(DeidError::Truncated(_))));
     }
 
     #[test]
@@ -317,13 +325,34 @@ mod tests {
         for _ in 0..=MAX_ITEMS {
             ds.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0]);
         }
-        assert!(matches!(check(&file(&ds), EXPLICIT_LE), Err(DeidError::OverLimits(_))));
+        assert!(matches!(check(&file(&ds), EXPLICIT_LE, 1 << 20), Err(DeidError::OverLimits(_))));
+    }
+
+    #[test]
+    fn a_deflated_data_set_is_walked_after_inflating_within_the_limit() {
+        use std::io::Write;
+        let deflate = |ds: &[u8]| {
+            let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            z.write_all(ds).unwrap();
+            z.finish().unwrap()
+        };
+        // Found by fuzzing: a length beyond the inflated bytes, which the toolkit would reserve.
+        let mut ds = element(0x0010, 0x0010, b"PN", b"DOE^JANE");
+        ds.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
+        ds.extend_from_slice(&0x9091_0000u32.to_le_bytes());
+        let deflated = file(&deflate(&ds));
+        assert!(matches!(check(&deflated, DEFLATED_EXPLICIT_VR_LE, 1 << 20), Err(DeidError::Truncated(_))));
+        // A deflate bomb stops at the limit.
+        let bomb = file(&deflate(&vec![0u8; 4 << 20]));
+        assert!(matches!(check(&bomb, DEFLATED_EXPLICIT_VR_LE, 1 << 20), Err(DeidError::OverLimits(_))));
+        let fine = file(&deflate(&element(0x0010, 0x0010, b"PN", b"DOE^JANE")));
+        assert!(check(&fine, DEFLATED_EXPLICIT_VR_LE, 1 << 20).is_ok());
     }
 
     #[test]
     fn truncated_headers_are_truncated() {
         let ds = element(0x0010, 0x0010, b"PN", b"DOE^JANE");
         let f = file(&ds);
-        assert!(matches!(check(&f[..f.len() - 12], EXPLICIT_LE), Err(DeidError::Truncated(_))));
+        assert!(matches!(check(&f[..f.len() - 12], EXPLICIT_LE, 1 << 20), Err(DeidError::Truncated(_))));
     }
 }
