@@ -63,6 +63,8 @@ fn int(obj: &InMemDicomObject, tag: Tag) -> Option<u64> {
 /// Read the file meta group alone, to refuse an unknown transfer syntax with a clear reason
 /// before parsing the data set.
 fn read_transfer_syntax(input: &[u8]) -> Result<String, DeidError> {
+    // Its lengths are checked first: the toolkit reserves what they declare.
+    super::walk::check_meta(input)?;
     let after_preamble = input.get(128..).ok_or_else(|| DeidError::Truncated("DICOM preamble".into()))?;
     let meta = FileMetaTable::from_reader(after_preamble.take(1 << 20))
         .map_err(|e| DeidError::Corrupt(format!("DICOM file meta: {e}")))?;

@@ -113,9 +113,9 @@ fn is_sequence_in_dictionary(group: u16, element: u16) -> bool {
     StandardDataDictionary.by_tag(dicom_core::Tag(group, element)).is_some_and(|e| e.vr() == VirtualVr::Exact(VR::SQ))
 }
 
-/// Check `file` (preamble, `DICM`, meta group, data set) encoded with transfer syntax `ts`.
-/// A deflated data set is inflated (to at most `max_inflated` bytes) and walked too.
-pub fn check(file: &[u8], ts: &str, max_inflated: u64) -> Result<(), DeidError> {
+/// Check the file meta group alone (it is read before the transfer syntax is known); returns
+/// where the data set starts.
+pub fn check_meta(file: &[u8]) -> Result<usize, DeidError> {
     let mut r = Reader { bytes: file, pos: 132, big_endian: false };
     // The meta group is always explicit VR little endian.
     while r.remaining() >= 2 && u16::from_le_bytes([file[r.pos], file[r.pos + 1]]) == 0x0002 {
@@ -127,6 +127,13 @@ pub fn check(file: &[u8], ts: &str, max_inflated: u64) -> Result<(), DeidError> 
         }
         r.skip(len, group, element)?;
     }
+    Ok(r.pos)
+}
+
+/// Check `file` (preamble, `DICM`, meta group, data set) encoded with transfer syntax `ts`.
+/// A deflated data set is inflated (to at most `max_inflated` bytes) and walked too.
+pub fn check(file: &[u8], ts: &str, max_inflated: u64) -> Result<(), DeidError> {
+    let mut r = Reader { bytes: file, pos: check_meta(file)?, big_endian: false };
     if ts == DEFLATED_EXPLICIT_VR_LE {
         use std::io::Read;
         let mut inflated = Vec::new();
@@ -347,6 +354,17 @@ mod tests {
         assert!(matches!(check(&bomb, DEFLATED_EXPLICIT_VR_LE, 1 << 20), Err(DeidError::OverLimits(_))));
         let fine = file(&deflate(&element(0x0010, 0x0010, b"PN", b"DOE^JANE")));
         assert!(check(&fine, DEFLATED_EXPLICIT_VR_LE, 1 << 20).is_ok());
+    }
+
+    #[test]
+    fn a_meta_element_longer_than_the_file_is_refused_before_the_meta_is_read() {
+        // Found by fuzzing: the toolkit's meta reader reserved a declared 3.3 GB string.
+        let mut f = vec![0u8; 128];
+        f.extend_from_slice(b"DICM");
+        f.extend_from_slice(&[0x02, 0x00, 0x10, 0x00, b'U', b'C', 0, 0]);
+        f.extend_from_slice(&0xC7CC_0000u32.to_le_bytes());
+        f.extend_from_slice(b"1.2.840");
+        assert!(matches!(check_meta(&f), Err(DeidError::Truncated(_))));
     }
 
     #[test]
