@@ -93,8 +93,45 @@ impl Reader<'_> {
     }
 }
 
+/// VRs whose length is 16 bits in explicit VR (PS3.5 7.1.2). Every other VR, and any code
+/// that is no VR at all, has a 32-bit length: that is how the toolkit reads them, and the walk
+/// must read what the toolkit will (found by fuzzing).
+fn short_form(vr: &[u8; 2]) -> bool {
+    matches!(
+        vr,
+        b"AE"
+            | b"AS"
+            | b"AT"
+            | b"CS"
+            | b"DA"
+            | b"DS"
+            | b"DT"
+            | b"FL"
+            | b"FD"
+            | b"IS"
+            | b"LO"
+            | b"LT"
+            | b"PN"
+            | b"SH"
+            | b"SL"
+            | b"SS"
+            | b"ST"
+            | b"TM"
+            | b"UI"
+            | b"UL"
+            | b"US"
+    )
+}
+
 fn long_form(vr: &[u8; 2]) -> bool {
-    matches!(vr, b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR" | b"UT" | b"UV")
+    !short_form(vr)
+}
+
+/// A code the toolkit reads as UN: UN itself, or no VR it knows.
+fn read_as_unknown(vr: &[u8; 2]) -> bool {
+    let known = short_form(vr)
+        || matches!(vr, b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UR" | b"UT" | b"UV");
+    !known || vr == b"UN"
 }
 
 /// The VR and value length of an explicit-VR element header (the tag already read).
@@ -229,7 +266,8 @@ fn walk(r: &mut Reader<'_>, implicit_data_set: bool) -> Result<(), DeidError> {
             (len == UNDEFINED || is_sequence_in_dictionary(group, element), false, len)
         } else {
             let (vr, len) = explicit_vr_and_length(r)?;
-            (&vr == b"SQ" || (&vr == b"UN" && len == UNDEFINED), &vr == b"UN", len)
+            let un = read_as_unknown(&vr);
+            (&vr == b"SQ" || (un && len == UNDEFINED), un, len)
         };
         if (group, element) == (0x7FE0, 0x0010) && len == UNDEFINED {
             stack.push(Frame::Fragments { items: 0 });
@@ -365,6 +403,16 @@ mod tests {
         f.extend_from_slice(&0xC7CC_0000u32.to_le_bytes());
         f.extend_from_slice(b"1.2.840");
         assert!(matches!(check_meta(&f), Err(DeidError::Truncated(_))));
+    }
+
+    #[test]
+    fn an_unknown_vr_is_read_with_a_long_length_as_the_toolkit_does() {
+        // Found by fuzzing: "xx" with what looks like a short length, which the toolkit reads
+        // as UN with a 32-bit length of gigabytes.
+        let mut ds = vec![0x08, 0x00, 0x16, 0x00, b'x', b'x', 0x10, 0x00];
+        ds.extend_from_slice(&0xE000_0000u32.to_le_bytes());
+        ds.extend_from_slice(&[0u8; 32]);
+        assert!(matches!(check(&file(&ds), EXPLICIT_LE, 1 << 20), Err(DeidError::Truncated(_))));
     }
 
     #[test]

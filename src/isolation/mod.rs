@@ -307,6 +307,14 @@ impl Decoder {
                     if said(b"overflowed its stack") { " (stack overflow)" } else { "" }
                 ),
             },
+            // The worker's own exits: it could not confine itself or lost the protocol. The
+            // device's problem, not this scan's.
+            None if matches!(status.and_then(|s| s.code()), Some(child::EXIT_SANDBOX | child::EXIT_PROTOCOL)) => {
+                IsolationError::Unavailable(format!(
+                    "the decoder worker gave up (exit status {:?}); see its sandbox and protocol",
+                    status.and_then(|s| s.code())
+                ))
+            }
             None => IsolationError::Killed {
                 code: codes::PROCESSOR_CRASHED,
                 detail: format!("the decoder worker exited with status {:?}", status.and_then(|s| s.code())),
