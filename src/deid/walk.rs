@@ -151,17 +151,35 @@ fn is_sequence_in_dictionary(group: u16, element: u16) -> bool {
 }
 
 /// Check the file meta group alone (it is read before the transfer syntax is known); returns
-/// where the data set starts.
+/// where the data set starts. The toolkit reads meta elements, of any group, for as many bytes
+/// as the group length (0002,0000) declares, so that is what is walked (found by fuzzing).
 pub fn check_meta(file: &[u8]) -> Result<usize, DeidError> {
     let mut r = Reader { bytes: file, pos: 132, big_endian: false };
     // The meta group is always explicit VR little endian.
-    while r.remaining() >= 2 && u16::from_le_bytes([file[r.pos], file[r.pos + 1]]) == 0x0002 {
+    let element_header = |r: &mut Reader<'_>| -> Result<(u16, u16, u32), DeidError> {
         let group = r.u16("meta group tag")?;
         let element = r.u16("meta group tag")?;
-        let (_, len) = explicit_vr_and_length(&mut r)?;
+        let (_, len) = explicit_vr_and_length(r)?;
         if len == UNDEFINED {
             return Err(DeidError::Corrupt("undefined length in the file meta group".into()));
         }
+        Ok((group, element, len))
+    };
+    let (group, element, len) = element_header(&mut r)?;
+    if (group, element, len) != (0x0002, 0x0000, 4) {
+        // No group length (the toolkit refuses such a file itself): the meta group is the
+        // run of group 0002 elements.
+        r.pos = 132;
+        while r.remaining() >= 2 && u16::from_le_bytes([file[r.pos], file[r.pos + 1]]) == 0x0002 {
+            let (group, element, len) = element_header(&mut r)?;
+            r.skip(len, group, element)?;
+        }
+        return Ok(r.pos);
+    }
+    let declared = u32::from_le_bytes(r.take::<4>("meta group length")?);
+    let end = r.end_of(declared, 0x0002, 0x0000)?.unwrap_or(r.pos);
+    while r.pos < end {
+        let (group, element, len) = element_header(&mut r)?;
         r.skip(len, group, element)?;
     }
     Ok(r.pos)
@@ -396,13 +414,27 @@ mod tests {
 
     #[test]
     fn a_meta_element_longer_than_the_file_is_refused_before_the_meta_is_read() {
-        // Found by fuzzing: the toolkit's meta reader reserved a declared 3.3 GB string.
-        let mut f = vec![0u8; 128];
-        f.extend_from_slice(b"DICM");
-        f.extend_from_slice(&[0x02, 0x00, 0x10, 0x00, b'U', b'C', 0, 0]);
-        f.extend_from_slice(&0xC7CC_0000u32.to_le_bytes());
-        f.extend_from_slice(b"1.2.840");
-        assert!(matches!(check_meta(&f), Err(DeidError::Truncated(_))));
+        // Found by fuzzing: the toolkit's meta reader reserved a declared 3.3 GB string, and
+        // reads elements of any group for as long as the group length says.
+        let meta = |elements: &[u8], group_length: u32| {
+            let mut f = vec![0u8; 128];
+            f.extend_from_slice(b"DICM");
+            f.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]);
+            f.extend_from_slice(&group_length.to_le_bytes());
+            f.extend_from_slice(elements);
+            f
+        };
+        let mut huge = vec![0x02, 0x00, 0x10, 0x00, b'U', b'C', 0, 0];
+        huge.extend_from_slice(&0xC7CC_0000u32.to_le_bytes());
+        huge.extend_from_slice(b"1.2.840");
+        assert!(matches!(check_meta(&meta(&huge, huge.len() as u32)), Err(DeidError::Truncated(_))));
+        let mut other_group = vec![0xC5, 0x00, 0x01, 0x01, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 1];
+        other_group.extend_from_slice(&huge);
+        let total = other_group.len() as u32;
+        assert!(matches!(check_meta(&meta(&other_group, total)), Err(DeidError::Truncated(_))));
+        assert!(matches!(check_meta(&meta(&[], 0xFF00_00B4)), Err(DeidError::Truncated(_))));
+        let ts = element(0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1\0");
+        assert_eq!(check_meta(&meta(&ts, ts.len() as u32)).unwrap(), 132 + 12 + ts.len());
     }
 
     #[test]
