@@ -108,8 +108,11 @@ pub(super) fn deidentify(
 
     // Decoding every frame proves the pixels are whole before anything downstream relies
     // on them (truncated JPEG / JPEG 2000 streams fail here).
-    let decoded =
-        obj.decode_pixel_data().map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {e}")))?;
+    // A decoder that panics on hostile pixel data (found by fuzzing: an index out of bounds
+    // in the toolkit's RLE adapter) refuses the input like any other corrupt stream.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
+        .map_err(|_| DeidError::Corrupt("pixel data does not decode: the decoder failed on it".into()))?
+        .map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {e}")))?;
     if decoded.data().is_empty() {
         return Err(DeidError::Corrupt("pixel data decodes to nothing".into()));
     }
