@@ -292,11 +292,19 @@ pub struct StoreConfig {
     pub retention: Duration,
     #[serde(with = "humantime_serde")]
     pub prune_interval: Duration,
+    /// Sealed quarantined originals (and their reasons) are purged after this, counted from
+    /// the quarantine; `octd quarantine release` before then puts one back through the pipeline.
+    #[serde(with = "humantime_serde")]
+    pub quarantine_retention: Duration,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { retention: Duration::from_secs(30 * 86_400), prune_interval: Duration::from_secs(3600) }
+        Self {
+            retention: Duration::from_secs(30 * 86_400),
+            prune_interval: Duration::from_secs(3600),
+            quarantine_retention: Duration::from_secs(30 * 86_400),
+        }
     }
 }
 

@@ -89,6 +89,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Quarantined scans: list, show, release back through the pipeline, purge. Originals
+    /// stay sealed under the device key; nothing here prints identity.
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
     /// Model bundles and their signed channel (see docs/model-channel.md).
     Bundle {
         #[command(subcommand)]
@@ -164,6 +170,27 @@ enum BundleAction {
         /// The trusted root.json.
         #[arg(long)]
         root: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuarantineAction {
+    /// Every quarantined scan, oldest first: reason, sealed size, age.
+    List,
+    /// One quarantined scan: its reason and when retention purges it.
+    Show { scan_id: String },
+    /// Put the original back through the pipeline (e.g. after configuring the mask it lacked).
+    Release {
+        scan_id: String,
+        /// How long to wait for the running daemon's answer.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// Remove sealed originals for good.
+    Purge {
+        scan_ids: Vec<String>,
+        #[arg(long, conflicts_with = "scan_ids")]
+        all: bool,
     },
 }
 
@@ -382,6 +409,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Quarantine { action } => {
+            use octd::commands::quarantine;
+            print_report(match action {
+                QuarantineAction::List => quarantine::list(&config),
+                QuarantineAction::Show { scan_id } => quarantine::show(&config, &scan_id),
+                QuarantineAction::Release { scan_id, wait } => quarantine::release(&config, &scan_id, wait),
+                QuarantineAction::Purge { scan_ids, all } => quarantine::purge(&config, &scan_ids, all),
+            })
+        }
         Command::Bundle { action } => {
             use octd::commands::bundle;
             let result = match action {

@@ -46,6 +46,22 @@ pub enum ScanState {
     Quarantined,
 }
 
+impl ScanState {
+    pub const ALL: [ScanState; 5] =
+        [ScanState::Received, ScanState::Deidentified, ScanState::Classified, ScanState::Published, ScanState::Quarantined];
+
+    /// The state as the store, the status report and the metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScanState::Received => "received",
+            ScanState::Deidentified => "deidentified",
+            ScanState::Classified => "classified",
+            ScanState::Published => "published",
+            ScanState::Quarantined => "quarantined",
+        }
+    }
+}
+
 /// What a file turned out to be, from its first bytes (never from its name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

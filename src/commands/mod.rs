@@ -3,6 +3,7 @@
 
 pub mod bundle;
 pub mod provision;
+pub mod quarantine;
 pub mod status;
 
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::config::Config;
-use crate::deid::{Deidentifier, InputLimits};
+use crate::deid::{Deidentifier, InputLimits, Scope};
 use crate::infer::Classifier;
 use crate::scan::ScanId;
 use crate::secret::DeviceSecret;
@@ -65,7 +66,9 @@ pub fn deidentify(config: &Config, inputs: &[PathBuf], out_dir: &Path) -> Result
     let secret = DeviceSecret::load_or_create(&config.device.state_dir)
         .map_err(|e| format!("device secret in {}: {e}", config.device.state_dir.display()))?;
     std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
-    let deid = Deidentifier::new(secret, config.deid.burned_in_masks.clone(), InputLimits::from(&config.ingest));
+    // Research exports of whole studies: every object the toolkit parses, not only OCT images.
+    let deid = Deidentifier::new(secret, config.deid.burned_in_masks.clone(), InputLimits::from(&config.ingest))
+        .with_scope(Scope::AnyObject);
     Ok(inputs
         .iter()
         .map(|input| {

@@ -166,7 +166,7 @@ async fn run_until(
         topics: topics.clone(),
         wake: wake.clone(),
         telemetry: telemetry.clone(),
-        quarantine: Quarantine::new(&dirs.quarantine),
+        quarantine: Quarantine::new(&dirs.quarantine, &secret),
     });
     let decoders = Arc::new(WorkerSettings {
         program: std::env::current_exe().map_err(|e| {
@@ -255,6 +255,7 @@ async fn run_until(
         topics: topics.clone(),
         wake: wake.clone(),
     });
+    let upkeep_jobs = jobs_tx.clone();
     let ingest = {
         let (config, store, spool, beat) =
             (config.ingest.clone(), store.clone(), dirs.spool.clone(), telemetry.ingest_heartbeat.clone());
@@ -266,10 +267,10 @@ async fn run_until(
     };
     let pruner = {
         let pipeline = pipeline.clone();
-        supervised("retention", health.clone(), shutdown_rx.clone(), move |shutdown| {
-            let pipeline = pipeline.clone();
+        supervised("upkeep", health.clone(), shutdown_rx.clone(), move |shutdown| {
+            let (pipeline, jobs) = (pipeline.clone(), upkeep_jobs.clone());
             async move {
-                retention::prune_loop(pipeline, shutdown).await;
+                retention::upkeep_loop(pipeline, jobs, shutdown).await;
                 Ok::<(), String>(())
             }
         })

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::quarantine::codes;
+use super::quarantine::{codes, QuarantineReason};
 use super::{Pipeline, PipelineError};
 use crate::ingest;
 use crate::scan::{EventKind, ScanId, ScanState};
@@ -20,6 +20,12 @@ pub struct Resumable {
 }
 
 pub fn resumable(pipeline: &Arc<Pipeline>) -> Result<Resumable, PipelineError> {
+    match pipeline.quarantine.seal_plaintext_leftovers() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(count = n, "sealed quarantined originals an earlier version kept in plaintext"),
+        Err(e) => tracing::error!(error = %e, "cannot seal plaintext originals in quarantine"),
+    }
+    sweep(pipeline, true)?;
     let max = pipeline.config.pipeline.max_attempts;
     let mut out = Resumable::default();
     // In key order: scan ids are UUIDv7, so oldest first.
@@ -45,4 +51,74 @@ pub fn resumable(pipeline: &Arc<Pipeline>) -> Result<Resumable, PipelineError> {
         }
     }
     Ok(out)
+}
+
+/// What a sweep found and put right.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Plaintext originals removed from the spool: their scan was past de-identification
+    /// (a crash came between that commit and the removal), or no longer known.
+    pub removed: usize,
+    /// Plaintext originals of quarantined scans sealed now (sealing had failed, e.g. a full disk).
+    pub sealed: usize,
+    /// Sealed copies of scans a release had already put back.
+    pub redundant: usize,
+}
+
+/// No plaintext original outlives its need: a spooled original of a scan past
+/// de-identification goes, one of a quarantined scan is sealed. With `at_start` (nothing else
+/// runs yet), sealed copies whose scan is back in the pipeline go too. Runs at start-up and in
+/// the upkeep task, which also performs releases, so that the two never race.
+pub fn sweep(pipeline: &Pipeline, at_start: bool) -> Result<Swept, PipelineError> {
+    let mut swept = Swept::default();
+    let entries = match std::fs::read_dir(&pipeline.dirs.spool) {
+        Ok(entries) => entries,
+        Err(e) => return Err(PipelineError::Transient(format!("reading the spool: {e}"))),
+    };
+    for entry in entries.flatten() {
+        let Some(id) = entry.file_name().to_str().and_then(ScanId::parse) else { continue };
+        let path = entry.path();
+        let record = pipeline.store.get(id)?;
+        match record.as_ref().map(|r| r.state) {
+            Some(ScanState::Received) => {}
+            Some(ScanState::Quarantined) => {
+                let reason = pipeline.quarantine.reason(id).unwrap_or_else(|| QuarantineReason {
+                    scan_id: id,
+                    code: "quarantined".into(),
+                    detail: record.and_then(|r| r.reason).unwrap_or_default(),
+                    kind: EventKind::Rejected,
+                    at: crate::scan::rfc3339_ms(crate::scan::now_ms()),
+                });
+                match pipeline.quarantine.admit(&path, &reason) {
+                    Ok(()) => swept.sealed += 1,
+                    Err(e) => tracing::error!(scan_id = %id, error = %e, "cannot seal a quarantined original yet"),
+                }
+            }
+            _ => match std::fs::remove_file(&path) {
+                Ok(()) => swept.removed += 1,
+                Err(e) => tracing::error!(scan_id = %id, error = %e, "cannot remove a processed original"),
+            },
+        }
+    }
+    if swept.removed > 0 {
+        let _ = crate::fsutil::sync_dir(&pipeline.dirs.spool);
+    }
+    if at_start {
+        for entry in pipeline.quarantine.entries().map_err(|e| PipelineError::Transient(e.to_string()))? {
+            let id = entry.scan_id;
+            let back = pipeline.store.get(id)?.is_some_and(|r| r.state != ScanState::Quarantined);
+            // Received with its original in the spool: a release that stopped short of
+            // removing the sealed copy, or a quarantine a crash interrupted before the spool
+            // copy went (it is processed again from the spool). Without a spooled original the
+            // sealed copy is what finishes an interrupted quarantine: it stays.
+            let spooled = pipeline.dirs.spool.join(id.to_string()).exists();
+            if back && spooled && entry.sealed_bytes.is_some() && pipeline.quarantine.discard(id).is_ok() {
+                swept.redundant += 1;
+            }
+        }
+    }
+    if swept != Swept::default() {
+        tracing::info!(removed = swept.removed, sealed = swept.sealed, redundant = swept.redundant, "swept originals");
+    }
+    Ok(swept)
 }
