@@ -17,6 +17,11 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
 fi
 # The tests start their own brokers; a packaged one must not hold port 1883 for them.
+if ! command -v dciodvfy >/dev/null 2>&1; then
+    echo "==> installing dicom3tools (apt): dciodvfy validates the de-identified DICOM"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools >/dev/null
+fi
 as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
 
 # cargo-deb compiles while pip downloads (one is CPU-bound, the other mostly network).
@@ -47,7 +52,7 @@ echo "==> cargo fmt --check"
 cargo fmt --check
 
 echo "==> cargo test"
-OCTD_REQUIRE_MOSQUITTO=1 cargo test --workspace --locked --all-targets
+OCTD_REQUIRE_MOSQUITTO=1 OCTD_REQUIRE_DCIODVFY=1 cargo test --workspace --locked --all-targets
 
 echo "==> pytest (trainer)"
 (cd trainer && ../.venv/bin/python -m pytest -q)

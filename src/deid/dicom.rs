@@ -15,7 +15,7 @@ use dicom_pixeldata::PixelDecoder;
 use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
 
 use super::profile::{self, Action};
-use super::{check_frame_limits, DeidError, InputLimits};
+use super::{check_frame_limits, DeidError, InputLimits, Scope};
 use crate::config::BurnedInMask;
 use crate::secret::DeviceSecret;
 
@@ -67,7 +67,7 @@ fn read_transfer_syntax(input: &[u8]) -> Result<String, DeidError> {
     super::walk::check_meta(input)?;
     let after_preamble = input.get(128..).ok_or_else(|| DeidError::Truncated("DICOM preamble".into()))?;
     let meta = FileMetaTable::from_reader(after_preamble.take(1 << 20))
-        .map_err(|e| DeidError::Corrupt(format!("DICOM file meta: {e}")))?;
+        .map_err(|e| DeidError::Corrupt(format!("DICOM file meta: {}", super::toolkit_words(e))))?;
     Ok(meta.transfer_syntax().trim_end_matches(['\0', ' ']).to_string())
 }
 
@@ -79,12 +79,13 @@ pub(super) fn deidentify(
     secret: &DeviceSecret,
     masks: &[BurnedInMask],
     limits: &InputLimits,
+    scope: Scope,
 ) -> Result<DicomOutput, DeidError> {
     let ts_uid = read_transfer_syntax(&input)?;
     let ts = TransferSyntaxRegistry
         .get(&ts_uid)
         .filter(|ts| !ts.is_unsupported() && !ts.is_unsupported_pixel_encapsulation() && ts.can_decode_all())
-        .ok_or_else(|| DeidError::UnsupportedTransferSyntax(ts_uid.clone()))?;
+        .ok_or_else(|| DeidError::UnsupportedTransferSyntax(super::uid_words(&ts_uid)))?;
     let encapsulated = ts.is_encapsulated_pixel_data();
     // Nesting, counts and lengths are bounded before the toolkit builds anything (its
     // reader recurses into sequences and reserves what lengths declare).
@@ -92,7 +93,7 @@ pub(super) fn deidentify(
 
     let obj: Obj =
         OpenFileOptions::new().read_preamble(ReadPreamble::Never).from_reader(&input[128..]).map_err(|e| {
-            let msg = e.to_string();
+            let msg = super::toolkit_words(e);
             if msg.contains("end of file")
                 || msg.contains("UnexpectedEof")
                 || msg.contains("failed to fill whole buffer")
@@ -104,18 +105,30 @@ pub(super) fn deidentify(
         })?;
     drop(input);
 
-    let frames = check_pixel_data(&obj, encapsulated, limits)?;
+    let burned_in = text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES"));
+    let has_pixels = obj.get(tags::PIXEL_DATA).is_some();
+    let frames = match scope {
+        Scope::OctImages => check_pixel_data(&obj, encapsulated, limits, true)?,
+        Scope::AnyObject if has_pixels => check_pixel_data(&obj, encapsulated, limits, false)?,
+        Scope::AnyObject => 0,
+    };
 
     // Decoding every frame proves the pixels are whole before anything downstream relies
     // on them (truncated JPEG / JPEG 2000 streams fail here).
     // A decoder that panics on hostile pixel data (found by fuzzing: an index out of bounds
     // in the toolkit's RLE adapter) refuses the input like any other corrupt stream.
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
-        .map_err(|_| DeidError::Corrupt("pixel data does not decode: the decoder failed on it".into()))?
-        .map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {e}")))?;
-    if decoded.data().is_empty() {
-        return Err(DeidError::Corrupt("pixel data decodes to nothing".into()));
-    }
+    let decoded = match scope == Scope::OctImages || (has_pixels && burned_in) {
+        true => {
+            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
+                .map_err(|_| DeidError::Corrupt("pixel data does not decode: the decoder failed on it".into()))?
+                .map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {}", super::toolkit_words(e))))?;
+            if decoded.data().is_empty() {
+                return Err(DeidError::Corrupt("pixel data decodes to nothing".into()));
+            }
+            Some(decoded)
+        }
+        false => None,
+    };
 
     let mut identifiers = BTreeMap::new();
     for (tag, keyword) in LINKAGE_ATTRIBUTES {
@@ -126,7 +139,7 @@ pub(super) fn deidentify(
     let laterality = text(&obj, tags::IMAGE_LATERALITY).or_else(|| text(&obj, tags::LATERALITY));
     let mut out_ts = if ts_uid == DEFLATED_EXPLICIT_VR_LE { EXPLICIT_VR_LE.to_string() } else { ts_uid.clone() };
 
-    let masked = if text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES")) {
+    let masked = if let (true, Some(decoded)) = (burned_in, decoded.as_ref()) {
         let manufacturer = text(&obj, tags::MANUFACTURER).unwrap_or_default();
         let model = text(&obj, tags::MANUFACTURER_MODEL_NAME).unwrap_or_default();
         let mask = masks
@@ -137,7 +150,10 @@ pub(super) fn deidentify(
             })
             .ok_or(DeidError::BurnedInAnnotation)?;
         out_ts = EXPLICIT_VR_LE.to_string();
-        Some(masked_pixels(&decoded, &mask.rects)?)
+        Some(masked_pixels(decoded, &mask.rects)?)
+    } else if burned_in {
+        // A non-image object that says it has burned-in text: there is nothing to mask.
+        return Err(DeidError::BurnedInAnnotation);
     } else {
         None
     };
@@ -180,27 +196,37 @@ pub(super) fn deidentify(
         .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
         .implementation_version_name(format!("OCTD_{}", env!("CARGO_PKG_VERSION").replace('.', "_")))
         .build()
-        .map_err(|e| DeidError::Corrupt(format!("file meta: {e}")))?;
+        .map_err(|e| DeidError::Corrupt(format!("file meta: {}", super::toolkit_words(e))))?;
     let study_uid = text(&cleaned, tags::STUDY_INSTANCE_UID);
     let file = cleaned.with_exact_meta(meta);
 
     let mut artifact = Vec::new();
-    file.write_all(&mut artifact).map_err(|e| DeidError::Corrupt(format!("writing de-identified DICOM: {e}")))?;
+    file.write_all(&mut artifact).map_err(|e| DeidError::Corrupt(format!("writing de-identified DICOM: {}", super::toolkit_words(e))))?;
 
     Ok(DicomOutput { artifact, frames, identifiers, study_uid, laterality })
 }
 
 /// Declared geometry against the limits and against the bytes actually present.
-fn check_pixel_data(obj: &InMemDicomObject, encapsulated: bool, limits: &InputLimits) -> Result<u32, DeidError> {
+/// `oct_only`: only the pixel layouts the classifier reads (8/16-bit, 1 or 3 samples).
+fn check_pixel_data(
+    obj: &InMemDicomObject,
+    encapsulated: bool,
+    limits: &InputLimits,
+    oct_only: bool,
+) -> Result<u32, DeidError> {
     let rows = int(obj, tags::ROWS).ok_or_else(|| DeidError::NoPixelData("Rows missing".into()))?;
     let cols = int(obj, tags::COLUMNS).ok_or_else(|| DeidError::NoPixelData("Columns missing".into()))?;
     let frames = int(obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
     let samples = int(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1);
     let bits = int(obj, tags::BITS_ALLOCATED).unwrap_or(8);
-    if !matches!(bits, 8 | 16) || !matches!(samples, 1 | 3) {
+    if oct_only && (!matches!(bits, 8 | 16) || !matches!(samples, 1 | 3)) {
         return Err(DeidError::Corrupt(format!("{bits}-bit, {samples}-sample pixels are not an OCT image")));
     }
-    let bytes_per_pixel = samples * bits / 8;
+    if !matches!(bits, 1 | 8 | 16 | 32 | 64) || !(1..=4).contains(&samples) {
+        return Err(DeidError::Corrupt(format!("{bits}-bit, {samples}-sample pixels")));
+    }
+    // Single-bit pixels (segmentations) pack eight to a byte.
+    let bytes_per_pixel = (samples * bits).div_ceil(8).max(1);
     check_frame_limits(cols, rows, frames, bytes_per_pixel, limits)?;
     let pixel_data = obj.get(tags::PIXEL_DATA).ok_or_else(|| DeidError::NoPixelData("PixelData missing".into()))?;
     match pixel_data.value() {
@@ -210,7 +236,10 @@ fn check_pixel_data(obj: &InMemDicomObject, encapsulated: bool, limits: &InputLi
             }
         }
         Value::Primitive(p) if !encapsulated => {
-            let declared = rows * cols * frames * bytes_per_pixel;
+            let declared = match bits {
+                1 => (rows * cols * frames * samples).div_ceil(8),
+                _ => rows * cols * frames * bytes_per_pixel,
+            };
             let found = p.to_bytes().len() as u64;
             if found < declared {
                 return Err(DeidError::PixelDataShort { declared, found });
@@ -306,6 +335,10 @@ impl Cleaner<'_> {
                 }
                 Action::Empty => {
                     out.put(DataElement::empty(tag, vr));
+                }
+                Action::Dummy if vr == VR::SQ => {} // no sequence takes a D here: removed
+                Action::Dummy => {
+                    out.put(DataElement::new(tag, vr, PrimitiveValue::from(profile::dummy(vr))));
                 }
                 Action::Uid => {
                     let value = element.to_str().map(|s| s.into_owned()).unwrap_or_default();

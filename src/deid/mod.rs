@@ -156,11 +156,30 @@ pub struct Deidentifier {
     secret: DeviceSecret,
     masks: Vec<BurnedInMask>,
     limits: InputLimits,
+    scope: Scope,
+}
+
+/// What DICOM objects are accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Images the classifier can read (8/16-bit, 1 or 3 samples), pixels decoded in full to
+    /// prove them whole: the daemon and `octd classify`.
+    #[default]
+    OctImages,
+    /// Any object the toolkit parses: other modalities and non-image IODs (`octd deidentify`,
+    /// research exports). Pixels, when there are any, are bounded and carried over as they
+    /// are; they are decoded only to apply a burned-in mask.
+    AnyObject,
 }
 
 impl Deidentifier {
     pub fn new(secret: DeviceSecret, masks: Vec<BurnedInMask>, limits: InputLimits) -> Self {
-        Deidentifier { secret, masks, limits }
+        Deidentifier { secret, masks, limits, scope: Scope::OctImages }
+    }
+
+    pub fn with_scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
     }
 
     /// Read `input` within the size limit.
@@ -187,7 +206,7 @@ impl Deidentifier {
         }
         let kind = InputKind::sniff(&bytes[..bytes.len().min(132)]).ok_or(DeidError::NotAnImage)?;
         if kind == InputKind::Dicom {
-            let out = dicom::deidentify(bytes, &self.secret, &self.masks, &self.limits)?;
+            let out = dicom::deidentify(bytes, &self.secret, &self.masks, &self.limits, self.scope)?;
             return Ok(DeidOutput {
                 kind,
                 extension: "dcm",
@@ -246,7 +265,7 @@ fn reencode_image(bytes: Vec<u8>, kind: InputKind, limits: &InputLimits) -> Resu
     }
     let (width, height) = ImageReader::with_format(Cursor::new(&bytes), format)
         .into_dimensions()
-        .map_err(|e| DeidError::Corrupt(format!("image header: {e}")))?;
+        .map_err(|e| DeidError::Corrupt(format!("image header: {}", toolkit_words(e))))?;
     check_frame_limits(width.into(), height.into(), 1, 8, limits)?;
     let mut reader = ImageReader::with_format(Cursor::new(&bytes), format);
     let mut decode_limits = image::Limits::default();
@@ -255,11 +274,11 @@ fn reencode_image(bytes: Vec<u8>, kind: InputKind, limits: &InputLimits) -> Resu
     decode_limits.max_alloc = Some(limits.max_decoded_bytes);
     reader.limits(decode_limits);
     let image = reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(l) => DeidError::OverLimits(l.to_string()),
+        image::ImageError::Limits(l) => DeidError::OverLimits(toolkit_words(l)),
         image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            DeidError::Truncated(io.to_string())
+            DeidError::Truncated(toolkit_words(io))
         }
-        other => DeidError::Corrupt(format!("image data: {other}")),
+        other => DeidError::Corrupt(format!("image data: {}", toolkit_words(other))),
     })?;
     drop(bytes);
     let image = match image {
@@ -311,6 +330,41 @@ fn check_frame_limits(
         return Err(DeidError::OverLimits(format!("{decoded} decoded bytes, limit {}", limits.max_decoded_bytes)));
     }
     Ok(())
+}
+
+/// A decoding library's error message as a quarantine detail: its own words are kept, but
+/// anything it quotes from the input (a value, a name) is cut, since the input is PHI until
+/// de-identified; control characters go and the length is bounded.
+pub(crate) fn toolkit_words(error: impl std::fmt::Display) -> String {
+    let mut out = String::new();
+    let mut quote: Option<char> = None;
+    for c in error.to_string().chars() {
+        match quote {
+            Some(q) if c == q => {
+                quote = None;
+                out.push('…');
+                out.push(c);
+            }
+            Some(_) => {}
+            None if matches!(c, '\'' | '"' | '`') => {
+                quote = Some(c);
+                out.push(c);
+            }
+            None if c.is_control() => out.push(' '),
+            None => out.push(c),
+        }
+        if out.chars().count() >= 200 {
+            out.push('…');
+            break;
+        }
+    }
+    out
+}
+
+/// A transfer syntax UID as a detail: the UID when it is one, else no text from the input.
+pub(crate) fn uid_words(uid: &str) -> String {
+    let is_uid = !uid.is_empty() && uid.len() <= 64 && uid.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    if is_uid { uid.to_string() } else { "(not a UID)".to_string() }
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
 //! DICOM PS3.15 Annex E, Table E.1-1: the Basic Application Level Confidentiality Profile.
 //!
 //! Compound actions are resolved to the one that keeps an object valid and removes the
-//! most: X/Z -> Z for Type 2 attributes of the image IODs, X otherwise; X/Z/D and X/D -> X;
-//! Z/D -> Z. Beyond the table, octd applies rules that cover attributes the table does not
+//! most: X/Z -> Z for Type 2 attributes of the image IODs, X otherwise; X/D, Z/D and X/Z/D
+//! -> D for attributes that are Type 1 (or 1C) in an IOD octd meets (Content Date and Time,
+//! Acquisition DateTime, Device Serial Number, the frame date-times, ...), since an empty or
+//! missing Type 1 attribute makes the object invalid for every PACS that checks; otherwise
+//! X (or Z). A D replaces only an attribute the input has, so nothing is invented. Beyond the table, octd applies rules that cover attributes the table does not
 //! name (new attributes, vendor misuse), see [`action_for`].
 
 use std::collections::HashMap;
@@ -20,6 +23,10 @@ pub enum Action {
     Uid,
     /// Replace with a keyed-hash pseudonym of the value (PatientID).
     Pseudonym,
+    /// D: replace with a fixed dummy value of the attribute's VR (see [`dummy`]). Used where
+    /// the table allows D and the attribute is Type 1 (or 1C) in an IOD octd meets: a present
+    /// attribute keeps the object valid, and the dummy carries nothing of the input.
+    Dummy,
     /// K: keep (sequences are still cleaned item by item).
     Keep,
 }
@@ -38,14 +45,14 @@ const TABLE: &[(u16, u16, Action)] = &[
     (0x0008, 0x0020, Empty),  // Study Date
     (0x0008, 0x0021, Remove), // Series Date
     (0x0008, 0x0022, Remove), // Acquisition Date
-    (0x0008, 0x0023, Empty),  // Content Date
+    (0x0008, 0x0023, Dummy),  // Content Date (Z/D; Type 1 in OPT, OP and every multi-frame functional-group IOD)
     (0x0008, 0x0024, Remove), // Overlay Date
     (0x0008, 0x0025, Remove), // Curve Date
-    (0x0008, 0x002A, Empty),  // Acquisition DateTime
+    (0x0008, 0x002A, Dummy),  // Acquisition DateTime (X/D; Type 1 in OPT and OP)
     (0x0008, 0x0030, Empty),  // Study Time
     (0x0008, 0x0031, Remove), // Series Time
     (0x0008, 0x0032, Remove), // Acquisition Time
-    (0x0008, 0x0033, Empty),  // Content Time
+    (0x0008, 0x0033, Dummy),  // Content Time (Z/D; paired with Content Date)
     (0x0008, 0x0034, Remove), // Overlay Time
     (0x0008, 0x0035, Remove), // Curve Time
     (0x0008, 0x0050, Empty),  // Accession Number
@@ -139,7 +146,7 @@ const TABLE: &[(u16, u16, Action)] = &[
     (0x0012, 0x0081, Remove), // Clinical Trial Protocol Ethics Committee Name
     (0x0012, 0x0082, Remove), // Clinical Trial Protocol Ethics Committee Approval Number
     (0x0018, 0x0010, Empty),  // Contrast/Bolus Agent
-    (0x0018, 0x1000, Remove), // Device Serial Number
+    (0x0018, 0x1000, Dummy),  // Device Serial Number (X/Z/D; Type 1 in Enhanced General Equipment)
     (0x0018, 0x1002, Uid),    // Device UID
     (0x0018, 0x1004, Remove), // Plate ID
     (0x0018, 0x1005, Remove), // Generator ID
@@ -155,8 +162,11 @@ const TABLE: &[(u16, u16, Action)] = &[
     (0x0018, 0x4000, Remove), // Acquisition Comments
     (0x0018, 0x700A, Remove), // Detector ID
     (0x0018, 0x9185, Remove), // Respiratory Motion Compensation Technique Description
+    (0x0018, 0x9074, Dummy),  // Frame Acquisition DateTime (X/D; Type 1C in the Frame Content macro)
+    (0x0018, 0x9151, Dummy),  // Frame Reference DateTime (X/D; Type 1C in the Frame Content macro)
     (0x0018, 0x9424, Remove), // Acquisition Protocol Description
-    (0x0018, 0x9517, Remove), // End Acquisition DateTime
+    (0x0018, 0x9516, Dummy),  // Start Acquisition DateTime (X/D; Type 1C)
+    (0x0018, 0x9517, Dummy),  // End Acquisition DateTime (X/D; Type 1C)
     (0x0018, 0xA003, Remove), // Contribution Description
     (0x0020, 0x000D, Uid),    // Study Instance UID
     (0x0020, 0x000E, Uid),    // Series Instance UID
@@ -221,7 +231,7 @@ const TABLE: &[(u16, u16, Action)] = &[
     (0x0040, 0x0275, Remove), // Request Attributes Sequence
     (0x0040, 0x0280, Remove), // Comments on the Performed Procedure Step
     (0x0040, 0x0310, Remove), // Comments on Radiation Dose
-    (0x0040, 0x0555, Remove), // Acquisition Context Sequence
+    (0x0040, 0x0555, Empty),  // Acquisition Context Sequence (X, but Type 2 in OPT and OP: emptied, which removes as much)
     (0x0040, 0x1001, Remove), // Requested Procedure ID
     (0x0040, 0x1004, Remove), // Patient Transport Arrangements
     (0x0040, 0x1005, Remove), // Requested Procedure Location
@@ -249,11 +259,11 @@ const TABLE: &[(u16, u16, Action)] = &[
     (0x0040, 0x4037, Remove), // Human Performer's Name
     (0x0040, 0xA027, Remove), // Verifying Organization
     (0x0040, 0xA073, Remove), // Verifying Observer Sequence
-    (0x0040, 0xA075, Empty),  // Verifying Observer Name
+    (0x0040, 0xA075, Dummy),  // Verifying Observer Name (D)
     (0x0040, 0xA078, Remove), // Author Observer Sequence
     (0x0040, 0xA07C, Remove), // Custodial Organization Sequence
     (0x0040, 0xA088, Empty),  // Verifying Observer Identification Code Sequence
-    (0x0040, 0xA123, Empty),  // Person Name
+    (0x0040, 0xA123, Dummy),  // Person Name (D)
     (0x0040, 0xA124, Uid),    // UID
     (0x0040, 0xA730, Remove), // Content Sequence
     (0x0040, 0xDB0C, Uid),    // Template Extension Organization UID
@@ -313,7 +323,7 @@ pub fn table_len() -> usize {
 ///
 /// Beyond the table: curves (50xx) and overlays (60xx) go, since both can carry text;
 /// any other Patient-group (0010) attribute goes; person names are emptied; dates and
-/// date-times are emptied (this profile does not retain longitudinal information); and
+/// date-times and times are emptied (this profile does not retain longitudinal information); and
 /// any UID outside the DICOM standard's own root is pseudonymised.
 pub fn action_for(tag: Tag, vr: VR) -> Action {
     if let Some(&action) = PROFILE.get(&tag) {
@@ -327,9 +337,21 @@ pub fn action_for(tag: Tag, vr: VR) -> Action {
         return Remove;
     }
     match vr {
-        VR::PN | VR::DA | VR::DT => Empty,
+        VR::PN | VR::DA | VR::DT | VR::TM => Empty,
         VR::UI => Uid,
         _ => Keep,
+    }
+}
+
+/// The dummy value of a D action, by VR: a date, time or date-time that says "no date"
+/// (1 January 1900, midnight), and a fixed word for text.
+pub fn dummy(vr: VR) -> &'static str {
+    match vr {
+        VR::DA => "19000101",
+        VR::TM => "000000",
+        VR::DT => "19000101000000",
+        VR::PN => "ANONYMOUS",
+        _ => "REMOVED",
     }
 }
 
@@ -347,7 +369,11 @@ mod tests {
         // rules beyond the table
         assert_eq!(action_for(Tag(0x0010, 0x9431), VR::FL), Remove);
         assert_eq!(action_for(Tag(0x6000, 0x3000), VR::OW), Remove);
-        assert_eq!(action_for(Tag(0x0018, 0x9074), VR::DT), Empty);
+        assert_eq!(action_for(Tag(0x0018, 0x9074), VR::DT), Dummy);
+        assert_eq!(action_for(Tag(0x0018, 0x9999), VR::DT), Empty);
+        assert_eq!(action_for(Tag(0x0018, 0x9998), VR::TM), Empty);
+        assert_eq!(action_for(Tag(0x0008, 0x0023), VR::DA), Dummy);
+        assert_eq!(action_for(Tag(0x0008, 0x002A), VR::DT), Dummy);
         assert_eq!(action_for(Tag(0x0009, 0x0010), VR::PN), Empty);
         // geometry and laterality are kept
         assert_eq!(action_for(Tag(0x0028, 0x0010), VR::US), Keep);
