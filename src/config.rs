@@ -308,15 +308,23 @@ impl Default for StoreConfig {
     }
 }
 
+/// What `octd config check` prints in place of a secret.
+pub const REDACTED: &str = "<redacted>";
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MqttConfig {
     /// `mqtt://host:port` or `mqtts://host:port`. Empty: start the embedded broker.
     pub url: String,
-    /// Where the embedded broker listens.
+    /// Where the embedded broker listens: loopback only (it has no TLS).
     pub embedded_listen: SocketAddr,
+    /// Address-space limit of the embedded broker's process: a client that floods it with
+    /// topics or retained messages exhausts that process (restarted), never octd's.
+    pub embedded_memory_bytes: u64,
     /// Defaults to `octd-<device id>`.
     pub client_id: Option<String>,
+    /// The login octd uses; with the embedded broker, also the only login it accepts (without
+    /// one it accepts any local client: it listens on loopback only).
     pub username: Option<String>,
     pub password: Option<String>,
     /// PEM CA bundle for mqtts.
@@ -338,6 +346,7 @@ impl Default for MqttConfig {
         Self {
             url: String::new(),
             embedded_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            embedded_memory_bytes: 256 * 1024 * 1024,
             client_id: None,
             username: None,
             password: None,
@@ -412,6 +421,15 @@ impl Config {
         Ok(config)
     }
 
+    /// The settings as `octd config check` prints them: secrets replaced by a placeholder.
+    pub fn redacted(&self) -> Config {
+        let mut shown = self.clone();
+        if shown.mqtt.password.is_some() {
+            shown.mqtt.password = Some(REDACTED.into());
+        }
+        shown
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
         let topic_safe = |s: &str| !s.is_empty() && !s.contains(['/', '+', '#']);
@@ -423,6 +441,16 @@ impl Config {
         }
         if self.ingest.watch.is_empty() {
             return invalid("ingest.watch", "needs at least one folder");
+        }
+        if self.mqtt.url.is_empty() && !self.mqtt.embedded_listen.ip().is_loopback() {
+            return invalid(
+                "mqtt.embedded_listen",
+                "the embedded broker has no TLS, so it listens on loopback only; for displays elsewhere on the \
+                 clinic network set mqtt.url to a broker with TLS and authentication (e.g. Mosquitto)",
+            );
+        }
+        if self.mqtt.url.is_empty() && self.mqtt.username.is_some() != self.mqtt.password.is_some() {
+            return invalid("mqtt.password", "the embedded broker's login needs both mqtt.username and mqtt.password");
         }
         // Watch folders are watched recursively: octd's own spool and quarantine must not be
         // inside one, or it would claim its own files again.

@@ -28,6 +28,12 @@ enum Command {
         #[arg(long)]
         memory_bytes: u64,
     },
+    /// The embedded MQTT broker's own process (started by `octd run`, setup on stdin).
+    #[command(hide = true)]
+    Broker {
+        #[arg(long)]
+        memory_bytes: u64,
+    },
     /// Classify files once and print one JSON object per input.
     Classify {
         #[arg(required = true)]
@@ -258,6 +264,10 @@ fn print_report(result: Result<serde_json::Value, String>) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The decoder worker confines itself first thing: no configuration, no logging.
+    if let Command::Broker { memory_bytes } = cli.command {
+        init_logging();
+        return ExitCode::from(octd::publish::broker::serve(memory_bytes).clamp(0, 255) as u8);
+    }
     if let Command::Worker { memory_bytes } = cli.command {
         return ExitCode::from(octd::isolation::child::serve(memory_bytes).clamp(0, 255) as u8);
     }
@@ -396,7 +406,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Doctor { .. } | Command::Provision { .. } | Command::Worker { .. } => ExitCode::SUCCESS, // handled above
+        Command::Doctor { .. } | Command::Provision { .. } | Command::Worker { .. } | Command::Broker { .. } => {
+            ExitCode::SUCCESS
+        } // handled above
         Command::Models => print_report(octd::commands::models(&config)),
         Command::Status { json } => match octd::commands::status::status(&config) {
             Ok(report) if json => print_report(Ok(report)),
@@ -470,7 +482,7 @@ fn main() -> ExitCode {
             };
             print_report(result)
         }
-        Command::Config { action: ConfigAction::Check } => match toml::to_string_pretty(&config) {
+        Command::Config { action: ConfigAction::Check } => match toml::to_string_pretty(&config.redacted()) {
             Ok(text) => {
                 println!("{text}");
                 eprintln!("octd: configuration is valid");

@@ -112,9 +112,22 @@ async fn run_until(
 
     // The publisher starts before the model, so that whatever the model's start-up has to
     // say (a refusal, a rollback, an alarm) reaches the clinic even if it ends in an exit.
-    if config.mqtt.url.is_empty() {
-        publish::start_embedded_broker(config.mqtt.embedded_listen).map_err(|e| DaemonError::Config(e.to_string()))?;
-    }
+    let embedded_broker = match config.mqtt.url.is_empty() {
+        true => {
+            let broker = publish::EmbeddedBroker {
+                program: std::env::current_exe()
+                    .map_err(|e| DaemonError::Config(format!("cannot find octd's own executable for its broker: {e}")))?,
+                listen: config.mqtt.embedded_listen,
+                login: config.mqtt.username.clone().zip(config.mqtt.password.clone()),
+                memory_bytes: config.mqtt.embedded_memory_bytes,
+            };
+            broker.check_listen().map_err(|e| DaemonError::Config(e.to_string()))?;
+            Some(supervised("embedded broker", health.clone(), shutdown_rx.clone(), move |shutdown| {
+                broker.clone().run(shutdown)
+            }))
+        }
+        false => None,
+    };
     let slot = Arc::new(ModelSlot::default());
     let (notices_tx, notices_rx) = mpsc::channel(1);
     systemd::status("connecting to the MQTT broker");
@@ -291,6 +304,9 @@ async fn run_until(
     let _ = pruner.await;
     let _ = update_loop.await;
     let _ = publisher.await;
+    if let Some(broker) = embedded_broker {
+        let _ = broker.await;
+    }
     if let Some(endpoint) = endpoint {
         let _ = endpoint.await;
     }

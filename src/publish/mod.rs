@@ -3,7 +3,7 @@
 //! connection gets a fresh client and everything not yet acknowledged is sent again from
 //! the outbox: at-least-once, in order, across broker and daemon restarts.
 
-mod broker;
+pub mod broker;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use rumqttc::{
 };
 use tokio::sync::{mpsc, watch, Notify};
 
-pub use broker::start_embedded_broker;
+pub use broker::EmbeddedBroker;
 
 use crate::config::{Config, MqttConfig};
 use crate::mqtt::{status_payload, BrokerAddress, Topics};

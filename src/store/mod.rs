@@ -33,6 +33,10 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const NEXT_OUTBOX_SEQ: &str = "outbox_next_seq";
 const PROBE_COUNTER: &str = "probe_writes";
 const MODEL_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("model_events");
+/// outbox seq -> when it was enqueued (ms): the outbox's age without reading its messages.
+const OUTBOX_TIMES: TableDefinition<u64, u64> = TableDefinition::new("outbox_times");
+/// Set once the per-state scan counters (`scans_<state>` in COUNTERS) are maintained.
+const SCAN_COUNTS_READY: &str = "scan_counts_v1";
 const MODEL_STATE: &str = "model_state";
 
 pub const STORE_FILE: &str = "octd.redb";
@@ -104,7 +108,9 @@ impl Store {
             txn.open_table(SETTINGS)?;
             txn.open_table(COUNTERS)?;
             txn.open_table(MODEL_EVENTS)?;
+            txn.open_table(OUTBOX_TIMES)?;
         }
+        Self::count_scans_once(&txn)?;
         txn.commit()?;
         let key = secret.mac("octd linkage seal v1", b"");
         Ok(Store { db, seal: ChaCha20Poly1305::new(Key::from_slice(&key)) })
@@ -123,15 +129,63 @@ impl Store {
         Ok(out)
     }
 
+    /// Counters per state are kept with every change (so `/status` and `/metrics` never read
+    /// the whole scans table); a store from before them is counted once, here.
+    fn count_scans_once(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let mut counters = txn.open_table(COUNTERS)?;
+        if counters.get(SCAN_COUNTS_READY)?.is_some() {
+            return Ok(());
+        }
+        let mut by_state = BTreeMap::<&'static str, u64>::new();
+        for entry in txn.open_table(SCANS)?.iter()? {
+            let (_, v) = entry?;
+            let record: ScanRecord = decode(v.value())?;
+            *by_state.entry(record.state.as_str()).or_default() += 1;
+        }
+        for state in ScanState::ALL {
+            let n = by_state.get(state.as_str()).copied().unwrap_or(0);
+            counters.insert(format!("scans_{}", state.as_str()).as_str(), n)?;
+        }
+        counters.insert(SCAN_COUNTS_READY, 1)?;
+        Ok(())
+    }
+
+    fn bump(txn: &redb::WriteTransaction, from: Option<ScanState>, to: Option<ScanState>) -> Result<(), StoreError> {
+        if from == to {
+            return Ok(());
+        }
+        let mut counters = txn.open_table(COUNTERS)?;
+        if let Some(from) = from {
+            let key = format!("scans_{}", from.as_str());
+            let n = counters.get(key.as_str())?.map(|v| v.value()).unwrap_or(0);
+            counters.insert(key.as_str(), n.saturating_sub(1))?;
+        }
+        if let Some(to) = to {
+            let key = format!("scans_{}", to.as_str());
+            let n = counters.get(key.as_str())?.map(|v| v.value()).unwrap_or(0);
+            counters.insert(key.as_str(), n + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Write a scan's record and keep the counters right.
+    fn put_scan(txn: &redb::WriteTransaction, record: &ScanRecord) -> Result<(), StoreError> {
+        let key = record.scan_id.to_string();
+        let old = {
+            let mut scans = txn.open_table(SCANS)?;
+            let old = scans.insert(key.as_str(), encode(record)?.as_slice())?;
+            old.map(|v| decode::<ScanRecord>(v.value())).transpose()?.map(|r| r.state)
+        };
+        Self::bump(txn, old, Some(record.state))
+    }
+
     /// A claimed file: its record and its (sealed) linkage, in one transaction.
     pub fn record_claim(&self, record: &ScanRecord, linkage: &Linkage) -> Result<(), StoreError> {
         let key = record.scan_id.to_string();
         let sealed = self.seal_linkage(linkage)?;
         let txn = self.db.begin_write()?;
-        {
-            txn.open_table(SCANS)?.insert(key.as_str(), encode(record)?.as_slice())?;
-            txn.open_table(LINKAGE)?.insert(key.as_str(), sealed.as_slice())?;
-        }
+        Self::put_scan(&txn, record)?;
+        txn.open_table(LINKAGE)?.insert(key.as_str(), sealed.as_slice())?;
         txn.commit()?;
         Ok(())
     }
@@ -176,7 +230,7 @@ impl Store {
         record.updated_at_ms = now_ms();
         let txn = self.db.begin_write()?;
         let seq = {
-            txn.open_table(SCANS)?.insert(record.scan_id.to_string().as_str(), encode(&record)?.as_slice())?;
+            Self::put_scan(&txn, &record)?;
             match message {
                 Some(m) => Some(Self::push(&txn, m)?),
                 None => None,
@@ -220,6 +274,7 @@ impl Store {
         let seq = counters.get(NEXT_OUTBOX_SEQ)?.map(|v| v.value()).unwrap_or(1);
         counters.insert(NEXT_OUTBOX_SEQ, seq + 1)?;
         txn.open_table(OUTBOX)?.insert(seq, encode(message)?.as_slice())?;
+        txn.open_table(OUTBOX_TIMES)?.insert(seq, now_ms())?;
         Ok(seq)
     }
 
@@ -239,16 +294,23 @@ impl Store {
     pub fn acknowledge(&self, seq: u64) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
-            let mut outbox = txn.open_table(OUTBOX)?;
-            let removed = outbox.remove(seq)?.map(|v| decode::<OutboxMessage>(v.value())).transpose()?;
+            let removed = {
+                let mut outbox = txn.open_table(OUTBOX)?;
+                let removed = outbox.remove(seq)?.map(|v| decode::<OutboxMessage>(v.value())).transpose()?;
+                removed
+            };
+            txn.open_table(OUTBOX_TIMES)?.remove(seq)?;
             if let Some(OutboxMessage { completes_scan: Some(scan_id), .. }) = removed {
-                let mut scans = txn.open_table(SCANS)?;
                 let key = scan_id.to_string();
-                let record = scans.get(key.as_str())?.map(|v| decode::<ScanRecord>(v.value())).transpose()?;
+                let record = {
+                    let scans = txn.open_table(SCANS)?;
+                    let record = scans.get(key.as_str())?.map(|v| decode::<ScanRecord>(v.value())).transpose()?;
+                    record
+                };
                 if let Some(mut record) = record {
                     record.state = ScanState::Published;
                     record.updated_at_ms = now_ms();
-                    scans.insert(key.as_str(), encode(&record)?.as_slice())?;
+                    Self::put_scan(&txn, &record)?;
                 }
             }
         }
@@ -295,20 +357,20 @@ impl Store {
         Ok(beats)
     }
 
+    /// Scans by state and the outbox's size and age, from counters kept with every change:
+    /// cheap enough for every `/status` and `/metrics` request.
     pub fn counts(&self) -> Result<StoreCounts, StoreError> {
         let mut counts = StoreCounts::default();
-        for record in self.scans_where(|_| true)? {
-            let state =
-                serde_json::to_value(record.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-            *counts.by_state.entry(state).or_default() += 1;
-            // Messages carry no time of their own; the oldest classified scan is the outbox's age.
-            if record.state == ScanState::Classified {
-                let oldest = counts.outbox_oldest_ms.get_or_insert(record.updated_at_ms);
-                *oldest = (*oldest).min(record.updated_at_ms);
+        let txn = self.db.begin_read()?;
+        let counters = txn.open_table(COUNTERS)?;
+        for state in ScanState::ALL {
+            let n = counters.get(format!("scans_{}", state.as_str()).as_str())?.map(|v| v.value()).unwrap_or(0);
+            if n > 0 {
+                counts.by_state.insert(state.as_str().to_string(), n);
             }
         }
-        let txn = self.db.begin_read()?;
         counts.outbox = txn.open_table(OUTBOX)?.len()?;
+        counts.outbox_oldest_ms = txn.open_table(OUTBOX_TIMES)?.first()?.map(|(_, at)| at.value());
         Ok(counts)
     }
 
@@ -319,13 +381,22 @@ impl Store {
         let txn = self.db.begin_write()?;
         let mut artefacts = Vec::new();
         {
-            let mut scans = txn.open_table(SCANS)?;
+            let mut removed = 0u64;
+            {
+                let mut scans = txn.open_table(SCANS)?;
+                for record in &old {
+                    if scans.remove(record.scan_id.to_string().as_str())?.is_some() {
+                        removed += 1;
+                    }
+                    artefacts.extend(record.artifact.clone());
+                }
+            }
+            for _ in 0..removed {
+                Self::bump(&txn, Some(ScanState::Published), None)?;
+            }
             let mut linkage = txn.open_table(LINKAGE)?;
             for record in &old {
-                let key = record.scan_id.to_string();
-                scans.remove(key.as_str())?;
-                linkage.remove(key.as_str())?;
-                artefacts.extend(record.artifact.clone());
+                linkage.remove(record.scan_id.to_string().as_str())?;
             }
             // Linkage of scans still kept has its own, usually longer, retention.
             let mut expired = Vec::new();
@@ -477,7 +548,26 @@ mod tests {
         assert_eq!(counts.by_state.get("classified"), Some(&2));
         assert_eq!(counts.by_state.get("received"), Some(&1));
         assert_eq!(counts.outbox, 2);
-        assert_eq!(counts.outbox_oldest_ms, classified.iter().copied().min());
+        let oldest = counts.outbox_oldest_ms.expect("the outbox has an age");
+        assert!(oldest >= classified[0] && oldest <= classified[1], "{oldest} vs {classified:?}");
+
+        // Kept with every change, and the same as counting the table.
+        let (seq, _) = store.outbox_after(0, 1).unwrap()[0].clone();
+        store.acknowledge(seq).unwrap();
+        let counts = store.counts().unwrap();
+        assert_eq!(counts.by_state.get("classified"), Some(&1));
+        assert_eq!(counts.by_state.get("published"), Some(&1));
+        assert_eq!(counts.outbox, 1);
+        store.prune(now_ms() + 1, 0).unwrap();
+        drop(store);
+        let store = open(dir.path());
+        let counts = store.counts().unwrap();
+        assert_eq!(counts.by_state.get("published"), None, "pruned");
+        let mut counted = BTreeMap::<String, u64>::new();
+        for r in store.scans_where(|_| true).unwrap() {
+            *counted.entry(r.state.as_str().to_string()).or_default() += 1;
+        }
+        assert_eq!(counts.by_state, counted);
     }
 
     #[test]
