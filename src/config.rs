@@ -209,6 +209,12 @@ pub struct UpdateConfig {
     pub max_boot_attempts: u32,
     /// Largest bundle accepted.
     pub max_bundle_bytes: u64,
+    /// A notice on MQTT triggers a check no sooner than this after the last one...
+    #[serde(with = "humantime_serde")]
+    pub notice_min_interval: Duration,
+    /// ...and after a random delay up to this, so a fleet does not check all at once.
+    #[serde(with = "humantime_serde")]
+    pub notice_jitter: Duration,
 }
 
 impl Default for UpdateConfig {
@@ -222,6 +228,8 @@ impl Default for UpdateConfig {
             commit_after: Duration::from_secs(600),
             max_boot_attempts: 3,
             max_bundle_bytes: 1 << 30,
+            notice_min_interval: Duration::from_secs(60),
+            notice_jitter: Duration::from_secs(30),
         }
     }
 }

@@ -196,7 +196,13 @@ impl Device {
             },
         );
         let config = std::fs::read_to_string(&octd.config).unwrap();
-        std::fs::write(&octd.config, config.replace("[update]\n", &format!("[update]\n{update_settings}"))).unwrap();
+        // Notices act at once here, unless a test sets its own pace.
+        let pace = match update_settings.contains("notice_min_interval") {
+            true => String::new(),
+            false => "notice_min_interval = \"0s\"\nnotice_jitter = \"0s\"\n".to_string(),
+        };
+        let settings = format!("[update]\n{pace}{update_settings}");
+        std::fs::write(&octd.config, config.replace("[update]\n", &settings)).unwrap();
         Some(Device { octd, sub, broker, channel, images, dropped: 0, _dir: dir })
     }
 
@@ -633,4 +639,40 @@ fn the_only_model_cut_short_on_disk_is_installed_again_from_the_channel() {
     let whole = std::fs::read(&onnx).unwrap();
     let expected = std::fs::read(repo().join("models/default/model.onnx")).unwrap();
     assert_eq!(whole, expected, "the weights on disk are whole again");
+}
+
+#[test]
+fn a_flood_of_model_notices_makes_a_bounded_number_of_channel_checks() {
+    let Some(mut d) = Device::new(1, "notice_min_interval = \"2s\"\nnotice_jitter = \"500ms\"\n") else { return };
+    d.octd.start();
+    d.octd.wait_ready();
+    d.wait_model_event("model_installed", "installed", Some("0.2.0"));
+    let mut options = rumqttc::MqttOptions::new(format!("flood-{}", free_port()), "127.0.0.1", d.broker.port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = rumqttc::Client::new(options, 1000);
+    let started = std::time::Instant::now();
+    let flood = std::thread::spawn(move || {
+        for i in 0..400 {
+            let topic = if i % 2 == 0 { "oct/fleet/models" } else { "oct/test-site/test-device/model" };
+            client.publish(topic, rumqttc::QoS::AtMostOnce, false, b"{}".to_vec()).unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = client.disconnect();
+    });
+    for event in connection.iter() {
+        if event.is_err() {
+            break;
+        }
+    }
+    flood.join().unwrap();
+    // Give the last scheduled check its time, then count.
+    std::thread::sleep(Duration::from_secs(3));
+    let elapsed = started.elapsed().as_secs_f64();
+    let checks = d.octd.plain_log().matches("model notice: checking the channel").count();
+    let bound = (elapsed / 2.0).ceil() as usize + 1;
+    assert!(checks >= 1, "the notices must still lead to a check");
+    assert!(checks <= bound, "{checks} channel checks for 400 notices in {elapsed:.1}s (at most {bound})");
+    // And the device still works.
+    assert_eq!(d.classify_one(), "0.2.0");
+    assert!(d.octd.stop().success());
 }

@@ -11,7 +11,7 @@ pub mod selftest;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use octd_bundle::archive::{self, Limits};
 use octd_bundle::client::{self, Channel, ModelTarget, Refusal};
@@ -834,8 +834,9 @@ impl Updater {
         Ok(())
     }
 
-    /// Check the channel every `update.interval` and whenever a notice arrives; commit a
-    /// pending model once its time has come.
+    /// Check the channel every `update.interval` and after notices (at most once per
+    /// `update.notice_min_interval`, with jitter: see [`NoticeGate`]); commit a pending model
+    /// once its time has come.
     pub async fn run(
         self: Arc<Self>,
         notices: Arc<tokio::sync::Mutex<mpsc::Receiver<()>>>,
@@ -852,12 +853,25 @@ impl Updater {
         let mut health = tokio::time::interval(
             (self.config.update.commit_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(30)),
         );
+        let mut gate = NoticeGate::new(self.config.update.notice_min_interval, self.config.update.notice_jitter);
+        gate.checked(Instant::now());
         loop {
+            let due = gate.due();
             tokio::select! {
                 _ = crate::shutdown::requested(&mut shutdown) => return,
-                _ = refresh.tick() => self.refresh().await,
+                _ = refresh.tick() => {
+                    gate.checked(Instant::now());
+                    self.refresh().await;
+                }
                 Some(()) = notices.recv() => {
-                    tracing::info!("model notice received: checking the channel");
+                    let jitter = gate.jitter.mul_f64(rand::random::<f64>());
+                    if gate.on_notice(Instant::now(), jitter) {
+                        tracing::debug!("model notice received: a channel check is scheduled");
+                    }
+                }
+                _ = sleep_until_due(due) => {
+                    tracing::info!("model notice: checking the channel");
+                    gate.checked(Instant::now());
                     self.refresh().await;
                 }
                 _ = health.tick() => {
@@ -869,6 +883,85 @@ impl Updater {
     }
 }
 
+async fn sleep_until_due(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When model notices may trigger a channel check: at most one check per `min_interval`
+/// however many notices arrive, each after a random delay (jitter), so that a flood of
+/// notices (or one notice to a whole fleet) cannot become a flood of channel checks.
+#[derive(Debug)]
+pub struct NoticeGate {
+    min_interval: Duration,
+    pub jitter: Duration,
+    last_check: Option<Instant>,
+    due: Option<Instant>,
+}
+
+impl NoticeGate {
+    pub fn new(min_interval: Duration, jitter: Duration) -> Self {
+        NoticeGate { min_interval, jitter, last_check: None, due: None }
+    }
+
+    /// A notice arrived; `jitter` is this notice's random delay. True when it scheduled a
+    /// check (false: one is already scheduled, and this notice joins it).
+    pub fn on_notice(&mut self, now: Instant, jitter: Duration) -> bool {
+        if self.due.is_some() {
+            return false;
+        }
+        let earliest = self.last_check.map_or(now, |t| (t + self.min_interval).max(now));
+        self.due = Some(earliest + jitter.min(self.jitter));
+        true
+    }
+
+    /// When the scheduled check is due, if one is.
+    pub fn due(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// A check ran (scheduled or periodic): it answers every notice before it.
+    pub fn checked(&mut self, now: Instant) {
+        self.last_check = Some(now);
+        self.due = None;
+    }
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, UpdateError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| UpdateError::NoModel(format!("model task: {e}")))
+}
+
+#[cfg(test)]
+mod notice_gate_tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_notices_schedules_one_check_per_interval_with_jitter() {
+        let start = Instant::now();
+        let mut gate = NoticeGate::new(Duration::from_secs(60), Duration::from_secs(30));
+        gate.checked(start);
+        let mut checks = 0;
+        // 10 000 notices over ten minutes, one every 60 ms.
+        for i in 0..10_000u64 {
+            let now = start + Duration::from_millis(60 * i);
+            if gate.due().is_some_and(|due| due <= now) {
+                checks += 1;
+                gate.checked(now);
+            }
+            gate.on_notice(now, Duration::from_secs(10));
+            let due = gate.due().unwrap();
+            assert!(due >= now, "never in the past");
+        }
+        // One per interval plus its jitter: every 70 s.
+        assert!((8..=10).contains(&checks), "{checks} checks in ten minutes at one per minute");
+        // The first notice after a quiet spell waits only its jitter; jitter is capped.
+        let mut quiet = NoticeGate::new(Duration::from_secs(60), Duration::from_secs(30));
+        quiet.checked(start);
+        let later = start + Duration::from_secs(600);
+        assert!(quiet.on_notice(later, Duration::from_secs(300)));
+        assert_eq!(quiet.due(), Some(later + Duration::from_secs(30)));
+        assert!(!quiet.on_notice(later, Duration::ZERO), "joins the scheduled check");
+    }
 }
