@@ -47,8 +47,13 @@ pub enum ScanState {
 }
 
 impl ScanState {
-    pub const ALL: [ScanState; 5] =
-        [ScanState::Received, ScanState::Deidentified, ScanState::Classified, ScanState::Published, ScanState::Quarantined];
+    pub const ALL: [ScanState; 5] = [
+        ScanState::Received,
+        ScanState::Deidentified,
+        ScanState::Classified,
+        ScanState::Published,
+        ScanState::Quarantined,
+    ];
 
     /// The state as the store, the status report and the metrics name it.
     pub fn as_str(self) -> &'static str {

@@ -414,7 +414,10 @@ fn deidentify_writes_deidentified_objects_of_other_modalities_and_non_image_iods
         if *name == "ct.dcm" {
             // 12-bit CT pixels come through unchanged.
             let original = open_file(&inputs[0]).unwrap();
-            assert_eq!(pixel_bytes(&output), original.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap().into_owned());
+            assert_eq!(
+                pixel_bytes(&output),
+                original.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap().into_owned()
+            );
         }
     }
 }

@@ -76,7 +76,9 @@ fn quarantined_ids(messages: &[common::Message]) -> Vec<(String, String)> {
     events(messages)
         .into_iter()
         .filter(|e| e["kind"] == "rejected" || e["kind"] == "quarantined")
-        .map(|e| (e["scan_id"].as_str().unwrap_or_default().to_string(), e["code"].as_str().unwrap_or_default().to_string()))
+        .map(|e| {
+            (e["scan_id"].as_str().unwrap_or_default().to_string(), e["code"].as_str().unwrap_or_default().to_string())
+        })
         .collect()
 }
 
@@ -107,10 +109,10 @@ fn refused_scans_are_sealed_leave_no_identity_at_rest_and_come_back_on_release()
     for (name, bytes) in &inputs {
         drop_file(&rig.octd.inbox, name, bytes);
     }
-    let messages =
-        rig.sub.wait_until(Duration::from_secs(60), |m| quarantined_ids(m).len() == 4, "four refusals");
+    let messages = rig.sub.wait_until(Duration::from_secs(60), |m| quarantined_ids(m).len() == 4, "four refusals");
     let refused = quarantined_ids(&messages);
-    let burned_id = refused.iter().find(|(_, code)| code == "burned_in_annotation").expect("burned-in refused").0.clone();
+    let burned_id =
+        refused.iter().find(|(_, code)| code == "burned_in_annotation").expect("burned-in refused").0.clone();
     let good_id = results(&messages).into_keys().next().unwrap();
 
     // Sealed, listed, and nothing in plaintext: not under the state folder, not in the log.
@@ -164,7 +166,8 @@ fn refused_scans_are_sealed_leave_no_identity_at_rest_and_come_back_on_release()
         "the released unreadable scan, refused again at start",
     );
     let (_, list, _) = octd_cli(&rig.octd.config, &["quarantine", "list"]);
-    let left: Vec<&str> = list["quarantined"].as_array().unwrap().iter().map(|e| e["scan_id"].as_str().unwrap()).collect();
+    let left: Vec<&str> =
+        list["quarantined"].as_array().unwrap().iter().map(|e| e["scan_id"].as_str().unwrap()).collect();
     assert_eq!(left.len(), 2, "{list}");
     assert!(left.contains(&others[1].as_str()) && left.contains(&others[2].as_str()), "{list}");
     assert!(rig.octd.stop().success());

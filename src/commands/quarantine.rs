@@ -17,7 +17,8 @@ use crate::store::{Store, STORE_FILE};
 
 fn open(config: &Config) -> Result<(Dirs, Quarantine), String> {
     let dirs = Dirs::new(&config.device.state_dir);
-    let secret = DeviceSecret::load(&dirs.state).map_err(|e| format!("device secret in {}: {e}", dirs.state.display()))?;
+    let secret =
+        DeviceSecret::load(&dirs.state).map_err(|e| format!("device secret in {}: {e}", dirs.state.display()))?;
     Ok((dirs.clone(), Quarantine::new(&dirs.quarantine, &secret)))
 }
 
@@ -37,7 +38,8 @@ pub fn show(config: &Config, id: &str) -> Result<Value, String> {
     let id = scan_id(id)?;
     let (_, q) = open(config)?;
     let entries = q.entries().map_err(|e| e.to_string())?;
-    let entry = entries.into_iter().find(|e| e.scan_id == id).ok_or_else(|| format!("scan {id} is not in quarantine"))?;
+    let entry =
+        entries.into_iter().find(|e| e.scan_id == id).ok_or_else(|| format!("scan {id} is not in quarantine"))?;
     let expires_in_s = entry.age_s.map(|age| config.store.quarantine_retention.as_secs().saturating_sub(age));
     Ok(json!({ "entry": entry, "purged_in_s": expires_in_s, "release_pending": q.release_pending(id) }))
 }
@@ -61,7 +63,10 @@ pub fn purge(config: &Config, ids: &[String], all: bool) -> Result<Value, String
         }
     }
     if !missing.is_empty() && purged.is_empty() {
-        return Err(format!("not in quarantine: {}", missing.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")));
+        return Err(format!(
+            "not in quarantine: {}",
+            missing.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+        ));
     }
     Ok(json!({ "purged": purged, "not_in_quarantine": missing }))
 }
@@ -92,7 +97,9 @@ pub fn release(config: &Config, id: &str, wait: Duration) -> Result<Value, Strin
             while Instant::now() < deadline {
                 if let Some(answer) = q.take_release_answer(id) {
                     return match answer.released {
-                        true => Ok(json!({ "scan_id": id, "released": true, "daemon": "running", "detail": answer.detail })),
+                        true => {
+                            Ok(json!({ "scan_id": id, "released": true, "daemon": "running", "detail": answer.detail }))
+                        }
                         false => Err(format!("octd refused the release: {}", answer.detail)),
                     };
                 }

@@ -115,8 +115,9 @@ async fn run_until(
     let embedded_broker = match config.mqtt.url.is_empty() {
         true => {
             let broker = publish::EmbeddedBroker {
-                program: std::env::current_exe()
-                    .map_err(|e| DaemonError::Config(format!("cannot find octd's own executable for its broker: {e}")))?,
+                program: std::env::current_exe().map_err(|e| {
+                    DaemonError::Config(format!("cannot find octd's own executable for its broker: {e}"))
+                })?,
                 listen: config.mqtt.embedded_listen,
                 login: config.mqtt.username.clone().zip(config.mqtt.password.clone()),
                 memory_bytes: config.mqtt.embedded_memory_bytes,

@@ -201,7 +201,8 @@ pub(super) fn deidentify(
     let file = cleaned.with_exact_meta(meta);
 
     let mut artifact = Vec::new();
-    file.write_all(&mut artifact).map_err(|e| DeidError::Corrupt(format!("writing de-identified DICOM: {}", super::toolkit_words(e))))?;
+    file.write_all(&mut artifact)
+        .map_err(|e| DeidError::Corrupt(format!("writing de-identified DICOM: {}", super::toolkit_words(e))))?;
 
     Ok(DicomOutput { artifact, frames, identifiers, study_uid, laterality })
 }

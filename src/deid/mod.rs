@@ -364,7 +364,11 @@ pub(crate) fn toolkit_words(error: impl std::fmt::Display) -> String {
 /// A transfer syntax UID as a detail: the UID when it is one, else no text from the input.
 pub(crate) fn uid_words(uid: &str) -> String {
     let is_uid = !uid.is_empty() && uid.len() <= 64 && uid.bytes().all(|b| b.is_ascii_digit() || b == b'.');
-    if is_uid { uid.to_string() } else { "(not a UID)".to_string() }
+    if is_uid {
+        uid.to_string()
+    } else {
+        "(not a UID)".to_string()
+    }
 }
 
 #[cfg(test)]

@@ -20,8 +20,8 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::scan::{EventKind, ScanId, ScanState};
-use crate::store::{Store, StoreError};
 use crate::secret::DeviceSecret;
+use crate::store::{Store, StoreError};
 
 /// Codes octd writes when a scan is quarantined by the pipeline itself (de-identification's
 /// codes, such as `not_an_image` or `burned_in_annotation`, come from `DeidError::code`).
@@ -230,7 +230,9 @@ impl Quarantine {
                 let plain = match (last, stream.as_mut()) {
                     (_, None) => return Err(QuarantineError::Unsealable(id)),
                     (false, Some(s)) => s.decrypt_next(payload),
-                    (true, Some(_)) => stream.take().map_or(Err(chacha20poly1305::aead::Error), |s| s.decrypt_last(payload)),
+                    (true, Some(_)) => {
+                        stream.take().map_or(Err(chacha20poly1305::aead::Error), |s| s.decrypt_last(payload))
+                    }
                 }
                 .map_err(|_| QuarantineError::Unsealable(id))?;
                 out.write_all(&plain)?;
@@ -273,7 +275,8 @@ impl Quarantine {
         for entry in fs::read_dir(&self.dir)? {
             let name = entry?.file_name();
             let name = name.to_string_lossy();
-            let stem = name.strip_suffix(&format!(".{SEALED_EXT}")).or_else(|| name.strip_suffix(&format!(".{REASON_EXT}")));
+            let stem =
+                name.strip_suffix(&format!(".{SEALED_EXT}")).or_else(|| name.strip_suffix(&format!(".{REASON_EXT}")));
             if let Some(id) = stem.and_then(ScanId::parse) {
                 ids.insert(id);
             }
@@ -417,7 +420,13 @@ mod tests {
     use super::*;
 
     fn reason(id: ScanId) -> QuarantineReason {
-        QuarantineReason { scan_id: id, code: "x".into(), detail: "y".into(), kind: EventKind::Rejected, at: "t".into() }
+        QuarantineReason {
+            scan_id: id,
+            code: "x".into(),
+            detail: "y".into(),
+            kind: EventKind::Rejected,
+            at: "t".into(),
+        }
     }
 
     #[test]

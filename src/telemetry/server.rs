@@ -25,11 +25,13 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Telemetry
     tokio::net::TcpListener::bind(addr).await.map_err(|source| TelemetryError::Listen { addr, source })
 }
 
-/// Connections served at once; one more is closed on accept.
-pub const MAX_CONNECTIONS: usize = 32;
+/// Connections served at once (descriptors are finite); one more is closed on accept. Idle
+/// ones go after [`HEADER_READ_TIMEOUT`], so only a flood beyond this many at once can
+/// make the endpoint refuse, never the pipeline slow down.
+pub const MAX_CONNECTIONS: usize = 256;
 /// Store-reading requests (`/metrics`, `/status`) in progress at once.
 pub const MAX_STORE_READS: usize = 4;
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(3);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection's whole life, keep-alive included.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);

@@ -222,7 +222,11 @@ pub fn opt_object(width: u32, height: u32, frames: &[Vec<u8>]) -> Vec<u8> {
         ),
         seq(
             tags::PLANE_ORIENTATION_SEQUENCE,
-            vec![InMemDicomObject::from_element_iter([el(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, "1\\0\\0\\0\\1\\0")])],
+            vec![InMemDicomObject::from_element_iter([el(
+                tags::IMAGE_ORIENTATION_PATIENT,
+                VR::DS,
+                "1\\0\\0\\0\\1\\0",
+            )])],
         ),
     ]);
     let dimension_uid = "1.2.826.0.1.3680043.8.498.50505";
@@ -288,7 +292,10 @@ pub fn opt_object(width: u32, height: u32, frames: &[Vec<u8>]) -> Vec<u8> {
         DataElement::empty(tags::EMMETROPIC_MAGNIFICATION, VR::FL),
         DataElement::empty(tags::INTRA_OCULAR_PRESSURE, VR::FL),
         DataElement::empty(tags::PUPIL_DILATED, VR::CS),
-        seq(tags::ACQUISITION_DEVICE_TYPE_CODE_SEQUENCE, vec![code("392012008", "SCT", "Optical Coherence Tomography Scanner")]),
+        seq(
+            tags::ACQUISITION_DEVICE_TYPE_CODE_SEQUENCE,
+            vec![code("392012008", "SCT", "Optical Coherence Tomography Scanner")],
+        ),
         seq(tags::LIGHT_PATH_FILTER_TYPE_STACK_CODE_SEQUENCE, vec![]),
         el(tags::DETECTOR_TYPE, VR::CS, "CCD"),
         el(tags::STUDY_INSTANCE_UID, VR::UI, STUDY_UID),
@@ -300,11 +307,10 @@ pub fn opt_object(width: u32, height: u32, frames: &[Vec<u8>]) -> Vec<u8> {
         el(tags::FRAME_OF_REFERENCE_UID, VR::UI, "1.2.826.0.1.3680043.8.498.60606"),
         el(tags::POSITION_REFERENCE_INDICATOR, VR::LO, ""),
         el(tags::IMAGE_LATERALITY, VR::CS, "R"),
-        seq(tags::DIMENSION_ORGANIZATION_SEQUENCE, vec![InMemDicomObject::from_element_iter([el(
-            tags::DIMENSION_ORGANIZATION_UID,
-            VR::UI,
-            dimension_uid,
-        )])]),
+        seq(
+            tags::DIMENSION_ORGANIZATION_SEQUENCE,
+            vec![InMemDicomObject::from_element_iter([el(tags::DIMENSION_ORGANIZATION_UID, VR::UI, dimension_uid)])],
+        ),
         seq(tags::DIMENSION_INDEX_SEQUENCE, vec![index]),
         DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)),
         el(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),

@@ -184,6 +184,12 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn connect(port: u16, filter: &str) -> Subscriber {
+        Self::connect_with(port, filter, None)
+    }
+
+    /// With a broker login.
+    pub fn connect_with(port: u16, filter: &str, login: Option<(&str, &str)>) -> Subscriber {
+        let login = login.map(|(u, p)| (u.to_string(), p.to_string()));
         let messages = Arc::new(Mutex::new(Vec::new()));
         let connected = Arc::new(Mutex::new(false));
         let stop = Arc::new(Mutex::new(false));
@@ -196,6 +202,9 @@ impl Subscriber {
                 .set_clean_session(false)
                 .set_keep_alive(Duration::from_secs(5))
                 .set_max_packet_size(1 << 20, 1 << 20);
+            if let Some((user, password)) = login {
+                options.set_credentials(user, password);
+            }
             let (client, mut connection) = rumqttc::Client::new(options, 100);
             for event in connection.iter() {
                 if *s.lock().unwrap() {
