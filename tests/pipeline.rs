@@ -224,7 +224,10 @@ fn bad_inputs_are_quarantined_and_the_daemon_keeps_going() {
     assert_eq!(reasons.len(), 3);
     for r in &reasons {
         let id = r["scan_id"].as_str().unwrap();
-        assert!(octd.state.join("quarantine").join(id).exists(), "the input is kept in quarantine");
+        // Kept, but only sealed: the plaintext never stays under the state folder.
+        let sealed = octd.state.join("quarantine").join(format!("{id}.sealed"));
+        assert!(sealed.exists(), "the input is kept in quarantine, sealed");
+        assert!(!octd.state.join("quarantine").join(id).exists(), "no plaintext copy beside the sealed one");
         assert!(!r["detail"].as_str().unwrap().is_empty());
     }
     std::thread::sleep(Duration::from_secs(2));
