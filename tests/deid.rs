@@ -257,6 +257,34 @@ fn image_metadata_is_stripped_and_pixels_survive() {
 }
 
 #[test]
+fn an_rle_segment_that_decodes_short_is_refused_where_pixels_are_decoded() {
+    // A sound header whose one segment decodes to 10 of the 4096 bytes a frame needs: the
+    // toolkit's RLE adapter indexes past what it decoded and panics (fuzzing finding 5).
+    // Classification decodes every frame; the panic is caught and the input refused.
+    let bench = Bench::new("");
+    let mut segment = fixture::rle_frame(&vec![128u8; 64 * 64])[..64].to_vec();
+    segment.push(9);
+    segment.extend_from_slice(&[7u8; 10]);
+    segment.push(0x80);
+    let bytes = fixture::build(Spec::plain(
+        fixture::OPT_SOP_CLASS,
+        Pixels::RleFragments { width: 64, height: 64, fragments: vec![segment] },
+    ));
+    let input = bench.write("rle-short-segment.dcm", &bytes);
+    let out = Command::new(env!("CARGO_BIN_EXE_octd"))
+        .arg("--config")
+        .arg(bench.path("octd.toml"))
+        .args(["classify", "--json", "--model"])
+        .arg(common::repo().join("models/default"))
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "classify survives the decoder's panic: {}", String::from_utf8_lossy(&out.stderr));
+    let line: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["code"], "corrupt", "{line}");
+}
+
+#[test]
 fn bad_inputs_get_clear_reasons() {
     let bench = Bench::new("[ingest]\nmax_frames = 64\n");
     let mut cases: Vec<(PathBuf, &str)> = vec![
@@ -284,6 +312,17 @@ fn bad_inputs_get_clear_reasons() {
     let mut unknown = unknown;
     unknown[pos..pos + ts.len()].copy_from_slice(b"1.2.840.10008.9.9.9");
     cases.push((bench.write("unknown-ts.dcm", &unknown), "unsupported_transfer_syntax"));
+    // Hostile RLE headers, which the toolkit reads unchecked (fuzzing finding 5: an index out
+    // of bounds in its RLE adapter). A segment count far past the fragment: the toolkit
+    // would reserve 4 bytes per declared segment and slice past the end.
+    let rle = |fragments: Vec<Vec<u8>>| {
+        fixture::build(Spec::plain(fixture::OPT_SOP_CLASS, Pixels::RleFragments { width: 64, height: 64, fragments }))
+    };
+    let mut many_segments = fixture::rle_frame(&frame);
+    many_segments[..4].copy_from_slice(&0x4000_0000u32.to_le_bytes());
+    cases.push((bench.write("rle-segments.dcm", &rle(vec![many_segments])), "corrupt"));
+    // A fragment shorter than the 64-byte header.
+    cases.push((bench.write("rle-stub.dcm", &rle(vec![vec![1, 0, 0, 0, 64, 0, 0, 0]])), "corrupt"));
     // Truncated DICOM: cut inside the pixel data.
     let whole = native(vec![frame.clone()]);
     cases.push((bench.write("cut.dcm", &whole[..whole.len() - 1000]), "truncated"));

@@ -60,6 +60,8 @@ fn int(obj: &InMemDicomObject, tag: Tag) -> Option<u64> {
     obj.get(tag).and_then(|e| e.to_int::<i64>().ok()).and_then(|v| u64::try_from(v).ok())
 }
 
+const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+
 /// Read the file meta group alone, to refuse an unknown transfer syntax with a clear reason
 /// before parsing the data set.
 fn read_transfer_syntax(input: &[u8]) -> Result<String, DeidError> {
@@ -87,6 +89,7 @@ pub(super) fn deidentify(
         .filter(|ts| !ts.is_unsupported() && !ts.is_unsupported_pixel_encapsulation() && ts.can_decode_all())
         .ok_or_else(|| DeidError::UnsupportedTransferSyntax(super::uid_words(&ts_uid)))?;
     let encapsulated = ts.is_encapsulated_pixel_data();
+    let rle = ts_uid == RLE_LOSSLESS;
     // Nesting, counts and lengths are bounded before the toolkit builds anything (its
     // reader recurses into sequences and reserves what lengths declare).
     super::walk::check(&input, &ts_uid, limits.max_decoded_bytes.saturating_add(limits.max_file_bytes))?;
@@ -108,8 +111,8 @@ pub(super) fn deidentify(
     let burned_in = text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES"));
     let has_pixels = obj.get(tags::PIXEL_DATA).is_some();
     let frames = match scope {
-        Scope::OctImages => check_pixel_data(&obj, encapsulated, limits, true)?,
-        Scope::AnyObject if has_pixels => check_pixel_data(&obj, encapsulated, limits, false)?,
+        Scope::OctImages => check_pixel_data(&obj, encapsulated, rle, limits, true)?,
+        Scope::AnyObject if has_pixels => check_pixel_data(&obj, encapsulated, rle, limits, false)?,
         Scope::AnyObject => 0,
     };
 
@@ -212,6 +215,7 @@ pub(super) fn deidentify(
 fn check_pixel_data(
     obj: &InMemDicomObject,
     encapsulated: bool,
+    rle: bool,
     limits: &InputLimits,
     oct_only: bool,
 ) -> Result<u32, DeidError> {
@@ -235,6 +239,13 @@ fn check_pixel_data(
             if seq.fragments().is_empty() {
                 return Err(DeidError::Truncated("encapsulated pixel data has no fragments".into()));
             }
+            if rle {
+                let segments = samples * bits.div_ceil(8);
+                for (i, fragment) in seq.fragments().iter().enumerate() {
+                    check_rle_header(fragment, segments)
+                        .map_err(|why| DeidError::Corrupt(format!("RLE frame {i}: {why}")))?;
+                }
+            }
         }
         Value::Primitive(p) if !encapsulated => {
             let declared = match bits {
@@ -249,6 +260,29 @@ fn check_pixel_data(
         _ => return Err(DeidError::Corrupt("pixel data encoding does not match the transfer syntax".into())),
     }
     u32::try_from(frames).map_err(|_| DeidError::OverLimits(format!("{frames} frames")))
+}
+
+/// PS3.5 Annex G: a 64-byte header of a segment count and fifteen offsets. The toolkit reads
+/// it unchecked (it reserves four bytes per declared segment and indexes past a short
+/// fragment, found by fuzzing), so it is checked here first: one segment per sample byte,
+/// the first right after the header, each within the fragment and none before the last.
+fn check_rle_header(fragment: &[u8], expected_segments: u64) -> Result<(), String> {
+    const HEADER: usize = 64;
+    let header = fragment.get(..HEADER).ok_or_else(|| format!("{} bytes, shorter than its header", fragment.len()))?;
+    let word = |i: usize| header.get(4 * i..4 * i + 4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let segments = u64::from(word(0));
+    if segments > 15 || segments != expected_segments {
+        return Err(format!("{segments} segments where the pixel layout needs {expected_segments}"));
+    }
+    let mut previous = HEADER as u64;
+    for n in 1..=segments as usize {
+        let offset = u64::from(word(n));
+        if (n == 1 && offset != HEADER as u64) || offset < previous || offset >= fragment.len() as u64 {
+            return Err(format!("segment {n} starts at {offset}, outside the fragment"));
+        }
+        previous = offset;
+    }
+    Ok(())
 }
 
 /// The decoded pixels with the mask's rectangles blacked out, as the elements that replace

@@ -25,6 +25,8 @@ pub enum Pixels {
     Deflated { width: u32, height: u32, frames: Vec<Vec<u8>> },
     /// 8-bit frames, RLE Lossless encoded.
     Rle { width: u32, height: u32, frames: Vec<Vec<u8>> },
+    /// RLE Lossless fragments exactly as given (hand-made hostile headers and segments).
+    RleFragments { width: u32, height: u32, fragments: Vec<Vec<u8>> },
 }
 
 pub struct Spec {
@@ -50,7 +52,7 @@ fn seq(tag: Tag, items: Vec<InMemDicomObject>) -> DataElement<InMemDicomObject> 
 }
 
 /// PackBits with literal runs only: valid DICOM RLE, simple to get right.
-fn rle_frame(pixels: &[u8]) -> Vec<u8> {
+pub fn rle_frame(pixels: &[u8]) -> Vec<u8> {
     let mut segment = Vec::new();
     for chunk in pixels.chunks(128) {
         segment.push((chunk.len() - 1) as u8);
@@ -89,6 +91,11 @@ pub fn build(spec: Spec) -> Vec<u8> {
         Pixels::Rle { width, height, frames } => {
             let n = frames.len();
             let fragments: Vec<Vec<u8>> = frames.iter().map(|f| rle_frame(f)).collect();
+            let seq = PixelFragmentSequence::new(Vec::<u32>::new(), fragments);
+            (width, height, n, RLE, DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(seq)))
+        }
+        Pixels::RleFragments { width, height, fragments } => {
+            let n = fragments.len();
             let seq = PixelFragmentSequence::new(Vec::<u32>::new(), fragments);
             (width, height, n, RLE, DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(seq)))
         }
