@@ -178,6 +178,124 @@ fn a_full_disk_stops_intake_without_stopping_the_daemon_and_nothing_is_lost() {
     assert!(rig.octd.stop().success());
 }
 
+/// An ext4 filesystem on a loop device for the state folder that can be made to fail as a
+/// worn flash card or a failing disk does: an error turns it read-only under the daemon
+/// (`errors=remount-ro`). Repaired as a field engineer would: unmount, fsck, mount.
+struct FailingDisk {
+    at: PathBuf,
+    image: PathBuf,
+}
+
+impl FailingDisk {
+    fn mount(at: &Path, image: &Path) -> Option<FailingDisk> {
+        let skip = |why: &str| {
+            eprintln!("SKIPPED: {why}; the test of a store that cannot write did not run");
+            None
+        };
+        let run = |cmd: &mut Command| cmd.output().is_ok_and(|o| o.status.success());
+        if !run(Command::new("truncate").args(["-s", "64M"]).arg(image))
+            || !run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(image))
+        {
+            return skip("no mkfs.ext4");
+        }
+        std::fs::create_dir_all(at).unwrap();
+        let disk = FailingDisk { at: at.to_path_buf(), image: image.to_path_buf() };
+        if !disk.attach() {
+            return skip("cannot loop-mount an ext4 image here (needs root and loop devices)");
+        }
+        if !disk.trigger().exists() {
+            return skip("this kernel has no ext4 trigger_fs_error");
+        }
+        Some(disk)
+    }
+
+    fn attach(&self) -> bool {
+        Command::new("mount")
+            .args(["-o", "loop,errors=remount-ro"])
+            .arg(&self.image)
+            .arg(&self.at)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    fn trigger(&self) -> PathBuf {
+        let out = Command::new("findmnt").args(["-n", "-o", "SOURCE"]).arg(&self.at).output().unwrap();
+        let source = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let dev = Path::new(&source).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        PathBuf::from(format!("/sys/fs/ext4/{dev}/trigger_fs_error"))
+    }
+
+    /// A filesystem error: the kernel turns it read-only at once.
+    fn fail(&self) {
+        std::fs::write(self.trigger(), "1").unwrap();
+        assert!(std::fs::write(self.at.join("probe"), b"x").is_err(), "the state folder is read-only now");
+    }
+
+    fn repair(&self) {
+        assert!(Command::new("umount").arg(&self.at).status().unwrap().success());
+        // 0: clean, 1: errors corrected.
+        let fsck = Command::new("e2fsck").args(["-f", "-y"]).arg(&self.image).output().unwrap();
+        assert!(matches!(fsck.status.code(), Some(0 | 1)), "{}", String::from_utf8_lossy(&fsck.stdout));
+        assert!(self.attach());
+    }
+}
+
+impl Drop for FailingDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+#[test]
+fn a_store_that_can_no_longer_write_makes_the_daemon_unhealthy_and_loses_nothing() {
+    let Some(mut rig) = Rig::new(1, "oct/#") else { return };
+    let image = rig.dir.path().join("state.ext4");
+    let Some(disk) = FailingDisk::mount(&rig.octd.state, &image) else { return };
+    rig.octd.env.push(("OCTD_INGEST__MIN_FREE_BYTES".into(), (4u64 << 20).to_string()));
+    rig.octd.start();
+    rig.octd.wait_ready();
+    for i in 0..2 {
+        drop_file(&rig.octd.inbox, &format!("before-{i}.jpeg"), &rig.image(i));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while results(&rig.sub.messages()).len() < 2 {
+        assert!(Instant::now() < deadline, "no results before the failure:\n{}", rig.octd.plain_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = rig.octd.pid();
+
+    disk.fail();
+    for i in 0..4 {
+        drop_file(&rig.octd.inbox, &format!("after-{i}.jpeg"), &rig.image(i + 2));
+    }
+    // The supervisor's write probe sees it: the watchdog verdict turns unhealthy, naming the store.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        if let Some((503, body)) = rig.octd.http_get("/healthz") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never unhealthy:\n{}", rig.octd.plain_log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(body.contains("store"), "the verdict names the store: {body}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(rig.octd.pid(), pid, "the daemon has not exited on its own");
+    assert_eq!(results(&rig.sub.messages()).len(), 2, "nothing is published that was not committed");
+    assert_eq!(std::fs::read_dir(&rig.octd.inbox).unwrap().count(), 4, "the new scans wait in the export folder");
+
+    // Under systemd the missing watchdog pings restart octd; it must not exit with the code
+    // systemd will not restart on.
+    let status = rig.octd.stop_within(Duration::from_secs(30)).expect("the daemon stops within 30 s");
+    assert_ne!(status.code(), Some(78), "a disk failure is not a configuration error");
+    disk.repair();
+    rig.octd.start();
+    let messages =
+        rig.sub.wait_until(Duration::from_secs(120), |m| results(m).len() >= 6, "every scan after the repair");
+    assert_eq!(results(&messages).len(), 6);
+    assert_eq!(std::fs::read_dir(&rig.octd.inbox).unwrap().count(), 0);
+    assert!(rig.octd.stop().success());
+}
+
 #[test]
 fn compressed_dicom_decodes_inside_the_sandbox() {
     // JPEG Baseline DICOM: its decoder must not need threads the sandbox forbids.
