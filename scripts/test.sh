@@ -22,7 +22,13 @@ if ! command -v dciodvfy >/dev/null 2>&1; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools >/dev/null
 fi
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    echo "==> installing postgresql (apt): octd-trainer's fleet-path tests start their own cluster"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
 as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
+as_root systemctl disable --now postgresql >/dev/null 2>&1 || true
 
 # cargo-deb compiles while pip downloads (one is CPU-bound, the other mostly network).
 deb_install=""
@@ -52,7 +58,7 @@ echo "==> cargo fmt --check"
 cargo fmt --check
 
 echo "==> cargo test"
-OCTD_REQUIRE_MOSQUITTO=1 OCTD_REQUIRE_DCIODVFY=1 cargo test --workspace --locked --all-targets
+OCTD_REQUIRE_MOSQUITTO=1 OCTD_REQUIRE_DCIODVFY=1 OCTD_REQUIRE_POSTGRES=1 OCTD_REQUIRE_S3=1 cargo test --workspace --locked --all-targets
 
 echo "==> pytest (trainer)"
 (cd trainer && ../.venv/bin/python -m pytest -q)

@@ -1,0 +1,220 @@
+//! Typed settings with documented defaults (`config/octd-trainer.toml`): an empty file, or
+//! none, runs the service on one machine with everything under `var/octd-trainer`.
+//!
+//! Sources, later ones win: built-in defaults, the TOML file, then environment variables
+//! `OCTD_TRAINER_<SECTION>__<KEY>` (for example `OCTD_TRAINER_STORAGE__DATABASE=postgres://…`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+const SECTIONS: &[&str] = &["server", "storage", "intake", "channel", "policy"];
+pub const ENV_PREFIX: &str = "OCTD_TRAINER_";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub intake: IntakeConfig,
+    pub channel: ChannelConfig,
+    pub policy: crate::policy::PolicyConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Intake API, status and the model channel (`/channel/…`).
+    pub listen: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8700)) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `sqlite://PATH` (one node) or `postgres://user:password@host/db` (a fleet).
+    pub database: String,
+    /// A folder, or `s3://bucket[/prefix]` for S3-compatible storage (credentials and
+    /// region from the standard `AWS_*` variables).
+    pub blobs: String,
+    /// For S3-compatible servers other than AWS, e.g. `http://minio:9000`.
+    pub s3_endpoint: String,
+    /// Connections to the database.
+    pub max_connections: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            database: "sqlite://var/octd-trainer/trainer.db".into(),
+            blobs: "var/octd-trainer/blobs".into(),
+            s3_endpoint: String::new(),
+            max_connections: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IntakeConfig {
+    /// The classes a label may name (the model's classes).
+    pub classes: Vec<String>,
+    /// Largest image upload (a volume as DICOM can be tens of MB).
+    pub max_image_bytes: u64,
+    /// Largest label body.
+    pub max_label_bytes: u64,
+    /// A request signed further from the server's clock than this is refused.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
+    /// Requests per minute one device may make (sustained), and the burst above it.
+    pub requests_per_minute: u32,
+    pub burst: u32,
+    /// Share of patients assigned to the fixed holdout at their first label.
+    pub holdout_fraction: f64,
+}
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        IntakeConfig {
+            classes: ["CNV", "DME", "DRUSEN", "NORMAL"].map(String::from).to_vec(),
+            max_image_bytes: 64 << 20,
+            max_label_bytes: 16 << 10,
+            clock_skew: Duration::from_secs(300),
+            requests_per_minute: 600,
+            burst: 120,
+            holdout_fraction: 0.2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// The signed model channel (TUF repository), also served at `/channel/`.
+    pub dir: PathBuf,
+    /// The online signing keys (targets, snapshot, timestamp). The root key belongs offline.
+    pub keys: PathBuf,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        ChannelConfig { dir: "var/octd-trainer/channel".into(), keys: "var/octd-trainer/keys".into() }
+    }
+}
+
+impl Config {
+    /// Defaults, then `path` (which must exist when given), then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError::Missing(path.to_path_buf()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").filter(|key| {
+            let head = key.as_str().split('.').next().unwrap_or_default();
+            SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(head)) && key.as_str().len() > head.len()
+        }));
+        let config: Config = figment.extract().map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.into() });
+        let db = &self.storage.database;
+        if !(db.starts_with("sqlite:") || db.starts_with("postgres://") || db.starts_with("postgresql://")) {
+            return invalid("storage.database", "must be sqlite://PATH or postgres://…");
+        }
+        if self.storage.blobs.is_empty() {
+            return invalid("storage.blobs", "must name a folder or s3://bucket");
+        }
+        if self.storage.max_connections == 0 {
+            return invalid("storage.max_connections", "must be at least 1");
+        }
+        if self.intake.classes.is_empty() {
+            return invalid("intake.classes", "must name the model's classes");
+        }
+        if self.intake.requests_per_minute == 0 || self.intake.burst == 0 {
+            return invalid("intake.requests_per_minute", "the rate and the burst must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.intake.holdout_fraction) {
+            return invalid("intake.holdout_fraction", "must be in [0, 1)");
+        }
+        if !(0.0..=1.0).contains(&self.policy.accuracy_floor) {
+            return invalid("policy.accuracy_floor", "must be in [0, 1]");
+        }
+        if self.policy.accuracy_window == 0 || self.policy.retrain_every_labels == 0 {
+            return invalid("policy.accuracy_window", "the window and the label count must be at least 1");
+        }
+        if self.intake.max_image_bytes == 0 || self.intake.max_label_bytes == 0 {
+            return invalid("intake.max_image_bytes", "size limits must be positive");
+        }
+        Ok(())
+    }
+
+    /// The settings as `config check` prints them: a database password is not shown.
+    pub fn redacted(&self) -> Config {
+        let mut shown = self.clone();
+        shown.storage.database = redact_url_password(&shown.storage.database);
+        shown
+    }
+}
+
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((userinfo, host)) = rest.split_once('@') else { return url.to_string() };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_on_one_machine_and_validate() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8700");
+        assert!(c.storage.database.starts_with("sqlite://var/octd-trainer/"));
+    }
+
+    #[test]
+    fn the_shipped_example_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/octd-trainer.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let from_file: Config = toml::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_value(from_file).unwrap(), serde_json::to_value(Config::default()).unwrap());
+    }
+
+    #[test]
+    fn passwords_are_not_printed() {
+        let mut c = Config::default();
+        c.storage.database = "postgres://octd:s3cret@db:5432/labels".into();
+        assert_eq!(c.redacted().storage.database, "postgres://octd:***@db:5432/labels");
+    }
+}

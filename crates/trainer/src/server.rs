@@ -1,0 +1,66 @@
+//! `octd-trainer serve`: the intake API, health, and the model channel as static files,
+//! on one listener. Stateless apart from the database and the object store, so a fleet runs
+//! several replicas behind a load balancer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::RngCore;
+use tower_http::services::ServeDir;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::blobs::Blobs;
+use crate::config::Config;
+use crate::intake::{self, Intake};
+use crate::store::Store;
+
+const HOLDOUT_KEY: &str = "holdout_key";
+const DEFAULT_ROOT_EXPIRY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+pub async fn open(config: &Config) -> anyhow::Result<(Store, Blobs)> {
+    let store = Store::open(&config.storage.database, config.storage.max_connections).await?;
+    let blobs = Blobs::open(&config.storage.blobs, &config.storage.s3_endpoint)?;
+    Ok((store, blobs))
+}
+
+/// The key of the patient split, created once and shared through the database.
+async fn holdout_key(store: &Store) -> anyhow::Result<[u8; 32]> {
+    let mut fresh = [0u8; 32];
+    rand::rng().fill_bytes(&mut fresh);
+    let stored = store.setting_or_insert(HOLDOUT_KEY, &hex::encode(fresh)).await?;
+    let bytes = hex::decode(stored)?;
+    bytes.try_into().map_err(|_| anyhow::anyhow!("the stored holdout key is not 32 bytes"))
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // A fresh machine gets a channel on the first start, as `octd-trainer init` would make it.
+    if !config.channel.dir.join("metadata").join("root.json").exists() {
+        let made = crate::channel::init(&config.channel.dir, &config.channel.keys, DEFAULT_ROOT_EXPIRY).await?;
+        tracing::warn!(channel = %config.channel.dir.display(), keys = %config.channel.keys.display(),
+            "created a model channel and its keys; move root.pk8 offline before production ({made})");
+    }
+    let (store, blobs) = open(&config).await?;
+    let key = holdout_key(&store).await?;
+    let intake = Arc::new(Intake::new(store.clone(), blobs, config.intake.clone(), key));
+    let app = intake::router(intake)
+        .nest_service("/channel", ServeDir::new(&config.channel.dir))
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(120)));
+    let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
+    tracing::info!(listen = %config.server.listen, database = %config.redacted().storage.database,
+        blobs = %config.storage.blobs, "serving");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

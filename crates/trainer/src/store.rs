@@ -1,0 +1,402 @@
+//! The label store: SQLite on one node, PostgreSQL for a fleet, through sqlx's Any driver
+//! so both run the same migrations and the same queries (`$n` placeholders, BIGINT
+//! integers, times in milliseconds).
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, Row};
+
+use crate::now_ms;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "intake", include_str!("../migrations/0001_intake.sql"))];
+
+fn migrator() -> Migrator {
+    let migrations = MIGRATIONS
+        .iter()
+        .map(|(version, name, sql)| {
+            Migration::new(*version, Cow::Borrowed(*name), MigrationType::Simple, Cow::Borrowed(*sql), false)
+        })
+        .collect::<Vec<_>>();
+    Migrator { migrations: Cow::Owned(migrations), ignore_missing: false, locking: true, no_tx: false }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Device {
+    pub key_id: String,
+    pub site: String,
+    pub device: String,
+    /// Hex of the 32 raw Ed25519 bytes.
+    pub public_key: String,
+    pub enrolled_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+fn device_from(row: &AnyRow) -> Result<Device, sqlx::Error> {
+    Ok(Device {
+        key_id: row.try_get("key_id")?,
+        site: row.try_get("site")?,
+        device: row.try_get("device")?,
+        public_key: row.try_get("public_key")?,
+        enrolled_at: row.try_get("enrolled_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+/// What the intake knows of a stored image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    pub sha256: String,
+    pub kind: String,
+    pub bytes: i64,
+    pub width: i64,
+    pub height: i64,
+    pub frames: i64,
+}
+
+/// One label revision as stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LabelRecord {
+    pub site: String,
+    pub device: String,
+    pub scan_id: String,
+    pub revision: i64,
+    pub label: String,
+    pub predicted: String,
+    pub probabilities: String,
+    pub model_name: String,
+    pub model_version: String,
+    pub model_sha256: String,
+    pub reviewer: String,
+    pub reviewed_at: String,
+    pub laterality: String,
+    pub patient: String,
+    pub image_sha256: String,
+    pub body_sha256: String,
+    pub received_at: i64,
+}
+
+/// The outcome of storing a label revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelWrite {
+    /// Stored; the patient's split (assigned now if this was its first label).
+    Stored { split: String },
+    /// The same revision with the same body was stored before (a retried upload).
+    Unchanged { split: String },
+    /// The same revision was stored before with another body.
+    Conflict,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+impl Store {
+    /// Open (creating a SQLite file and its folder where needed) and migrate.
+    pub async fn open(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let url = match url.strip_prefix("sqlite://") {
+            Some(path) => {
+                let file = path.split('?').next().unwrap_or_default();
+                if let Some(parent) = Path::new(file).parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| StoreError::Invalid(format!("{}: {e}", parent.display())))?;
+                }
+                // WAL: readers do not wait for the writer; create the file on first use.
+                let sep = if path.contains('?') { '&' } else { '?' };
+                format!("sqlite://{path}{sep}mode=rwc")
+            }
+            None => url.to_string(),
+        };
+        let pool = AnyPoolOptions::new().max_connections(max_connections).connect(&url).await?;
+        if url.starts_with("sqlite:") {
+            sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+        }
+        migrator().run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// A setting shared by every replica: the first writer's value wins, later calls read it.
+    pub async fn setting_or_insert(&self, name: &str, value: &str) -> Result<String, StoreError> {
+        sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(name)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query("SELECT value FROM settings WHERE name = $1").bind(name).fetch_one(&self.pool).await?;
+        Ok(row.try_get("value")?)
+    }
+
+    // ---- devices
+
+    pub async fn add_device(&self, device: &Device) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO devices (key_id, site, device, public_key, enrolled_at, revoked_at) VALUES ($1, $2, $3, $4, $5, NULL)",
+        )
+        .bind(&device.key_id)
+        .bind(&device.site)
+        .bind(&device.device)
+        .bind(&device.public_key)
+        .bind(device.enrolled_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn device_by_key(&self, key_id: &str) -> Result<Option<Device>, StoreError> {
+        let row =
+            sqlx::query("SELECT * FROM devices WHERE key_id = $1").bind(key_id).fetch_optional(&self.pool).await?;
+        Ok(row.as_ref().map(device_from).transpose()?)
+    }
+
+    pub async fn active_device(&self, site: &str, device: &str) -> Result<Option<Device>, StoreError> {
+        let row = sqlx::query("SELECT * FROM devices WHERE site = $1 AND device = $2 AND revoked_at IS NULL")
+            .bind(site)
+            .bind(device)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(device_from).transpose()?)
+    }
+
+    pub async fn devices(&self) -> Result<Vec<Device>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM devices ORDER BY site, device, enrolled_at").fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(device_from).collect::<Result<_, _>>()?)
+    }
+
+    /// Revoke the active key of `site/device`, or the key `key_id`. True when one was active.
+    pub async fn revoke(&self, key_id_or_device: &str) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let done = match key_id_or_device.split_once('/') {
+            Some((site, device)) => {
+                sqlx::query("UPDATE devices SET revoked_at = $1 WHERE site = $2 AND device = $3 AND revoked_at IS NULL")
+                    .bind(now)
+                    .bind(site)
+                    .bind(device)
+                    .execute(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("UPDATE devices SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL")
+                    .bind(now)
+                    .bind(key_id_or_device)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(done.rows_affected() > 0)
+    }
+
+    // ---- replay protection
+
+    /// Record a nonce; false when it was seen before (a replay). Nonces older than
+    /// `forget_before_ms` are dropped on the way: a request that old fails its time check.
+    pub async fn use_nonce(&self, key_id: &str, nonce: &str, forget_before_ms: i64) -> Result<bool, StoreError> {
+        sqlx::query("DELETE FROM nonces WHERE seen_at < $1").bind(forget_before_ms).execute(&self.pool).await?;
+        let done =
+            sqlx::query("INSERT INTO nonces (key_id, nonce, seen_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+                .bind(key_id)
+                .bind(nonce)
+                .bind(now_ms())
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    // ---- images
+
+    pub async fn image(&self, sha256: &str) -> Result<Option<ImageRecord>, StoreError> {
+        let row = sqlx::query("SELECT sha256, kind, bytes, width, height, frames FROM images WHERE sha256 = $1")
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(ImageRecord {
+                sha256: r.try_get("sha256")?,
+                kind: r.try_get("kind")?,
+                bytes: r.try_get("bytes")?,
+                width: r.try_get("width")?,
+                height: r.try_get("height")?,
+                frames: r.try_get("frames")?,
+            })
+        })
+        .transpose()
+        .map_err(StoreError::Db)
+    }
+
+    /// Record an image whose bytes are already in the object store (idempotent).
+    pub async fn add_image(&self, image: &ImageRecord, site: &str, device: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO images (sha256, kind, bytes, width, height, frames, site, device, received_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+        )
+        .bind(&image.sha256)
+        .bind(&image.kind)
+        .bind(image.bytes)
+        .bind(image.width)
+        .bind(image.height)
+        .bind(image.frames)
+        .bind(site)
+        .bind(device)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ---- labels
+
+    /// Store one label revision and assign its patient to train or holdout if this is the
+    /// patient's first label, in one transaction. `holdout` decides a new patient's split.
+    pub async fn put_label(&self, label: &LabelRecord, holdout: bool) -> Result<LabelWrite, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let existing = sqlx::query(
+            "SELECT body_sha256 FROM labels WHERE site = $1 AND device = $2 AND scan_id = $3 AND revision = $4",
+        )
+        .bind(&label.site)
+        .bind(&label.device)
+        .bind(&label.scan_id)
+        .bind(label.revision)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let unchanged = match existing {
+            Some(row) => {
+                let body: String = row.try_get("body_sha256")?;
+                if body != label.body_sha256 {
+                    return Ok(LabelWrite::Conflict);
+                }
+                true
+            }
+            None => false,
+        };
+        if !unchanged {
+            sqlx::query(
+                "INSERT INTO labels (site, device, scan_id, revision, label, predicted, probabilities, model_name, \
+                 model_version, model_sha256, reviewer, reviewed_at, laterality, patient, image_sha256, body_sha256, \
+                 received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+            )
+            .bind(&label.site)
+            .bind(&label.device)
+            .bind(&label.scan_id)
+            .bind(label.revision)
+            .bind(&label.label)
+            .bind(&label.predicted)
+            .bind(&label.probabilities)
+            .bind(&label.model_name)
+            .bind(&label.model_version)
+            .bind(&label.model_sha256)
+            .bind(&label.reviewer)
+            .bind(&label.reviewed_at)
+            .bind(&label.laterality)
+            .bind(&label.patient)
+            .bind(&label.image_sha256)
+            .bind(&label.body_sha256)
+            .bind(label.received_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO patients (site, device, patient, split, assigned_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&label.site)
+        .bind(&label.device)
+        .bind(&label.patient)
+        .bind(if holdout { "holdout" } else { "train" })
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        let split: String = sqlx::query("SELECT split FROM patients WHERE site = $1 AND device = $2 AND patient = $3")
+            .bind(&label.site)
+            .bind(&label.device)
+            .bind(&label.patient)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("split")?;
+        tx.commit().await?;
+        Ok(if unchanged { LabelWrite::Unchanged { split } } else { LabelWrite::Stored { split } })
+    }
+
+    /// The label that counts for each scan: its highest revision.
+    pub async fn current_labels(&self) -> Result<Vec<LabelRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT l.* FROM labels l JOIN (SELECT site, device, scan_id, MAX(revision) AS revision FROM labels \
+             GROUP BY site, device, scan_id) m ON l.site = m.site AND l.device = m.device AND l.scan_id = m.scan_id \
+             AND l.revision = m.revision ORDER BY l.received_at, l.site, l.device, l.scan_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(label_from).collect::<Result<_, _>>().map_err(StoreError::Db)
+    }
+
+    /// Every revision of one scan, oldest first.
+    pub async fn revisions(&self, site: &str, device: &str, scan_id: &str) -> Result<Vec<LabelRecord>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM labels WHERE site = $1 AND device = $2 AND scan_id = $3 ORDER BY revision")
+                .bind(site)
+                .bind(device)
+                .bind(scan_id)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(label_from).collect::<Result<_, _>>().map_err(StoreError::Db)
+    }
+
+    pub async fn label_revisions(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM labels").fetch_one(&self.pool).await?;
+        Ok(row.try_get("n")?)
+    }
+
+    /// Patients by split: the holdout's size is fixed by who arrived first.
+    pub async fn split_counts(&self) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+        let rows =
+            sqlx::query("SELECT split, COUNT(*) AS n FROM patients GROUP BY split").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("split")?, r.try_get("n")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::Db)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn label_from(row: &AnyRow) -> Result<LabelRecord, sqlx::Error> {
+    Ok(LabelRecord {
+        site: row.try_get("site")?,
+        device: row.try_get("device")?,
+        scan_id: row.try_get("scan_id")?,
+        revision: row.try_get("revision")?,
+        label: row.try_get("label")?,
+        predicted: row.try_get("predicted")?,
+        probabilities: row.try_get("probabilities")?,
+        model_name: row.try_get("model_name")?,
+        model_version: row.try_get("model_version")?,
+        model_sha256: row.try_get("model_sha256")?,
+        reviewer: row.try_get("reviewer")?,
+        reviewed_at: row.try_get("reviewed_at")?,
+        laterality: row.try_get("laterality")?,
+        patient: row.try_get("patient")?,
+        image_sha256: row.try_get("image_sha256")?,
+        body_sha256: row.try_get("body_sha256")?,
+        received_at: row.try_get("received_at")?,
+    })
+}
