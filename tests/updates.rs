@@ -264,6 +264,10 @@ fn new_model_over_http_is_installed_on_notice_and_named_in_status_and_results() 
             channel: Some((format!("http://127.0.0.1:{}/", http.port), root)),
         },
     );
+    // As in Device::new: the notice acts at once, not after the 60 s (+ jitter) pace.
+    let config = std::fs::read_to_string(&d.octd.config).unwrap();
+    let paced = config.replace("[update]\n", "[update]\nnotice_min_interval = \"0s\"\nnotice_jitter = \"0s\"\n");
+    std::fs::write(&d.octd.config, paced).unwrap();
     d.octd.start();
     d.octd.wait_ready();
     assert_eq!(d.wait_event("model_installed", "installed")["model_version"], "0.2.0");
