@@ -50,7 +50,6 @@ fn a_crashing_hanging_or_exhausted_decoder_costs_only_its_scan() {
     }
     rig.octd.start();
     rig.octd.wait_ready();
-    let pid = rig.octd.pid();
     let faults = ["abort", "hang", "sleep", "oom", "stack", "panic"];
     let expected =
         ["processor_crashed", "timeout", "timeout", "memory_limit", "processor_crashed", "processor_crashed"];
@@ -83,7 +82,7 @@ fn a_crashing_hanging_or_exhausted_decoder_costs_only_its_scan() {
     assert!(details[1].contains("CPU"), "the busy hang meets the CPU limit: {}", details[1]);
     assert!(details[2].contains("longer than"), "the blocked hang meets the wall clock: {}", details[2]);
     assert_eq!(results(&messages).len(), good + 1, "every good scan and the sandboxed one classified");
-    assert_eq!(rig.octd.pid(), pid, "the daemon itself never died");
+    assert!(rig.octd.is_running(), "the daemon itself never died");
     let reasons = rig.octd.quarantine_reasons();
     assert_eq!(reasons.len(), faults.len());
     assert!(rig.octd.stop().success());
@@ -152,7 +151,6 @@ fn a_full_disk_stops_intake_without_stopping_the_daemon_and_nothing_is_lost() {
     rig.octd.env.push(("OCTD_INGEST__MIN_FREE_BYTES".into(), (4u64 << 20).to_string()));
     rig.octd.start();
     rig.octd.wait_ready();
-    let pid = rig.octd.pid();
     // Fill the state folder's filesystem to 2 MiB, below the intake floor.
     let filler = rig.octd.state.join("filler");
     let free = fs4::available_space(&rig.octd.state).unwrap();
@@ -168,7 +166,7 @@ fn a_full_disk_stops_intake_without_stopping_the_daemon_and_nothing_is_lost() {
     assert!(results(&messages).is_empty(), "nothing claimed onto a full disk");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(std::fs::read_dir(&rig.octd.inbox).unwrap().count(), 5, "the scans wait in the export folder");
-    assert_eq!(rig.octd.pid(), pid, "the daemon is still running");
+    assert!(rig.octd.is_running(), "the daemon is still running");
     std::fs::remove_file(&filler).unwrap();
     let messages =
         rig.sub.wait_until(Duration::from_secs(120), |m| results(m).len() >= 5, "every scan once space is back");
@@ -262,7 +260,6 @@ fn a_store_that_can_no_longer_write_makes_the_daemon_unhealthy_and_loses_nothing
         assert!(Instant::now() < deadline, "no results before the failure:\n{}", rig.octd.plain_log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let pid = rig.octd.pid();
 
     disk.fail();
     for i in 0..4 {
@@ -279,7 +276,7 @@ fn a_store_that_can_no_longer_write_makes_the_daemon_unhealthy_and_loses_nothing
     };
     assert!(body.contains("store"), "the verdict names the store: {body}");
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(rig.octd.pid(), pid, "the daemon has not exited on its own");
+    assert!(rig.octd.is_running(), "the daemon has not exited on its own:\n{}", rig.octd.plain_log());
     assert_eq!(results(&rig.sub.messages()).len(), 2, "nothing is published that was not committed");
     assert_eq!(std::fs::read_dir(&rig.octd.inbox).unwrap().count(), 4, "the new scans wait in the export folder");
 
