@@ -73,16 +73,11 @@ fn read_transfer_syntax(input: &[u8]) -> Result<String, DeidError> {
     Ok(meta.transfer_syntax().trim_end_matches(['\0', ' ']).to_string())
 }
 
-/// De-identify one DICOM file held in `input`. The input is dropped once parsed and the
-/// pixel data moved (not copied) into the cleaned object, so one volume's pixels are held at
-/// most twice at once: in the object, and in the written artefact (or the decoded frames).
-pub(super) fn deidentify(
-    input: Vec<u8>,
-    secret: &DeviceSecret,
-    masks: &[BurnedInMask],
-    limits: &InputLimits,
-    scope: Scope,
-) -> Result<DicomOutput, DeidError> {
+/// Read a DICOM object with every bound checked before the toolkit builds anything: the
+/// transfer syntax, the meta group and data-set walk (nesting, counts, lengths), then the
+/// pixel geometry against `limits` and the RLE headers. Returns the transfer syntax, the
+/// object and its frame count (0 for an object without pixels in `AnyObject` scope).
+fn open_checked(input: Vec<u8>, limits: &InputLimits, scope: Scope) -> Result<(String, Obj, u32), DeidError> {
     let ts_uid = read_transfer_syntax(&input)?;
     let ts = TransferSyntaxRegistry
         .get(&ts_uid)
@@ -108,13 +103,48 @@ pub(super) fn deidentify(
         })?;
     drop(input);
 
-    let burned_in = text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES"));
     let has_pixels = obj.get(tags::PIXEL_DATA).is_some();
     let frames = match scope {
         Scope::OctImages => check_pixel_data(&obj, encapsulated, rle, limits, true)?,
         Scope::AnyObject if has_pixels => check_pixel_data(&obj, encapsulated, rle, limits, false)?,
         Scope::AnyObject => 0,
     };
+    Ok((ts_uid, obj, frames))
+}
+
+/// A DICOM image from elsewhere (the trainer's intake), read as the device reads scanner
+/// bytes — every bound of [`open_checked`] — and its pixels decoded to prove them whole:
+/// the object, its frames, rows and columns.
+pub fn read_checked(
+    input: Vec<u8>,
+    limits: &InputLimits,
+) -> Result<(FileDicomObject<InMemDicomObject>, u32, u32, u32), DeidError> {
+    let (_, obj, frames) = open_checked(input, limits, Scope::OctImages)?;
+    let (rows, columns) = {
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
+            .map_err(|_| DeidError::Corrupt("pixel data does not decode: the decoder failed on it".into()))?
+            .map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {}", super::toolkit_words(e))))?;
+        if decoded.data().is_empty() {
+            return Err(DeidError::Corrupt("pixel data decodes to nothing".into()));
+        }
+        (decoded.rows(), decoded.columns())
+    };
+    Ok((obj, frames, rows, columns))
+}
+
+/// De-identify one DICOM file held in `input`. The input is dropped once parsed and the
+/// pixel data moved (not copied) into the cleaned object, so one volume's pixels are held at
+/// most twice at once: in the object, and in the written artefact (or the decoded frames).
+pub(super) fn deidentify(
+    input: Vec<u8>,
+    secret: &DeviceSecret,
+    masks: &[BurnedInMask],
+    limits: &InputLimits,
+    scope: Scope,
+) -> Result<DicomOutput, DeidError> {
+    let (ts_uid, obj, frames) = open_checked(input, limits, scope)?;
+    let burned_in = text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES"));
+    let has_pixels = obj.get(tags::PIXEL_DATA).is_some();
 
     // Decoding every frame proves the pixels are whole before anything downstream relies
     // on them (truncated JPEG / JPEG 2000 streams fail here).
@@ -240,6 +270,13 @@ fn check_pixel_data(
                 return Err(DeidError::Truncated("encapsulated pixel data has no fragments".into()));
             }
             if rle {
+                // The toolkit takes one fragment per frame.
+                if seq.fragments().len() as u64 != frames {
+                    return Err(DeidError::Corrupt(format!(
+                        "{} RLE fragments for {frames} frames",
+                        seq.fragments().len()
+                    )));
+                }
                 let segments = samples * bits.div_ceil(8);
                 for (i, fragment) in seq.fragments().iter().enumerate() {
                     check_rle_header(fragment, segments)
@@ -277,7 +314,7 @@ fn check_rle_header(fragment: &[u8], expected_segments: u64) -> Result<(), Strin
     let mut previous = HEADER as u64;
     for n in 1..=segments as usize {
         let offset = u64::from(word(n));
-        if (n == 1 && offset != HEADER as u64) || offset < previous || offset >= fragment.len() as u64 {
+        if (n == 1 && offset != HEADER as u64) || (n > 1 && offset <= previous) || offset >= fragment.len() as u64 {
             return Err(format!("segment {n} starts at {offset}, outside the fragment"));
         }
         previous = offset;

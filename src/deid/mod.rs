@@ -4,6 +4,7 @@
 //! is refused here, before any large allocation.
 
 mod dicom;
+pub use dicom::read_checked;
 pub mod profile;
 pub mod walk;
 
