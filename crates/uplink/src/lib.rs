@@ -117,9 +117,21 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// What is signed: the scheme, the method, the path with its query exactly as sent, the
-/// time, a single-use nonce and the body's hash, one per line.
-pub fn canonical(method: &str, path_and_query: &str, timestamp: i64, nonce: &str, content_sha256: &str) -> String {
-    format!("{SCHEME}\n{}\n{path_and_query}\n{timestamp}\n{nonce}\n{content_sha256}", method.to_ascii_uppercase())
+/// content type (it decides how the body is read), the time, a single-use nonce and the
+/// body's hash, one per line.
+pub fn canonical(
+    method: &str,
+    path_and_query: &str,
+    content_type: &str,
+    timestamp: i64,
+    nonce: &str,
+    content_sha256: &str,
+) -> String {
+    format!(
+        "{SCHEME}\n{}\n{path_and_query}\n{}\n{timestamp}\n{nonce}\n{content_sha256}",
+        method.to_ascii_uppercase(),
+        content_type.trim().to_ascii_lowercase()
+    )
 }
 
 /// The signature headers of one request, as sent.
@@ -152,8 +164,9 @@ impl SignedHeaders {
         let nonce = need(HEADER_NONCE)?;
         let content = need(HEADER_CONTENT_SHA256)?;
         let signature = need(HEADER_SIGNATURE)?;
-        let hex_of = |v: &str, len: usize| v.len() == len && v.bytes().all(|b| b.is_ascii_hexdigit());
-        if key_id.is_empty() || key_id.len() > 128 || !key_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let lower_hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        let hex_of = |v: &str, len: usize| v.len() == len && v.bytes().all(lower_hex);
+        if key_id.is_empty() || key_id.len() > 128 || !key_id.bytes().all(lower_hex) {
             return Err(SignatureError::Malformed(HEADER_KEY_ID));
         }
         if !(16..=64).contains(&nonce.len()) || !nonce.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
@@ -166,31 +179,38 @@ impl SignedHeaders {
             return Err(SignatureError::Malformed(HEADER_SIGNATURE));
         }
         Ok(SignedHeaders {
-            key_id: key_id.to_ascii_lowercase(),
+            key_id: key_id.to_string(),
             timestamp,
             nonce: nonce.to_string(),
-            content_sha256: content.to_ascii_lowercase(),
-            signature: signature.to_ascii_lowercase(),
+            content_sha256: content.to_string(),
+            signature: signature.to_string(),
         })
     }
 
-    /// Check the body against its hash and the signature against `public_key` (32 raw
-    /// Ed25519 bytes). Freshness and replay are the server's to judge.
+    /// Check the signature against `public_key` (32 raw Ed25519 bytes). The body is not
+    /// needed: the signature covers its declared hash, which [`Self::check_body`] compares
+    /// once the body is read. Freshness and replay are the server's to judge.
     pub fn verify(
         &self,
         public_key: &[u8],
         method: &str,
         path_and_query: &str,
-        body: &[u8],
+        content_type: &str,
     ) -> Result<(), SignatureError> {
-        if sha256_hex(body) != self.content_sha256 {
-            return Err(SignatureError::BodyMismatch);
-        }
-        let message = canonical(method, path_and_query, self.timestamp, &self.nonce, &self.content_sha256);
+        let message =
+            canonical(method, path_and_query, content_type, self.timestamp, &self.nonce, &self.content_sha256);
         let signature = hex::decode(&self.signature).map_err(|_| SignatureError::Malformed(HEADER_SIGNATURE))?;
         UnparsedPublicKey::new(&ED25519, public_key)
             .verify(message.as_bytes(), &signature)
             .map_err(|_| SignatureError::BadSignature)
+    }
+
+    /// The body is the one whose hash was signed.
+    pub fn check_body(&self, body: &[u8]) -> Result<(), SignatureError> {
+        if sha256_hex(body) != self.content_sha256 {
+            return Err(SignatureError::BodyMismatch);
+        }
+        Ok(())
     }
 }
 
@@ -222,9 +242,17 @@ impl DeviceKey {
     }
 
     /// Sign one request. `nonce` must never repeat (a random 128-bit hex string).
-    pub fn sign(&self, method: &str, path_and_query: &str, body: &[u8], timestamp: i64, nonce: &str) -> SignedHeaders {
+    pub fn sign(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        content_type: &str,
+        body: &[u8],
+        timestamp: i64,
+        nonce: &str,
+    ) -> SignedHeaders {
         let content_sha256 = sha256_hex(body);
-        let message = canonical(method, path_and_query, timestamp, nonce, &content_sha256);
+        let message = canonical(method, path_and_query, content_type, timestamp, nonce, &content_sha256);
         let signature = hex::encode(self.pair.sign(message.as_bytes()).as_ref());
         SignedHeaders { key_id: self.key_id.clone(), timestamp, nonce: nonce.to_string(), content_sha256, signature }
     }
@@ -272,24 +300,37 @@ mod tests {
     fn a_signed_request_verifies_and_any_change_breaks_it() {
         let k = key();
         let body = br#"{"label":"CNV"}"#;
-        let h = k.sign("put", "/api/v1/labels/x/1", body, 1_700_000_000, "0123456789abcdef0123");
-        h.verify(k.public_key(), "PUT", "/api/v1/labels/x/1", body).unwrap();
-        assert_eq!(h.verify(k.public_key(), "PUT", "/api/v1/labels/x/2", body), Err(SignatureError::BadSignature));
-        assert_eq!(h.verify(k.public_key(), "POST", "/api/v1/labels/x/1", body), Err(SignatureError::BadSignature));
-        assert_eq!(h.verify(k.public_key(), "PUT", "/api/v1/labels/x/1", b"{}"), Err(SignatureError::BodyMismatch));
+        let json = "application/json";
+        let h = k.sign("put", "/api/v1/labels/x/1", json, body, 1_700_000_000, "0123456789abcdef0123");
+        h.verify(k.public_key(), "PUT", "/api/v1/labels/x/1", json).unwrap();
+        h.check_body(body).unwrap();
+        let bad = Err(SignatureError::BadSignature);
+        assert_eq!(h.verify(k.public_key(), "PUT", "/api/v1/labels/x/2", json), bad);
+        assert_eq!(h.verify(k.public_key(), "POST", "/api/v1/labels/x/1", json), bad);
+        assert_eq!(h.verify(k.public_key(), "PUT", "/api/v1/labels/x/1", "image/png"), bad);
+        assert_eq!(h.check_body(b"{}"), Err(SignatureError::BodyMismatch));
         let mut later = h.clone();
         later.timestamp += 1;
-        assert_eq!(later.verify(k.public_key(), "PUT", "/api/v1/labels/x/1", body), Err(SignatureError::BadSignature));
+        assert_eq!(later.verify(k.public_key(), "PUT", "/api/v1/labels/x/1", json), bad);
+        let mut other_body = h.clone();
+        other_body.content_sha256 = sha256_hex(b"{}");
+        assert_eq!(other_body.verify(k.public_key(), "PUT", "/api/v1/labels/x/1", json), bad);
         let other = key();
-        assert_eq!(h.verify(other.public_key(), "PUT", "/api/v1/labels/x/1", body), Err(SignatureError::BadSignature));
+        assert_eq!(h.verify(other.public_key(), "PUT", "/api/v1/labels/x/1", json), bad);
     }
 
     #[test]
     fn headers_are_parsed_with_their_shapes_checked() {
         let k = key();
-        let h = k.sign("PUT", "/p", b"", 5, "0123456789abcdef");
+        let h = k.sign("PUT", "/p", "", b"", 5, "0123456789abcdef");
         let mut map: std::collections::HashMap<&str, String> = h.pairs().into_iter().collect();
         assert_eq!(SignedHeaders::parse(|n| map.get(n).map(|s| s.as_str())).unwrap(), h);
+        let mut upper = map.clone();
+        upper.insert(HEADER_SIGNATURE, h.signature.to_ascii_uppercase());
+        assert_eq!(
+            SignedHeaders::parse(|n| upper.get(n).map(|s| s.as_str())),
+            Err(SignatureError::Malformed(HEADER_SIGNATURE))
+        );
         map.insert(HEADER_NONCE, "abc".into());
         assert_eq!(
             SignedHeaders::parse(|n| map.get(n).map(|s| s.as_str())),
