@@ -58,7 +58,7 @@ echo "==> cargo fmt --check"
 cargo fmt --check
 
 echo "==> cargo test"
-OCTD_REQUIRE_MOSQUITTO=1 OCTD_REQUIRE_DCIODVFY=1 OCTD_REQUIRE_POSTGRES=1 OCTD_REQUIRE_S3=1 cargo test --workspace --locked --all-targets
+OCTD_REQUIRE_MOSQUITTO=1 OCTD_REQUIRE_DCIODVFY=1 OCTD_REQUIRE_POSTGRES=1 OCTD_REQUIRE_S3=1 OCTD_REQUIRE_VENV=1 cargo test --workspace --locked --all-targets
 
 echo "==> pytest (trainer)"
 (cd trainer && ../.venv/bin/python -m pytest -q)

@@ -62,7 +62,7 @@ impl Blobs {
     }
 
     /// Store an image under its hash. Writing the same bytes twice is harmless.
-    pub async fn put_image(&self, sha256: &str, extension: &str, bytes: Vec<u8>) -> Result<(), BlobError> {
+    pub async fn put_image(&self, sha256: &str, extension: &str, bytes: bytes::Bytes) -> Result<(), BlobError> {
         self.store.put(&Self::image_path(sha256, extension), PutPayload::from(bytes)).await?;
         Ok(())
     }

@@ -12,7 +12,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-const SECTIONS: &[&str] = &["server", "storage", "intake", "channel", "policy"];
+const SECTIONS: &[&str] = &["server", "storage", "intake", "channel", "policy", "jobs"];
 pub const ENV_PREFIX: &str = "OCTD_TRAINER_";
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,7 @@ pub struct Config {
     pub intake: IntakeConfig,
     pub channel: ChannelConfig,
     pub policy: crate::policy::PolicyConfig,
+    pub jobs: crate::jobs::JobsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +92,13 @@ pub struct IntakeConfig {
     pub burst: u32,
     /// Share of patients assigned to the fixed holdout at their first label.
     pub holdout_fraction: f64,
+    /// Requests whose key is not yet known to be enrolled, all clients together, per second.
+    pub unauthenticated_per_second: u32,
+    /// Requests served at once; more wait for a slot.
+    pub max_concurrent_requests: usize,
+    /// A request (an upload included) must finish within this.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 impl Default for IntakeConfig {
@@ -103,6 +111,9 @@ impl Default for IntakeConfig {
             requests_per_minute: 600,
             burst: 120,
             holdout_fraction: 0.2,
+            unauthenticated_per_second: 50,
+            max_concurrent_requests: 64,
+            request_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -156,6 +167,12 @@ impl Config {
         if self.intake.classes.is_empty() {
             return invalid("intake.classes", "must name the model's classes");
         }
+        if self.intake.unauthenticated_per_second == 0 || self.intake.max_concurrent_requests == 0 {
+            return invalid("intake.unauthenticated_per_second", "limits must be at least 1");
+        }
+        if self.channel.keys.starts_with(&self.channel.dir) {
+            return invalid("channel.keys", "must not be inside channel.dir, which is served over HTTP");
+        }
         if self.intake.requests_per_minute == 0 || self.intake.burst == 0 {
             return invalid("intake.requests_per_minute", "the rate and the burst must be at least 1");
         }
@@ -167,6 +184,15 @@ impl Config {
         }
         if self.policy.accuracy_window == 0 || self.policy.retrain_every_labels == 0 {
             return invalid("policy.accuracy_window", "the window and the label count must be at least 1");
+        }
+        if self.jobs.command.is_empty() {
+            return invalid("jobs.command", "must name the job to run");
+        }
+        if !matches!(self.jobs.architecture.as_str(), "xception" | "compact") {
+            return invalid("jobs.architecture", "must be xception or compact");
+        }
+        if self.jobs.check_interval.is_zero() || self.jobs.timeout.is_zero() || self.jobs.heartbeat.is_zero() {
+            return invalid("jobs.check_interval", "the interval and the timeout must be positive");
         }
         if self.intake.max_image_bytes == 0 || self.intake.max_label_bytes == 0 {
             return invalid("intake.max_image_bytes", "size limits must be positive");

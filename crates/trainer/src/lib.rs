@@ -7,6 +7,7 @@ pub mod blobs;
 pub mod channel;
 pub mod config;
 pub mod intake;
+pub mod jobs;
 pub mod policy;
 pub mod server;
 pub mod status;

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use octd_trainer::config::Config;
+use octd_trainer::intake::is_token;
 use octd_trainer::store::Device;
 use octd_trainer::{channel, now_ms, server, EXIT_CONFIG};
 use serde_json::json;
@@ -34,9 +35,14 @@ enum Command {
     },
     /// Validate the configuration and print it (without secrets).
     ConfigCheck,
-    /// Labels, live accuracy by model version, site and device, and what would trigger the
-    /// next training.
+    /// Labels, live accuracy by model version, site and device, the last jobs, and what
+    /// would trigger the next training.
     Status,
+    /// Train now, whatever the policy says (one job at a time).
+    Retrain {
+        #[arg(long, required = true)]
+        now: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -92,6 +98,24 @@ fn main() -> ExitCode {
 async fn run(command: Command, config: Config) -> anyhow::Result<Option<serde_json::Value>> {
     match command {
         Command::ConfigCheck => Ok(Some(serde_json::to_value(config.redacted())?)),
+        Command::Retrain { now: _ } => {
+            let (store, blobs) = server::open(&config).await?;
+            let job = octd_trainer::jobs::run(
+                &store,
+                &blobs,
+                &config.jobs,
+                &config.policy,
+                &config.channel.dir,
+                json!({"trigger": "manual"}),
+            )
+            .await;
+            store.close().await;
+            let job = job?;
+            if job.state != "trained" {
+                anyhow::bail!("job {} {}: {}", job.id, job.state, job.outcome);
+            }
+            Ok(Some(serde_json::to_value(job)?))
+        }
         Command::Status => {
             let (store, _) = server::open(&config).await?;
             let status = octd_trainer::status::gather(&store, &config.policy, now_ms()).await?;
@@ -112,8 +136,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<Option<serde_js
                         .map_err(|e| anyhow::anyhow!("{}: not a device identity: {e}", identity.display()))?;
                     let public = id.ed25519_public()?;
                     let key_id = id.keyid.to_ascii_lowercase();
-                    if key_id.is_empty() || !key_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-                        anyhow::bail!("{}: keyid must be hex", identity.display());
+                    if key_id.is_empty() || key_id.len() > 128 || !key_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        anyhow::bail!("{}: keyid must be at most 128 hex characters", identity.display());
+                    }
+                    if !is_token(&id.site, 64) || !is_token(&id.device, 64) {
+                        anyhow::bail!("{}: site and device must be 1-64 of [A-Za-z0-9._-]", identity.display());
                     }
                     if let Some(existing) = store.device_by_key(&key_id).await? {
                         anyhow::bail!("key {key_id} is already enrolled for {}/{}", existing.site, existing.device);

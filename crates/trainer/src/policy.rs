@@ -62,7 +62,10 @@ pub fn wilson(correct: u64, n: u64) -> Accuracy {
     let denom = 1.0 + z * z / n_f;
     let centre = (p + z * z / (2.0 * n_f)) / denom;
     let half = z * ((p * (1.0 - p) / n_f) + z * z / (4.0 * n_f * n_f)).sqrt() / denom;
-    Accuracy { labels: n, correct, accuracy: p, low: (centre - half).max(0.0), high: (centre + half).min(1.0) }
+    // At 0 and n the bound is exactly 0 or 1; the formula only gets there up to rounding.
+    let low = if correct == 0 { 0.0 } else { (centre - half).max(0.0) };
+    let high = if correct == n { 1.0 } else { (centre + half).min(1.0) };
+    Accuracy { labels: n, correct, accuracy: p, low, high }
 }
 
 /// Accuracy of the last `window` labels (by arrival) of each group.
@@ -200,6 +203,7 @@ mod tests {
             laterality: String::new(),
             patient: "p".into(),
             image_sha256: String::new(),
+            image_kind: "png".into(),
             body_sha256: String::new(),
             received_at: i,
         }

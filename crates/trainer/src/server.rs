@@ -41,17 +41,55 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let (store, blobs) = open(&config).await?;
     let key = holdout_key(&store).await?;
+    let abandoned = store.fail_abandoned_jobs(crate::now_ms() - 3 * config.jobs.heartbeat.as_millis() as i64).await?;
+    if !abandoned.is_empty() {
+        tracing::warn!(jobs = ?abandoned, "training jobs interrupted by a stop were failed");
+    }
+    let trainer = tokio::spawn(policy_loop(config.clone(), store.clone(), blobs.clone()));
     let intake = Arc::new(Intake::new(store.clone(), blobs, config.intake.clone(), key));
     let app = intake::router(intake)
         .nest_service("/channel", ServeDir::new(&config.channel.dir))
-        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(120)));
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, config.intake.request_timeout))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(config.intake.max_concurrent_requests));
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
     tracing::info!(listen = %config.server.listen, database = %config.redacted().storage.database,
         blobs = %config.storage.blobs, "serving");
     axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
+    trainer.abort();
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Ask the policy every `jobs.check_interval`; train when it says so. A job runs inside
+/// this loop, so one replica trains at most one model at a time (and the job slot in the
+/// database keeps other replicas out).
+async fn policy_loop(config: Config, store: Store, blobs: Blobs) {
+    loop {
+        tokio::time::sleep(config.jobs.check_interval).await;
+        let decision = async {
+            let current = store.current_labels().await?;
+            let last = store.last_training().await?;
+            Ok::<_, crate::store::StoreError>(crate::policy::decide(&config.policy, &current, last, crate::now_ms()))
+        }
+        .await;
+        let decision = match decision {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "policy check");
+                continue;
+            }
+        };
+        if !decision.should_train() {
+            continue;
+        }
+        let trigger = serde_json::to_value(&decision).unwrap_or_default();
+        match crate::jobs::run(&store, &blobs, &config.jobs, &config.policy, &config.channel.dir, trigger).await {
+            Ok(job) => tracing::info!(job = %job.id, state = %job.state, "policy-triggered training ended"),
+            Err(crate::jobs::JobError::Busy) => tracing::info!("a training job is already running"),
+            Err(e) => tracing::error!(error = %e, "policy-triggered training"),
+        }
+    }
 }
 
 async fn shutdown() {

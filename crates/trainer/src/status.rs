@@ -11,11 +11,13 @@ pub async fn gather(store: &Store, policy: &PolicyConfig, now_ms: i64) -> Result
     let revisions = store.label_revisions().await?;
     let splits = store.split_counts().await?;
     let accuracy = policy::live_accuracy(&current, policy.accuracy_window);
-    let decision = policy::decide(policy, &current, None, now_ms);
+    let decision = policy::decide(policy, &current, store.last_training().await?, now_ms);
+    let jobs = store.jobs(10).await?;
     Ok(json!({
         "labels": {"scans": current.len(), "revisions": revisions, "patients_by_split": splits},
         "accuracy": accuracy,
         "next_training": decision,
+        "jobs": jobs,
         "singan": policy::singan(policy, current.len() as u64),
     }))
 }

@@ -22,7 +22,10 @@ pub enum StoreError {
     Invalid(String),
 }
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "intake", include_str!("../migrations/0001_intake.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "intake", include_str!("../migrations/0001_intake.sql")),
+    (2, "jobs", include_str!("../migrations/0002_jobs.sql")),
+];
 
 fn migrator() -> Migrator {
     let migrations = MIGRATIONS
@@ -85,6 +88,8 @@ pub struct LabelRecord {
     pub laterality: String,
     pub patient: String,
     pub image_sha256: String,
+    /// `png` or `dcm`, from the image it refers to.
+    pub image_kind: String,
     pub body_sha256: String,
     pub received_at: i64,
 }
@@ -268,51 +273,51 @@ impl Store {
     /// patient's first label, in one transaction. `holdout` decides a new patient's split.
     pub async fn put_label(&self, label: &LabelRecord, holdout: bool) -> Result<LabelWrite, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let existing = sqlx::query(
-            "SELECT body_sha256 FROM labels WHERE site = $1 AND device = $2 AND scan_id = $3 AND revision = $4",
+        // Write first: two identical uploads at once meet at the primary key, not between a
+        // read and a write (and SQLite takes its write lock at the first statement).
+        let inserted = sqlx::query(
+            "INSERT INTO labels (site, device, scan_id, revision, label, predicted, probabilities, model_name, \
+             model_version, model_sha256, reviewer, reviewed_at, laterality, patient, image_sha256, body_sha256, \
+             received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(&label.site)
         .bind(&label.device)
         .bind(&label.scan_id)
         .bind(label.revision)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let unchanged = match existing {
-            Some(row) => {
-                let body: String = row.try_get("body_sha256")?;
-                if body != label.body_sha256 {
-                    return Ok(LabelWrite::Conflict);
-                }
-                true
-            }
-            None => false,
-        };
-        if !unchanged {
-            sqlx::query(
-                "INSERT INTO labels (site, device, scan_id, revision, label, predicted, probabilities, model_name, \
-                 model_version, model_sha256, reviewer, reviewed_at, laterality, patient, image_sha256, body_sha256, \
-                 received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+        .bind(&label.label)
+        .bind(&label.predicted)
+        .bind(&label.probabilities)
+        .bind(&label.model_name)
+        .bind(&label.model_version)
+        .bind(&label.model_sha256)
+        .bind(&label.reviewer)
+        .bind(&label.reviewed_at)
+        .bind(&label.laterality)
+        .bind(&label.patient)
+        .bind(&label.image_sha256)
+        .bind(&label.body_sha256)
+        .bind(label.received_at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            let stored: String = sqlx::query(
+                "SELECT body_sha256 FROM labels WHERE site = $1 AND device = $2 AND scan_id = $3 AND revision = $4",
             )
             .bind(&label.site)
             .bind(&label.device)
             .bind(&label.scan_id)
             .bind(label.revision)
-            .bind(&label.label)
-            .bind(&label.predicted)
-            .bind(&label.probabilities)
-            .bind(&label.model_name)
-            .bind(&label.model_version)
-            .bind(&label.model_sha256)
-            .bind(&label.reviewer)
-            .bind(&label.reviewed_at)
-            .bind(&label.laterality)
-            .bind(&label.patient)
-            .bind(&label.image_sha256)
-            .bind(&label.body_sha256)
-            .bind(label.received_at)
-            .execute(&mut *tx)
-            .await?;
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("body_sha256")?;
+            if stored != label.body_sha256 {
+                return Ok(LabelWrite::Conflict);
+            }
         }
+        let unchanged = !inserted;
         sqlx::query(
             "INSERT INTO patients (site, device, patient, split, assigned_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT DO NOTHING",
@@ -338,25 +343,35 @@ impl Store {
     /// The label that counts for each scan: its highest revision.
     pub async fn current_labels(&self) -> Result<Vec<LabelRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT l.* FROM labels l JOIN (SELECT site, device, scan_id, MAX(revision) AS revision FROM labels \
-             GROUP BY site, device, scan_id) m ON l.site = m.site AND l.device = m.device AND l.scan_id = m.scan_id \
-             AND l.revision = m.revision ORDER BY l.received_at, l.site, l.device, l.scan_id",
+            "SELECT l.*, i.kind AS image_kind FROM labels l JOIN (SELECT site, device, scan_id, MAX(revision) AS revision \
+             FROM labels GROUP BY site, device, scan_id) m ON l.site = m.site AND l.device = m.device \
+             AND l.scan_id = m.scan_id AND l.revision = m.revision JOIN images i ON i.sha256 = l.image_sha256 \
+             ORDER BY l.received_at, l.site, l.device, l.scan_id",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(label_from).collect::<Result<_, _>>().map_err(StoreError::Db)
     }
 
-    /// Every revision of one scan, oldest first.
-    pub async fn revisions(&self, site: &str, device: &str, scan_id: &str) -> Result<Vec<LabelRecord>, StoreError> {
-        let rows =
-            sqlx::query("SELECT * FROM labels WHERE site = $1 AND device = $2 AND scan_id = $3 ORDER BY revision")
-                .bind(site)
-                .bind(device)
-                .bind(scan_id)
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter().map(label_from).collect::<Result<_, _>>().map_err(StoreError::Db)
+    /// The labels that count, with their patient's split (`train` or `holdout`).
+    pub async fn current_labels_with_split(&self) -> Result<Vec<(LabelRecord, String)>, StoreError> {
+        let labels = self.current_labels().await?;
+        let rows = sqlx::query("SELECT site, device, patient, split FROM patients").fetch_all(&self.pool).await?;
+        let mut splits = std::collections::HashMap::new();
+        for r in &rows {
+            let key: (String, String, String) = (r.try_get("site")?, r.try_get("device")?, r.try_get("patient")?);
+            splits.insert(key, r.try_get::<String, _>("split")?);
+        }
+        Ok(labels
+            .into_iter()
+            .map(|l| {
+                let split = splits
+                    .get(&(l.site.clone(), l.device.clone(), l.patient.clone()))
+                    .cloned()
+                    .unwrap_or_else(|| "holdout".into());
+                (l, split)
+            })
+            .collect())
     }
 
     pub async fn label_revisions(&self) -> Result<i64, StoreError> {
@@ -374,9 +389,138 @@ impl Store {
             .map_err(StoreError::Db)
     }
 
+    // ---- training jobs
+
+    /// Take the single job slot for `job` and record it as running; None when another job
+    /// holds the slot.
+    pub async fn start_job(&self, job: &JobRecord) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let taken = sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(JOB_LOCK)
+            .bind(&job.id)
+            .execute(&mut *tx)
+            .await?;
+        if taken.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO jobs (id, state, trigger, labels_at_start, exported, singan, architecture, version, \
+             started_at, heartbeat_at, finished_at, outcome) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11)",
+        )
+        .bind(&job.id)
+        .bind(&job.state)
+        .bind(&job.trigger)
+        .bind(job.labels_at_start)
+        .bind(job.exported)
+        .bind(job.singan)
+        .bind(&job.architecture)
+        .bind(&job.version)
+        .bind(job.started_at)
+        .bind(job.heartbeat_at)
+        .bind(&job.outcome)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn job_heartbeat(&self, id: &str, exported: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET heartbeat_at = $1, exported = $2 WHERE id = $3 AND state = 'running'")
+            .bind(now_ms())
+            .bind(exported)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Record how a job ended and free the slot, in one transaction.
+    pub async fn finish_job(&self, id: &str, state: &str, outcome: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE jobs SET state = $1, outcome = $2, finished_at = $3 WHERE id = $4")
+            .bind(state)
+            .bind(outcome)
+            .bind(now_ms())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM settings WHERE name = $1 AND value = $2")
+            .bind(JOB_LOCK)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Jobs still marked running whose heartbeat stopped before `stale_before_ms`: the
+    /// process running them died. They fail, with the reason, and free the slot.
+    pub async fn fail_abandoned_jobs(&self, stale_before_ms: i64) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM jobs WHERE state = 'running' AND heartbeat_at < $1")
+            .bind(stale_before_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut failed = Vec::new();
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            self.finish_job(&id, "failed", "interrupted: the service running it stopped").await?;
+            failed.push(id);
+        }
+        Ok(failed)
+    }
+
+    pub async fn jobs(&self, limit: i64) -> Result<Vec<JobRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM jobs ORDER BY started_at DESC LIMIT $1")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(job_from).collect::<Result<_, _>>().map_err(StoreError::Db)
+    }
+
+    /// When the last training started and how many labels counted then.
+    pub async fn last_training(&self) -> Result<Option<(i64, u64)>, StoreError> {
+        Ok(self.jobs(1).await?.first().map(|j| (j.started_at, j.labels_at_start.max(0) as u64)))
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+const JOB_LOCK: &str = "job_lock";
+
+/// One training job as stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub state: String,
+    pub trigger: String,
+    pub labels_at_start: i64,
+    pub exported: i64,
+    pub singan: i64,
+    pub architecture: String,
+    pub version: String,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
+    pub finished_at: Option<i64>,
+    pub outcome: String,
+}
+
+fn job_from(row: &AnyRow) -> Result<JobRecord, sqlx::Error> {
+    Ok(JobRecord {
+        id: row.try_get("id")?,
+        state: row.try_get("state")?,
+        trigger: row.try_get("trigger")?,
+        labels_at_start: row.try_get("labels_at_start")?,
+        exported: row.try_get("exported")?,
+        singan: row.try_get("singan")?,
+        architecture: row.try_get("architecture")?,
+        version: row.try_get("version")?,
+        started_at: row.try_get("started_at")?,
+        heartbeat_at: row.try_get("heartbeat_at")?,
+        finished_at: row.try_get("finished_at")?,
+        outcome: row.try_get("outcome")?,
+    })
 }
 
 fn label_from(row: &AnyRow) -> Result<LabelRecord, sqlx::Error> {
@@ -396,6 +540,7 @@ fn label_from(row: &AnyRow) -> Result<LabelRecord, sqlx::Error> {
         laterality: row.try_get("laterality")?,
         patient: row.try_get("patient")?,
         image_sha256: row.try_get("image_sha256")?,
+        image_kind: row.try_get("image_kind")?,
         body_sha256: row.try_get("body_sha256")?,
         received_at: row.try_get("received_at")?,
     })

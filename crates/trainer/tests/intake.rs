@@ -61,6 +61,22 @@ fn identified_dicom(scan: &Path) -> Vec<u8> {
     ))
 }
 
+/// `dcm` with one more item in a sequence, holding `tag` = `value`.
+fn with_nested(dcm: &[u8], tag: dicom_core::Tag, vr: dicom_core::VR, value: &str) -> Vec<u8> {
+    use dicom_core::value::{DataSetSequence, Value as DicomValue};
+    use dicom_core::{DataElement, Length};
+    let mut obj = dicom_object::OpenFileOptions::new().from_reader(&dcm[128..]).unwrap();
+    let item = dicom_object::InMemDicomObject::from_element_iter([DataElement::new(tag, vr, value)]);
+    obj.put(DataElement::new(
+        dicom_dictionary_std::tags::SOURCE_IMAGE_SEQUENCE,
+        dicom_core::VR::SQ,
+        DicomValue::from(DataSetSequence::new(vec![item], Length::UNDEFINED)),
+    ));
+    let mut out = Vec::new();
+    obj.write_all(&mut out).unwrap();
+    out
+}
+
 fn assert_no_identity_under(dir: &Path) {
     for entry in walk(dir) {
         let bytes = std::fs::read(&entry).unwrap_or_default();
@@ -117,16 +133,21 @@ fn exercise(t: &mut Trainer, root: &Path) {
     let unknown = put_image(t, &stranger, &png, "image/png");
     assert_eq!((unknown.status, code(&unknown)), (401, "unknown_device"));
     let path = format!("/api/v1/images/{sha}");
-    let stale = a.key.sign("PUT", &path, &png, now_s() - 3600, &common::nonce());
+    let stale = a.key.sign("PUT", &path, "image/png", &png, now_s() - 3600, &common::nonce());
     let r = signed_with(t.port, &stale, "PUT", &path, "image/png", &png);
     assert_eq!((r.status, code(&r)), (401, "stale"));
     let mut tampered = png.clone();
     tampered[100] ^= 1;
-    let h = a.key.sign("PUT", &path, &png, now_s(), &common::nonce());
+    let h = a.key.sign("PUT", &path, "image/png", &png, now_s(), &common::nonce());
     let r = signed_with(t.port, &h, "PUT", &path, "image/png", &tampered);
-    assert_eq!((r.status, code(&r)), (401, "bad_signature"));
-    let r = signed_with(t.port, &h, "PUT", "/api/v1/images/0000", "image/png", &png);
-    assert_eq!(r.status, 400, "the signature covers the path: {r:?}");
+    assert_eq!((r.status, code(&r)), (401, "bad_signature"), "the body is not the one signed");
+    let h = a.key.sign("PUT", &path, "image/png", &png, now_s(), &common::nonce());
+    let other = format!("/api/v1/images/{}", sha256_hex(b"another image"));
+    let r = signed_with(t.port, &h, "PUT", &other, "image/png", &png);
+    assert_eq!((r.status, code(&r)), (401, "bad_signature"), "the signature covers the path");
+    let r = signed_with(t.port, &h, "PUT", &path, "application/dicom", &png);
+    assert_eq!((r.status, code(&r)), (401, "bad_signature"), "the signature covers the content type");
+    let h = a.key.sign("PUT", &path, "image/png", &png, now_s(), &common::nonce());
 
     // The image, once; the same request again is a replay; a new one finds it present.
     let r = signed_with(t.port, &h, "PUT", &path, "image/png", &png);
@@ -159,9 +180,18 @@ fn exercise(t: &mut Trainer, root: &Path) {
     named_png.splice(33..33, chunk);
     let r = put_image(t, &a, &named_png, "image/png");
     assert_eq!((r.status, code(&r)), (422, "identified"));
-    // The same object de-identified by the device is accepted.
+    // The same object de-identified by the device is accepted; identity planted back at
+    // depth (a patient's name in a nested item, a private tag in one) is not.
     let (dcm, ext) = deidentified(identified);
     assert_eq!(ext, "dcm");
+    for (tag, vr, value) in [
+        (dicom_dictionary_std::tags::PATIENT_NAME, dicom_core::VR::PN, "DOE^JOHN"),
+        (dicom_core::Tag(0x0009, 0x1001), dicom_core::VR::LO, "SECRET-PRIVATE"),
+    ] {
+        let nested = with_nested(&dcm, tag, vr, value);
+        let r = put_image(t, &a, &nested, "application/dicom");
+        assert_eq!((r.status, code(&r)), (422, "identified"), "{r:?}");
+    }
     let r = put_image(t, &a, &dcm, "application/dicom");
     assert_eq!(r.status, 201, "{r:?}");
 
@@ -195,6 +225,15 @@ fn exercise(t: &mut Trainer, root: &Path) {
     let r = put_label(t, &a, "../etc", 1, &first);
     assert!(r.status == 400 || r.status == 404, "{r:?}");
 
+    // Identical uploads at the same moment: one stores, the others find it unchanged.
+    let same = label(&sha, octd_uplink::ImageKind::Png, "DRUSEN", "P-2");
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6).map(|_| s.spawn(|| put_label(t, &a, "scan-race", 1, &same).status)).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 5, "{statuses:?}");
+
     // Many patients: both splits are used, each patient keeps one.
     let mut splits = std::collections::BTreeMap::new();
     for i in 0..12 {
@@ -220,15 +259,17 @@ fn exercise(t: &mut Trainer, root: &Path) {
 
     // What the operator sees: the highest revision counts, every revision is kept.
     let status = t.cli_json(&["status"]);
-    assert_eq!(status["labels"]["scans"], 13, "{status}");
-    assert_eq!(status["labels"]["revisions"], 14);
+    assert_eq!(status["labels"]["scans"], 14, "{status}");
+    assert_eq!(status["labels"]["revisions"], 15);
     let patients: i64 =
         status["labels"]["patients_by_split"].as_object().unwrap().values().map(|v| v.as_i64().unwrap()).sum();
     assert_eq!(patients, 6);
-    // The corrected scan (DME against a CNV prediction) and twelve NORMAL verdicts against CNV.
-    assert_eq!(status["accuracy"]["fleet"]["labels"], 13);
+    // The corrected scan (DME against a CNV prediction), the raced DRUSEN and twelve NORMAL
+    // verdicts, all against CNV predictions.
+    assert_eq!(status["accuracy"]["fleet"]["labels"], 14);
     assert_eq!(status["accuracy"]["fleet"]["correct"], 0);
-    assert_eq!(status["accuracy"]["by_device"]["clinic-a/octd-1"]["labels"], 13);
+    assert_eq!(status["accuracy"]["fleet"]["low"], 0.0);
+    assert_eq!(status["accuracy"]["by_device"]["clinic-a/octd-1"]["labels"], 14);
     assert_eq!(status["singan"], true);
 
     // Revocation.

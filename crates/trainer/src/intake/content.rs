@@ -6,9 +6,7 @@ use std::io::Cursor;
 
 use dicom_core::header::Header;
 use dicom_dictionary_std::tags;
-use dicom_object::file::ReadPreamble;
-use dicom_object::OpenFileOptions;
-use dicom_pixeldata::PixelDecoder;
+use dicom_object::InMemDicomObject;
 use octd_uplink::ImageKind;
 
 /// Why an upload is not accepted as a de-identified image.
@@ -40,13 +38,14 @@ pub struct Facts {
 
 /// PNG chunks a de-identified B-scan may carry: pixels and how to show them, no text,
 /// no EXIF, no time stamp.
+/// (`iCCP` is not among them: a profile carries a free-text name.)
 const PNG_CHUNKS: &[&[u8; 4]] =
-    &[b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT", b"pHYs", b"bKGD"];
+    &[b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"sBIT", b"pHYs", b"bKGD"];
 
 pub fn check(kind: ImageKind, bytes: &[u8], max_decoded_bytes: u64) -> Result<Facts, ContentError> {
     match kind {
         ImageKind::Png => check_png(bytes, max_decoded_bytes),
-        ImageKind::Dicom => check_dicom(bytes),
+        ImageKind::Dicom => check_dicom(bytes, max_decoded_bytes),
     }
 }
 
@@ -74,57 +73,54 @@ fn check_png(bytes: &[u8], max_decoded_bytes: u64) -> Result<Facts, ContentError
     Ok(Facts { width: decoded.width(), height: decoded.height(), frames: 1 })
 }
 
-fn check_dicom(bytes: &[u8]) -> Result<Facts, ContentError> {
+fn check_dicom(bytes: &[u8], max_decoded_bytes: u64) -> Result<Facts, ContentError> {
     let undecodable = |why: String| ContentError::Undecodable("DICOM object", why);
-    if bytes.get(128..132) != Some(b"DICM") {
-        return Err(undecodable("no DICM preamble".into()));
+    // Read as the device reads scanner bytes: every length, count, nesting depth and pixel
+    // geometry bounded before the toolkit allocates, RLE headers checked, pixels decoded.
+    let mut limits = octd::deid::InputLimits::from(&octd::config::IngestConfig::default());
+    limits.max_file_bytes = bytes.len() as u64;
+    limits.max_decoded_bytes = max_decoded_bytes;
+    let (obj, frames, rows, columns) =
+        octd::deid::read_checked(bytes.to_vec(), &limits).map_err(|e| undecodable(e.to_string()))?;
+    if obj.meta().private_information.is_some() || obj.meta().private_information_creator_uid.is_some() {
+        return Err(ContentError::Identified("the file meta carries private information".into()));
     }
-    let obj = OpenFileOptions::new()
-        .read_preamble(ReadPreamble::Never)
-        .from_reader(&bytes[128..])
-        .map_err(|e| undecodable(e.to_string()))?;
-    let text = |tag| obj.get(tag).and_then(|e| e.to_str().ok()).map(|v| v.trim_end_matches(['\0', ' ']).to_string());
-    if text(tags::PATIENT_IDENTITY_REMOVED).as_deref() != Some("YES") {
+    let flag = obj.get(tags::PATIENT_IDENTITY_REMOVED).and_then(|e| e.to_str().ok());
+    if flag.as_deref().map(|v| v.trim_end_matches(['\0', ' '])) != Some("YES") {
         return Err(ContentError::Identified("PatientIdentityRemoved is not YES".into()));
     }
-    for element in obj.iter() {
-        let tag = element.tag();
-        if tag.group() % 2 == 1 {
-            return Err(ContentError::Identified(format!(
-                "private attribute ({:04X},{:04X})",
-                tag.group(),
-                tag.element()
-            )));
-        }
-        if tag.group() != 0x0010 {
-            continue;
-        }
-        let value = element.to_str().map(|v| v.trim_end_matches(['\0', ' ']).to_string()).unwrap_or_default();
-        if value.is_empty() {
-            continue;
-        }
-        // octd replaces the Patient ID by a keyed pseudonym, OCTD-<16 hex>; nothing else
-        // of the patient may carry a value.
-        let pseudonym = tag == tags::PATIENT_ID
-            && value.len() == 21
-            && value.starts_with("OCTD-")
-            && value[5..].bytes().all(|b| b.is_ascii_hexdigit());
-        if !pseudonym {
-            return Err(ContentError::Identified(format!(
-                "patient attribute ({:04X},{:04X}) has a value",
-                tag.group(),
-                tag.element()
-            )));
+    // Every depth: no private attribute, and nothing of the patient's with a value, except
+    // octd's keyed pseudonym in the top-level Patient ID. Nesting is bounded by the read.
+    let mut stack: Vec<(&InMemDicomObject, bool)> = vec![(&*obj, true)];
+    while let Some((item, top)) = stack.pop() {
+        for element in item.iter() {
+            let tag = element.tag();
+            let at = format!("({:04X},{:04X})", tag.group(), tag.element());
+            if tag.group() % 2 == 1 {
+                return Err(ContentError::Identified(format!("private attribute {at}")));
+            }
+            let items = element.items();
+            if tag.group() == 0x0010 {
+                let value = match items {
+                    Some([]) => String::new(),
+                    Some(_) => return Err(ContentError::Identified(format!("patient sequence {at} has items"))),
+                    None => element.to_str().map(|v| v.trim_end_matches(['\0', ' ']).to_string()).unwrap_or_default(),
+                };
+                let pseudonym = top
+                    && tag == tags::PATIENT_ID
+                    && value.len() == 21
+                    && value.starts_with("OCTD-")
+                    && value[5..].bytes().all(|b| b.is_ascii_hexdigit());
+                if !value.is_empty() && !pseudonym {
+                    return Err(ContentError::Identified(format!("patient attribute {at} has a value")));
+                }
+            }
+            for nested in items.into_iter().flatten() {
+                stack.push((nested, false));
+            }
         }
     }
-    // The toolkit's decoders can panic on hostile pixel data (octd's fuzzing found one).
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
-        .map_err(|_| undecodable("the pixel decoder failed".into()))?
-        .map_err(|e| undecodable(format!("pixel data: {e}")))?;
-    if decoded.data().is_empty() {
-        return Err(undecodable("no pixels".into()));
-    }
-    Ok(Facts { width: decoded.columns(), height: decoded.rows(), frames: decoded.number_of_frames() })
+    Ok(Facts { width: columns, height: rows, frames })
 }
 
 #[cfg(test)]

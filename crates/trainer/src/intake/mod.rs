@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use octd_uplink::{ImageKind, LabelUpload, SignedHeaders, LABEL_SCHEMA};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -63,6 +63,10 @@ pub struct Intake {
     config: IntakeConfig,
     holdout_key: [u8; 32],
     limiter: DefaultKeyedRateLimiter<String>,
+    /// Requests with a key that has not signed a request correctly yet, all together.
+    anonymous: DefaultDirectRateLimiter,
+    /// Keys that have signed a request correctly (at most one per enrolled device).
+    proven: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Intake {
@@ -71,11 +75,15 @@ impl Intake {
         let per_minute = NonZeroU32::new(config.requests_per_minute).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.burst).unwrap_or(NonZeroU32::MIN);
         let limiter = RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst));
-        Intake { store, blobs, config, holdout_key, limiter }
+        let anonymous_rate = NonZeroU32::new(config.unauthenticated_per_second).unwrap_or(NonZeroU32::MIN);
+        let anonymous = RateLimiter::direct(Quota::per_second(anonymous_rate));
+        Intake { store, blobs, config, holdout_key, limiter, anonymous, proven: Default::default() }
     }
 
-    /// Headers, device, time and rate first, then the body (bounded) and its signature,
-    /// then the nonce: a replay is refused only after it proved it was signed.
+    /// Everything that needs no body first — headers, device, time, signature (it covers
+    /// the declared body hash), the device's rate, the nonce — then the body, bounded, against
+    /// its signed hash. Nothing unauthenticated is buffered, and only verified requests
+    /// count against a device's rate.
     async fn authenticate(
         &self,
         method: &Method,
@@ -87,6 +95,12 @@ impl Intake {
         let unauthorized = |code, msg: String| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
         let signed = SignedHeaders::parse(|name| headers.get(name).and_then(|v| v.to_str().ok()))
             .map_err(|e| unauthorized("unsigned", format!("{e} (see docs/uplink.md)")))?;
+        // Keys that never proved themselves cost a query each: they share one budget, so a
+        // flood of invented key ids cannot occupy the database.
+        let proven = self.proven.lock().map(|k| k.contains(&signed.key_id)).unwrap_or(false);
+        if !proven && self.anonymous.check().is_err() {
+            return Err(self.rate_limited("too many requests from unauthenticated clients", 1));
+        }
         let device = self
             .store
             .device_by_key(&signed.key_id)
@@ -103,40 +117,57 @@ impl Intake {
             ));
         }
         let now_s = now_ms() / 1000;
-        let skew = self.config.clock_skew.as_secs() as i64;
-        if (now_s - signed.timestamp).abs() > skew {
+        let skew = self.config.clock_skew.as_secs();
+        if now_s.abs_diff(signed.timestamp) > skew {
             return Err(unauthorized(
                 "stale",
                 format!("timestamp {} is more than {skew} s from the server's clock {now_s}", signed.timestamp),
             ));
         }
-        if let Err(not_until) = self.limiter.check_key(&device.key_id) {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("more than {} requests a minute from this device", self.config.requests_per_minute),
-            );
-            e.retry_after_s = Some(wait.as_secs() + 1);
-            return Err(e);
-        }
-        let body = axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX)).await.map_err(|_| {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the body is over {limit} bytes"))
-        })?;
         let public = hex::decode(&device.public_key).map_err(|e| ApiError::internal("stored key", e))?;
         let path = uri.0.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
         signed
-            .verify(&public, method.as_str(), path, &body)
+            .verify(&public, method.as_str(), path, content_type)
             .map_err(|e| unauthorized("bad_signature", e.to_string()))?;
+        if !proven {
+            if let Ok(mut keys) = self.proven.lock() {
+                keys.insert(signed.key_id.clone());
+            }
+        }
+        if let Err(not_until) = self.limiter.check_key(&device.key_id) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return Err(self.rate_limited(
+                &format!("more than {} requests a minute from this device", self.config.requests_per_minute),
+                wait.as_secs() + 1,
+            ));
+        }
+        // Nonces are kept a minute longer than a request can be valid, for replicas whose
+        // clocks differ a little.
+        let forget_before_ms = (now_s - 2 * skew as i64 - 60) * 1000;
         let fresh = self
             .store
-            .use_nonce(&device.key_id, &signed.nonce, (now_s - 2 * skew) * 1000)
+            .use_nonce(&device.key_id, &signed.nonce, forget_before_ms)
             .await
             .map_err(|e| ApiError::internal("nonce check", e))?;
         if !fresh {
             return Err(unauthorized("replayed", "this request was seen before".into()));
         }
+        let body = axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX)).await.map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body is over {limit} bytes, or was cut off"),
+            )
+        })?;
+        signed.check_body(&body).map_err(|e| unauthorized("bad_signature", e.to_string()))?;
         Ok((device, body))
+    }
+
+    fn rate_limited(&self, why: &str, retry_after_s: u64) -> ApiError {
+        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", why);
+        e.retry_after_s = Some(retry_after_s);
+        e
     }
 
     fn holdout(&self, site: &str, device: &str, patient: &str) -> bool {
@@ -169,8 +200,12 @@ fn is_hex(s: &str, len: usize) -> bool {
 }
 
 /// Identifiers the device chose: short, printable, no separators that could mean a path.
-fn is_token(s: &str, max: usize) -> bool {
-    !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+pub fn is_token(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s != "."
+        && s != ".."
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 async fn put_image(
@@ -212,20 +247,21 @@ async fn put_image(
     let max_decoded = intake.config.max_image_bytes.saturating_mul(16);
     let checked = {
         let bytes = bytes.clone();
-        tokio::task::spawn_blocking(move || content::check(kind, &bytes, max_decoded))
-            .await
-            .map_err(|e| ApiError::internal("image check", e))?
+        match tokio::task::spawn_blocking(move || content::check(kind, &bytes, max_decoded)).await {
+            Ok(checked) => checked,
+            // A parser that panics on these bytes will panic on every retry: refuse them.
+            Err(e) if e.is_panic() => {
+                Err(content::ContentError::Undecodable("image", "the parser failed on these bytes".into()))
+            }
+            Err(e) => return Err(ApiError::internal("image check", e)),
+        }
     };
     let facts = checked.map_err(|e| {
         tracing::info!(site = %device.site, device = %device.device, code = e.code(), "image refused");
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string())
     })?;
     let size = bytes.len() as i64;
-    intake
-        .blobs
-        .put_image(&sha256, kind.extension(), bytes.to_vec())
-        .await
-        .map_err(|e| ApiError::internal("image write", e))?;
+    intake.blobs.put_image(&sha256, kind.extension(), bytes).await.map_err(|e| ApiError::internal("image write", e))?;
     let record = ImageRecord {
         sha256: sha256.clone(),
         kind: kind.extension().to_string(),
@@ -286,8 +322,11 @@ async fn put_label(
     if !matches!(upload.laterality.as_str(), "" | "R" | "L") {
         return Err(invalid("laterality must be R, L or empty".into()));
     }
-    if !is_token(&upload.model.name, 64) || !is_token(&upload.model.version, 64) || upload.model.sha256.len() > 64 {
+    if !is_token(&upload.model.name, 64) || !is_token(&upload.model.version, 64) {
         return Err(invalid("model name and version must be 1-64 characters of [A-Za-z0-9._-]".into()));
+    }
+    if !(upload.model.sha256.is_empty() || is_hex(&upload.model.sha256, 64)) {
+        return Err(invalid("model.sha256 must be empty or 64 lowercase hex characters".into()));
     }
     let image = intake.store.image(&upload.image_sha256).await.map_err(|e| ApiError::internal("image lookup", e))?;
     match image {
@@ -317,6 +356,7 @@ async fn put_label(
         laterality: upload.laterality.clone(),
         patient: upload.patient.clone(),
         image_sha256: upload.image_sha256.clone(),
+        image_kind: upload.image_kind.extension().to_string(),
         body_sha256: octd_uplink::sha256_hex(&body),
         received_at: now_ms(),
     };

@@ -115,7 +115,7 @@ pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, String)], bod
 
 /// A signed request from `device`, exactly as the device's uplink sends it.
 pub fn signed(port: u16, device: &DeviceIdentity, method: &str, path: &str, content_type: &str, body: &[u8]) -> Reply {
-    let h = device.key.sign(method, path, body, now_s(), &nonce());
+    let h = device.key.sign(method, path, content_type, body, now_s(), &nonce());
     signed_with(port, &h, method, path, content_type, body)
 }
 
@@ -165,6 +165,21 @@ impl Trainer {
             dir.join("blobs").display()
         );
         Trainer::new(dir, &storage, intake)
+    }
+
+    /// More configuration (other sections: [policy], [jobs]).
+    pub fn configure(&self, toml: &str) {
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        text.push('\n');
+        text.push_str(toml);
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {

@@ -1,0 +1,266 @@
+//! Training jobs: the labels that count, of patients in the training split, exported as
+//! the CSV manifest `trainer/` reads (`path,label,patient`) with their images; the job run
+//! as a subprocess from a command template (the local Python job by default, or a cluster
+//! scheduler: Slurm's `sbatch --wait`, `kubectl` for a Kubernetes Job, `torchrun`), with its
+//! log kept, a timeout, one job at a time across replicas, and its state in the database so
+//! a restart fails it cleanly instead of leaving it running forever.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::blobs::Blobs;
+use crate::now_ms;
+use crate::policy::{self, PolicyConfig};
+use crate::store::{JobRecord, Store, StoreError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// The job, one argument per element. Placeholders: `{python}`, `{manifest}` (the CSV),
+    /// `{out}` (where the model must appear), `{arch}`, `{singan}` (`on`/`off`), `{name}`,
+    /// `{version}`, `{job}` (its id), `{dir}` (the job's folder).
+    pub command: Vec<String>,
+    /// What `{python}` stands for.
+    pub python: PathBuf,
+    /// The job's working directory (the trainer package, for `-m octtrain`).
+    pub workdir: PathBuf,
+    /// Per job: manifest.csv, images/, out/, job.log.
+    pub root: PathBuf,
+    /// A job running longer is killed and failed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// `xception` as in the original design, `compact` for CPU-only fleets.
+    pub architecture: String,
+    /// The candidate model's name.
+    pub model_name: String,
+    /// How often `serve` asks the policy whether to train.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// How often a running job proves it is alive; at a start, a job whose heartbeat is
+    /// three beats old was left by a service that stopped, and is failed.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            command: [
+                "{python}",
+                "-m",
+                "octtrain",
+                "--data",
+                "{manifest}",
+                "--out",
+                "{out}",
+                "--arch",
+                "{arch}",
+                "--singan",
+                "{singan}",
+                "--name",
+                "{name}",
+                "--version",
+                "{version}",
+            ]
+            .map(String::from)
+            .to_vec(),
+            python: "../.venv/bin/python".into(),
+            workdir: "trainer".into(),
+            root: "var/octd-trainer/jobs".into(),
+            timeout: Duration::from_secs(24 * 3600),
+            architecture: "xception".into(),
+            model_name: "octd".into(),
+            check_interval: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JobError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("another training job is running")]
+    Busy,
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The next candidate's version: one patch above the newest the channel lists.
+pub async fn next_version(channel: &Path) -> String {
+    let newest = octd_bundle::repo::listed_models(channel).await.ok().into_iter().flatten().map(|m| m.version).max();
+    match newest {
+        Some(v) => semver::Version::new(v.major, v.minor, v.patch + 1).to_string(),
+        None => "1.0.0".into(),
+    }
+}
+
+fn fill(template: &[String], values: &[(&str, String)]) -> Vec<String> {
+    template
+        .iter()
+        .map(|arg| values.iter().fold(arg.clone(), |acc, (k, v)| acc.replace(&format!("{{{k}}}"), v)))
+        .collect()
+}
+
+/// Run one training job now: export, run, record. `trigger` is why (the policy's decision
+/// as JSON). Returns the finished job.
+pub async fn run(
+    store: &Store,
+    blobs: &Blobs,
+    jobs: &JobsConfig,
+    policy_config: &PolicyConfig,
+    channel: &Path,
+    trigger: serde_json::Value,
+) -> Result<JobRecord, JobError> {
+    let labels = store.current_labels_with_split().await?;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let singan = policy::singan(policy_config, labels.len() as u64);
+    let version = next_version(channel).await;
+    let now = now_ms();
+    let record = JobRecord {
+        id: id.clone(),
+        state: "running".into(),
+        trigger: trigger.to_string(),
+        labels_at_start: labels.len() as i64,
+        exported: 0,
+        singan: i64::from(singan),
+        architecture: jobs.architecture.clone(),
+        version: version.clone(),
+        started_at: now,
+        heartbeat_at: now,
+        finished_at: None,
+        outcome: String::new(),
+    };
+    if !store.start_job(&record).await? {
+        return Err(JobError::Busy);
+    }
+    tracing::info!(job = %id, version = %version, singan, labels = labels.len(), trigger = %record.trigger, "training job started");
+    let (state, outcome) = match execute(store, blobs, jobs, &record, &labels).await {
+        Ok(out) => ("trained", json!({"candidate": out}).to_string()),
+        Err(why) => ("failed", why),
+    };
+    store.finish_job(&id, state, &outcome).await?;
+    tracing::info!(job = %id, state, outcome = %outcome, "training job finished");
+    let mut done = record;
+    done.state = state.into();
+    done.outcome = outcome;
+    done.finished_at = Some(now_ms());
+    Ok(done)
+}
+
+async fn execute(
+    store: &Store,
+    blobs: &Blobs,
+    jobs: &JobsConfig,
+    job: &JobRecord,
+    labels: &[(crate::store::LabelRecord, String)],
+) -> Result<PathBuf, String> {
+    let dir = std::path::absolute(jobs.root.join(&job.id)).map_err(|e| format!("job folder: {e}"))?;
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).map_err(|e| format!("{}: {e}", images.display()))?;
+    // The training split only; the holdout never reaches a job. The trainer reads images,
+    // so de-identified volumes (DICOM) wait for a reader of their own.
+    let mut csv = String::from("path,label,patient\n");
+    let mut exported = 0i64;
+    for (label, split) in labels {
+        if split != "train" || !label_is_png(label) {
+            continue;
+        }
+        let file = images.join(format!("{}.png", label.image_sha256));
+        if !file.exists() {
+            let bytes = blobs
+                .get_image(&label.image_sha256, "png")
+                .await
+                .map_err(|e| format!("image {}: {e}", label.image_sha256))?;
+            std::fs::write(&file, bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+        }
+        // The patient column groups the job's own validation split by patient.
+        let patient = format!("{}.{}.{}", label.site, label.device, label.patient);
+        csv.push_str(&format!("images/{}.png,{},{}\n", label.image_sha256, label.label, patient));
+        exported += 1;
+    }
+    let manifest = dir.join("manifest.csv");
+    std::fs::write(&manifest, csv).map_err(|e| format!("{}: {e}", manifest.display()))?;
+    store.job_heartbeat(&job.id, exported).await.map_err(|e| e.to_string())?;
+    if exported == 0 {
+        return Err("no training images: no label of a training-split patient yet".into());
+    }
+
+    let out = dir.join("out");
+    let python = std::path::absolute(&jobs.python).unwrap_or_else(|_| jobs.python.clone());
+    let args = fill(
+        &jobs.command,
+        &[
+            ("python", python.display().to_string()),
+            ("manifest", manifest.display().to_string()),
+            ("out", out.display().to_string()),
+            ("arch", job.architecture.clone()),
+            ("singan", if job.singan == 1 { "on".into() } else { "off".into() }),
+            ("name", jobs.model_name.clone()),
+            ("version", job.version.clone()),
+            ("job", job.id.clone()),
+            ("dir", dir.display().to_string()),
+        ],
+    );
+    let (program, rest) = args.split_first().ok_or("jobs.command is empty")?;
+    if !jobs.workdir.is_dir() {
+        return Err(format!("jobs.workdir {} is not a folder", jobs.workdir.display()));
+    }
+    let log_path = dir.join("job.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let err_log = log.try_clone().map_err(|e| e.to_string())?;
+    let mut child = tokio::process::Command::new(program)
+        .args(rest)
+        .current_dir(&jobs.workdir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err_log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    let deadline = tokio::time::Instant::now() + jobs.timeout;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.map_err(|e| e.to_string())?,
+            _ = tokio::time::sleep(jobs.heartbeat) => {
+                if let Err(e) = store.job_heartbeat(&job.id, exported).await {
+                    tracing::warn!(job = %job.id, error = %e, "job heartbeat");
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    let _ = child.kill().await;
+                    return Err(format!("timed out after {} s (jobs.timeout); log: {}", jobs.timeout.as_secs(), log_path.display()));
+                }
+            }
+        }
+    };
+    if !status.success() {
+        return Err(format!("the job exited with {status}; log: {}", log_path.display()));
+    }
+    for file in ["model.onnx", "manifest.json"] {
+        if !out.join(file).is_file() {
+            return Err(format!("the job succeeded but wrote no {file} in {}", out.display()));
+        }
+    }
+    Ok(out)
+}
+
+fn label_is_png(label: &crate::store::LabelRecord) -> bool {
+    label.image_kind == "png"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_filled_in_every_argument() {
+        let t = ["{python}", "-m", "octtrain", "--data={manifest}", "{out}/x"].map(String::from).to_vec();
+        let got = fill(&t, &[("python", "py".into()), ("manifest", "m.csv".into()), ("out", "o".into())]);
+        assert_eq!(got, ["py", "-m", "octtrain", "--data=m.csv", "o/x"]);
+    }
+}
