@@ -42,11 +42,14 @@ pub struct Config {
 pub struct ServerConfig {
     /// Intake API, status and the model channel (`/channel/…`).
     pub listen: SocketAddr,
+    /// Bearer token for `GET /api/v1/status` and `/metrics`; empty: only clients on this
+    /// host may read them.
+    pub operator_token: String,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8700)) }
+        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8700)), operator_token: String::new() }
     }
 }
 
@@ -204,6 +207,9 @@ impl Config {
     pub fn redacted(&self) -> Config {
         let mut shown = self.clone();
         shown.storage.database = redact_url_password(&shown.storage.database);
+        if !shown.server.operator_token.is_empty() {
+            shown.server.operator_token = "***".into();
+        }
         shown
     }
 }

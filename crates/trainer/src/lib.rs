@@ -8,6 +8,7 @@ pub mod channel;
 pub mod config;
 pub mod intake;
 pub mod jobs;
+pub mod operator;
 pub mod policy;
 pub mod server;
 pub mod status;

@@ -46,15 +46,25 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!(jobs = ?abandoned, "training jobs interrupted by a stop were failed");
     }
     let trainer = tokio::spawn(policy_loop(config.clone(), store.clone(), blobs.clone()));
-    let intake = Arc::new(Intake::new(store.clone(), blobs, config.intake.clone(), key));
+    let metrics = crate::operator::IntakeMetrics::default();
+    let intake = Arc::new(Intake::new(store.clone(), blobs.clone(), config.intake.clone(), key, metrics.clone()));
+    let operator = Arc::new(crate::operator::Operator::new(
+        store.clone(),
+        config.policy.clone(),
+        config.server.operator_token.clone(),
+        metrics,
+    ));
     let app = intake::router(intake)
+        .merge(crate::operator::router(operator))
         .nest_service("/channel", ServeDir::new(&config.channel.dir))
         .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, config.intake.request_timeout))
         .layer(tower::limit::ConcurrencyLimitLayer::new(config.intake.max_concurrent_requests));
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
     tracing::info!(listen = %config.server.listen, database = %config.redacted().storage.database,
         blobs = %config.storage.blobs, "serving");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown())
+        .await?;
     trainer.abort();
     store.close().await;
     tracing::info!("stopped");

@@ -271,6 +271,15 @@ fn exercise(t: &mut Trainer, root: &Path) {
     assert_eq!(status["accuracy"]["fleet"]["low"], 0.0);
     assert_eq!(status["accuracy"]["by_device"]["clinic-a/octd-1"]["labels"], 14);
     assert_eq!(status["singan"], true);
+    // The same over HTTP for operators on this host, and as Prometheus metrics.
+    let over_http = http(t.port, "GET", "/api/v1/status", &[], b"");
+    assert_eq!(over_http.status, 200, "{over_http:?}");
+    assert_eq!(over_http.body["labels"], status["labels"]);
+    let metrics = http(t.port, "GET", "/metrics", &[], b"");
+    let text = metrics.body.as_str().unwrap_or_default().to_string();
+    assert!(text.contains("octd_trainer_labels{kind=\"scans\"} 14"), "{text}");
+    assert!(text.contains("octd_trainer_live_accuracy_labels{scope=\"fleet\",name=\"\"} 14"), "{text}");
+    assert!(text.contains("octd_trainer_requests_total{route=\"labels\",outcome=\"revision_conflict\"}"), "{text}");
 
     // Revocation.
     let revoked = t.cli_json(&["device", "revoke", "clinic-a/octd-1"]);
@@ -316,6 +325,9 @@ fn a_fleet_on_postgresql_and_s3() {
 fn a_device_over_its_rate_is_told_to_wait() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = Trainer::sqlite(&dir.path().join("svc"), "requests_per_minute = 1\nburst = 3");
+    // With an operator token, status needs it even on this host.
+    let text = std::fs::read_to_string(&t.config).unwrap();
+    std::fs::write(&t.config, text.replace("[server]\n", "[server]\noperator_token = \"op-s3cret\"\n")).unwrap();
     let a = DeviceIdentity::new(&dir.path().join("device"), "clinic-a", "octd-1");
     t.cli_json(&["device", "add", a.public_json.to_str().unwrap()]);
     t.start();
@@ -326,5 +338,13 @@ fn a_device_over_its_rate_is_told_to_wait() {
     let r = signed(t.port, &a, "PUT", "/api/v1/labels/s/1", "application/json", &body);
     assert_eq!(code(&r), "rate_limited");
     assert!(r.headers.contains("retry-after:"), "{}", r.headers);
+    let r = http(t.port, "GET", "/api/v1/status", &[], b"");
+    assert_eq!((r.status, code(&r)), (401, "operator_token"));
+    let r = http(t.port, "GET", "/api/v1/status", &[("authorization", "Bearer wrong".into())], b"");
+    assert_eq!(r.status, 401);
+    let r = http(t.port, "GET", "/api/v1/status", &[("authorization", "Bearer op-s3cret".into())], b"");
+    assert_eq!(r.status, 200, "{r:?}");
+    let shown = t.cli_json(&["config-check"]);
+    assert_eq!(shown["server"]["operator_token"], "***", "config-check prints no secret");
     t.stop();
 }

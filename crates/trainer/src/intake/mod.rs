@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::blobs::Blobs;
 use crate::config::IntakeConfig;
 use crate::now_ms;
+use crate::operator::IntakeMetrics;
 use crate::store::{Device, ImageRecord, LabelRecord, LabelWrite, Store};
 
 /// A refusal as the device sees it: a status, a stable code and a sentence.
@@ -67,17 +68,24 @@ pub struct Intake {
     anonymous: DefaultDirectRateLimiter,
     /// Keys that have signed a request correctly (at most one per enrolled device).
     proven: std::sync::Mutex<std::collections::HashSet<String>>,
+    metrics: IntakeMetrics,
 }
 
 impl Intake {
     /// `holdout_key` keys the patient split, so nobody can steer a patient into the holdout.
-    pub fn new(store: Store, blobs: Blobs, config: IntakeConfig, holdout_key: [u8; 32]) -> Intake {
+    pub fn new(
+        store: Store,
+        blobs: Blobs,
+        config: IntakeConfig,
+        holdout_key: [u8; 32],
+        metrics: IntakeMetrics,
+    ) -> Intake {
         let per_minute = NonZeroU32::new(config.requests_per_minute).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.burst).unwrap_or(NonZeroU32::MIN);
         let limiter = RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst));
         let anonymous_rate = NonZeroU32::new(config.unauthenticated_per_second).unwrap_or(NonZeroU32::MIN);
         let anonymous = RateLimiter::direct(Quota::per_second(anonymous_rate));
-        Intake { store, blobs, config, holdout_key, limiter, anonymous, proven: Default::default() }
+        Intake { store, blobs, config, holdout_key, limiter, anonymous, proven: Default::default(), metrics }
     }
 
     /// Everything that needs no body first — headers, device, time, signature (it covers
@@ -208,8 +216,42 @@ pub fn is_token(s: &str, max: usize) -> bool {
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// The outcome a metric counts: the status of an answer, the code of a refusal.
+fn outcome(result: &Result<Response, ApiError>) -> String {
+    match result {
+        Ok(r) => r.status().as_u16().to_string(),
+        Err(e) => e.code.to_string(),
+    }
+}
+
 async fn put_image(
     State(intake): State<Arc<Intake>>,
+    path: Path<String>,
+    method: Method,
+    uri: OriginalUri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let result = store_image(&intake, path, method, uri, headers, body).await;
+    intake.metrics.record("images", &outcome(&result));
+    result
+}
+
+async fn put_label(
+    State(intake): State<Arc<Intake>>,
+    path: Path<(String, String)>,
+    method: Method,
+    uri: OriginalUri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let result = store_label(&intake, path, method, uri, headers, body).await;
+    intake.metrics.record("labels", &outcome(&result));
+    result
+}
+
+async fn store_image(
+    intake: &Intake,
     Path(sha256): Path<String>,
     method: Method,
     uri: OriginalUri,
@@ -279,8 +321,8 @@ async fn put_image(
     Ok((StatusCode::CREATED, Json(json!({"status": "stored", "sha256": sha256}))).into_response())
 }
 
-async fn put_label(
-    State(intake): State<Arc<Intake>>,
+async fn store_label(
+    intake: &Intake,
     Path((scan_id, revision)): Path<(String, String)>,
     method: Method,
     uri: OriginalUri,
