@@ -160,24 +160,26 @@ pub fn router(operator: Arc<Operator>) -> Router {
     Router::new().route("/api/v1/status", get(status)).route("/metrics", get(metrics)).with_state(operator)
 }
 
+/// The status for a client allowed to read it, or the answer it gets instead.
+async fn readable_status(op: &Operator, peer: SocketAddr, headers: &HeaderMap) -> Result<Value, Response> {
+    if let Some(refused) = op.refusal(peer, headers) {
+        return Err(refused);
+    }
+    op.status().await.map_err(|e| {
+        tracing::error!(error = %e, "status");
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "unavailable", "message": "the store did not answer"})))
+            .into_response()
+    })
+}
+
 async fn status(
     State(op): State<Arc<Operator>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = op.refusal(peer, &headers) {
-        return refused;
-    }
-    match op.status().await {
+    match readable_status(&op, peer, &headers).await {
         Ok(v) => Json(v).into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "status");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"error": "unavailable", "message": "the store did not answer"})),
-            )
-                .into_response()
-        }
+        Err(answer) => answer,
     }
 }
 
@@ -186,15 +188,9 @@ async fn metrics(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = op.refusal(peer, &headers) {
-        return refused;
-    }
-    match op.status().await {
+    match readable_status(&op, peer, &headers).await {
         Ok(v) => ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], op.render(&v))
             .into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "metrics");
-            StatusCode::SERVICE_UNAVAILABLE.into_response()
-        }
+        Err(answer) => answer,
     }
 }
