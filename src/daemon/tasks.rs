@@ -128,7 +128,12 @@ mod tests {
                 Err::<(), String>(format!("run {n} failed"))
             }
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Backoffs of 1, 2, 4, 8 ms: well within the deadline, however loaded the machine.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while (runs.load(Ordering::SeqCst) < 5 || health.problem().is_none()) && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(runs.load(Ordering::SeqCst) >= 5, "restarted after errors and a panic");
         let problem = health.problem().expect("five failures make the task unhealthy");
         assert!(problem.contains("flaky"), "{problem}");
