@@ -319,6 +319,8 @@ fn a_fleet_on_postgresql_and_s3() {
     };
     assert!(text.contains("fleet/images/"), "{text}");
     assert!(!t.dir.join("blobs").exists(), "nothing written to a local folder");
+    // Nor did any planted identity reach the database's files.
+    assert_no_identity_under(&dir.path().join("pg"));
 }
 
 #[test]
