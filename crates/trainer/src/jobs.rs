@@ -167,9 +167,16 @@ async fn execute(
     // so de-identified volumes (DICOM) wait for a reader of their own.
     let mut csv = String::from("path,label,patient\n");
     let mut exported = 0i64;
+    let mut last_beat = std::time::Instant::now();
     for (label, split) in labels {
         if split != "train" || !label_is_png(label) {
             continue;
+        }
+        // A long export (many images from S3) still beats, or another replica would take
+        // this job for abandoned.
+        if last_beat.elapsed() >= jobs.heartbeat {
+            store.job_heartbeat(&job.id, exported).await.map_err(|e| e.to_string())?;
+            last_beat = std::time::Instant::now();
         }
         let file = images.join(format!("{}.png", label.image_sha256));
         if !file.exists() {

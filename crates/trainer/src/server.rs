@@ -77,6 +77,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 async fn policy_loop(config: Config, store: Store, blobs: Blobs) {
     loop {
         tokio::time::sleep(config.jobs.check_interval).await;
+        // A job whose service died (here or on another replica) stops beating: fail it, so
+        // its slot does not stay taken however quickly the service came back.
+        let stale = crate::now_ms() - 3 * config.jobs.heartbeat.as_millis() as i64;
+        match store.fail_abandoned_jobs(stale).await {
+            Ok(failed) if !failed.is_empty() => {
+                tracing::warn!(jobs = ?failed, "training jobs whose service stopped were failed")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "checking for abandoned jobs"),
+        }
         let decision = async {
             let current = store.current_labels().await?;
             let last = store.last_training().await?;
