@@ -194,6 +194,9 @@ impl Config {
         if !matches!(self.jobs.architecture.as_str(), "xception" | "compact") {
             return invalid("jobs.architecture", "must be xception or compact");
         }
+        if self.jobs.abandon_after < self.jobs.heartbeat * 3 {
+            return invalid("jobs.abandon_after", "must be at least three heartbeats");
+        }
         if self.jobs.check_interval.is_zero() || self.jobs.timeout.is_zero() || self.jobs.heartbeat.is_zero() {
             return invalid("jobs.check_interval", "the interval and the timeout must be positive");
         }

@@ -40,10 +40,14 @@ pub struct JobsConfig {
     /// How often `serve` asks the policy whether to train.
     #[serde(with = "humantime_serde")]
     pub check_interval: Duration,
-    /// How often a running job proves it is alive; at a start, a job whose heartbeat is
-    /// three beats old was left by a service that stopped, and is failed.
+    /// How often a running job proves it is alive.
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// A running job whose last beat is older than this was left by a service that died:
+    /// at every policy check it is failed and its slot freed. Several beats, plus room for
+    /// replicas whose clocks differ.
+    #[serde(with = "humantime_serde")]
+    pub abandon_after: Duration,
 }
 
 impl Default for JobsConfig {
@@ -76,6 +80,7 @@ impl Default for JobsConfig {
             model_name: "octd".into(),
             check_interval: Duration::from_secs(60),
             heartbeat: Duration::from_secs(10),
+            abandon_after: Duration::from_secs(120),
         }
     }
 }
@@ -91,13 +96,24 @@ pub enum JobError {
     Setup(String),
 }
 
-/// The next candidate's version: one patch above the newest the channel lists.
-pub async fn next_version(channel: &Path) -> String {
-    let newest = octd_bundle::repo::listed_models(channel).await.ok().into_iter().flatten().map(|m| m.version).max();
-    match newest {
+/// The next candidate's version: one patch above the newest the channel lists and any
+/// earlier job was given (two jobs before a publication must not share a version).
+pub async fn next_version(store: &Store, channel: &Path) -> Result<String, JobError> {
+    let listed = if channel.join("metadata").join("root.json").exists() {
+        octd_bundle::repo::listed_models(channel)
+            .await
+            .map_err(|e| JobError::Setup(format!("reading the channel: {e}")))?
+            .into_iter()
+            .map(|m| m.version)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let earlier = store.job_versions().await?.into_iter().filter_map(|v| semver::Version::parse(&v).ok());
+    Ok(match listed.into_iter().chain(earlier).max() {
         Some(v) => semver::Version::new(v.major, v.minor, v.patch + 1).to_string(),
         None => "1.0.0".into(),
-    }
+    })
 }
 
 fn fill(template: &[String], values: &[(&str, String)]) -> Vec<String> {
@@ -116,11 +132,12 @@ pub async fn run(
     policy_config: &PolicyConfig,
     channel: &Path,
     trigger: serde_json::Value,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<JobRecord, JobError> {
     let labels = store.current_labels_with_split().await?;
     let id = uuid::Uuid::new_v4().simple().to_string();
     let singan = policy::singan(policy_config, labels.len() as u64);
-    let version = next_version(channel).await;
+    let version = next_version(store, channel).await?;
     let now = now_ms();
     let record = JobRecord {
         id: id.clone(),
@@ -140,11 +157,26 @@ pub async fn run(
         return Err(JobError::Busy);
     }
     tracing::info!(job = %id, version = %version, singan, labels = labels.len(), trigger = %record.trigger, "training job started");
-    let (state, outcome) = match execute(store, blobs, jobs, &record, &labels).await {
+    let (state, outcome) = match execute(store, blobs, jobs, &record, &labels, stop).await {
         Ok(out) => ("trained", json!({"candidate": out}).to_string()),
         Err(why) => ("failed", why),
     };
-    store.finish_job(&id, state, &outcome).await?;
+    // A day of training is not lost to a brief database error at its end.
+    let mut attempt = 0;
+    let recorded = loop {
+        match store.finish_job(&id, state, &outcome).await {
+            Ok(recorded) => break recorded,
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                tracing::warn!(job = %id, error = %e, attempt, "recording the job's end");
+                tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if !recorded {
+        tracing::warn!(job = %id, "the job had already been failed as abandoned; its outcome is not recorded");
+    }
     tracing::info!(job = %id, state, outcome = %outcome, "training job finished");
     let mut done = record;
     done.state = state.into();
@@ -153,12 +185,26 @@ pub async fn run(
     Ok(done)
 }
 
+/// Stop the job's whole process group (the scheduler client and what it started): TERM,
+/// then KILL if it is still there after a grace period.
+async fn stop_group(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = tokio::process::Command::new("kill").args(["-TERM", &format!("-{pid}")]).status().await;
+        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_ok() {
+            return;
+        }
+        let _ = tokio::process::Command::new("kill").args(["-KILL", &format!("-{pid}")]).status().await;
+    }
+    let _ = child.kill().await;
+}
+
 async fn execute(
     store: &Store,
     blobs: &Blobs,
     jobs: &JobsConfig,
     job: &JobRecord,
     labels: &[(crate::store::LabelRecord, String)],
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<PathBuf, String> {
     let dir = std::path::absolute(jobs.root.join(&job.id)).map_err(|e| format!("job folder: {e}"))?;
     let images = dir.join("images");
@@ -175,7 +221,9 @@ async fn execute(
         // A long export (many images from S3) still beats, or another replica would take
         // this job for abandoned.
         if last_beat.elapsed() >= jobs.heartbeat {
-            store.job_heartbeat(&job.id, exported).await.map_err(|e| e.to_string())?;
+            if !store.job_heartbeat(&job.id, exported).await.map_err(|e| e.to_string())? {
+                return Err("another replica failed this job as abandoned".into());
+            }
             last_beat = std::time::Instant::now();
         }
         let file = images.join(format!("{}.png", label.image_sha256));
@@ -187,13 +235,15 @@ async fn execute(
             std::fs::write(&file, bytes).map_err(|e| format!("{}: {e}", file.display()))?;
         }
         // The patient column groups the job's own validation split by patient.
-        let patient = format!("{}.{}.{}", label.site, label.device, label.patient);
+        let patient = format!("{}/{}/{}", label.site, label.device, label.patient);
         csv.push_str(&format!("images/{}.png,{},{}\n", label.image_sha256, label.label, patient));
         exported += 1;
     }
     let manifest = dir.join("manifest.csv");
     std::fs::write(&manifest, csv).map_err(|e| format!("{}: {e}", manifest.display()))?;
-    store.job_heartbeat(&job.id, exported).await.map_err(|e| e.to_string())?;
+    if !store.job_heartbeat(&job.id, exported).await.map_err(|e| e.to_string())? {
+        return Err("another replica failed this job as abandoned".into());
+    }
     if exported == 0 {
         return Err("no training images: no label of a training-split patient yet".into());
     }
@@ -228,18 +278,30 @@ async fn execute(
         .stdout(log)
         .stderr(err_log)
         .kill_on_drop(true)
+        // Its own process group, so stopping it stops what it started too.
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start {program}: {e}"))?;
     let deadline = tokio::time::Instant::now() + jobs.timeout;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status.map_err(|e| e.to_string())?,
+            _ = stop.changed() => {
+                stop_group(&mut child).await;
+                return Err("stopped: the service shut down".into());
+            }
             _ = tokio::time::sleep(jobs.heartbeat) => {
-                if let Err(e) = store.job_heartbeat(&job.id, exported).await {
-                    tracing::warn!(job = %job.id, error = %e, "job heartbeat");
+                match store.job_heartbeat(&job.id, exported).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        stop_group(&mut child).await;
+                        return Err("another replica failed this job as abandoned".into());
+                    }
+                    // A brief database outage: the job goes on; abandonment needs many beats.
+                    Err(e) => tracing::warn!(job = %job.id, error = %e, "job heartbeat"),
                 }
                 if tokio::time::Instant::now() >= deadline {
-                    let _ = child.kill().await;
+                    stop_group(&mut child).await;
                     return Err(format!("timed out after {} s (jobs.timeout); log: {}", jobs.timeout.as_secs(), log_path.display()));
                 }
             }

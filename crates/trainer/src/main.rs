@@ -100,6 +100,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<Option<serde_js
         Command::ConfigCheck => Ok(Some(serde_json::to_value(config.redacted())?)),
         Command::Retrain { now: _ } => {
             let (store, blobs) = server::open(&config).await?;
+            // Ctrl-C or SIGTERM stops the job (its process group) and records it as stopped.
+            let (stop_tx, stop) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                let _ = stop_tx.send(true);
+            });
             let job = octd_trainer::jobs::run(
                 &store,
                 &blobs,
@@ -107,6 +113,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<Option<serde_js
                 &config.policy,
                 &config.channel.dir,
                 json!({"trigger": "manual"}),
+                stop,
             )
             .await;
             store.close().await;

@@ -63,13 +63,15 @@ impl Operator {
             (status, Json(json!({"error": code, "message": message}))).into_response()
         };
         if self.token.is_empty() {
-            if peer.ip().is_loopback() {
+            // A proxy on this host makes every client look local: what it forwards is not.
+            let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"].iter().any(|h| headers.contains_key(*h));
+            if peer.ip().is_loopback() && !forwarded {
                 return None;
             }
             return Some(refuse(
                 StatusCode::FORBIDDEN,
                 "operator_only",
-                "status is served to this host only; set server.operator_token to read it from elsewhere",
+                "status is served to this host only (not through a proxy); set server.operator_token to read it from elsewhere",
             ));
         }
         let given = headers

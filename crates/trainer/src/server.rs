@@ -41,11 +41,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let (store, blobs) = open(&config).await?;
     let key = holdout_key(&store).await?;
-    let abandoned = store.fail_abandoned_jobs(crate::now_ms() - 3 * config.jobs.heartbeat.as_millis() as i64).await?;
+    let abandoned = store.fail_abandoned_jobs(crate::now_ms() - config.jobs.abandon_after.as_millis() as i64).await?;
     if !abandoned.is_empty() {
         tracing::warn!(jobs = ?abandoned, "training jobs interrupted by a stop were failed");
     }
-    let trainer = tokio::spawn(policy_loop(config.clone(), store.clone(), blobs.clone()));
+    let (stop_jobs, jobs_stop) = tokio::sync::watch::channel(false);
+    let trainer = tokio::spawn(policy_loop(config.clone(), store.clone(), blobs.clone(), jobs_stop));
     let metrics = crate::operator::IntakeMetrics::default();
     let intake = Arc::new(Intake::new(store.clone(), blobs.clone(), config.intake.clone(), key, metrics.clone()));
     let operator = Arc::new(crate::operator::Operator::new(
@@ -57,15 +58,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let app = intake::router(intake)
         .merge(crate::operator::router(operator))
         .nest_service("/channel", ServeDir::new(&config.channel.dir))
-        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, config.intake.request_timeout))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(config.intake.max_concurrent_requests));
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, config.intake.request_timeout));
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
     tracing::info!(listen = %config.server.listen, database = %config.redacted().storage.database,
         blobs = %config.storage.blobs, "serving");
     axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(shutdown())
         .await?;
-    trainer.abort();
+    // A running job is stopped (its process group) and recorded as stopped before the
+    // store closes.
+    let _ = stop_jobs.send(true);
+    if tokio::time::timeout(Duration::from_secs(30), trainer).await.is_err() {
+        tracing::warn!("the training job did not stop within 30 s");
+    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -74,12 +79,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 /// Ask the policy every `jobs.check_interval`; train when it says so. A job runs inside
 /// this loop, so one replica trains at most one model at a time (and the job slot in the
 /// database keeps other replicas out).
-async fn policy_loop(config: Config, store: Store, blobs: Blobs) {
+async fn policy_loop(config: Config, store: Store, blobs: Blobs, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
-        tokio::time::sleep(config.jobs.check_interval).await;
+        tokio::select! {
+            _ = tokio::time::sleep(config.jobs.check_interval) => {}
+            _ = stop.changed() => return,
+        }
         // A job whose service died (here or on another replica) stops beating: fail it, so
         // its slot does not stay taken however quickly the service came back.
-        let stale = crate::now_ms() - 3 * config.jobs.heartbeat.as_millis() as i64;
+        let stale = crate::now_ms() - config.jobs.abandon_after.as_millis() as i64;
         match store.fail_abandoned_jobs(stale).await {
             Ok(failed) if !failed.is_empty() => {
                 tracing::warn!(jobs = ?failed, "training jobs whose service stopped were failed")
@@ -100,11 +108,14 @@ async fn policy_loop(config: Config, store: Store, blobs: Blobs) {
                 continue;
             }
         };
+        tracing::debug!(decision = ?decision, "policy checked");
         if !decision.should_train() {
             continue;
         }
         let trigger = serde_json::to_value(&decision).unwrap_or_default();
-        match crate::jobs::run(&store, &blobs, &config.jobs, &config.policy, &config.channel.dir, trigger).await {
+        let run =
+            crate::jobs::run(&store, &blobs, &config.jobs, &config.policy, &config.channel.dir, trigger, stop.clone());
+        match run.await {
             Ok(job) => tracing::info!(job = %job.id, state = %job.state, "policy-triggered training ended"),
             Err(crate::jobs::JobError::Busy) => tracing::info!("a training job is already running"),
             Err(e) => tracing::error!(error = %e, "policy-triggered training"),

@@ -424,33 +424,50 @@ impl Store {
         Ok(true)
     }
 
-    pub async fn job_heartbeat(&self, id: &str, exported: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE jobs SET heartbeat_at = $1, exported = $2 WHERE id = $3 AND state = 'running'")
+    /// Prove the job alive. False when it is no longer running (another replica judged it
+    /// abandoned): its runner must then stop it.
+    pub async fn job_heartbeat(&self, id: &str, exported: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE jobs SET heartbeat_at = $1, exported = $2 WHERE id = $3 AND state = 'running'")
             .bind(now_ms())
             .bind(exported)
             .bind(id)
             .execute(&self.pool)
             .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
-    /// Record how a job ended and free the slot, in one transaction.
-    pub async fn finish_job(&self, id: &str, state: &str, outcome: &str) -> Result<(), StoreError> {
+    /// Record how a running job ended and free its slot, in one transaction; `stale_before_ms`
+    /// only if its heartbeat is older. False when it was no longer running (or beat since).
+    async fn end_job(&self, id: &str, state: &str, outcome: &str, stale_before_ms: i64) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE jobs SET state = $1, outcome = $2, finished_at = $3 WHERE id = $4")
-            .bind(state)
-            .bind(outcome)
-            .bind(now_ms())
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM settings WHERE name = $1 AND value = $2")
-            .bind(JOB_LOCK)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        let ended = sqlx::query(
+            "UPDATE jobs SET state = $1, outcome = $2, finished_at = $3 WHERE id = $4 AND state = 'running' \
+             AND heartbeat_at < $5",
+        )
+        .bind(state)
+        .bind(outcome)
+        .bind(now_ms())
+        .bind(id)
+        .bind(stale_before_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if ended {
+            sqlx::query("DELETE FROM settings WHERE name = $1 AND value = $2")
+                .bind(JOB_LOCK)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(ended)
+    }
+
+    /// Record how a job ended and free the slot. False when another replica had already
+    /// failed it as abandoned (its verdict stands).
+    pub async fn finish_job(&self, id: &str, state: &str, outcome: &str) -> Result<bool, StoreError> {
+        self.end_job(id, state, outcome, i64::MAX).await
     }
 
     /// Jobs still marked running whose heartbeat stopped before `stale_before_ms`: the
@@ -463,10 +480,18 @@ impl Store {
         let mut failed = Vec::new();
         for row in rows {
             let id: String = row.try_get("id")?;
-            self.finish_job(&id, "failed", "interrupted: the service running it stopped").await?;
-            failed.push(id);
+            // Judged again in the write: a beat that landed since the read keeps it alive.
+            if self.end_job(&id, "failed", "interrupted: the service running it stopped", stale_before_ms).await? {
+                failed.push(id);
+            }
         }
         Ok(failed)
+    }
+
+    /// Every candidate version a job was given, so the next one is above them all.
+    pub async fn job_versions(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT version FROM jobs").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| r.try_get("version")).collect::<Result<_, _>>().map_err(StoreError::Db)
     }
 
     pub async fn jobs(&self, limit: i64) -> Result<Vec<JobRecord>, StoreError> {

@@ -58,6 +58,18 @@ fn wait_jobs(t: &Trainer, n: usize, done: impl Fn(&[Value]) -> bool) -> Vec<Valu
     }
 }
 
+/// Wait until the policy loop has looked `n` more times (its debug line), so "no job yet"
+/// is asserted after real checks, however slow the machine.
+fn wait_checks(t: &Trainer, n: usize) {
+    let count = |log: &str| log.matches("policy checked").count();
+    let target = count(&t.log()) + n;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&t.log()) < target {
+        assert!(Instant::now() < deadline, "the policy loop did not check:\n{}", t.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn venv_python() -> Option<std::path::PathBuf> {
     let python = common::repo().join(".venv/bin/python");
     if python.exists() {
@@ -129,7 +141,7 @@ fn retrain_now_runs_the_training_job_on_the_training_split_only() {
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert_eq!(rows.len(), train_labels, "every training-split label, and only those");
     for row in rows {
-        let patient = row.rsplit(',').next().unwrap().rsplit('.').next().unwrap();
+        let patient = row.rsplit(',').next().unwrap().rsplit('/').next().unwrap();
         assert!(train_patients.contains(patient), "{patient} is not a training patient");
     }
     let manifest: Value = serde_json::from_slice(&std::fs::read(folder.join("out/manifest.json")).unwrap()).unwrap();
@@ -160,7 +172,7 @@ fn the_label_count_trigger_fires_at_the_configured_label_and_the_cooldown_holds_
     for i in 0..4 {
         upload(&t, &d, &format!("s{i}"), &png, "CNV", "CNV", &format!("p{i}"));
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_checks(&t, 2);
     assert!(jobs(&t).is_empty(), "four labels: no training yet");
     upload(&t, &d, "s4", &png, "CNV", "CNV", "p4");
     let j = wait_jobs(&t, 1, |_| true);
@@ -176,7 +188,7 @@ fn the_label_count_trigger_fires_at_the_configured_label_and_the_cooldown_holds_
     for i in 5..10 {
         upload(&t, &d, &format!("s{i}"), &png, "CNV", "CNV", &format!("p{i}"));
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_checks(&t, 2);
     assert_eq!(jobs(&t).len(), 1, "the cooldown holds the next training back");
     let status = t.cli_json(&["status"]);
     assert_eq!(status["next_training"]["trigger"], "cooling_down", "{status}");
@@ -200,7 +212,7 @@ fn the_accuracy_trigger_fires_below_the_floor_once_enough_labels_count() {
         let predicted = if i == 4 { "DME" } else { "CNV" };
         upload(&t, &d, &format!("s{i}"), &png, "CNV", predicted, &format!("p{i}"));
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_checks(&t, 2);
     assert!(jobs(&t).is_empty(), "nine labels are fewer than min_labels_for_accuracy");
     // The tenth: 9/10 = 0.90, below 0.92.
     upload(&t, &d, "s9", &png, "CNV", "CNV", "p9");
@@ -218,7 +230,7 @@ fn a_job_left_running_by_a_killed_service_is_failed_at_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         "[policy]\nretrain_every_labels = 1\ncooldown = \"1h\"\n\n\
-         [jobs]\ncommand = [\"sleep\", \"20\"]\ncheck_interval = \"200ms\"\nheartbeat = \"100ms\"\nroot = \"{}\"\nworkdir = \"{}\"\n",
+         [jobs]\ncommand = [\"sleep\", \"20\"]\ncheck_interval = \"200ms\"\nheartbeat = \"100ms\"\nabandon_after = \"500ms\"\nroot = \"{}\"\nworkdir = \"{}\"\n",
         dir.path().join("jobs").display(),
         dir.path().display()
     );

@@ -194,12 +194,15 @@ impl Intake {
 }
 
 pub fn router(intake: Arc<Intake>) -> Router {
+    let slots = intake.config.max_concurrent_requests;
     Router::new()
         .route("/api/v1/images/:sha256", put(put_image))
         .route("/api/v1/labels/:scan_id/:revision", put(put_label))
-        .route("/healthz", get(|| async { "ok" }))
+        // Uploads share a bounded number of slots; health, metrics and the channel do not wait for them.
+        .layer(tower::limit::ConcurrencyLimitLayer::new(slots))
         // Bodies are bounded per route, after authentication.
         .layer(DefaultBodyLimit::disable())
+        .route("/healthz", get(|| async { "ok" }))
         .with_state(intake)
 }
 

@@ -210,7 +210,7 @@ impl Trainer {
             .arg("--config")
             .arg(&self.config)
             .arg("serve")
-            .env("RUST_LOG", "info,sqlx=warn")
+            .env("RUST_LOG", "info,octd_trainer::server=debug,sqlx=warn")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
