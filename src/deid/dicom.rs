@@ -121,15 +121,24 @@ pub fn read_checked(
 ) -> Result<(FileDicomObject<InMemDicomObject>, u32, u32, u32), DeidError> {
     let (_, obj, frames) = open_checked(input, limits, Scope::OctImages)?;
     let (rows, columns) = {
-        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
-            .map_err(|_| DeidError::Corrupt("pixel data does not decode: the decoder failed on it".into()))?
-            .map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {}", super::toolkit_words(e))))?;
-        if decoded.data().is_empty() {
-            return Err(DeidError::Corrupt("pixel data decodes to nothing".into()));
-        }
+        let decoded = decode_whole(&obj)?;
         (decoded.rows(), decoded.columns())
     };
     Ok((obj, frames, rows, columns))
+}
+
+/// Every frame decoded: proof that the pixels are whole before anything relies on them
+/// (truncated JPEG / JPEG 2000 streams fail here). A decoder that panics on hostile pixel
+/// data (found by fuzzing: an index out of bounds in the toolkit's RLE adapter) refuses the
+/// input like any other corrupt stream.
+fn decode_whole(obj: &Obj) -> Result<dicom_pixeldata::DecodedPixelData<'_>, DeidError> {
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
+        .map_err(|_| DeidError::Corrupt("pixel data does not decode: the decoder failed on it".into()))?
+        .map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {}", super::toolkit_words(e))))?;
+    if decoded.data().is_empty() {
+        return Err(DeidError::Corrupt("pixel data decodes to nothing".into()));
+    }
+    Ok(decoded)
 }
 
 /// De-identify one DICOM file held in `input`. The input is dropped once parsed and the
@@ -146,20 +155,8 @@ pub(super) fn deidentify(
     let burned_in = text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES"));
     let has_pixels = obj.get(tags::PIXEL_DATA).is_some();
 
-    // Decoding every frame proves the pixels are whole before anything downstream relies
-    // on them (truncated JPEG / JPEG 2000 streams fail here).
-    // A decoder that panics on hostile pixel data (found by fuzzing: an index out of bounds
-    // in the toolkit's RLE adapter) refuses the input like any other corrupt stream.
     let decoded = match scope == Scope::OctImages || (has_pixels && burned_in) {
-        true => {
-            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data()))
-                .map_err(|_| DeidError::Corrupt("pixel data does not decode: the decoder failed on it".into()))?
-                .map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {}", super::toolkit_words(e))))?;
-            if decoded.data().is_empty() {
-                return Err(DeidError::Corrupt("pixel data decodes to nothing".into()));
-            }
-            Some(decoded)
-        }
+        true => Some(decode_whole(&obj)?),
         false => None,
     };
 
