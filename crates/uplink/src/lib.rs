@@ -111,6 +111,15 @@ pub enum SignatureError {
     Key(String),
 }
 
+fn lower_hex_digit(b: u8) -> bool {
+    b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
+}
+
+/// `len` lower-case hex digits: the only spelling of hashes and signatures on the wire.
+pub fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(lower_hex_digit)
+}
+
 /// Hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -164,18 +173,16 @@ impl SignedHeaders {
         let nonce = need(HEADER_NONCE)?;
         let content = need(HEADER_CONTENT_SHA256)?;
         let signature = need(HEADER_SIGNATURE)?;
-        let lower_hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
-        let hex_of = |v: &str, len: usize| v.len() == len && v.bytes().all(lower_hex);
-        if key_id.is_empty() || key_id.len() > 128 || !key_id.bytes().all(lower_hex) {
+        if key_id.is_empty() || key_id.len() > 128 || !key_id.bytes().all(lower_hex_digit) {
             return Err(SignatureError::Malformed(HEADER_KEY_ID));
         }
         if !(16..=64).contains(&nonce.len()) || !nonce.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
             return Err(SignatureError::Malformed(HEADER_NONCE));
         }
-        if !hex_of(content, 64) {
+        if !is_lower_hex(content, 64) {
             return Err(SignatureError::Malformed(HEADER_CONTENT_SHA256));
         }
-        if !hex_of(signature, 128) {
+        if !is_lower_hex(signature, 128) {
             return Err(SignatureError::Malformed(HEADER_SIGNATURE));
         }
         Ok(SignedHeaders {

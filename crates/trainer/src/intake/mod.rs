@@ -58,6 +58,14 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A request that proved itself: its device, and its body with the hash it was checked
+/// against (so nothing hashes a body twice).
+struct Authenticated {
+    device: Device,
+    body: Bytes,
+    body_sha256: String,
+}
+
 pub struct Intake {
     store: Store,
     blobs: Blobs,
@@ -99,7 +107,7 @@ impl Intake {
         headers: &HeaderMap,
         body: Body,
         limit: u64,
-    ) -> Result<(Device, Bytes), ApiError> {
+    ) -> Result<Authenticated, ApiError> {
         let unauthorized = |code, msg: String| ApiError::new(StatusCode::UNAUTHORIZED, code, msg);
         let signed = SignedHeaders::parse(|name| headers.get(name).and_then(|v| v.to_str().ok()))
             .map_err(|e| unauthorized("unsigned", format!("{e} (see docs/uplink.md)")))?;
@@ -169,7 +177,7 @@ impl Intake {
             )
         })?;
         signed.check_body(&body).map_err(|e| unauthorized("bad_signature", e.to_string()))?;
-        Ok((device, body))
+        Ok(Authenticated { device, body, body_sha256: signed.content_sha256 })
     }
 
     fn rate_limited(&self, why: &str, retry_after_s: u64) -> ApiError {
@@ -204,10 +212,6 @@ pub fn router(intake: Arc<Intake>) -> Router {
         .layer(DefaultBodyLimit::disable())
         .route("/healthz", get(|| async { "ok" }))
         .with_state(intake)
-}
-
-fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// Identifiers the device chose: short, printable, no separators that could mean a path.
@@ -261,7 +265,7 @@ async fn store_image(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    if !is_hex(&sha256, 64) {
+    if !octd_uplink::is_lower_hex(&sha256, 64) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed",
@@ -278,8 +282,9 @@ async fn store_image(
                 )
             },
         )?;
-    let (device, bytes) = intake.authenticate(&method, &uri, &headers, body, intake.config.max_image_bytes).await?;
-    if octd_uplink::sha256_hex(&bytes) != sha256 {
+    let Authenticated { device, body: bytes, body_sha256 } =
+        intake.authenticate(&method, &uri, &headers, body, intake.config.max_image_bytes).await?;
+    if body_sha256 != sha256 {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "digest_mismatch",
@@ -341,7 +346,8 @@ async fn store_label(
         .ok()
         .filter(|r| (1..=10_000).contains(r))
         .ok_or_else(|| malformed("revision must be an integer from 1 to 10000".into()))?;
-    let (device, body) = intake.authenticate(&method, &uri, &headers, body, intake.config.max_label_bytes).await?;
+    let Authenticated { device, body, body_sha256 } =
+        intake.authenticate(&method, &uri, &headers, body, intake.config.max_label_bytes).await?;
     let upload: LabelUpload = serde_json::from_slice(&body).map_err(|e| malformed(format!("label body: {e}")))?;
     let invalid = |msg: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", msg);
     if upload.schema != LABEL_SCHEMA {
@@ -370,7 +376,7 @@ async fn store_label(
     if !is_token(&upload.model.name, 64) || !is_token(&upload.model.version, 64) {
         return Err(invalid("model name and version must be 1-64 characters of [A-Za-z0-9._-]".into()));
     }
-    if !(upload.model.sha256.is_empty() || is_hex(&upload.model.sha256, 64)) {
+    if !(upload.model.sha256.is_empty() || octd_uplink::is_lower_hex(&upload.model.sha256, 64)) {
         return Err(invalid("model.sha256 must be empty or 64 lowercase hex characters".into()));
     }
     let image = intake.store.image(&upload.image_sha256).await.map_err(|e| ApiError::internal("image lookup", e))?;
@@ -402,7 +408,7 @@ async fn store_label(
         patient: upload.patient.clone(),
         image_sha256: upload.image_sha256.clone(),
         image_kind: upload.image_kind.extension().to_string(),
-        body_sha256: octd_uplink::sha256_hex(&body),
+        body_sha256,
         received_at: now_ms(),
     };
     let holdout = intake.holdout(&device.site, &device.device, &upload.patient);
