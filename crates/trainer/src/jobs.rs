@@ -185,6 +185,17 @@ pub async fn run(
     Ok(done)
 }
 
+const ABANDONED: &str = "another replica failed this job as abandoned";
+
+/// One beat before the job runs; an error when the job is no longer ours to run.
+async fn beat(store: &Store, id: &str, exported: i64) -> Result<(), String> {
+    match store.job_heartbeat(id, exported).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ABANDONED.into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Stop the job's whole process group (the scheduler client and what it started): TERM,
 /// then KILL if it is still there after a grace period.
 async fn stop_group(child: &mut tokio::process::Child) {
@@ -221,9 +232,7 @@ async fn execute(
         // A long export (many images from S3) still beats, or another replica would take
         // this job for abandoned.
         if last_beat.elapsed() >= jobs.heartbeat {
-            if !store.job_heartbeat(&job.id, exported).await.map_err(|e| e.to_string())? {
-                return Err("another replica failed this job as abandoned".into());
-            }
+            beat(store, &job.id, exported).await?;
             last_beat = std::time::Instant::now();
         }
         let file = images.join(format!("{}.png", label.image_sha256));
@@ -241,9 +250,7 @@ async fn execute(
     }
     let manifest = dir.join("manifest.csv");
     std::fs::write(&manifest, csv).map_err(|e| format!("{}: {e}", manifest.display()))?;
-    if !store.job_heartbeat(&job.id, exported).await.map_err(|e| e.to_string())? {
-        return Err("another replica failed this job as abandoned".into());
-    }
+    beat(store, &job.id, exported).await?;
     if exported == 0 {
         return Err("no training images: no label of a training-split patient yet".into());
     }
@@ -295,7 +302,7 @@ async fn execute(
                     Ok(true) => {}
                     Ok(false) => {
                         stop_group(&mut child).await;
-                        return Err("another replica failed this job as abandoned".into());
+                        return Err(ABANDONED.into());
                     }
                     // A brief database outage: the job goes on; abandonment needs many beats.
                     Err(e) => tracing::warn!(job = %job.id, error = %e, "job heartbeat"),

@@ -149,7 +149,10 @@ pub fn decide(
     let (last_start, labels_then) = last_training.unwrap_or((i64::MIN, 0));
     let since = (current.len() as u64).saturating_sub(labels_then);
     let model = model_in_use(current);
-    let accuracy = model.as_ref().and_then(|m| live_accuracy(current, policy.accuracy_window).by_model.remove(m));
+    let accuracy = model.as_ref().and_then(|m| {
+        let of_model: Vec<&LabelRecord> = current.iter().filter(|l| model_key(l) == *m).collect();
+        windowed(&of_model, policy.accuracy_window, |_| String::new()).remove("")
+    });
     let trigger = match (&model, accuracy) {
         (Some(m), Some(a)) if a.labels >= policy.min_labels_for_accuracy && a.accuracy < policy.accuracy_floor => {
             Some(Decision::AccuracyBelowFloor { model: m.clone(), accuracy: a })

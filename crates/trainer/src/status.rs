@@ -11,8 +11,8 @@ pub async fn gather(store: &Store, policy: &PolicyConfig, now_ms: i64) -> Result
     let revisions = store.label_revisions().await?;
     let splits = store.split_counts().await?;
     let accuracy = policy::live_accuracy(&current, policy.accuracy_window);
-    let decision = policy::decide(policy, &current, store.last_training().await?, now_ms);
     let jobs = store.jobs(10).await?;
+    let decision = policy::decide(policy, &current, jobs.first().map(|j| j.training_mark()), now_ms);
     Ok(json!({
         "labels": {"scans": current.len(), "revisions": revisions, "patients_by_split": splits},
         "accuracy": accuracy,

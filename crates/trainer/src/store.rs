@@ -504,7 +504,7 @@ impl Store {
 
     /// When the last training started and how many labels counted then.
     pub async fn last_training(&self) -> Result<Option<(i64, u64)>, StoreError> {
-        Ok(self.jobs(1).await?.first().map(|j| (j.started_at, j.labels_at_start.max(0) as u64)))
+        Ok(self.jobs(1).await?.first().map(JobRecord::training_mark))
     }
 
     pub async fn close(&self) {
@@ -529,6 +529,13 @@ pub struct JobRecord {
     pub heartbeat_at: i64,
     pub finished_at: Option<i64>,
     pub outcome: String,
+}
+
+impl JobRecord {
+    /// What the policy counts from: when this training started and how many labels counted.
+    pub fn training_mark(&self) -> (i64, u64) {
+        (self.started_at, self.labels_at_start.max(0) as u64)
+    }
 }
 
 fn job_from(row: &AnyRow) -> Result<JobRecord, sqlx::Error> {
