@@ -110,6 +110,17 @@ fn a_healthy_running_device_passes_and_a_broken_one_fails_check_by_check() {
     );
     device.start();
     device.wait_ready();
+    // Healthy means ready (model installed, broker connected), not only started: on a loaded
+    // runner the first /readyz can still be 503, which the check after doctor would blame on it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while device.http_get("/readyz").map(|(c, _)| c) != Some(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device never became ready: {:?}",
+            device.http_get("/readyz")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 
     let (code, report) = doctor(&device.config);
     let failed: Vec<&Value> = report["checks"].as_array().unwrap().iter().filter(|c| c["status"] == "fail").collect();
