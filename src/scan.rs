@@ -134,8 +134,9 @@ pub struct ScanRecord {
     /// Keyed-hash pseudonym of the DICOM StudyInstanceUID.
     pub study_uid: Option<String>,
     pub laterality: Option<String>,
-    /// Times a worker took this scan in hand (committed before it starts): the poison-scan
-    /// rule quarantines a scan in hand at `pipeline.max_attempts` daemon deaths.
+    /// Times the daemon itself started work on this scan's pixels (committed before it
+    /// decodes the de-identified artefact for inference): the poison-scan rule quarantines a
+    /// scan in hand at `pipeline.max_attempts` daemon deaths.
     #[serde(default)]
     pub attempts: u32,
 }

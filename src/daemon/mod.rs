@@ -344,8 +344,9 @@ async fn work(
 /// panics sets the scan aside.
 async fn run_job(pipeline: &Arc<Pipeline>, decoder: &mut Decoder, job: Job, shutdown: &mut watch::Receiver<bool>) {
     let mut attempt = 0;
+    let mut counted = false;
     loop {
-        match pipeline.process(decoder, job, attempt > 0).await {
+        match pipeline.process(decoder, job, &mut counted).await {
             Ok(()) | Err(PipelineError::Store(StoreError::UnknownScan(_))) => return,
             Err(PipelineError::Panicked) => {
                 tracing::error!(scan_id = %job.scan_id, "a processing step panicked on this scan; setting it aside");

@@ -94,15 +94,18 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Pipeline {
     /// Drive one scan from whatever state it is in to classified (or quarantined).
-    /// `retry` is true when the same worker tries the scan again after a transient failure:
-    /// that is not another attempt for the poison-scan rule.
-    pub async fn process(self: &Arc<Self>, decoder: &mut Decoder, job: Job, retry: bool) -> Result<(), PipelineError> {
+    /// `counted` says whether this job's attempt for the poison-scan rule is already counted:
+    /// the same worker trying again after a transient failure is not another attempt.
+    pub async fn process(
+        self: &Arc<Self>,
+        decoder: &mut Decoder,
+        job: Job,
+        counted: &mut bool,
+    ) -> Result<(), PipelineError> {
         let queue_ms = job.queued_at.elapsed().as_millis() as u64;
         let me = self.clone();
         let id = job.scan_id;
-        // Counted before any work: a scan in hand each time the daemon dies is poison
-        // (see `recovery`).
-        let taken = blocking(move || if retry { me.store.get(id) } else { me.store.take_in_hand(id) }).await??;
+        let taken = blocking(move || me.store.get(id)).await??;
         let Some(mut record) = taken else {
             return Err(PipelineError::Store(StoreError::UnknownScan(id)));
         };
@@ -114,7 +117,14 @@ impl Pipeline {
         }
         if record.state == ScanState::Deidentified {
             let me = self.clone();
-            blocking(move || me.classify_step(record, queue_ms)).await??;
+            let mut now_counted = *counted;
+            let (classified, now_counted) = blocking(move || {
+                let classified = me.classify_step(record, queue_ms, &mut now_counted);
+                (classified, now_counted)
+            })
+            .await?;
+            *counted = now_counted;
+            classified?;
             self.wake.notify_one();
         }
         Ok(())
@@ -185,7 +195,7 @@ impl Pipeline {
         Ok(Some(next))
     }
 
-    fn classify_step(&self, mut record: ScanRecord, queue_ms: u64) -> Result<(), PipelineError> {
+    fn classify_step(&self, mut record: ScanRecord, queue_ms: u64, counted: &mut bool) -> Result<(), PipelineError> {
         let id = record.scan_id;
         let artifact = self.dirs.deid.join(record.artifact.clone().unwrap_or_default());
         let started = Instant::now();
@@ -193,6 +203,15 @@ impl Pipeline {
         let (classification, model, busy) = loop {
             // The scan keeps this model until its result is written, whatever is swapped in meanwhile.
             let model = self.updater.current().ok_or_else(|| PipelineError::Transient("no model is loaded".into()))?;
+            if !*counted {
+                // The attempt is counted here, durably, and not when the scan is taken from the
+                // queue: until now its bytes were handled only by an isolated decoder process,
+                // whose death costs a worker, not the daemon. A power cut during the rest of a
+                // scan's life is not evidence against it (see `recovery`).
+                let taken = self.store.take_in_hand(id)?.ok_or(PipelineError::Store(StoreError::UnknownScan(id)))?;
+                record.attempts = taken.attempts;
+                *counted = true;
+            }
             let busy = self.updater.inference_started(&model);
             match model.classifier.classify_artifact(&artifact) {
                 Ok(c) => break (c, model, busy),

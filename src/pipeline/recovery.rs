@@ -1,7 +1,10 @@
 //! Start-up: resume the scans a crash interrupted, unless one of them is what keeps killing
-//! the daemon. A scan taken in hand (`ScanRecord::attempts`, committed before any work) each
-//! time the daemon died, `pipeline.max_attempts` times, is quarantined as `poison_scan`
-//! instead of resumed, so no single input can hold the device in a restart loop.
+//! the daemon. A scan in the daemon's own hands (`ScanRecord::attempts`, committed before the
+//! daemon decodes its de-identified pixels and runs inference) each time the daemon died,
+//! `pipeline.max_attempts` times, is quarantined as `poison_scan` instead of resumed, so no
+//! single input can hold the device in a restart loop. The parsing and de-identification of
+//! scanner bytes before that run in an isolated decoder process and are not counted: a power
+//! cut while a scan waits or is being decoded is not evidence against the scan.
 
 use std::sync::Arc;
 

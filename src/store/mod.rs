@@ -240,7 +240,8 @@ impl Store {
         Ok(seq)
     }
 
-    /// A worker takes the scan in hand: count the attempt, durably, before any work on it.
+    /// The daemon takes the scan's pixels in hand: count the attempt, durably, before it
+    /// works on them in its own process.
     pub fn take_in_hand(&self, scan_id: ScanId) -> Result<Option<ScanRecord>, StoreError> {
         let key = scan_id.to_string();
         let txn = self.db.begin_write()?;
