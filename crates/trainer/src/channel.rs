@@ -99,3 +99,37 @@ pub async fn init(channel: &Path, keys: &Path, expires: std::time::Duration) -> 
             key_path(keys, "root").display(), trusted_root(channel).display()),
     }))
 }
+
+/// Re-sign the snapshot and timestamp metadata when they expire within `margin`, so a
+/// channel with no new model for weeks does not go stale for the devices. Returns whether it
+/// re-signed.
+pub async fn refresh_if_due(
+    channel: &Path,
+    keys: &Path,
+    targets_expiry: std::time::Duration,
+    margin: std::time::Duration,
+) -> Result<bool, ChannelError> {
+    let path = channel.join(repo::METADATA_DIR).join("timestamp.json");
+    let text = std::fs::read(&path).map_err(|e| ChannelError::Io(path.clone(), e))?;
+    let value: Value =
+        serde_json::from_slice(&text).map_err(|e| ChannelError::Invalid(format!("{}: {e}", path.display())))?;
+    let expires = value["signed"]["expires"]
+        .as_str()
+        .and_then(|s| s.parse::<jiff::Timestamp>().ok())
+        .ok_or_else(|| ChannelError::Invalid(format!("{}: no expiry", path.display())))?;
+    let due = jiff::Timestamp::now() + jiff::SignedDuration::try_from(margin).unwrap_or(jiff::SignedDuration::ZERO);
+    if expires > due {
+        return Ok(false);
+    }
+    let publication = repo::Publication {
+        add: Vec::new(),
+        withdraw: Vec::new(),
+        keys: ROLES[1..].iter().map(|r| key_path(keys, r)).collect(),
+        signing_root: None,
+        targets_expires: repo::expires_in(targets_expiry)?,
+        snapshot_expires: repo::expires_in(ONLINE_EXPIRY)?,
+        timestamp_expires: repo::expires_in(ONLINE_EXPIRY)?,
+    };
+    repo::publish(channel, &publication).await?;
+    Ok(true)
+}

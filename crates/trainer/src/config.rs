@@ -12,7 +12,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-const SECTIONS: &[&str] = &["server", "storage", "intake", "channel", "policy", "jobs"];
+const SECTIONS: &[&str] = &["server", "storage", "intake", "channel", "policy", "jobs", "gate", "announce"];
 pub const ENV_PREFIX: &str = "OCTD_TRAINER_";
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,8 @@ pub struct Config {
     pub channel: ChannelConfig,
     pub policy: crate::policy::PolicyConfig,
     pub jobs: crate::jobs::JobsConfig,
+    pub gate: crate::gate::GateConfig,
+    pub announce: crate::publish::AnnounceConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,11 +130,19 @@ pub struct ChannelConfig {
     pub dir: PathBuf,
     /// The online signing keys (targets, snapshot, timestamp). The root key belongs offline.
     pub keys: PathBuf,
+    /// How long the targets metadata signed at a publication stays valid. Snapshot and
+    /// timestamp metadata are re-signed before they expire (30 days) while the service runs.
+    #[serde(with = "humantime_serde")]
+    pub targets_expiry: Duration,
 }
 
 impl Default for ChannelConfig {
     fn default() -> Self {
-        ChannelConfig { dir: "var/octd-trainer/channel".into(), keys: "var/octd-trainer/keys".into() }
+        ChannelConfig {
+            dir: "var/octd-trainer/channel".into(),
+            keys: "var/octd-trainer/keys".into(),
+            targets_expiry: Duration::from_secs(365 * 24 * 3600),
+        }
     }
 }
 
@@ -203,6 +213,30 @@ impl Config {
         if self.intake.max_image_bytes == 0 || self.intake.max_label_bytes == 0 {
             return invalid("intake.max_image_bytes", "size limits must be positive");
         }
+        if !(0.0..=1.0).contains(&self.gate.tolerance) {
+            return invalid("gate.tolerance", "must be in [0, 1]");
+        }
+        if self.gate.min_holdout == 0 || self.gate.selftest_cases == 0 {
+            return invalid("gate.min_holdout", "the holdout and the self-test need at least one image");
+        }
+        if self.gate.selftest_tolerance.is_nan() || self.gate.selftest_tolerance < 0.0 {
+            return invalid("gate.selftest_tolerance", "must be a non-negative number");
+        }
+        if self.channel.targets_expiry < crate::channel::ONLINE_EXPIRY {
+            return invalid("channel.targets_expiry", "must be at least 30 days");
+        }
+        if !self.announce.broker.is_empty() {
+            match octd::mqtt::BrokerAddress::parse(&self.announce.broker) {
+                Err(e) => return Err(ConfigError::Invalid { field: "announce.broker", reason: e }),
+                Ok(a) if a.tls && self.announce.ca_file.is_none() => {
+                    return invalid("announce.ca_file", "mqtts:// needs the broker's CA certificate")
+                }
+                Ok(_) => {}
+            }
+            if self.announce.topic.is_empty() || self.announce.topic.contains(['#', '+']) {
+                return invalid("announce.topic", "must be a topic name without wildcards");
+            }
+        }
         Ok(())
     }
 
@@ -212,6 +246,9 @@ impl Config {
         shown.storage.database = redact_url_password(&shown.storage.database);
         if !shown.server.operator_token.is_empty() {
             shown.server.operator_token = "***".into();
+        }
+        if !shown.announce.password.is_empty() {
+            shown.announce.password = "***".into();
         }
         shown
     }

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::blobs::Blobs;
+use crate::config::Config;
 use crate::now_ms;
-use crate::policy::{self, PolicyConfig};
+use crate::policy;
 use crate::store::{JobRecord, Store, StoreError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,21 +124,21 @@ fn fill(template: &[String], values: &[(&str, String)]) -> Vec<String> {
         .collect()
 }
 
-/// Run one training job now: export, run, record. `trigger` is why (the policy's decision
-/// as JSON). Returns the finished job.
+/// Run one training job now: export, train, then the gate and publishing (`publish`), and
+/// record the outcome: `published`, `rejected` (with the evaluation report) or `failed`.
+/// `trigger` is why (the policy's decision as JSON). Returns the finished job.
 pub async fn run(
     store: &Store,
     blobs: &Blobs,
-    jobs: &JobsConfig,
-    policy_config: &PolicyConfig,
-    channel: &Path,
+    config: &Config,
     trigger: serde_json::Value,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<JobRecord, JobError> {
+    let jobs = &config.jobs;
     let labels = store.current_labels_with_split().await?;
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let singan = policy::singan(policy_config, labels.len() as u64);
-    let version = next_version(store, channel).await?;
+    let singan = policy::singan(&config.policy, labels.len() as u64);
+    let version = next_version(store, &config.channel.dir).await?;
     let now = now_ms();
     let record = JobRecord {
         id: id.clone(),
@@ -157,8 +158,11 @@ pub async fn run(
         return Err(JobError::Busy);
     }
     tracing::info!(job = %id, version = %version, singan, labels = labels.len(), trigger = %record.trigger, "training job started");
-    let (state, outcome) = match execute(store, blobs, jobs, &record, &labels, stop).await {
-        Ok(out) => ("trained", json!({"candidate": out}).to_string()),
+    let (state, outcome) = match execute(store, blobs, jobs, &record, &labels, stop.clone()).await {
+        Ok(candidate) => match gate_and_publish(store, blobs, config, &record, &labels, &candidate, stop).await {
+            Ok(outcome) => (outcome.state, json!({"candidate": candidate, "outcome": outcome}).to_string()),
+            Err(why) => ("failed", json!({"candidate": candidate, "error": why}).to_string()),
+        },
         Err(why) => ("failed", why),
     };
     // A day of training is not lost to a brief database error at its end.
@@ -186,6 +190,33 @@ pub async fn run(
 }
 
 const ABANDONED: &str = "another replica failed this job as abandoned";
+
+/// The gate and publishing, beating meanwhile (evaluating a large holdout on two models takes
+/// a while) and given up when the service stops.
+async fn gate_and_publish(
+    store: &Store,
+    blobs: &Blobs,
+    config: &Config,
+    job: &JobRecord,
+    labels: &[(crate::store::LabelRecord, String)],
+    candidate: &Path,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<crate::publish::Outcome, String> {
+    let work = std::path::absolute(config.jobs.root.join(&job.id)).map_err(|e| format!("job folder: {e}"))?;
+    let consider = crate::publish::consider(config, blobs, labels, candidate, &work);
+    tokio::pin!(consider);
+    loop {
+        tokio::select! {
+            outcome = &mut consider => return outcome.map_err(|e| e.to_string()),
+            _ = stop.changed() => return Err("stopped: the service shut down".into()),
+            _ = tokio::time::sleep(config.jobs.heartbeat) => {
+                if let Ok(false) = store.job_heartbeat(&job.id, job.exported).await {
+                    return Err(ABANDONED.into());
+                }
+            }
+        }
+    }
+}
 
 /// One beat before the job runs; an error when the job is no longer ours to run.
 async fn beat(store: &Store, id: &str, exported: i64) -> Result<(), String> {
@@ -256,7 +287,8 @@ async fn execute(
     }
 
     let out = dir.join("out");
-    let python = std::path::absolute(&jobs.python).unwrap_or_else(|_| jobs.python.clone());
+    // Relative to the job's working directory, as documented (and as a shell in it would see it).
+    let python = std::path::absolute(jobs.workdir.join(&jobs.python)).unwrap_or_else(|_| jobs.python.clone());
     let args = fill(
         &jobs.command,
         &[

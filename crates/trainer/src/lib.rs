@@ -6,10 +6,12 @@
 pub mod blobs;
 pub mod channel;
 pub mod config;
+pub mod gate;
 pub mod intake;
 pub mod jobs;
 pub mod operator;
 pub mod policy;
+pub mod publish;
 pub mod server;
 pub mod status;
 pub mod store;

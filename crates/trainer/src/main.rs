@@ -106,19 +106,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<Option<serde_js
                 let _ = tokio::signal::ctrl_c().await;
                 let _ = stop_tx.send(true);
             });
-            let job = octd_trainer::jobs::run(
-                &store,
-                &blobs,
-                &config.jobs,
-                &config.policy,
-                &config.channel.dir,
-                json!({"trigger": "manual"}),
-                stop,
-            )
-            .await;
+            let job = octd_trainer::jobs::run(&store, &blobs, &config, json!({"trigger": "manual"}), stop).await;
             store.close().await;
             let job = job?;
-            if job.state != "trained" {
+            // A rejected candidate is the gate working, not an error of the command.
+            if job.state == "failed" || job.state == "stopped" {
                 anyhow::bail!("job {} {}: {}", job.id, job.state, job.outcome);
             }
             Ok(Some(serde_json::to_value(job)?))

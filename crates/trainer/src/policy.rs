@@ -42,7 +42,7 @@ impl Default for PolicyConfig {
 }
 
 /// Accuracy over a set of labels with its Wilson 95 % interval.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Accuracy {
     pub labels: u64,
     pub correct: u64,

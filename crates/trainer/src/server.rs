@@ -76,6 +76,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Snapshot and timestamp metadata are re-signed when they expire within this.
+const CHANNEL_REFRESH_MARGIN: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Ask the policy every `jobs.check_interval`; train when it says so. A job runs inside
 /// this loop, so one replica trains at most one model at a time (and the job slot in the
 /// database keeps other replicas out).
@@ -84,6 +87,21 @@ async fn policy_loop(config: Config, store: Store, blobs: Blobs, mut stop: tokio
         tokio::select! {
             _ = tokio::time::sleep(config.jobs.check_interval) => {}
             _ = stop.changed() => return,
+        }
+        let channel = &config.channel;
+        match crate::channel::refresh_if_due(
+            &channel.dir,
+            &channel.keys,
+            channel.targets_expiry,
+            CHANNEL_REFRESH_MARGIN,
+        )
+        .await
+        {
+            Ok(true) => tracing::info!("re-signed the channel's snapshot and timestamp before they expire"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot re-sign the channel's metadata; devices refuse it once it expires")
+            }
         }
         // A job whose service died (here or on another replica) stops beating: fail it, so
         // its slot does not stay taken however quickly the service came back.
@@ -113,8 +131,7 @@ async fn policy_loop(config: Config, store: Store, blobs: Blobs, mut stop: tokio
             continue;
         }
         let trigger = serde_json::to_value(&decision).unwrap_or_default();
-        let run =
-            crate::jobs::run(&store, &blobs, &config.jobs, &config.policy, &config.channel.dir, trigger, stop.clone());
+        let run = crate::jobs::run(&store, &blobs, &config, trigger, stop.clone());
         match run.await {
             Ok(job) => tracing::info!(job = %job.id, state = %job.state, "policy-triggered training ended"),
             Err(crate::jobs::JobError::Busy) => tracing::info!("a training job is already running"),

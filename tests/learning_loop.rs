@@ -1,0 +1,330 @@
+//! The learning loop end to end, with every part real: confirmed labels of the shared scans
+//! go through octd-trainer's signed intake, a training job's candidate meets the evaluation
+//! gate on the fixed holdout against the model the devices run, and an accepted one is
+//! packed, signed, published to the channel and announced on a real Mosquitto, whereupon a
+//! running octd pointed at the trainer's channel installs it and classifies with it.
+//!
+//! The worse candidate is a real training run of zero epochs (an untrained network). The
+//! accepted one is the shipped model under a new version: a training run that beats it on
+//! this data needs more CPU than CI has, and the gate still scores both models on every
+//! holdout image (a tie, which the rule accepts).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{
+    drop_file, events, free_port, repo, results, shared_oct_images, Mosquitto, Octd, OctdOptions, Subscriber,
+};
+use octd_uplink::{sha256_hex, DeviceKey, ImageKind, LabelUpload, ModelStamp, Prediction, LABEL_SCHEMA};
+use serde_json::{json, Value};
+
+/// `octd-trainer`, built beside octd by `cargo test --workspace`.
+fn trainer_binary() -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_BIN_EXE_octd")).with_file_name("octd-trainer");
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("OCTD_REQUIRE_MOSQUITTO").is_err(),
+        "{} is missing: run the workspace's tests (cargo test --workspace)",
+        path.display()
+    );
+    eprintln!("SKIPPED: {} is missing (cargo test --workspace builds it)", path.display());
+    None
+}
+
+fn venv_python() -> Option<PathBuf> {
+    let python = repo().join(".venv/bin/python");
+    if python.exists() {
+        return Some(python);
+    }
+    assert!(std::env::var("OCTD_REQUIRE_VENV").is_err(), "no .venv/bin/python, and OCTD_REQUIRE_VENV requires it");
+    eprintln!("SKIPPED: no .venv (pip install -r trainer/requirements.txt): the training job cannot run");
+    None
+}
+
+struct Service {
+    bin: PathBuf,
+    dir: PathBuf,
+    config: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Service {
+    fn cli(&self, config: &Path, args: &[&str]) -> Output {
+        Command::new(&self.bin).arg("--config").arg(config).args(args).env("RUST_LOG", "info").output().unwrap()
+    }
+
+    fn cli_json(&self, config: &Path, args: &[&str]) -> Value {
+        let out = self.cli(config, args);
+        assert!(out.status.success(), "octd-trainer {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.join("serve.log")).unwrap();
+        self.child = Some(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(&self.config)
+                .arg("serve")
+                .env("RUST_LOG", "info,sqlx=warn")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while common::http_get(self.port, "/healthz").map(|(s, _)| s) != Some(200) {
+            assert!(Instant::now() < deadline, "octd-trainer did not come up:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A request signed by the device's identity key, as its uplink sends it.
+    fn signed(&self, key: &DeviceKey, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+        use std::io::{Read, Write};
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let nonce = format!("{:032x}", rand_nonce());
+        let headers = key.sign(method, path, content_type, body, now, &nonce);
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\ncontent-type: {content_type}\r\n",
+            body.len()
+        );
+        for (k, v) in headers.pairs() {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn rand_nonce() -> u128 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    t ^ (u128::from(COUNTER.fetch_add(1, Ordering::Relaxed)) << 64)
+}
+
+/// A scan de-identified by octd's own code: its PNG artefact.
+fn deidentified_png(path: &Path) -> Vec<u8> {
+    let limits = octd::deid::InputLimits::from(&octd::config::IngestConfig::default());
+    let deid = octd::deid::Deidentifier::new(octd::secret::DeviceSecret::ephemeral(), Vec::new(), limits);
+    let out = deid.deidentify_bytes(std::fs::read(path).unwrap()).expect("de-identifies");
+    assert_eq!(out.extension, "png");
+    out.artifact
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rejected() {
+    if !common::mosquitto_available() {
+        return;
+    }
+    let Some(images) = shared_oct_images() else { return };
+    let Some(bin) = trainer_binary() else { return };
+    let Some(python) = venv_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let broker = Mosquitto::start(&root.join("broker"));
+    let sub = Subscriber::connect(broker.port, "oct/#");
+
+    // The channel the devices already trust (the development channel, listing the shipped
+    // model 0.2.0), adopted by the service with its online keys.
+    let channel = root.join("channel");
+    copy_dir(&repo().join("models/channel"), &channel);
+    let keys = root.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for role in ["targets", "snapshot", "timestamp"] {
+        std::fs::copy(repo().join(format!("keys/development/{role}.pk8")), keys.join(format!("{role}.pk8"))).unwrap();
+    }
+    let port = free_port();
+    let jobs = root.join("jobs");
+    let base = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n\n\
+         [storage]\ndatabase = \"sqlite://{db}\"\nblobs = \"{blobs}\"\n\n\
+         [intake]\nholdout_fraction = 0.5\n\n\
+         [channel]\ndir = \"{channel}\"\nkeys = \"{keys}\"\n\n\
+         [policy]\nretrain_every_labels = 100000\nmin_labels_for_accuracy = 100000\n\n\
+         [gate]\nmin_holdout = 10\nselftest_cases = 4\n\n\
+         [announce]\nbroker = \"{broker}\"\n\n",
+        db = root.join("trainer.db").display(),
+        blobs = root.join("blobs").display(),
+        channel = channel.display(),
+        keys = keys.display(),
+        broker = broker.url(),
+    );
+    let jobs_section = |command: &str| {
+        format!(
+            "[jobs]\npython = \"{}\"\nworkdir = \"{}\"\nroot = \"{}\"\narchitecture = \"compact\"\ncheck_interval = \"1h\"\n\
+             model_name = \"octd-compact\"\ncommand = {command}\n",
+            python.display(),
+            repo().join("trainer").display(),
+            jobs.display()
+        )
+    };
+    let config = root.join("octd-trainer.toml");
+    std::fs::write(&config, format!("{base}{}", jobs_section("[\"true\"]"))).unwrap();
+    let mut service = Service { bin, dir: root.to_path_buf(), config: config.clone(), port, child: None };
+    let adopted = service.cli_json(&config, &["init"]);
+    assert_eq!(adopted["adopted"], true, "{adopted}");
+
+    // The device as `octd provision` makes its identity.
+    let device_dir = root.join("device");
+    std::fs::create_dir_all(&device_dir).unwrap();
+    let pk8 = device_dir.join("device-identity.pk8");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (key_id, public) = runtime.block_on(async {
+        let id = octd_bundle::keys::generate(&pk8).await.unwrap();
+        (id, octd_bundle::keys::public_key(&pk8).await.unwrap())
+    });
+    let public_json = device_dir.join("device-identity.pub.json");
+    std::fs::write(
+        &public_json,
+        serde_json::to_vec(&json!({"keyid": key_id, "key": public, "site": "test-site", "device": "test-device"}))
+            .unwrap(),
+    )
+    .unwrap();
+    let key = DeviceKey::from_pkcs8(&std::fs::read(&pk8).unwrap(), &key_id).unwrap();
+    service.cli_json(&config, &["device", "add", public_json.to_str().unwrap()]);
+    service.start();
+
+    // Every shared scan, confirmed by a reviewer, through the signed intake.
+    let mut holdout = 0;
+    for (i, (path, label)) in images.iter().enumerate() {
+        let png = deidentified_png(path);
+        let sha = sha256_hex(&png);
+        let (status, answer) = service.signed(&key, "PUT", &format!("/api/v1/images/{sha}"), "image/png", &png);
+        assert!(status == 201 || status == 200, "{status} {answer}");
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        let patient = stem.split('-').nth(1).unwrap_or(&stem).to_string();
+        let upload = LabelUpload {
+            schema: LABEL_SCHEMA.into(),
+            label: label.clone(),
+            prediction: Prediction { label: label.clone(), probabilities: Default::default() },
+            model: ModelStamp { name: "octd-compact".into(), version: "0.2.0".into(), sha256: String::new() },
+            reviewer: "rv-1".into(),
+            reviewed_at: "2026-12-06T10:00:00Z".into(),
+            laterality: String::new(),
+            patient,
+            image_sha256: sha,
+            image_kind: ImageKind::Png,
+        };
+        let body = serde_json::to_vec(&upload).unwrap();
+        let (status, answer) =
+            service.signed(&key, "PUT", &format!("/api/v1/labels/scan-{i}/1"), "application/json", &body);
+        assert_eq!(status, 201, "{answer}");
+        holdout += usize::from(answer["split"] == "holdout");
+    }
+    assert!(holdout >= 10, "the holdout holds {holdout} images");
+
+    // A running device on the trainer's channel: it installs what the channel lists (0.2.0)
+    // and afterwards checks only on a notice (the hourly check is far away).
+    let mut octd = Octd::new(
+        &root.join("octd"),
+        OctdOptions {
+            broker_url: broker.url(),
+            workers: 1,
+            extra: String::new(),
+            channel: Some((format!("http://127.0.0.1:{port}/channel/"), channel.join("metadata/1.root.json"))),
+        },
+    );
+    let text = std::fs::read_to_string(&octd.config).unwrap();
+    let paced = "[update]\ninterval = \"1h\"\nnotice_min_interval = \"0s\"\nnotice_jitter = \"0s\"\n";
+    std::fs::write(&octd.config, text.replace("[update]\n", paced)).unwrap();
+    octd.start();
+    octd.wait_ready();
+    let installed = |m: &[common::Message], version: &str| {
+        events(m).into_iter().any(|e| e["code"] == "installed" && e["model_version"] == version)
+    };
+    sub.wait_until(Duration::from_secs(60), |m| installed(m, "0.2.0"), "the device installs 0.2.0");
+
+    // A worse candidate: the real training job, zero epochs.
+    let worse = root.join("worse.toml");
+    let untrained = "[\"{python}\", \"-m\", \"octtrain\", \"--data\", \"{manifest}\", \"--out\", \"{out}\", \"--arch\", \
+                     \"{arch}\", \"--singan\", \"off\", \"--name\", \"{name}\", \"--version\", \"{version}\", \"--epochs\", \
+                     \"0\", \"--bootstrap\", \"10\"]";
+    std::fs::write(&worse, format!("{base}{}", jobs_section(untrained))).unwrap();
+    let job = service.cli_json(&worse, &["retrain", "--now"]);
+    assert_eq!(job["state"], "rejected", "{job}");
+    let outcome: Value = serde_json::from_str(job["outcome"].as_str().unwrap()).unwrap();
+    let evaluation = &outcome["outcome"]["evaluation"];
+    assert_eq!(evaluation["holdout_images"], holdout as u64, "{evaluation}");
+    assert_eq!(evaluation["current"]["version"], "0.2.0", "compared with the model in use: {evaluation}");
+    let (cur, cand) =
+        (evaluation["current_only_right"].as_u64().unwrap(), evaluation["candidate_only_right"].as_u64().unwrap());
+    assert!(cur > cand, "the untrained model loses on the holdout: {evaluation}");
+    assert!(evaluation["reason"].as_str().unwrap().starts_with("worse"), "{evaluation}");
+    let report = jobs.join(job["id"].as_str().unwrap()).join("evaluation.json");
+    assert!(report.is_file(), "the evaluation report is kept");
+    let listed = service.cli_json(&config, &["status"]);
+    assert_eq!(listed["jobs"][0]["state"], "rejected", "{listed}");
+
+    // The accepted candidate: the shipped model, re-versioned by the job (see the top).
+    let same = root.join("same.toml");
+    let reversion = "[\"{python}\", \"-c\", \"import json, shutil, sys; src, out, version = sys.argv[1:]; \
+                     shutil.copytree(src, out, ignore=shutil.ignore_patterns('*.png', 'README.md', 'evaluation.json')); \
+                     m = json.load(open(out + '/manifest.json')); m['version'] = version; \
+                     json.dump(m, open(out + '/manifest.json', 'w'))\", \"MODEL\", \"{out}\", \"{version}\"]"
+        .replace("MODEL", &repo().join("models/default").display().to_string());
+    std::fs::write(&same, format!("{base}{}", jobs_section(&reversion))).unwrap();
+    let job = service.cli_json(&same, &["retrain", "--now"]);
+    assert_eq!(job["state"], "published", "{job}");
+    let version = job["version"].as_str().unwrap().to_string();
+    assert_eq!(version, "0.2.2", "above the channel's 0.2.0 and the rejected job's 0.2.1");
+    let outcome: Value = serde_json::from_str(job["outcome"].as_str().unwrap()).unwrap();
+    assert_eq!(outcome["outcome"]["evaluation"]["accepted"], true);
+    assert_eq!(outcome["outcome"]["announced"], true, "{outcome}");
+    let notice = sub.wait_until(
+        Duration::from_secs(10),
+        |m| m.iter().any(|m| m.topic == "oct/fleet/models"),
+        "the publication is announced",
+    );
+    let notice = notice.iter().find(|m| m.topic == "oct/fleet/models").unwrap();
+    let notice: Value = serde_json::from_str(&notice.payload).unwrap();
+    assert_eq!(notice["version"], version.as_str());
+
+    // The device verifies, self-tests and installs it on the notice, and classifies with it.
+    sub.wait_until(Duration::from_secs(60), |m| installed(m, &version), "the device installs the new model");
+    let image = std::fs::read(&images[0].0).unwrap();
+    drop_file(&octd.inbox, "after.jpeg", &image);
+    let messages = sub.wait_until(Duration::from_secs(60), |m| !results(m).is_empty(), "a result");
+    let result = results(&messages).into_values().next().unwrap();
+    assert_eq!(result["model"]["version"], version.as_str(), "{result}");
+    assert!(octd.stop().success());
+}
