@@ -100,6 +100,25 @@ pub async fn init(channel: &Path, keys: &Path, expires: std::time::Duration) -> 
     }))
 }
 
+/// The channel's writers (publications, metadata refreshes; any process, any replica that
+/// shares the folder) take turns: an exclusive lock on a file beside the online keys, held
+/// until the returned file is dropped.
+pub async fn lock(keys: &Path) -> Result<std::fs::File, ChannelError> {
+    let path = keys.join("channel.lock");
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| ChannelError::Io(path.clone(), e))?;
+        file.lock().map_err(|e| ChannelError::Io(path.clone(), e))?;
+        Ok(file)
+    })
+    .await
+    .map_err(|e| ChannelError::Invalid(format!("channel lock: {e}")))?
+}
+
 /// Re-sign the snapshot and timestamp metadata when they expire within `margin`, so a
 /// channel with no new model for weeks does not go stale for the devices. Returns whether it
 /// re-signed.
@@ -109,8 +128,9 @@ pub async fn refresh_if_due(
     targets_expiry: std::time::Duration,
     margin: std::time::Duration,
 ) -> Result<bool, ChannelError> {
+    let _lock = lock(keys).await?;
     let path = channel.join(repo::METADATA_DIR).join("timestamp.json");
-    let text = std::fs::read(&path).map_err(|e| ChannelError::Io(path.clone(), e))?;
+    let text = tokio::fs::read(&path).await.map_err(|e| ChannelError::Io(path.clone(), e))?;
     let value: Value =
         serde_json::from_slice(&text).map_err(|e| ChannelError::Invalid(format!("{}: {e}", path.display())))?;
     let expires = value["signed"]["expires"]

@@ -216,8 +216,11 @@ impl Config {
         if !(0.0..=1.0).contains(&self.gate.tolerance) {
             return invalid("gate.tolerance", "must be in [0, 1]");
         }
-        if self.gate.min_holdout == 0 || self.gate.selftest_cases == 0 {
-            return invalid("gate.min_holdout", "the holdout and the self-test need at least one image");
+        if self.gate.min_holdout == 0 {
+            return invalid("gate.min_holdout", "the holdout needs at least one image");
+        }
+        if self.gate.selftest_cases == 0 {
+            return invalid("gate.selftest_cases", "the self-test needs at least one image");
         }
         if self.gate.selftest_tolerance.is_nan() || self.gate.selftest_tolerance < 0.0 {
             return invalid("gate.selftest_tolerance", "must be a non-negative number");

@@ -13,6 +13,7 @@
 //! A holdout smaller than `gate.min_holdout` cannot tell models apart: nothing is published.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -29,8 +30,11 @@ pub struct GateConfig {
     /// worse, image for image).
     pub tolerance: f64,
     /// Holdout images packed into the bundle as its self-test (a device reproduces their
-    /// outputs before it uses the model).
+    /// outputs before it uses the model); generated B-scans when the holdout has no PNG.
     pub selftest_cases: usize,
+    /// Publish without any comparison when neither the channel nor `baseline` holds a model
+    /// (bootstrapping a new product line). Off: such a job fails instead.
+    pub allow_without_baseline: bool,
     /// Largest difference of a class probability the device's self-test allows.
     pub selftest_tolerance: f32,
 }
@@ -43,6 +47,7 @@ impl Default for GateConfig {
             tolerance: 0.0,
             selftest_cases: 8,
             selftest_tolerance: 1e-3,
+            allow_without_baseline: false,
         }
     }
 }
@@ -50,8 +55,14 @@ impl Default for GateConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GateError {
+    /// The model in use cannot be scored: the service's problem, not the candidate's.
     #[error("{0}")]
     Model(String),
+    /// The candidate cannot be loaded or does not answer: it is rejected.
+    #[error("{0}")]
+    Candidate(String),
+    #[error("the evaluation was cancelled")]
+    Cancelled,
 }
 
 /// One holdout image as a file, and its confirmed label.
@@ -79,14 +90,14 @@ pub struct Evaluation {
     pub rule: String,
     pub holdout_images: u64,
     pub candidate: Score,
-    /// None: no model in use yet (an empty channel and no baseline).
+    /// None: no model in use to compare with, or one whose classes differ (see `reason`).
     pub current: Option<Score>,
     /// Right by the current model only.
     pub current_only_right: u64,
     /// Right by the candidate only.
     pub candidate_only_right: u64,
-    /// McNemar's exact two-sided p-value on the discordant pairs.
-    pub mcnemar_p: f64,
+    /// McNemar's exact two-sided p-value on the discordant pairs (None without a comparison).
+    pub mcnemar_p: Option<f64>,
     pub accepted: bool,
     pub reason: String,
 }
@@ -151,7 +162,7 @@ pub fn mcnemar_exact(b: u64, c: u64) -> f64 {
 
 /// Classify every holdout image with one model (octd's inference, as on a device). Returns
 /// per image whether it was right, and the score.
-pub fn score(model_dir: &Path, holdout: &[HoldoutImage]) -> Result<(Vec<bool>, Score), GateError> {
+pub fn score(model_dir: &Path, holdout: &[HoldoutImage], cancel: &AtomicBool) -> Result<(Vec<bool>, Score), GateError> {
     let config = octd::config::Config::default();
     let classifier = octd::infer::Classifier::load(model_dir, &config.model, &config.triage)
         .map_err(|e| GateError::Model(format!("{}: {e}", model_dir.display())))?;
@@ -160,6 +171,9 @@ pub fn score(model_dir: &Path, holdout: &[HoldoutImage]) -> Result<(Vec<bool>, S
     let mut errors = 0u64;
     let mut per_class = std::collections::BTreeMap::<String, (u64, u64)>::new();
     for image in holdout {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(GateError::Cancelled);
+        }
         let ok = match classifier.classify_artifact(&image.path) {
             Ok(c) => c.label == image.label,
             Err(e) => {
@@ -198,9 +212,14 @@ pub fn evaluate(
     candidate: &Path,
     current: Option<&Path>,
     holdout: &[HoldoutImage],
+    cancel: &AtomicBool,
 ) -> Result<Evaluation, GateError> {
-    let candidate_classes = classes(candidate)?;
-    let (candidate_right, candidate_score) = score(candidate, holdout)?;
+    let as_candidate = |e: GateError| match e {
+        GateError::Model(why) => GateError::Candidate(why),
+        other => other,
+    };
+    let candidate_classes = classes(candidate).map_err(as_candidate)?;
+    let (candidate_right, candidate_score) = score(candidate, holdout, cancel).map_err(as_candidate)?;
     let (current_right, current_score) = match current {
         Some(dir) => {
             let current_classes = classes(dir)?;
@@ -216,18 +235,19 @@ pub fn evaluate(
                     current: None,
                     current_only_right: 0,
                     candidate_only_right: 0,
-                    mcnemar_p: 1.0,
+                    mcnemar_p: None,
                     accepted: false,
                     reason,
                 });
             }
-            let (right, score) = score(dir, holdout)?;
+            let (right, score) = score(dir, holdout, cancel)?;
             (right, Some(score))
         }
         None => (vec![false; holdout.len()], None),
     };
     let pairs: Vec<(bool, bool)> = current_right.into_iter().zip(candidate_right).collect();
-    let (accepted, reason, b, c, p) = decide(config, &pairs, current_score.is_some());
+    let compared = current_score.is_some();
+    let (accepted, reason, b, c, p) = decide(config, &pairs, compared);
     Ok(Evaluation {
         rule: RULE.into(),
         holdout_images: holdout.len() as u64,
@@ -235,7 +255,7 @@ pub fn evaluate(
         current: current_score,
         current_only_right: b,
         candidate_only_right: c,
-        mcnemar_p: p,
+        mcnemar_p: compared.then_some(p),
         accepted,
         reason,
     })

@@ -159,10 +159,14 @@ pub async fn run(
     }
     tracing::info!(job = %id, version = %version, singan, labels = labels.len(), trigger = %record.trigger, "training job started");
     let (state, outcome) = match execute(store, blobs, jobs, &record, &labels, stop.clone()).await {
-        Ok(candidate) => match gate_and_publish(store, blobs, config, &record, &labels, &candidate, stop).await {
-            Ok(outcome) => (outcome.state, json!({"candidate": candidate, "outcome": outcome}).to_string()),
-            Err(why) => ("failed", json!({"candidate": candidate, "error": why}).to_string()),
-        },
+        Ok((candidate, exported)) => {
+            let mut running = record.clone();
+            running.exported = exported;
+            match gate_and_publish(store, blobs, config, &running, &labels, &candidate, stop).await {
+                Ok(outcome) => (outcome.state, json!({"candidate": candidate, "outcome": outcome}).to_string()),
+                Err(why) => ("failed", json!({"candidate": candidate, "error": why}).to_string()),
+            }
+        }
         Err(why) => ("failed", why),
     };
     // A day of training is not lost to a brief database error at its end.
@@ -191,8 +195,9 @@ pub async fn run(
 
 const ABANDONED: &str = "another replica failed this job as abandoned";
 
-/// The gate and publishing, beating meanwhile (evaluating a large holdout on two models takes
-/// a while) and given up when the service stops.
+/// The gate, then publishing, beating meanwhile. The evaluation (two models on the whole
+/// holdout) is given up when the service stops or `jobs.timeout` passes; publishing, once
+/// begun, is finished, so the channel and the job's record agree.
 async fn gate_and_publish(
     store: &Store,
     blobs: &Blobs,
@@ -202,20 +207,53 @@ async fn gate_and_publish(
     candidate: &Path,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<crate::publish::Outcome, String> {
+    use crate::publish::{self, Outcome, PublishError};
     let work = std::path::absolute(config.jobs.root.join(&job.id)).map_err(|e| format!("job folder: {e}"))?;
-    let consider = crate::publish::consider(config, blobs, labels, candidate, &work);
-    tokio::pin!(consider);
-    loop {
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let deadline = tokio::time::Instant::now() + config.jobs.timeout;
+    let evaluate = publish::evaluate_candidate(config, blobs, labels, candidate, &job.version, &work, cancel.clone());
+    tokio::pin!(evaluate);
+    let evaluated = loop {
         tokio::select! {
-            outcome = &mut consider => return outcome.map_err(|e| e.to_string()),
-            _ = stop.changed() => return Err("stopped: the service shut down".into()),
+            evaluated = &mut evaluate => break evaluated,
+            _ = stop.changed() => {
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Err("stopped: the service shut down".into());
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Err(format!("the evaluation timed out (jobs.timeout, {} s)", config.jobs.timeout.as_secs()));
+            }
             _ = tokio::time::sleep(config.jobs.heartbeat) => {
                 if let Ok(false) = store.job_heartbeat(&job.id, job.exported).await {
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
                     return Err(ABANDONED.into());
                 }
             }
         }
-    }
+    };
+    let outcome = match evaluated {
+        Ok(evaluated) => {
+            let publishing = publish::publish_candidate(config, candidate, evaluated, &work);
+            tokio::pin!(publishing);
+            loop {
+                tokio::select! {
+                    outcome = &mut publishing => break outcome,
+                    _ = tokio::time::sleep(config.jobs.heartbeat) => {
+                        let _ = store.job_heartbeat(&job.id, job.exported).await;
+                    }
+                }
+            }
+        }
+        Err(e) => Err(e),
+    };
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(PublishError::Candidate(why)) => Outcome::rejected_early(why),
+        Err(e) => return Err(e.to_string()),
+    };
+    publish::keep_report(&work, &outcome).map_err(|e| e.to_string())?;
+    Ok(outcome)
 }
 
 /// One beat before the job runs; an error when the job is no longer ours to run.
@@ -247,7 +285,7 @@ async fn execute(
     job: &JobRecord,
     labels: &[(crate::store::LabelRecord, String)],
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<PathBuf, String> {
+) -> Result<(PathBuf, i64), String> {
     let dir = std::path::absolute(jobs.root.join(&job.id)).map_err(|e| format!("job folder: {e}"))?;
     let images = dir.join("images");
     std::fs::create_dir_all(&images).map_err(|e| format!("{}: {e}", images.display()))?;
@@ -288,7 +326,11 @@ async fn execute(
 
     let out = dir.join("out");
     // Relative to the job's working directory, as documented (and as a shell in it would see it).
-    let python = std::path::absolute(jobs.workdir.join(&jobs.python)).unwrap_or_else(|_| jobs.python.clone());
+    let python = match jobs.python.components().count() {
+        // A bare name (`python3`) is looked up on PATH.
+        1 => jobs.python.clone(),
+        _ => std::path::absolute(jobs.workdir.join(&jobs.python)).unwrap_or_else(|_| jobs.python.clone()),
+    };
     let args = fill(
         &jobs.command,
         &[
@@ -354,7 +396,7 @@ async fn execute(
             return Err(format!("the job succeeded but wrote no {file} in {}", out.display()));
         }
     }
-    Ok(out)
+    Ok((out, exported))
 }
 
 fn label_is_png(label: &crate::store::LabelRecord) -> bool {

@@ -103,11 +103,12 @@ fn retrain_now_runs_the_training_job_on_the_training_split_only() {
     // The real job, as small as it goes: one epoch, SinGAN on (few labels) with two
     // iterations per scale.
     let config = format!(
-        "[policy]\nsingan_until_real_labels = 1000\n\n[jobs]\npython = \"{}\"\nworkdir = \"{}\"\nroot = \"{}\"\n\
+        "[policy]\nsingan_until_real_labels = 1000\n\n[gate]\nbaseline = \"{}\"\n\n[jobs]\npython = \"{}\"\nworkdir = \"{}\"\nroot = \"{}\"\n\
          architecture = \"compact\"\ncheck_interval = \"1h\"\n\
          command = [\"{{python}}\", \"-m\", \"octtrain\", \"--data\", \"{{manifest}}\", \"--out\", \"{{out}}\", \
          \"--arch\", \"{{arch}}\", \"--singan\", \"{{singan}}\", \"--singan-iterations\", \"2\", \"--singan-images\", \"1\", \
          \"--name\", \"{{name}}\", \"--version\", \"{{version}}\", \"--epochs\", \"1\", \"--batch\", \"8\", \"--bootstrap\", \"20\"]\n",
+        common::repo().join("models/default").display(),
         python.display(),
         trainer_dir.display(),
         dir.path().join("jobs").display(),
