@@ -265,8 +265,9 @@ pub struct PipelineConfig {
     pub workers: usize,
     /// Claimed scans waiting for a worker; intake pauses when full.
     pub queue_capacity: usize,
-    /// A scan in the daemon's hands (inference, after the isolated decoder) each time the
-    /// daemon died this many times is quarantined (`poison_scan`) instead of resumed.
+    /// A scan in the daemon's hands (after the isolated decoder answered: writing its
+    /// artefact, inference) each time the daemon died this many times is quarantined
+    /// (`poison_scan`) instead of resumed.
     pub max_attempts: u32,
     /// Address-space limit of each decoder worker process. At least one input and its
     /// decoded pixels: `ingest.max_file_bytes + ingest.max_decoded_bytes`.

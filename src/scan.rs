@@ -134,11 +134,14 @@ pub struct ScanRecord {
     /// Keyed-hash pseudonym of the DICOM StudyInstanceUID.
     pub study_uid: Option<String>,
     pub laterality: Option<String>,
-    /// Times the daemon itself started work on this scan's pixels (committed before it
-    /// decodes the de-identified artefact for inference): the poison-scan rule quarantines a
-    /// scan in hand at `pipeline.max_attempts` daemon deaths.
+    /// Times the daemon itself took this scan's data in hand (committed when the isolated
+    /// decoder answers, or at a failed try): the poison-scan rule quarantines a scan in hand
+    /// at `pipeline.max_attempts` daemon deaths.
     #[serde(default)]
     pub attempts: u32,
+    /// The version of the model that classified the scan (live accuracy per version).
+    #[serde(default)]
+    pub model_version: Option<String>,
 }
 
 impl ScanRecord {

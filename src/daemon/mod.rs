@@ -357,6 +357,17 @@ async fn run_job(pipeline: &Arc<Pipeline>, decoder: &mut Decoder, job: Job, shut
                 return;
             }
             Err(e) => {
+                // A failure that keeps coming back on one scan (an unreadable spooled file)
+                // must not hold a worker until the watchdog restarts the daemon forever
+                // uncounted: it is an attempt for the poison-scan rule too.
+                if !counted {
+                    match pipeline.count_attempt(job.scan_id).await {
+                        Ok(_) => counted = true,
+                        Err(count_error) => {
+                            tracing::error!(scan_id = %job.scan_id, error = %count_error, "cannot count the attempt")
+                        }
+                    }
+                }
                 let delay = retry_delay(attempt);
                 attempt += 1;
                 tracing::error!(scan_id = %job.scan_id, error = %e, retry_in_s = delay.as_secs(), "scan step failed; retrying");

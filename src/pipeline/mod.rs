@@ -110,7 +110,7 @@ impl Pipeline {
             return Err(PipelineError::Store(StoreError::UnknownScan(id)));
         };
         if record.state == ScanState::Received {
-            match self.deidentify_step(decoder, record).await? {
+            match self.deidentify_step(decoder, record, counted).await? {
                 Some(next) => record = next,
                 None => return Ok(()), // quarantined
             }
@@ -130,11 +130,22 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Count an attempt for the poison-scan rule, durably, before the daemon's own process
+    /// works on the scan's data; not while the scan waits or is parsed by the isolated decoder,
+    /// whose death costs a worker, not the daemon, so a power cut then blames no scan (see
+    /// `recovery`). Returns the attempts counted so far.
+    pub async fn count_attempt(self: &Arc<Self>, id: ScanId) -> Result<u32, PipelineError> {
+        let me = self.clone();
+        let taken = blocking(move || me.store.take_in_hand(id)).await??;
+        Ok(taken.ok_or(PipelineError::Store(StoreError::UnknownScan(id)))?.attempts)
+    }
+
     /// Returns the de-identified record, or None when the scan went to quarantine.
     async fn deidentify_step(
         self: &Arc<Self>,
         decoder: &mut Decoder,
         mut record: ScanRecord,
+        counted: &mut bool,
     ) -> Result<Option<ScanRecord>, PipelineError> {
         let id = record.scan_id;
         let spooled = self.dirs.spool.join(id.to_string());
@@ -169,6 +180,12 @@ impl Pipeline {
                 return self.quarantine_async(record, kind, &code, &detail).await
             }
         };
+        // From here the daemon's own process holds the scan's data (bounded by the ingest
+        // limits): writing the artefact, then inference. A death from now on counts.
+        if !*counted {
+            record.attempts = self.count_attempt(id).await?;
+            *counted = true;
+        }
         let me = self.clone();
         let next = blocking(move || -> Result<ScanRecord, PipelineError> {
             let frames = out.frames;
@@ -204,10 +221,7 @@ impl Pipeline {
             // The scan keeps this model until its result is written, whatever is swapped in meanwhile.
             let model = self.updater.current().ok_or_else(|| PipelineError::Transient("no model is loaded".into()))?;
             if !*counted {
-                // The attempt is counted here, durably, and not when the scan is taken from the
-                // queue: until now its bytes were handled only by an isolated decoder process,
-                // whose death costs a worker, not the daemon. A power cut during the rest of a
-                // scan's life is not evidence against it (see `recovery`).
+                // Resumed after the artefact was written: count before inference.
                 let taken = self.store.take_in_hand(id)?.ok_or(PipelineError::Store(StoreError::UnknownScan(id)))?;
                 record.attempts = taken.attempts;
                 *counted = true;
