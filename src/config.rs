@@ -17,8 +17,20 @@ use crate::scan::Priority;
 
 /// Sections that environment overrides may address; anything else in the `OCTD_`
 /// namespace (for example test switches) is not configuration.
-const SECTIONS: &[&str] =
-    &["device", "ingest", "deid", "model", "update", "triage", "pipeline", "store", "mqtt", "telemetry", "uplink"];
+const SECTIONS: &[&str] = &[
+    "device",
+    "ingest",
+    "deid",
+    "model",
+    "update",
+    "triage",
+    "pipeline",
+    "store",
+    "mqtt",
+    "telemetry",
+    "feedback",
+    "uplink",
+];
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -44,6 +56,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub mqtt: MqttConfig,
     pub telemetry: TelemetryConfig,
+    pub feedback: FeedbackConfig,
     pub uplink: UplinkConfig,
 }
 
@@ -397,6 +410,44 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// Reviewers' verdicts on results, and the live accuracy they give (docs/mqtt.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeedbackConfig {
+    /// Accept verdicts on `{prefix}/{site}/{device}/labels/{scan_id}`. Only an authenticated
+    /// broker with an ACL on that topic makes them trustworthy.
+    pub mqtt_labels: bool,
+    /// Live accuracy: the most recent verdicts counted.
+    pub window: usize,
+    /// The accuracy alarm needs at least this many verdicts in the window.
+    pub min_labels: u64,
+    /// Alarm when live accuracy falls below this (the original design's retrain threshold).
+    pub accuracy_floor: f64,
+    /// Verdicts accepted per second from MQTT and the CLI together (sustained) ...
+    pub labels_per_second: u32,
+    /// ... and above it in a burst; more are refused (`rate_limited`).
+    pub burst: u32,
+    /// Largest verdict payload.
+    pub max_payload_bytes: usize,
+    /// Longest comment (characters). Comments stay on the device, sealed.
+    pub max_comment_chars: usize,
+}
+
+impl Default for FeedbackConfig {
+    fn default() -> Self {
+        FeedbackConfig {
+            mqtt_labels: true,
+            window: 500,
+            min_labels: 50,
+            accuracy_floor: 0.92,
+            labels_per_second: 20,
+            burst: 100,
+            max_payload_bytes: 8192,
+            max_comment_chars: 2000,
+        }
+    }
+}
+
 /// Where confirmed labels go (the cloud trainer's intake). Written by `octd provision`;
 /// `octd doctor` checks that it answers.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -536,6 +587,15 @@ impl Config {
         }
         if self.telemetry.stuck_after.is_zero() {
             return invalid("telemetry.stuck_after", "must be greater than zero");
+        }
+        if self.feedback.window == 0 || self.feedback.labels_per_second == 0 || self.feedback.burst == 0 {
+            return invalid("feedback.window", "the window, the rate and the burst must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.feedback.accuracy_floor) {
+            return invalid("feedback.accuracy_floor", "must be in [0, 1]");
+        }
+        if self.feedback.max_payload_bytes < 256 {
+            return invalid("feedback.max_payload_bytes", "must be at least 256");
         }
         if !self.uplink.url.is_empty()
             && !self.uplink.url.starts_with("https://")

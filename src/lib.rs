@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod deid;
 pub mod doctor;
+pub mod feedback;
 pub mod fsutil;
 pub mod infer;
 pub mod ingest;

@@ -101,6 +101,28 @@ enum Command {
         #[command(subcommand)]
         action: QuarantineAction,
     },
+    /// Give a reviewer's verdict on a scan's result (through the running daemon, checked
+    /// like a verdict on MQTT); a later verdict on the same scan is a correction.
+    Label {
+        scan_id: String,
+        /// The confirmed class (one of the model's).
+        label: String,
+        /// The reviewer's pseudonymous id (see `octd reviewer add`).
+        #[arg(long)]
+        reviewer: String,
+        /// Kept on the device, sealed; never published or uploaded.
+        #[arg(long)]
+        comment: Option<String>,
+        /// How long to wait for the daemon's answer.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// The reviewers this device knows: pseudonymous ids, optionally with a password for
+    /// the local API.
+    Reviewer {
+        #[command(subcommand)]
+        action: ReviewerAction,
+    },
     /// Model bundles and their signed channel (see docs/model-channel.md).
     Bundle {
         #[command(subcommand)]
@@ -197,6 +219,22 @@ enum QuarantineAction {
         scan_ids: Vec<String>,
         #[arg(long, conflicts_with = "scan_ids")]
         all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReviewerAction {
+    /// Add a reviewer (or set a known one's password).
+    Add {
+        id: String,
+        /// Read a password (at least 12 characters) from stdin, for logging in to the local API.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    List,
+    /// Remove a reviewer; their earlier verdicts stay.
+    Remove {
+        id: String,
     },
 }
 
@@ -428,6 +466,17 @@ fn main() -> ExitCode {
                 QuarantineAction::Show { scan_id } => quarantine::show(&config, &scan_id),
                 QuarantineAction::Release { scan_id, wait } => quarantine::release(&config, &scan_id, wait),
                 QuarantineAction::Purge { scan_ids, all } => quarantine::purge(&config, &scan_ids, all),
+            })
+        }
+        Command::Label { scan_id, label, reviewer, comment, wait } => {
+            print_report(octd::commands::feedback::label(&config, &scan_id, &label, &reviewer, comment, wait))
+        }
+        Command::Reviewer { action } => {
+            use octd::commands::feedback;
+            print_report(match action {
+                ReviewerAction::Add { id, password_stdin } => feedback::reviewer_add(&config, &id, password_stdin),
+                ReviewerAction::List => feedback::reviewer_list(&config),
+                ReviewerAction::Remove { id } => feedback::reviewer_remove(&config, &id),
             })
         }
         Command::Bundle { action } => {

@@ -68,6 +68,21 @@ impl Topics {
         format!("{}/status", self.base())
     }
 
+    /// Where reviewers' verdicts arrive: `{base}/labels/{scan_id}`.
+    pub fn labels(&self) -> String {
+        format!("{}/labels/+", self.base())
+    }
+
+    /// The scan id of a verdict's topic, if it is one.
+    pub fn label_scan<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        topic.strip_prefix(self.base().as_str())?.strip_prefix("/labels/").filter(|id| !id.contains('/'))
+    }
+
+    /// The retained live-accuracy report (`octd.quality/1`).
+    pub fn quality(&self) -> String {
+        format!("{}/quality", self.base())
+    }
+
     /// Where the cloud says "this device has a new model waiting".
     pub fn model_notice(&self) -> String {
         format!("{}/model", self.base())
@@ -117,6 +132,11 @@ pub fn event_outbox(topics: &Topics, event: &EventMessage) -> OutboxMessage {
         retain: false,
         completes_scan: None,
     }
+}
+
+/// The retained live-accuracy report as an outbox message.
+pub fn quality_message(topics: &Topics, payload: String) -> OutboxMessage {
+    OutboxMessage { topic: topics.quality(), payload, retain: true, completes_scan: None }
 }
 
 /// The retained "online" status naming `model`, as an outbox message (queued when the

@@ -162,6 +162,7 @@ impl ScanRecord {
             study_uid: None,
             laterality: None,
             attempts: 0,
+            model_version: None,
         }
     }
 }
@@ -229,6 +230,65 @@ pub struct ResultMessage {
 pub const RESULT_SCHEMA: &str = "octd.result/1";
 pub const EVENT_SCHEMA: &str = "octd.event/1";
 pub const STATUS_SCHEMA: &str = "octd.status/1";
+pub const LABEL_SCHEMA: &str = "octd.label/1";
+pub const QUALITY_SCHEMA: &str = "octd.quality/1";
+
+/// Accuracy over a set of verdicts with its Wilson 95 % interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Accuracy {
+    pub labels: u64,
+    pub correct: u64,
+    pub accuracy: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// The `octd.quality/1` report (docs/mqtt.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveAccuracy {
+    pub schema: String,
+    pub site: String,
+    pub device: String,
+    pub at: String,
+    /// The most recent verdicts counted (`feedback.window`).
+    pub window: usize,
+    pub overall: Accuracy,
+    /// By the confirmed class: of the scans reviewers called X, how many the model called X.
+    pub per_class: BTreeMap<String, Accuracy>,
+    pub per_model_version: BTreeMap<String, Accuracy>,
+    /// Verdicts that corrected the model, in the window.
+    pub corrected: u64,
+    pub floor: f64,
+    pub min_labels: u64,
+    /// Below the floor over at least `min_labels` verdicts: the alarm condition.
+    pub below_floor: bool,
+}
+
+/// One revision of a reviewer's verdict on a scan, as stored. The free-text comment is kept
+/// apart, sealed (it may name a patient), and never leaves the device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LabelRecord {
+    /// Arrival order across all scans: the live-accuracy window counts back along it.
+    pub seq: u64,
+    pub scan_id: ScanId,
+    /// 1 for the first verdict on the scan; a correction is the next revision.
+    pub revision: u32,
+    /// The confirmed class.
+    pub label: String,
+    /// What the model said.
+    pub predicted: String,
+    /// The version of the model that said it.
+    pub model_version: String,
+    /// Pseudonymous reviewer id.
+    pub reviewer: String,
+    /// RFC 3339, as the reviewer's display gave it.
+    pub reviewed_at: String,
+    pub received_at_ms: u64,
+    /// `mqtt`, `http` or `cli`.
+    pub source: String,
+    #[serde(default)]
+    pub has_comment: bool,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -247,6 +307,10 @@ pub enum EventKind {
     ModelCommitted,
     /// The active model was replaced by an earlier one (failure, crash loop, withdrawal).
     ModelRolledBack,
+    /// A reviewer's verdict on a result was stored (`code`: `confirmed` or `corrected`).
+    LabelAccepted,
+    /// A verdict was refused and nothing was stored; `code` says why.
+    LabelRejected,
 }
 
 /// The payload of `oct/{site}/{device}/events`.
@@ -266,6 +330,13 @@ pub struct EventMessage {
     pub model_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_version: Option<String>,
+    /// Verdict events: the confirmed class, its revision and the reviewer's pseudonym.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviewer: Option<String>,
 }
 
 impl EventMessage {
@@ -282,6 +353,9 @@ impl EventMessage {
             detail: detail.into(),
             model_version: None,
             active_version: None,
+            label: None,
+            revision: None,
+            reviewer: None,
         }
     }
 }

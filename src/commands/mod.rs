@@ -2,6 +2,7 @@
 //! Each prints one JSON object per input and reports on every input, good or bad.
 
 pub mod bundle;
+pub mod feedback;
 pub mod provision;
 pub mod quarantine;
 pub mod status;

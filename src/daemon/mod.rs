@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch, Mutex, Notify};
 use self::tasks::{supervised, TaskHealth};
 use crate::config::Config;
 use crate::deid::InputLimits;
+use crate::feedback::Feedback;
 use crate::ingest::{Ingest, Job};
 use crate::isolation::{Decoder, WorkerSettings};
 use crate::pipeline::disk::Disk;
@@ -131,6 +132,8 @@ async fn run_until(
     };
     let slot = Arc::new(ModelSlot::default());
     let (notices_tx, notices_rx) = mpsc::channel(1);
+    let (verdicts_tx, verdicts_rx) = mpsc::channel(crate::feedback::QUEUE);
+    let verdicts_tx = config.feedback.mqtt_labels.then_some(verdicts_tx);
     systemd::status("connecting to the MQTT broker");
     let publisher = {
         let (store, config, wake, slot, flag) =
@@ -140,9 +143,12 @@ async fn run_until(
                 let slot = slot.clone();
                 Arc::new(move || slot.stamp())
             };
-            Publisher::new(store.clone(), config.clone(), wake.clone(), stamps, notices_tx.clone())
-                .with_connection_flag(flag.clone())
-                .run(shutdown)
+            let publisher = Publisher::new(store.clone(), config.clone(), wake.clone(), stamps, notices_tx.clone())
+                .with_connection_flag(flag.clone());
+            match &verdicts_tx {
+                Some(verdicts) => publisher.with_verdicts(verdicts.clone()).run(shutdown),
+                None => publisher.run(shutdown),
+            }
         })
     };
 
@@ -167,6 +173,19 @@ async fn run_until(
             let (updater, notices_rx) = (updater.clone(), notices_rx.clone());
             async move {
                 updater.run(notices_rx, shutdown).await;
+                Ok::<(), String>(())
+            }
+        })
+    };
+
+    let feedback_loop = {
+        let feedback =
+            Arc::new(Feedback::new(config.clone(), store.clone(), updater.clone(), telemetry.clone(), wake.clone()));
+        let verdicts_rx = Arc::new(Mutex::new(verdicts_rx));
+        supervised("feedback", health.clone(), shutdown_rx.clone(), move |shutdown| {
+            let (feedback, verdicts_rx) = (feedback.clone(), verdicts_rx.clone());
+            async move {
+                feedback.run(verdicts_rx, shutdown).await;
                 Ok::<(), String>(())
             }
         })
@@ -304,6 +323,7 @@ async fn run_until(
     }
     let _ = pruner.await;
     let _ = update_loop.await;
+    let _ = feedback_loop.await;
     let _ = publisher.await;
     if let Some(broker) = embedded_broker {
         let _ = broker.await;

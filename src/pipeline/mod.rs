@@ -277,6 +277,7 @@ impl Pipeline {
         };
         record.state = ScanState::Classified;
         record.label = Some(classification.label.clone());
+        record.model_version = Some(model.classifier.stamp().version.clone());
         record.priority = Some(classification.priority);
         self.store.transition(&record, Some(&outbox))?;
         self.telemetry.scan_classified(&message.timings_ms);

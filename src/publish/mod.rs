@@ -93,6 +93,8 @@ pub struct Publisher {
     /// True while a connection is up (metrics, readiness).
     connected: Arc<std::sync::atomic::AtomicBool>,
     started: std::time::Instant,
+    /// Reviewers' verdicts go to the feedback task (None: `feedback.mqtt_labels` is off).
+    verdicts: Option<mpsc::Sender<crate::feedback::Incoming>>,
 }
 
 /// Publishes of one connection, in the order handed to rumqttc.
@@ -124,6 +126,39 @@ impl Publisher {
             notices,
             connected: Default::default(),
             started: std::time::Instant::now(),
+            verdicts: None,
+        }
+    }
+
+    /// Subscribe to the verdicts topic and hand what arrives to the feedback task.
+    pub fn with_verdicts(mut self, verdicts: mpsc::Sender<crate::feedback::Incoming>) -> Self {
+        self.verdicts = Some(verdicts);
+        self
+    }
+
+    /// A verdict arrived on MQTT: to the feedback task, or refused at once when its queue is
+    /// full (the sender is answered either way).
+    fn forward_verdict(&self, scan_id: &str, payload: &[u8]) {
+        let Some(verdicts) = &self.verdicts else { return };
+        let incoming = crate::feedback::Incoming {
+            scan_id: scan_id.to_string(),
+            // Oversized payloads are refused by the feedback task; only a bounded prefix travels.
+            payload: payload[..payload.len().min(self.config.feedback.max_payload_bytes + 1)].to_vec(),
+            source: crate::feedback::Source::Mqtt,
+        };
+        if verdicts.try_send(incoming).is_err() {
+            let event = crate::scan::EventMessage {
+                scan_id: crate::scan::ScanId::parse(scan_id),
+                ..self.topics.event(
+                    crate::scan::EventKind::LabelRejected,
+                    crate::feedback::codes::BUSY,
+                    "too many verdicts are waiting; send it again",
+                )
+            };
+            if let Err(e) = self.store.enqueue(&crate::mqtt::event_outbox(&self.topics, &event)) {
+                tracing::error!(error = %e, "cannot queue the label_rejected event");
+            }
+            self.wake.notify_one();
         }
     }
 
@@ -192,11 +227,16 @@ impl Publisher {
                         for topic in [self.topics.fleet_model_notice(), self.topics.model_notice()] {
                             let _ = session.client.try_subscribe(topic, QoS::AtLeastOnce);
                         }
+                        if self.verdicts.is_some() {
+                            let _ = session.client.try_subscribe(self.topics.labels(), QoS::AtLeastOnce);
+                        }
                         self.fill(&mut session).await;
                     }
                     Ok(Event::Incoming(Packet::Publish(notice))) => {
                         if notice.topic == self.topics.fleet_model_notice() || notice.topic == self.topics.model_notice() {
                             let _ = self.notices.try_send(());
+                        } else if let Some(scan_id) = self.topics.label_scan(&notice.topic) {
+                            self.forward_verdict(scan_id, &notice.payload);
                         }
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {

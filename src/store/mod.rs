@@ -20,7 +20,7 @@ use rand::RngCore;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::scan::{now_ms, Linkage, ScanId, ScanRecord, ScanState};
+use crate::scan::{now_ms, LabelRecord, Linkage, ScanId, ScanRecord, ScanState};
 use crate::secret::DeviceSecret;
 
 const SCANS: TableDefinition<&str, &[u8]> = TableDefinition::new("scans");
@@ -38,6 +38,15 @@ const OUTBOX_TIMES: TableDefinition<u64, u64> = TableDefinition::new("outbox_tim
 /// Set once the per-state scan counters (`scans_<state>` in COUNTERS) are maintained.
 const SCAN_COUNTS_READY: &str = "scan_counts_v1";
 const MODEL_STATE: &str = "model_state";
+/// label seq -> LabelRecord (JSON): every revision of every verdict, in arrival order.
+const LABELS: TableDefinition<u64, &[u8]> = TableDefinition::new("labels");
+/// scan_id -> seq of its latest revision (the one that counts).
+const LABEL_LATEST: TableDefinition<&str, u64> = TableDefinition::new("label_latest");
+/// label seq -> the reviewer's comment, sealed like the linkage (free text may name a patient).
+const LABEL_COMMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("label_comments");
+const NEXT_LABEL_SEQ: &str = "label_next_seq";
+/// Whether the live-accuracy alarm is raised (survives restarts, so it is raised and cleared once).
+const ACCURACY_ALARM: &str = "accuracy_alarm";
 
 pub const STORE_FILE: &str = "octd.redb";
 
@@ -109,6 +118,9 @@ impl Store {
             txn.open_table(COUNTERS)?;
             txn.open_table(MODEL_EVENTS)?;
             txn.open_table(OUTBOX_TIMES)?;
+            txn.open_table(LABELS)?;
+            txn.open_table(LABEL_LATEST)?;
+            txn.open_table(LABEL_COMMENTS)?;
         }
         Self::count_scans_once(&txn)?;
         txn.commit()?;
@@ -117,16 +129,28 @@ impl Store {
     }
 
     fn seal_linkage(&self, linkage: &Linkage) -> Result<Vec<u8>, StoreError> {
+        self.seal_bytes(&encode(linkage)?)
+    }
+
+    fn seal_bytes(&self, plain: &[u8]) -> Result<Vec<u8>, StoreError> {
         let mut nonce = [0u8; 12];
         rand::rng().fill_bytes(&mut nonce);
-        let plain = encode(linkage)?;
         let mut out = nonce.to_vec();
         out.extend(
             self.seal
-                .encrypt(Nonce::from_slice(&nonce), plain.as_slice())
-                .map_err(|_| StoreError::Corrupt("linkage sealing failed".into()))?,
+                .encrypt(Nonce::from_slice(&nonce), plain)
+                .map_err(|_| StoreError::Corrupt("sealing failed".into()))?,
         );
         Ok(out)
+    }
+
+    fn open_sealed(&self, sealed: &[u8], what: &str) -> Result<Vec<u8>, StoreError> {
+        if sealed.len() < 12 {
+            return Err(StoreError::Corrupt(format!("{what} record too short")));
+        }
+        self.seal
+            .decrypt(Nonce::from_slice(&sealed[..12]), &sealed[12..])
+            .map_err(|_| StoreError::Corrupt(format!("{what} does not open with this device's key")))
     }
 
     /// Counters per state are kept with every change (so `/status` and `/metrics` never read
@@ -206,14 +230,7 @@ impl Store {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(LINKAGE)?;
         let Some(sealed) = table.get(scan_id.to_string().as_str())? else { return Ok(None) };
-        let sealed = sealed.value();
-        if sealed.len() < 12 {
-            return Err(StoreError::Corrupt("linkage record too short".into()));
-        }
-        let plain = self
-            .seal
-            .decrypt(Nonce::from_slice(&sealed[..12]), &sealed[12..])
-            .map_err(|_| StoreError::Corrupt("linkage does not open with this device's key".into()))?;
+        let plain = self.open_sealed(sealed.value(), "linkage")?;
         decode(&plain).map(Some)
     }
 
@@ -449,6 +466,109 @@ impl Store {
         Ok(())
     }
 
+    /// Store a verdict as the scan's next revision, with the messages it causes, in one
+    /// transaction. `record.seq` and `record.revision` are assigned here.
+    pub fn record_label(
+        &self,
+        mut record: LabelRecord,
+        comment: Option<&str>,
+        messages: impl FnOnce(&LabelRecord) -> Vec<OutboxMessage>,
+    ) -> Result<LabelRecord, StoreError> {
+        let sealed_comment = comment.map(|c| self.seal_bytes(c.as_bytes())).transpose()?;
+        let key = record.scan_id.to_string();
+        let txn = self.db.begin_write()?;
+        {
+            let mut labels = txn.open_table(LABELS)?;
+            let mut latest = txn.open_table(LABEL_LATEST)?;
+            let previous = match latest.get(key.as_str())?.map(|v| v.value()) {
+                Some(seq) => labels.get(seq)?.map(|v| decode::<LabelRecord>(v.value())).transpose()?,
+                None => None,
+            };
+            record.revision = previous.map(|p| p.revision.saturating_add(1)).unwrap_or(1);
+            let mut counters = txn.open_table(COUNTERS)?;
+            record.seq = counters.get(NEXT_LABEL_SEQ)?.map(|v| v.value()).unwrap_or(1);
+            counters.insert(NEXT_LABEL_SEQ, record.seq + 1)?;
+            drop(counters);
+            record.has_comment = sealed_comment.is_some();
+            labels.insert(record.seq, encode(&record)?.as_slice())?;
+            latest.insert(key.as_str(), record.seq)?;
+            if let Some(sealed) = &sealed_comment {
+                txn.open_table(LABEL_COMMENTS)?.insert(record.seq, sealed.as_slice())?;
+            }
+        }
+        for message in messages(&record) {
+            Self::push(&txn, &message)?;
+        }
+        txn.commit()?;
+        Ok(record)
+    }
+
+    /// The latest revision of the most recent `window` scans with a verdict, newest first.
+    pub fn recent_labels(&self, window: usize) -> Result<Vec<LabelRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let labels = txn.open_table(LABELS)?;
+        let latest = txn.open_table(LABEL_LATEST)?;
+        let mut out = Vec::new();
+        for entry in labels.iter()?.rev() {
+            if out.len() >= window {
+                break;
+            }
+            let (seq, value) = entry?;
+            let record: LabelRecord = decode(value.value())?;
+            // A superseded revision does not count; its scan counts where its latest one is.
+            if latest.get(record.scan_id.to_string().as_str())?.map(|v| v.value()) == Some(seq.value()) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every revision of one scan's verdict, oldest first, with its comment opened.
+    pub fn label_revisions(&self, scan_id: ScanId) -> Result<Vec<(LabelRecord, Option<String>)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let labels = txn.open_table(LABELS)?;
+        let comments = txn.open_table(LABEL_COMMENTS)?;
+        let latest = txn.open_table(LABEL_LATEST)?;
+        let Some(last) = latest.get(scan_id.to_string().as_str())?.map(|v| v.value()) else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        // Back from the latest revision until revision 1: a scan's revisions are few.
+        for entry in labels.range(..=last)?.rev() {
+            let (seq, value) = entry?;
+            let record: LabelRecord = decode(value.value())?;
+            if record.scan_id != scan_id {
+                continue;
+            }
+            let comment = match comments.get(seq.value())? {
+                Some(sealed) => {
+                    Some(String::from_utf8_lossy(&self.open_sealed(sealed.value(), "comment")?).into_owned())
+                }
+                None => None,
+            };
+            let first = record.revision <= 1;
+            out.push((record, comment));
+            if first {
+                break;
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Whether the live-accuracy alarm is raised.
+    pub fn accuracy_alarm(&self) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(SETTINGS)?.get(ACCURACY_ALARM)?.is_some_and(|v| v.value() == b"1"))
+    }
+
+    /// Raise or clear the live-accuracy alarm together with its message.
+    pub fn set_accuracy_alarm(&self, raised: bool, message: &OutboxMessage) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(SETTINGS)?.insert(ACCURACY_ALARM, if raised { &b"1"[..] } else { &b"0"[..] })?;
+        Self::push(&txn, message)?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Every recorded model event, oldest first.
     pub fn model_events<E: for<'de> Deserialize<'de>>(&self) -> Result<Vec<E>, StoreError> {
         let txn = self.db.begin_read()?;
@@ -479,6 +599,10 @@ impl Store {
             out.extend_from_slice(v.value());
         }
         for entry in txn.open_table(MODEL_EVENTS)?.iter()? {
+            let (_, v) = entry?;
+            out.extend_from_slice(v.value());
+        }
+        for entry in txn.open_table(LABELS)?.iter()? {
             let (_, v) = entry?;
             out.extend_from_slice(v.value());
         }

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::ingest::Job;
-use crate::scan::{now_ms, rfc3339_ms, ModelStamp, StageTimings};
+use crate::scan::{now_ms, rfc3339_ms, LiveAccuracy, ModelStamp, StageTimings};
 use crate::store::Store;
 use crate::update::Updater;
 
@@ -92,6 +92,11 @@ pub struct Telemetry {
     last_result_ms: AtomicU64,
     /// The last health verdict (None = healthy), for /healthz and STATUS.
     problem: Mutex<Option<String>>,
+    labels: Family<OutcomeLabels, Counter>,
+    live_accuracy_gauge: Gauge<f64, AtomicU64>,
+    live_accuracy_labels: Gauge,
+    /// The latest live-accuracy report, for /status.
+    live_accuracy: Mutex<Option<LiveAccuracy>>,
 }
 
 /// Register `metric` under `name` and hand back the handle the stages update.
@@ -143,6 +148,15 @@ impl Telemetry {
         let ready_gauge = register(r, "ready", "1 once watcher, store, model and broker are up", Gauge::default());
         let healthy_gauge =
             register(r, "healthy", "1 while the pipeline makes progress (the watchdog pings)", Gauge::default());
+        let labels = register(r, "labels", "Reviewers' verdicts, by outcome (accepted, rejected)", Family::default());
+        let live_accuracy_gauge = register(
+            r,
+            "live_accuracy",
+            "Share of the most recent verdicts (feedback.window) that confirmed the model",
+            Gauge::<f64, AtomicU64>::default(),
+        );
+        let live_accuracy_labels =
+            register(r, "live_accuracy_labels", "Verdicts the live accuracy is computed over", Gauge::default());
         let build = register(r, "build_info", "octd version (value 1)", Family::<BuildLabels, Gauge>::default());
         build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         Telemetry {
@@ -168,7 +182,22 @@ impl Telemetry {
             ready: AtomicBool::new(false),
             last_result_ms: AtomicU64::new(0),
             problem: Mutex::new(None),
+            labels,
+            live_accuracy_gauge,
+            live_accuracy_labels,
+            live_accuracy: Mutex::new(None),
         }
+    }
+
+    /// A verdict was answered (`accepted` or `rejected`).
+    pub fn label_answered(&self, outcome: &str) {
+        self.labels.get_or_create(&OutcomeLabels { outcome: outcome.to_string() }).inc();
+    }
+
+    pub fn set_live_accuracy(&self, report: &LiveAccuracy) {
+        self.live_accuracy_gauge.set(report.overall.accuracy);
+        self.live_accuracy_labels.set(report.overall.labels as i64);
+        *self.live_accuracy.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
     }
 
     pub fn worker_busy(&self, worker: usize, busy: bool) {
@@ -260,6 +289,9 @@ pub struct StatusReport {
     pub last_result_at: Option<String>,
     pub broker: BrokerReport,
     pub disk: DiskReport,
+    /// Reviewers' verdicts against the model (absent before the first verdict since start).
+    #[serde(default)]
+    pub live_accuracy: Option<LiveAccuracy>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -382,6 +414,7 @@ impl Sources {
             last_result_at: (last > 0).then(|| rfc3339_ms(last)),
             broker: BrokerReport { connected, target: broker_target(&self.config) },
             disk,
+            live_accuracy: t.live_accuracy.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         })
     }
 
