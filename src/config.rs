@@ -588,8 +588,14 @@ impl Config {
         if self.telemetry.stuck_after.is_zero() {
             return invalid("telemetry.stuck_after", "must be greater than zero");
         }
-        if self.feedback.window == 0 || self.feedback.labels_per_second == 0 || self.feedback.burst == 0 {
-            return invalid("feedback.window", "the window, the rate and the burst must be at least 1");
+        if self.feedback.window == 0 {
+            return invalid("feedback.window", "must be at least 1");
+        }
+        if self.feedback.labels_per_second == 0 || self.feedback.burst == 0 {
+            return invalid("feedback.labels_per_second", "the rate and the burst must be at least 1");
+        }
+        if self.feedback.min_labels == 0 || self.feedback.min_labels > self.feedback.window as u64 {
+            return invalid("feedback.min_labels", "must be between 1 and feedback.window");
         }
         if !(0.0..=1.0).contains(&self.feedback.accuracy_floor) {
             return invalid("feedback.accuracy_floor", "must be in [0, 1]");

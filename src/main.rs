@@ -110,9 +110,6 @@ enum Command {
         /// The reviewer's pseudonymous id (see `octd reviewer add`).
         #[arg(long)]
         reviewer: String,
-        /// Kept on the device, sealed; never published or uploaded.
-        #[arg(long)]
-        comment: Option<String>,
         /// How long to wait for the daemon's answer.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         wait: std::time::Duration,
@@ -468,8 +465,8 @@ fn main() -> ExitCode {
                 QuarantineAction::Purge { scan_ids, all } => quarantine::purge(&config, &scan_ids, all),
             })
         }
-        Command::Label { scan_id, label, reviewer, comment, wait } => {
-            print_report(octd::commands::feedback::label(&config, &scan_id, &label, &reviewer, comment, wait))
+        Command::Label { scan_id, label, reviewer, wait } => {
+            print_report(octd::commands::feedback::label(&config, &scan_id, &label, &reviewer, wait))
         }
         Command::Reviewer { action } => {
             use octd::commands::feedback;

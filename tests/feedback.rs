@@ -40,10 +40,13 @@ fn uuid_like() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
+fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
 fn verdict(label: &str, reviewer: &str) -> Vec<u8> {
-    serde_json::to_vec(&json!({"schema": "octd.label/1", "label": label, "reviewer": reviewer,
-                                "reviewed_at": "2026-12-06T09:30:00+01:00"}))
-    .unwrap()
+    serde_json::to_vec(&json!({"schema": "octd.label/1", "label": label, "reviewer": reviewer, "reviewed_at": now()}))
+        .unwrap()
 }
 
 fn label_events(messages: &[common::Message], kind: &str) -> Vec<Value> {
@@ -91,7 +94,7 @@ fn verdicts_are_checked_stored_as_revisions_and_drive_live_accuracy_and_its_alar
     publish(port, &topic(&scans[0].0), verdict("CNV", "rv-9"));
     publish(port, &topic(&scans[0].0), verdict("CNV", ""));
     let long = json!({"schema": "octd.label/1", "label": "CNV", "reviewer": "rv-1",
-                      "reviewed_at": "2026-12-06T09:30:00Z", "comment": "x".repeat(9000)});
+                      "reviewed_at": now(), "comment": "x".repeat(9000)});
     publish(port, &topic(&scans[0].0), serde_json::to_vec(&long).unwrap());
     let messages = rig.sub.wait_until(MINUTE, |m| label_events(m, "label_rejected").len() == 6, "six refusals");
     let codes: Vec<String> =
@@ -109,12 +112,17 @@ fn verdicts_are_checked_stored_as_revisions_and_drive_live_accuracy_and_its_alar
     let (c, c_said) = &scans[2];
     publish(port, &topic(a), verdict(a_said, "rv-1"));
     publish(port, &topic(b), verdict(other_than(b_said), "rv-1"));
-    let (ok, answer, err) = octd_cli(&config, &["label", c, c_said, "--reviewer", "rv-1", "--comment", COMMENT]);
-    assert!(ok, "{err}");
-    assert_eq!(answer["accepted"], true);
-    assert_eq!(answer["revision"], 1);
-    let messages = rig.sub.wait_until(MINUTE, |m| label_events(m, "label_accepted").len() == 3, "three verdicts");
+    // With a comment and a verdict id, sent twice (as a display does without an answer).
+    let with_comment = json!({"schema": "octd.label/1", "label": c_said, "reviewer": "rv-1", "verdict_id": "d1-0042",
+                              "reviewed_at": now(), "comment": COMMENT});
+    publish(port, &topic(c), serde_json::to_vec(&with_comment).unwrap());
+    publish(port, &topic(c), serde_json::to_vec(&with_comment).unwrap());
+    let messages = rig.sub.wait_until(MINUTE, |m| label_events(m, "label_accepted").len() >= 3, "three verdicts");
+    assert_eq!(label_events(&messages, "label_accepted")[0]["revision"], 1, "the refusals stored nothing");
+    std::thread::sleep(Duration::from_secs(1));
+    let messages = rig.sub.messages();
     let accepted = label_events(&messages, "label_accepted");
+    assert_eq!(accepted.len(), 3, "the verdict sent again is no new revision: {accepted:?}");
     let by_scan = |id: &str| accepted.iter().find(|e| e["scan_id"] == id).cloned().unwrap();
     assert_eq!(by_scan(a)["code"], "confirmed");
     assert_eq!(by_scan(b)["code"], "corrected");
@@ -151,8 +159,8 @@ fn verdicts_are_checked_stored_as_revisions_and_drive_live_accuracy_and_its_alar
         events(&messages).iter().filter(|e| e["kind"] == "alarm" && e["code"] == "accuracy_below_floor").count();
     assert_eq!(alarms, 1, "raised once");
     // The comment never left the device, nor is it kept in plain text.
-    for m in &messages {
-        assert!(!m.payload.contains("Marchetti"), "{} carries the comment", m.topic);
+    for m in messages.iter().filter(|m| !m.topic.contains("/labels/")) {
+        assert!(!m.payload.contains("Marchetti"), "octd's {} carries the comment", m.topic);
     }
     let status = rig.octd.http_get("/status").unwrap().1;
     let status: Value = serde_json::from_str(&status).unwrap();
@@ -160,6 +168,14 @@ fn verdicts_are_checked_stored_as_revisions_and_drive_live_accuracy_and_its_alar
     let metrics = rig.octd.http_get("/metrics").unwrap().1;
     assert!(metrics.contains("octd_labels_total{outcome=\"rejected\"} 6"), "{metrics}");
     assert!(metrics.contains("octd_live_accuracy 1"), "{metrics}");
+    // A display that wrongly retains its verdict: it counts once, live; the broker's replay of
+    // it at the next subscription is no new verdict.
+    publish_retained(port, &topic(a), verdict(a_said, "rv-1"));
+    rig.sub.wait_until(
+        MINUTE,
+        |m| label_events(m, "label_accepted").iter().any(|e| e["scan_id"] == a.as_str() && e["revision"] == 2),
+        "the retained verdict, live",
+    );
     assert!(rig.octd.stop().success());
     let store = std::fs::read(rig.octd.state.join("octd.redb")).unwrap();
     assert!(!store.windows(9).any(|w| w == b"Marchetti"), "the comment is sealed at rest");
@@ -170,10 +186,35 @@ fn verdicts_are_checked_stored_as_revisions_and_drive_live_accuracy_and_its_alar
     let (ok, answer, err) = octd_cli(&config, &["label", b, b_said, "--reviewer", "rv-1"]);
     assert!(ok, "{err}");
     assert_eq!(answer["revision"], 3);
+    let replays =
+        label_events(&rig.sub.messages(), "label_accepted").iter().filter(|e| e["scan_id"] == a.as_str()).count();
+    assert_eq!(replays, 2, "the retained verdict's replay after the restart was ignored");
     // Removing a reviewer refuses their next verdict.
     let (ok, _, err) = octd_cli(&config, &["reviewer", "remove", "rv-1"]);
     assert!(ok, "{err}");
     let (ok, _, err) = octd_cli(&config, &["label", a, a_said, "--reviewer", "rv-1"]);
     assert!(!ok && err.contains("unknown_reviewer"), "{err}");
     assert!(rig.octd.stop().success());
+    // With the daemon stopped, a verdict is refused at once and nothing is left waiting.
+    octd_cli(&config, &["reviewer", "add", "rv-1"]);
+    let (ok, _, err) = octd_cli(&config, &["label", a, a_said, "--reviewer", "rv-1", "--wait", "2s"]);
+    assert!(!ok && err.contains("not running"), "{err}");
+    let waiting = std::fs::read_dir(rig.octd.state.join("requests/labels")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(waiting, 0, "no request left behind");
+    assert!(!rig.octd.log().contains("Marchetti"), "the comment is not logged");
+}
+
+fn publish_retained(port: u16, topic: &str, payload: Vec<u8>) {
+    let mut options = rumqttc::MqttOptions::new(format!("display-r-{}", uuid_like()), "127.0.0.1", port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = rumqttc::Client::new(options, 10);
+    client.publish(topic, rumqttc::QoS::AtLeastOnce, true, payload).unwrap();
+    for event in connection.iter() {
+        match event {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("publishing the verdict: {e}"),
+        }
+    }
+    let _ = client.disconnect();
 }

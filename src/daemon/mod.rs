@@ -133,7 +133,8 @@ async fn run_until(
     let slot = Arc::new(ModelSlot::default());
     let (notices_tx, notices_rx) = mpsc::channel(1);
     let (verdicts_tx, verdicts_rx) = mpsc::channel(crate::feedback::QUEUE);
-    let verdicts_tx = config.feedback.mqtt_labels.then_some(verdicts_tx);
+    let load_refusals = Arc::new(crate::feedback::LoadRefusals::default());
+    let verdicts_tx = config.feedback.mqtt_labels.then_some((verdicts_tx, load_refusals.clone()));
     systemd::status("connecting to the MQTT broker");
     let publisher = {
         let (store, config, wake, slot, flag) =
@@ -146,7 +147,7 @@ async fn run_until(
             let publisher = Publisher::new(store.clone(), config.clone(), wake.clone(), stamps, notices_tx.clone())
                 .with_connection_flag(flag.clone());
             match &verdicts_tx {
-                Some(verdicts) => publisher.with_verdicts(verdicts.clone()).run(shutdown),
+                Some((verdicts, refused)) => publisher.with_verdicts(verdicts.clone(), refused.clone()).run(shutdown),
                 None => publisher.run(shutdown),
             }
         })
@@ -179,8 +180,14 @@ async fn run_until(
     };
 
     let feedback_loop = {
-        let feedback =
-            Arc::new(Feedback::new(config.clone(), store.clone(), updater.clone(), telemetry.clone(), wake.clone()));
+        let feedback = Arc::new(Feedback::new(
+            config.clone(),
+            store.clone(),
+            updater.clone(),
+            telemetry.clone(),
+            wake.clone(),
+            load_refusals,
+        ));
         let verdicts_rx = Arc::new(Mutex::new(verdicts_rx));
         supervised("feedback", health.clone(), shutdown_rx.clone(), move |shutdown| {
             let (feedback, verdicts_rx) = (feedback.clone(), verdicts_rx.clone());

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::mqtt::{self, Topics};
 use crate::scan::{now_ms, EventKind, EventMessage, LabelRecord, ScanId, ScanState, LABEL_SCHEMA};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Stored};
 use crate::telemetry::Telemetry;
 use crate::update::Updater;
 use accuracy::{AlarmChange, LiveAccuracy};
@@ -33,8 +33,13 @@ pub const QUEUE: usize = 64;
 pub const REQUESTS_DIR: &str = "requests/labels";
 const REQUESTS_PER_TURN: usize = 32;
 const REQUEST_POLL: Duration = Duration::from_millis(200);
-/// A reviewed_at further in the future than this is refused (clocks differ a little).
-const FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
+/// Clocks differ a little: a reviewed_at this far in the future, or before the scan arrived,
+/// is still accepted.
+const SKEW_MS: i64 = 5 * 60 * 1000;
+/// Largest `octd label` request file read.
+const MAX_REQUEST_BYTES: u64 = 64 << 10;
+/// Answers `octd label` never collected (it gave up waiting) are removed after this.
+const ANSWER_TTL: Duration = Duration::from_secs(600);
 
 /// Why a verdict was refused: the `code` of its `label_rejected` event.
 pub mod codes {
@@ -86,6 +91,10 @@ pub struct VerdictMessage {
     /// uploaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+    /// The sender's id for this verdict: sent again (no answer came), it is answered with
+    /// the revision already stored instead of becoming a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict_id: Option<String>,
 }
 
 /// Where a verdict came from.
@@ -136,6 +145,16 @@ pub struct Feedback {
     telemetry: Arc<Telemetry>,
     limiter: DefaultDirectRateLimiter,
     wake: Arc<tokio::sync::Notify>,
+    /// Verdicts refused for load (rate, full queue) since the last summary: a flood is
+    /// answered with one event a second, not one durable message per verdict.
+    refused_for_load: Arc<LoadRefusals>,
+}
+
+/// Counts of verdicts refused for load, shared with the publisher (full queue).
+#[derive(Debug, Default)]
+pub struct LoadRefusals {
+    pub rate_limited: std::sync::atomic::AtomicU64,
+    pub busy: std::sync::atomic::AtomicU64,
 }
 
 impl Feedback {
@@ -145,6 +164,7 @@ impl Feedback {
         updater: Arc<Updater>,
         telemetry: Arc<Telemetry>,
         wake: Arc<tokio::sync::Notify>,
+        refused_for_load: Arc<LoadRefusals>,
     ) -> Feedback {
         let rate = NonZeroU32::new(config.feedback.labels_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.feedback.burst).unwrap_or(NonZeroU32::MIN);
@@ -159,6 +179,31 @@ impl Feedback {
             telemetry,
             limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
             wake,
+            refused_for_load,
+        }
+    }
+
+    /// One `label_rejected` event per load reason with the count since the last one.
+    fn summarise_load_refusals(&self) {
+        use std::sync::atomic::Ordering;
+        let counts = [
+            (codes::RATE_LIMITED, self.refused_for_load.rate_limited.swap(0, Ordering::Relaxed)),
+            (codes::BUSY, self.refused_for_load.busy.swap(0, Ordering::Relaxed)),
+        ];
+        for (code, n) in counts {
+            if n == 0 {
+                continue;
+            }
+            tracing::warn!(code, count = n, "verdicts refused for load");
+            let detail = format!(
+                "{n} verdicts refused: more than feedback.labels_per_second ({}) arrived, or too many were waiting; send them again",
+                self.config.feedback.labels_per_second
+            );
+            let event = self.topics.event(EventKind::LabelRejected, code, &detail);
+            if let Err(e) = self.store.enqueue(&mqtt::event_outbox(&self.topics, &event)) {
+                tracing::error!(error = %e, "cannot queue the label_rejected summary");
+            }
+            self.wake.notify_one();
         }
     }
 
@@ -167,18 +212,34 @@ impl Feedback {
         let source = incoming.source;
         let claimed = incoming.scan_id.clone();
         let answer = match self.accept(incoming) {
-            Ok(record) => {
+            Ok(stored) => {
+                let (record, detail) = match stored {
+                    Stored::New(r) => {
+                        let detail = format!("revision {} stored", r.revision);
+                        tracing::info!(scan_id = %r.scan_id, revision = r.revision, source = source.as_str(),
+                            reviewer = %r.reviewer, "verdict stored");
+                        self.follow_accuracy();
+                        (r, detail)
+                    }
+                    Stored::Duplicate(r) => {
+                        let detail = format!("this verdict was stored before, as revision {}", r.revision);
+                        tracing::info!(scan_id = %r.scan_id, revision = r.revision, source = source.as_str(),
+                            "verdict sent again: answered with the stored revision");
+                        (r, detail)
+                    }
+                };
                 let code = if record.label == record.predicted { "confirmed" } else { "corrected" };
-                tracing::info!(scan_id = %record.scan_id, revision = record.revision, code, source = source.as_str(),
-                    reviewer = %record.reviewer, "verdict stored");
-                self.follow_accuracy();
                 Answer {
                     accepted: true,
                     code: code.into(),
-                    detail: format!("revision {} stored", record.revision),
+                    detail,
                     scan_id: Some(record.scan_id.to_string()),
                     revision: Some(record.revision),
                 }
+            }
+            Err(e) if e.code() == codes::RATE_LIMITED => {
+                self.refused_for_load.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Answer { accepted: false, code: e.code().into(), detail: e.to_string(), scan_id: None, revision: None }
             }
             Err(e) => {
                 let scan_id = ScanId::parse(&claimed);
@@ -202,39 +263,43 @@ impl Feedback {
         answer
     }
 
-    fn accept(&self, incoming: Incoming) -> Result<LabelRecord, FeedbackError> {
+    fn accept(&self, incoming: Incoming) -> Result<Stored, FeedbackError> {
         let limits = &self.config.feedback;
-        if self.limiter.check().is_err() {
-            return Err(FeedbackError::refused(
-                codes::RATE_LIMITED,
-                format!("more than {} verdicts per second (feedback.labels_per_second)", limits.labels_per_second),
-            ));
+        // The CLI is the operator on this machine (file permissions admit it): no network limit.
+        if incoming.source != Source::Cli && self.limiter.check().is_err() {
+            return Err(FeedbackError::refused(codes::RATE_LIMITED, "too many verdicts per second"));
         }
+        // Every detail below is written by octd: nothing from the payload is echoed.
         if incoming.payload.len() > limits.max_payload_bytes {
             return Err(FeedbackError::refused(
                 codes::TOO_LARGE,
-                format!("{} bytes; feedback.max_payload_bytes is {}", incoming.payload.len(), limits.max_payload_bytes),
+                format!("the verdict is larger than feedback.max_payload_bytes ({})", limits.max_payload_bytes),
             ));
         }
-        let verdict: VerdictMessage = serde_json::from_slice(&incoming.payload)
-            .map_err(|e| FeedbackError::refused(codes::MALFORMED, format!("not an {LABEL_SCHEMA} message: {e}")))?;
+        let verdict: VerdictMessage = serde_json::from_slice(&incoming.payload).map_err(|e| {
+            tracing::debug!(category = ?e.classify(), line = e.line(), column = e.column(), "verdict payload");
+            FeedbackError::refused(codes::MALFORMED, format!("the payload is not an {LABEL_SCHEMA} object"))
+        })?;
         if verdict.schema != LABEL_SCHEMA {
             return Err(FeedbackError::refused(codes::MALFORMED, format!("schema must be {LABEL_SCHEMA}")));
+        }
+        if let Some(id) = &verdict.verdict_id {
+            if !reviewers::valid_id(id) {
+                return Err(FeedbackError::refused(
+                    codes::MALFORMED,
+                    "verdict_id must be 1 to 64 letters, digits, '.', '_' or '-'",
+                ));
+            }
         }
         let scan_id = ScanId::parse(&incoming.scan_id)
             .ok_or_else(|| FeedbackError::refused(codes::UNKNOWN_SCAN, "the scan id is not one octd gives"))?;
         let record = self
             .store
             .get(scan_id)?
-            .ok_or_else(|| FeedbackError::refused(codes::UNKNOWN_SCAN, format!("scan {scan_id} is not known here")))?;
+            .ok_or_else(|| FeedbackError::refused(codes::UNKNOWN_SCAN, "the scan is not known on this device"))?;
         let predicted = match (&record.state, &record.label) {
             (ScanState::Classified | ScanState::Published, Some(label)) => label.clone(),
-            _ => {
-                return Err(FeedbackError::refused(
-                    codes::NO_RESULT,
-                    format!("scan {scan_id} has no result to confirm (it is {:?})", record.state),
-                ))
-            }
+            _ => return Err(FeedbackError::refused(codes::NO_RESULT, "the scan has no result to confirm")),
         };
         let model = self
             .updater
@@ -243,14 +308,16 @@ impl Feedback {
         if !model.classifier.classes().contains(&verdict.label) {
             return Err(FeedbackError::refused(
                 codes::UNKNOWN_CLASS,
-                format!("{:?} is not one of the model's classes {:?}", verdict.label, model.classifier.classes()),
+                format!("the label is not one of the model's classes ({})", model.classifier.classes().join(", ")),
             ));
         }
         if verdict.reviewer.is_empty() {
             return Err(FeedbackError::refused(codes::REVIEWER_MISSING, "a verdict needs the reviewer's id"));
         }
-        let known =
-            Reviewers::load(&self.state).map_err(|e| FeedbackError::refused(codes::UNKNOWN_REVIEWER, e.to_string()))?;
+        let known = Reviewers::load(&self.state).map_err(|e| {
+            tracing::error!(error = %e, "cannot read the reviewers");
+            FeedbackError::refused(codes::STORE, "the reviewers of this device cannot be read")
+        })?;
         if !known.knows(&verdict.reviewer) {
             return Err(FeedbackError::refused(
                 codes::UNKNOWN_REVIEWER,
@@ -260,18 +327,19 @@ impl Feedback {
         let reviewed = verdict
             .reviewed_at
             .parse::<jiff::Timestamp>()
-            .map_err(|e| FeedbackError::refused(codes::MALFORMED, format!("reviewed_at is not RFC 3339: {e}")))?;
-        if reviewed.as_millisecond() > now_ms() as i64 + FUTURE_SKEW_MS {
+            .map_err(|_| FeedbackError::refused(codes::MALFORMED, "reviewed_at is not an RFC 3339 date and time"))?;
+        if reviewed.as_millisecond() > now_ms() as i64 + SKEW_MS {
             return Err(FeedbackError::refused(codes::MALFORMED, "reviewed_at is in the future"));
         }
+        if reviewed.as_millisecond() < record.received_at_ms as i64 - SKEW_MS {
+            return Err(FeedbackError::refused(codes::MALFORMED, "reviewed_at is before the scan arrived"));
+        }
         let comment = verdict.comment.as_deref().filter(|c| !c.trim().is_empty());
-        if let Some(c) = comment {
-            if c.chars().count() > limits.max_comment_chars {
-                return Err(FeedbackError::refused(
-                    codes::TOO_LARGE,
-                    format!("the comment is longer than feedback.max_comment_chars ({})", limits.max_comment_chars),
-                ));
-            }
+        if comment.is_some_and(|c| c.chars().count() > limits.max_comment_chars) {
+            return Err(FeedbackError::refused(
+                codes::TOO_LARGE,
+                format!("the comment is longer than feedback.max_comment_chars ({})", limits.max_comment_chars),
+            ));
         }
         let label = LabelRecord {
             seq: 0,
@@ -281,13 +349,13 @@ impl Feedback {
             predicted,
             model_version: record.model_version.clone().unwrap_or_else(|| "unknown".into()),
             reviewer: verdict.reviewer.clone(),
-            reviewed_at: reviewed.to_string(),
+            reviewed_at: verdict.reviewed_at.clone(),
             received_at_ms: now_ms(),
             source: incoming.source.as_str().into(),
             has_comment: false,
         };
         let topics = &self.topics;
-        let stored = self.store.record_label(label, comment, |r| {
+        let stored = self.store.record_label(label, verdict.verdict_id.as_deref(), comment, |r| {
             let code = if r.label == r.predicted { "confirmed" } else { "corrected" };
             let detail = format!("revision {}: {} (the model said {})", r.revision, r.label, r.predicted);
             let event = EventMessage {
@@ -376,6 +444,8 @@ impl Feedback {
         let requests = self.state.join(REQUESTS_DIR);
         let mut poll = tokio::time::interval(REQUEST_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut summary = tokio::time::interval(Duration::from_secs(1));
+        summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = crate::shutdown::requested(&mut shutdown) => return,
@@ -387,22 +457,37 @@ impl Feedback {
                     let (me, dir) = (self.clone(), requests.clone());
                     let _ = tokio::task::spawn_blocking(move || me.answer_requests(&dir)).await;
                 }
+                _ = summary.tick() => {
+                    let me = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || me.summarise_load_refusals()).await;
+                }
             }
         }
     }
 
-    /// Answer the `octd label` requests waiting in `dir`, oldest first.
+    /// Answer the `octd label` requests waiting in `dir`, oldest first. A request stays when
+    /// the store could not take it (tried again next turn); answers nobody collected go.
     fn answer_requests(&self, dir: &Path) {
         let Ok(entries) = std::fs::read_dir(dir) else { return };
-        let mut found: Vec<(std::time::SystemTime, PathBuf)> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "request"))
-            .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-            .collect();
+        let mut found = Vec::new();
+        for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+            let Ok(meta) = path.metadata() else { continue };
+            let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            match path.extension().and_then(|x| x.to_str()) {
+                Some("request") => found.push((modified, meta.len(), path)),
+                Some("answer") if modified.elapsed().is_ok_and(|age| age > ANSWER_TTL) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                _ => {}
+            }
+        }
         found.sort();
-        for (_, path) in found.into_iter().take(REQUESTS_PER_TURN) {
-            let answer = match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<LabelRequest>(&b).ok()) {
+        for (_, len, path) in found.into_iter().take(REQUESTS_PER_TURN) {
+            let request = match len <= MAX_REQUEST_BYTES {
+                true => std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<LabelRequest>(&b).ok()),
+                false => None,
+            };
+            let answer = match request {
                 Some(request) => self.handle(Incoming {
                     scan_id: request.scan_id,
                     payload: serde_json::to_vec(&request.verdict).unwrap_or_default(),
@@ -411,17 +496,24 @@ impl Feedback {
                 None => Answer {
                     accepted: false,
                     code: codes::MALFORMED.into(),
-                    detail: "the request file is not readable".into(),
+                    detail: "the request file is not an octd label request".into(),
                     scan_id: None,
                     revision: None,
                 },
             };
+            if answer.code == codes::STORE {
+                // The verdict id makes the next try safe: it is not stored twice.
+                return;
+            }
             let answer_path = path.with_extension("answer");
             let bytes = serde_json::to_vec(&answer).unwrap_or_default();
-            if let Err(e) = crate::fsutil::write_atomic(&answer_path, &bytes) {
+            if let Err(e) = crate::fsutil::write_atomic_private(&answer_path, &bytes) {
                 tracing::error!(error = %e, "cannot write the answer to an octd label request");
             }
-            let _ = std::fs::remove_file(&path);
+            if let Err(e) = std::fs::remove_file(&path) {
+                // Answered again at every turn otherwise (harmless: the verdict id), but say so.
+                tracing::error!(error = %e, "cannot remove an answered octd label request (owned by another user?)");
+            }
         }
     }
 }
@@ -433,27 +525,51 @@ pub struct LabelRequest {
     pub verdict: VerdictMessage,
 }
 
-/// `octd label`: leave the request, wait up to `wait` for the daemon's answer. Without an
-/// answer the request stays and is answered when the daemon next runs.
-pub fn request_label(state: &Path, request: &LabelRequest, wait: Duration) -> Result<Answer, String> {
+/// `octd label`: leave the request for the running daemon and wait up to `wait` for its
+/// answer. The request's name is the verdict's id, so a request answered twice (a crash
+/// between the commit and the answer) is stored once. Without an answer in time the request
+/// is withdrawn if the daemon has not taken it yet.
+pub fn request_label(
+    state: &Path,
+    scan_id: &str,
+    mut verdict: VerdictMessage,
+    wait: Duration,
+) -> Result<Answer, String> {
     let dir = state.join(REQUESTS_DIR);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let name = uuid::Uuid::now_v7().simple().to_string();
+    verdict.verdict_id = Some(format!("cli-{name}"));
+    let request = LabelRequest { scan_id: scan_id.to_string(), verdict };
     let path = dir.join(format!("{name}.request"));
-    let bytes = serde_json::to_vec(request).map_err(|e| e.to_string())?;
-    crate::fsutil::write_atomic(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+    crate::fsutil::write_atomic_private(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let answer_path = path.with_extension("answer");
     let deadline = std::time::Instant::now() + wait;
-    while std::time::Instant::now() < deadline {
+    loop {
         if let Ok(bytes) = std::fs::read(&answer_path) {
             let _ = std::fs::remove_file(&answer_path);
             return serde_json::from_slice(&bytes).map_err(|e| format!("octd's answer is not readable: {e}"));
         }
+        if std::time::Instant::now() >= deadline {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(format!(
-        "octd has not answered within {} s; the verdict waits in {} and is applied when the daemon runs",
-        wait.as_secs(),
-        dir.display()
-    ))
+    match std::fs::remove_file(&path) {
+        Ok(()) => Err(format!(
+            "octd did not answer within {} s; the verdict was withdrawn, nothing was stored",
+            wait.as_secs()
+        )),
+        // The daemon took it meanwhile: its answer follows.
+        Err(_) => {
+            std::thread::sleep(Duration::from_secs(2));
+            match std::fs::read(&answer_path) {
+                Ok(bytes) => {
+                    let _ = std::fs::remove_file(&answer_path);
+                    serde_json::from_slice(&bytes).map_err(|e| format!("octd's answer is not readable: {e}"))
+                }
+                Err(_) => Err("octd took the verdict but its answer is late: see the events topic".into()),
+            }
+        }
+    }
 }

@@ -65,14 +65,7 @@ impl Reviewers {
         std::fs::create_dir_all(state).map_err(|e| ReviewerError::Io(state.to_path_buf(), e))?;
         let path = Self::path(state);
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| ReviewerError::Corrupt(path.clone(), e.to_string()))?;
-        crate::fsutil::write_atomic(&path, &bytes).map_err(|e| ReviewerError::Io(path.clone(), e))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| ReviewerError::Io(path.clone(), e))?;
-        }
-        Ok(())
+        crate::fsutil::write_atomic_private(&path, &bytes).map_err(|e| ReviewerError::Io(path.clone(), e))
     }
 
     pub fn get(&self, id: &str) -> Option<&Reviewer> {

@@ -93,8 +93,9 @@ pub struct Publisher {
     /// True while a connection is up (metrics, readiness).
     connected: Arc<std::sync::atomic::AtomicBool>,
     started: std::time::Instant,
-    /// Reviewers' verdicts go to the feedback task (None: `feedback.mqtt_labels` is off).
-    verdicts: Option<mpsc::Sender<crate::feedback::Incoming>>,
+    /// Reviewers' verdicts go to the feedback task (None: `feedback.mqtt_labels` is off), and
+    /// those its full queue cannot take are counted for its summary.
+    verdicts: Option<(mpsc::Sender<crate::feedback::Incoming>, Arc<crate::feedback::LoadRefusals>)>,
 }
 
 /// Publishes of one connection, in the order handed to rumqttc.
@@ -131,15 +132,24 @@ impl Publisher {
     }
 
     /// Subscribe to the verdicts topic and hand what arrives to the feedback task.
-    pub fn with_verdicts(mut self, verdicts: mpsc::Sender<crate::feedback::Incoming>) -> Self {
-        self.verdicts = Some(verdicts);
+    pub fn with_verdicts(
+        mut self,
+        verdicts: mpsc::Sender<crate::feedback::Incoming>,
+        refused: Arc<crate::feedback::LoadRefusals>,
+    ) -> Self {
+        self.verdicts = Some((verdicts, refused));
         self
     }
 
-    /// A verdict arrived on MQTT: to the feedback task, or refused at once when its queue is
-    /// full (the sender is answered either way).
-    fn forward_verdict(&self, scan_id: &str, payload: &[u8]) {
-        let Some(verdicts) = &self.verdicts else { return };
+    /// A verdict arrived on MQTT: to the feedback task, or counted as refused (`busy`, in the
+    /// feedback task's summary) when its queue is full. A retained verdict is a replay of an
+    /// old one at every subscription, never a new verdict: ignored.
+    fn forward_verdict(&self, scan_id: &str, payload: &[u8], retained: bool) {
+        let Some((verdicts, refused)) = &self.verdicts else { return };
+        if retained {
+            tracing::warn!("a retained verdict was ignored: verdicts must be published without retain");
+            return;
+        }
         let incoming = crate::feedback::Incoming {
             scan_id: scan_id.to_string(),
             // Oversized payloads are refused by the feedback task; only a bounded prefix travels.
@@ -147,18 +157,7 @@ impl Publisher {
             source: crate::feedback::Source::Mqtt,
         };
         if verdicts.try_send(incoming).is_err() {
-            let event = crate::scan::EventMessage {
-                scan_id: crate::scan::ScanId::parse(scan_id),
-                ..self.topics.event(
-                    crate::scan::EventKind::LabelRejected,
-                    crate::feedback::codes::BUSY,
-                    "too many verdicts are waiting; send it again",
-                )
-            };
-            if let Err(e) = self.store.enqueue(&crate::mqtt::event_outbox(&self.topics, &event)) {
-                tracing::error!(error = %e, "cannot queue the label_rejected event");
-            }
-            self.wake.notify_one();
+            refused.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -236,7 +235,7 @@ impl Publisher {
                         if notice.topic == self.topics.fleet_model_notice() || notice.topic == self.topics.model_notice() {
                             let _ = self.notices.try_send(());
                         } else if let Some(scan_id) = self.topics.label_scan(&notice.topic) {
-                            self.forward_verdict(scan_id, &notice.payload);
+                            self.forward_verdict(scan_id, &notice.payload, notice.retain);
                         }
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {

@@ -44,6 +44,11 @@ const LABELS: TableDefinition<u64, &[u8]> = TableDefinition::new("labels");
 const LABEL_LATEST: TableDefinition<&str, u64> = TableDefinition::new("label_latest");
 /// label seq -> the reviewer's comment, sealed like the linkage (free text may name a patient).
 const LABEL_COMMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("label_comments");
+/// The seqs that are some scan's latest revision, so the live-accuracy window is a plain
+/// read of the newest entries however often scans were corrected.
+const LABEL_LATEST_SEQS: TableDefinition<u64, ()> = TableDefinition::new("label_latest_seqs");
+/// A sender's verdict id -> the seq stored for it: a verdict sent again is not a new revision.
+const LABEL_IDS: TableDefinition<&str, u64> = TableDefinition::new("label_ids");
 const NEXT_LABEL_SEQ: &str = "label_next_seq";
 /// Whether the live-accuracy alarm is raised (survives restarts, so it is raised and cleared once).
 const ACCURACY_ALARM: &str = "accuracy_alarm";
@@ -69,6 +74,14 @@ macro_rules! db_err {
     )*};
 }
 db_err!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// What `Store::record_label` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stored {
+    New(LabelRecord),
+    /// The verdict id was stored before: this is that record.
+    Duplicate(LabelRecord),
+}
 
 /// A message waiting for its PUBACK.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -121,6 +134,8 @@ impl Store {
             txn.open_table(LABELS)?;
             txn.open_table(LABEL_LATEST)?;
             txn.open_table(LABEL_COMMENTS)?;
+            txn.open_table(LABEL_LATEST_SEQS)?;
+            txn.open_table(LABEL_IDS)?;
         }
         Self::count_scans_once(&txn)?;
         txn.commit()?;
@@ -429,6 +444,23 @@ impl Store {
             for k in expired {
                 linkage.remove(k.as_str())?;
             }
+            // Comments may name a patient: they go with the linkage's retention.
+            let labels = txn.open_table(LABELS)?;
+            let mut comments = txn.open_table(LABEL_COMMENTS)?;
+            let mut old_comments = Vec::new();
+            for entry in comments.iter()? {
+                let (seq, _) = entry?;
+                let received = match labels.get(seq.value())? {
+                    Some(v) => decode::<LabelRecord>(v.value())?.received_at_ms,
+                    None => 0,
+                };
+                if received < linkage_cutoff_ms {
+                    old_comments.push(seq.value());
+                }
+            }
+            for seq in old_comments {
+                comments.remove(seq)?;
+            }
         }
         txn.commit()?;
         Ok(artefacts)
@@ -467,20 +499,37 @@ impl Store {
     }
 
     /// Store a verdict as the scan's next revision, with the messages it causes, in one
-    /// transaction. `record.seq` and `record.revision` are assigned here.
+    /// transaction. `record.seq` and `record.revision` are assigned here. A verdict whose
+    /// `verdict_id` was stored before is not stored again: the earlier record comes back as
+    /// `Stored::Duplicate`.
     pub fn record_label(
         &self,
         mut record: LabelRecord,
+        verdict_id: Option<&str>,
         comment: Option<&str>,
         messages: impl FnOnce(&LabelRecord) -> Vec<OutboxMessage>,
-    ) -> Result<LabelRecord, StoreError> {
+    ) -> Result<Stored, StoreError> {
         let sealed_comment = comment.map(|c| self.seal_bytes(c.as_bytes())).transpose()?;
         let key = record.scan_id.to_string();
         let txn = self.db.begin_write()?;
         {
             let mut labels = txn.open_table(LABELS)?;
+            if let Some(id) = verdict_id {
+                let mut ids = txn.open_table(LABEL_IDS)?;
+                if let Some(seq) = ids.get(id)?.map(|v| v.value()) {
+                    let earlier = labels.get(seq)?.map(|v| decode::<LabelRecord>(v.value())).transpose()?;
+                    if let Some(earlier) = earlier {
+                        return Ok(Stored::Duplicate(earlier));
+                    }
+                }
+                let counters = txn.open_table(COUNTERS)?;
+                let seq = counters.get(NEXT_LABEL_SEQ)?.map(|v| v.value()).unwrap_or(1);
+                ids.insert(id, seq)?;
+            }
             let mut latest = txn.open_table(LABEL_LATEST)?;
-            let previous = match latest.get(key.as_str())?.map(|v| v.value()) {
+            let mut latest_seqs = txn.open_table(LABEL_LATEST_SEQS)?;
+            let previous_seq = latest.get(key.as_str())?.map(|v| v.value());
+            let previous = match previous_seq {
                 Some(seq) => labels.get(seq)?.map(|v| decode::<LabelRecord>(v.value())).transpose()?,
                 None => None,
             };
@@ -492,6 +541,10 @@ impl Store {
             record.has_comment = sealed_comment.is_some();
             labels.insert(record.seq, encode(&record)?.as_slice())?;
             latest.insert(key.as_str(), record.seq)?;
+            if let Some(seq) = previous_seq {
+                latest_seqs.remove(seq)?;
+            }
+            latest_seqs.insert(record.seq, ())?;
             if let Some(sealed) = &sealed_comment {
                 txn.open_table(LABEL_COMMENTS)?.insert(record.seq, sealed.as_slice())?;
             }
@@ -500,58 +553,30 @@ impl Store {
             Self::push(&txn, &message)?;
         }
         txn.commit()?;
-        Ok(record)
+        Ok(Stored::New(record))
     }
 
     /// The latest revision of the most recent `window` scans with a verdict, newest first.
     pub fn recent_labels(&self, window: usize) -> Result<Vec<LabelRecord>, StoreError> {
         let txn = self.db.begin_read()?;
         let labels = txn.open_table(LABELS)?;
-        let latest = txn.open_table(LABEL_LATEST)?;
+        let latest_seqs = txn.open_table(LABEL_LATEST_SEQS)?;
         let mut out = Vec::new();
-        for entry in labels.iter()?.rev() {
-            if out.len() >= window {
-                break;
-            }
-            let (seq, value) = entry?;
-            let record: LabelRecord = decode(value.value())?;
-            // A superseded revision does not count; its scan counts where its latest one is.
-            if latest.get(record.scan_id.to_string().as_str())?.map(|v| v.value()) == Some(seq.value()) {
-                out.push(record);
+        for entry in latest_seqs.iter()?.rev().take(window) {
+            let (seq, _) = entry?;
+            if let Some(value) = labels.get(seq.value())? {
+                out.push(decode(value.value())?);
             }
         }
         Ok(out)
     }
 
-    /// Every revision of one scan's verdict, oldest first, with its comment opened.
-    pub fn label_revisions(&self, scan_id: ScanId) -> Result<Vec<(LabelRecord, Option<String>)>, StoreError> {
+    /// The reviewer's comment on one revision, opened.
+    pub fn label_comment(&self, seq: u64) -> Result<Option<String>, StoreError> {
         let txn = self.db.begin_read()?;
-        let labels = txn.open_table(LABELS)?;
         let comments = txn.open_table(LABEL_COMMENTS)?;
-        let latest = txn.open_table(LABEL_LATEST)?;
-        let Some(last) = latest.get(scan_id.to_string().as_str())?.map(|v| v.value()) else { return Ok(Vec::new()) };
-        let mut out = Vec::new();
-        // Back from the latest revision until revision 1: a scan's revisions are few.
-        for entry in labels.range(..=last)?.rev() {
-            let (seq, value) = entry?;
-            let record: LabelRecord = decode(value.value())?;
-            if record.scan_id != scan_id {
-                continue;
-            }
-            let comment = match comments.get(seq.value())? {
-                Some(sealed) => {
-                    Some(String::from_utf8_lossy(&self.open_sealed(sealed.value(), "comment")?).into_owned())
-                }
-                None => None,
-            };
-            let first = record.revision <= 1;
-            out.push((record, comment));
-            if first {
-                break;
-            }
-        }
-        out.reverse();
-        Ok(out)
+        let Some(sealed) = comments.get(seq)? else { return Ok(None) };
+        Ok(Some(String::from_utf8_lossy(&self.open_sealed(sealed.value(), "comment")?).into_owned()))
     }
 
     /// Whether the live-accuracy alarm is raised.

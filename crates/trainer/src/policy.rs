@@ -41,32 +41,8 @@ impl Default for PolicyConfig {
     }
 }
 
-/// Accuracy over a set of labels with its Wilson 95 % interval.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Accuracy {
-    pub labels: u64,
-    pub correct: u64,
-    pub accuracy: f64,
-    pub low: f64,
-    pub high: f64,
-}
-
-/// Wilson score interval at 95 % (z = 1.96): honest at small counts and near 0 or 1.
-pub fn wilson(correct: u64, n: u64) -> Accuracy {
-    if n == 0 {
-        return Accuracy { labels: 0, correct: 0, accuracy: 0.0, low: 0.0, high: 1.0 };
-    }
-    let z = 1.959_963_984_540_054_f64;
-    let (k, n_f) = (correct as f64, n as f64);
-    let p = k / n_f;
-    let denom = 1.0 + z * z / n_f;
-    let centre = (p + z * z / (2.0 * n_f)) / denom;
-    let half = z * ((p * (1.0 - p) / n_f) + z * z / (4.0 * n_f * n_f)).sqrt() / denom;
-    // At 0 and n the bound is exactly 0 or 1; the formula only gets there up to rounding.
-    let low = if correct == 0 { 0.0 } else { (centre - half).max(0.0) };
-    let high = if correct == n { 1.0 } else { (centre + half).min(1.0) };
-    Accuracy { labels: n, correct, accuracy: p, low, high }
-}
+/// The device and the trainer count accuracy the same way: one implementation, octd's.
+pub use octd::feedback::accuracy::{wilson, Accuracy};
 
 /// Accuracy of the last `window` labels (by arrival) of each group.
 fn windowed(labels: &[&LabelRecord], window: u64, key: impl Fn(&LabelRecord) -> String) -> BTreeMap<String, Accuracy> {
