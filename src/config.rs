@@ -450,11 +450,55 @@ impl Default for FeedbackConfig {
 
 /// Where confirmed labels go (the cloud trainer's intake). Written by `octd provision`;
 /// `octd doctor` checks that it answers.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UplinkConfig {
-    /// `https://…`; empty: no uplink configured.
+    /// The trainer's base URL (`https://…`; the intake is under `/api/v1/`); empty: no uplink.
     pub url: String,
+    /// Site policy: off keeps every verdict on the device (it still drives live accuracy).
+    pub enabled: bool,
+    /// The device identity key `octd provision` writes; requests are signed with it.
+    pub identity_key: PathBuf,
+    /// CA certificate(s) for a trainer behind a private CA (PEM); unset: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The clinic's pseudonym key (32 bytes or more, the same on every device of the site):
+    /// the patient pseudonym is a keyed hash of the DICOM PatientID under it. Unset, or a scan
+    /// without a PatientID: the scan is its own group.
+    pub site_key_file: Option<PathBuf>,
+    /// Verdicts waiting for delivery at most; an alarm at 90 %, and at the bound new verdicts
+    /// are refused (`uplink_full`) rather than dropped.
+    pub max_queue: u64,
+    /// Backoff after a failed delivery: from `retry_min`, doubling, up to `retry_max`, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// One request (an image upload included) must finish within this.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            url: String::new(),
+            enabled: true,
+            identity_key: "/etc/octd/device-identity.pk8".into(),
+            ca_file: None,
+            site_key_file: None,
+            max_queue: 100_000,
+            retry_min: Duration::from_secs(5),
+            retry_max: Duration::from_secs(600),
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl UplinkConfig {
+    /// Whether verdicts are queued for the trainer.
+    pub fn active(&self) -> bool {
+        self.enabled && !self.url.is_empty()
+    }
 }
 
 impl Config {
@@ -602,6 +646,12 @@ impl Config {
         }
         if self.feedback.max_payload_bytes < 256 {
             return invalid("feedback.max_payload_bytes", "must be at least 256");
+        }
+        if self.uplink.max_queue == 0
+            || self.uplink.retry_min.is_zero()
+            || self.uplink.retry_max < self.uplink.retry_min
+        {
+            return invalid("uplink.max_queue", "the queue must hold at least one verdict, and retry_min <= retry_max");
         }
         if !self.uplink.url.is_empty()
             && !self.uplink.url.starts_with("https://")

@@ -26,6 +26,7 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod update;
+pub mod uplink;
 
 /// Exit status for configuration errors: listed in the unit's RestartPreventExitStatus so a
 /// bad configuration does not restart-loop (sysexits EX_CONFIG).

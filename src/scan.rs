@@ -142,6 +142,12 @@ pub struct ScanRecord {
     /// The version of the model that classified the scan (live accuracy per version).
     #[serde(default)]
     pub model_version: Option<String>,
+    /// The model that classified it and its probabilities, as the result said: what a
+    /// verdict's upload reports as the prediction.
+    #[serde(default)]
+    pub model: Option<ModelStamp>,
+    #[serde(default)]
+    pub probabilities: Option<BTreeMap<String, f32>>,
 }
 
 impl ScanRecord {
@@ -163,6 +169,8 @@ impl ScanRecord {
             laterality: None,
             attempts: 0,
             model_version: None,
+            model: None,
+            probabilities: None,
         }
     }
 }

@@ -11,124 +11,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
+use common::trainer::{device_identity, trainer_binary, venv_python, Service};
 use common::{
     drop_file, events, free_port, repo, results, shared_oct_images, Mosquitto, Octd, OctdOptions, Subscriber,
 };
-use octd_uplink::{sha256_hex, DeviceKey, ImageKind, LabelUpload, ModelStamp, Prediction, LABEL_SCHEMA};
-use serde_json::{json, Value};
-
-/// `octd-trainer`, built beside octd by `cargo test --workspace`.
-fn trainer_binary() -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_BIN_EXE_octd")).with_file_name("octd-trainer");
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var("OCTD_REQUIRE_MOSQUITTO").is_err(),
-        "{} is missing: run the workspace's tests (cargo test --workspace)",
-        path.display()
-    );
-    eprintln!("SKIPPED: {} is missing (cargo test --workspace builds it)", path.display());
-    None
-}
-
-fn venv_python() -> Option<PathBuf> {
-    let python = repo().join(".venv/bin/python");
-    if python.exists() {
-        return Some(python);
-    }
-    assert!(std::env::var("OCTD_REQUIRE_VENV").is_err(), "no .venv/bin/python, and OCTD_REQUIRE_VENV requires it");
-    eprintln!("SKIPPED: no .venv (pip install -r trainer/requirements.txt): the training job cannot run");
-    None
-}
-
-struct Service {
-    bin: PathBuf,
-    dir: PathBuf,
-    config: PathBuf,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Service {
-    fn cli(&self, config: &Path, args: &[&str]) -> Output {
-        Command::new(&self.bin).arg("--config").arg(config).args(args).env("RUST_LOG", "info").output().unwrap()
-    }
-
-    fn cli_json(&self, config: &Path, args: &[&str]) -> Value {
-        let out = self.cli(config, args);
-        assert!(out.status.success(), "octd-trainer {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::File::create(self.dir.join("serve.log")).unwrap();
-        self.child = Some(
-            Command::new(&self.bin)
-                .arg("--config")
-                .arg(&self.config)
-                .arg("serve")
-                .env("RUST_LOG", "info,sqlx=warn")
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while common::http_get(self.port, "/healthz").map(|(s, _)| s) != Some(200) {
-            assert!(Instant::now() < deadline, "octd-trainer did not come up:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// A request signed by the device's identity key, as its uplink sends it.
-    fn signed(&self, key: &DeviceKey, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
-        use std::io::{Read, Write};
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-        let nonce = format!("{:032x}", rand_nonce());
-        let headers = key.sign(method, path, content_type, body, now, &nonce);
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\ncontent-type: {content_type}\r\n",
-            body.len()
-        );
-        for (k, v) in headers.pairs() {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        stream.write_all(head.as_bytes()).unwrap();
-        stream.write_all(body).unwrap();
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        (status, serde_json::from_str(body).unwrap_or(Value::Null))
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn rand_nonce() -> u128 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    t ^ (u128::from(COUNTER.fetch_add(1, Ordering::Relaxed)) << 64)
-}
+use octd_uplink::{sha256_hex, ImageKind, LabelUpload, ModelStamp, Prediction, LABEL_SCHEMA};
+use serde_json::Value;
 
 /// A scan de-identified by octd's own code: its PNG artefact.
 fn deidentified_png(path: &Path) -> Vec<u8> {
@@ -205,22 +96,7 @@ fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rej
     assert_eq!(adopted["adopted"], true, "{adopted}");
 
     // The device as `octd provision` makes its identity.
-    let device_dir = root.join("device");
-    std::fs::create_dir_all(&device_dir).unwrap();
-    let pk8 = device_dir.join("device-identity.pk8");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let (key_id, public) = runtime.block_on(async {
-        let id = octd_bundle::keys::generate(&pk8).await.unwrap();
-        (id, octd_bundle::keys::public_key(&pk8).await.unwrap())
-    });
-    let public_json = device_dir.join("device-identity.pub.json");
-    std::fs::write(
-        &public_json,
-        serde_json::to_vec(&json!({"keyid": key_id, "key": public, "site": "test-site", "device": "test-device"}))
-            .unwrap(),
-    )
-    .unwrap();
-    let key = DeviceKey::from_pkcs8(&std::fs::read(&pk8).unwrap(), &key_id).unwrap();
+    let (_, public_json, key) = device_identity(&root.join("device"), "test-site", "test-device");
     service.cli_json(&config, &["device", "add", public_json.to_str().unwrap()]);
     service.start();
 

@@ -179,6 +179,26 @@ async fn run_until(
         })
     };
 
+    // Verdicts to the trainer; a device without identity key or with unreadable uplink
+    // settings is misprovisioned: a configuration error, not a crash to restart.
+    let uplink_pending = Arc::new(tokio::sync::Notify::new());
+    let uplink_loop = match config.uplink.active() {
+        true => {
+            let uplink = Arc::new(
+                crate::uplink::Uplink::new(&config, store.clone(), wake.clone())
+                    .map_err(|e| DaemonError::Config(e.to_string()))?,
+            );
+            let pending = uplink_pending.clone();
+            Some(supervised("uplink", health.clone(), shutdown_rx.clone(), move |shutdown| {
+                let (uplink, pending) = (uplink.clone(), pending.clone());
+                async move {
+                    uplink.run(shutdown, pending).await;
+                    Ok::<(), String>(())
+                }
+            }))
+        }
+        false => None,
+    };
     let feedback_loop = {
         let feedback = Arc::new(Feedback::new(
             config.clone(),
@@ -187,6 +207,7 @@ async fn run_until(
             telemetry.clone(),
             wake.clone(),
             load_refusals,
+            uplink_pending.clone(),
         ));
         let verdicts_rx = Arc::new(Mutex::new(verdicts_rx));
         supervised("feedback", health.clone(), shutdown_rx.clone(), move |shutdown| {
@@ -331,6 +352,9 @@ async fn run_until(
     let _ = pruner.await;
     let _ = update_loop.await;
     let _ = feedback_loop.await;
+    if let Some(uplink) = uplink_loop {
+        let _ = uplink.await;
+    }
     let _ = publisher.await;
     if let Some(broker) = embedded_broker {
         let _ = broker.await;

@@ -54,6 +54,7 @@ pub mod codes {
     pub const BUSY: &str = "busy";
     pub const NO_MODEL: &str = "no_model";
     pub const STORE: &str = "store_error";
+    pub const UPLINK_FULL: &str = "uplink_full";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +149,8 @@ pub struct Feedback {
     /// Verdicts refused for load (rate, full queue) since the last summary: a flood is
     /// answered with one event a second, not one durable message per verdict.
     refused_for_load: Arc<LoadRefusals>,
+    /// Told when a verdict waits for delivery to the trainer.
+    uplink: Arc<tokio::sync::Notify>,
 }
 
 /// Counts of verdicts refused for load, shared with the publisher (full queue).
@@ -165,6 +168,7 @@ impl Feedback {
         telemetry: Arc<Telemetry>,
         wake: Arc<tokio::sync::Notify>,
         refused_for_load: Arc<LoadRefusals>,
+        uplink: Arc<tokio::sync::Notify>,
     ) -> Feedback {
         let rate = NonZeroU32::new(config.feedback.labels_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.feedback.burst).unwrap_or(NonZeroU32::MIN);
@@ -180,6 +184,7 @@ impl Feedback {
             limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
             wake,
             refused_for_load,
+            uplink,
         }
     }
 
@@ -215,6 +220,7 @@ impl Feedback {
             Ok(stored) => {
                 let (record, detail) = match stored {
                     Stored::New(r) => {
+                        self.uplink.notify_one();
                         let detail = format!("revision {} stored", r.revision);
                         tracing::info!(scan_id = %r.scan_id, revision = r.revision, source = source.as_str(),
                             reviewer = %r.reviewer, "verdict stored");
@@ -355,7 +361,14 @@ impl Feedback {
             has_comment: false,
         };
         let topics = &self.topics;
-        let stored = self.store.record_label(label, verdict.verdict_id.as_deref(), comment, |r| {
+        let upload = self.config.uplink.active();
+        if upload && self.store.uplink_len()? >= self.config.uplink.max_queue {
+            return Err(FeedbackError::refused(
+                codes::UPLINK_FULL,
+                "the queue of verdicts for the trainer is full (uplink.max_queue): nothing was stored",
+            ));
+        }
+        let stored = self.store.record_label(label, verdict.verdict_id.as_deref(), comment, upload, |r| {
             let code = if r.label == r.predicted { "confirmed" } else { "corrected" };
             let detail = format!("revision {}: {} (the model said {})", r.revision, r.label, r.predicted);
             let event = EventMessage {

@@ -278,6 +278,8 @@ impl Pipeline {
         record.state = ScanState::Classified;
         record.label = Some(classification.label.clone());
         record.model_version = Some(model.classifier.stamp().version.clone());
+        record.model = Some(model.classifier.stamp().clone());
+        record.probabilities = Some(classification.probabilities.clone());
         record.priority = Some(classification.priority);
         self.store.transition(&record, Some(&outbox))?;
         self.telemetry.scan_classified(&message.timings_ms);

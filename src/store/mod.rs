@@ -49,6 +49,10 @@ const LABEL_COMMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("label_
 const LABEL_LATEST_SEQS: TableDefinition<u64, ()> = TableDefinition::new("label_latest_seqs");
 /// A sender's verdict id -> the seq stored for it: a verdict sent again is not a new revision.
 const LABEL_IDS: TableDefinition<&str, u64> = TableDefinition::new("label_ids");
+/// label seq -> UplinkState (JSON): verdicts still to deliver to the trainer, in order.
+const UPLINK: TableDefinition<u64, &[u8]> = TableDefinition::new("uplink");
+/// label seq -> why the trainer refused it for good (kept for the field engineer, alarmed).
+const UPLINK_REFUSED: TableDefinition<u64, &[u8]> = TableDefinition::new("uplink_refused");
 const NEXT_LABEL_SEQ: &str = "label_next_seq";
 /// Whether the live-accuracy alarm is raised (survives restarts, so it is raised and cleared once).
 const ACCURACY_ALARM: &str = "accuracy_alarm";
@@ -74,6 +78,15 @@ macro_rules! db_err {
     )*};
 }
 db_err!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// A verdict's delivery to the trainer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UplinkState {
+    pub attempts: u32,
+    /// Not before this (ms since the epoch).
+    pub next_try_ms: u64,
+    pub last_error: Option<String>,
+}
 
 /// What `Store::record_label` did.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,6 +149,8 @@ impl Store {
             txn.open_table(LABEL_COMMENTS)?;
             txn.open_table(LABEL_LATEST_SEQS)?;
             txn.open_table(LABEL_IDS)?;
+            txn.open_table(UPLINK)?;
+            txn.open_table(UPLINK_REFUSED)?;
         }
         Self::count_scans_once(&txn)?;
         txn.commit()?;
@@ -410,8 +425,11 @@ impl Store {
     /// Forget published scans older than `cutoff_ms` and linkage older than
     /// `linkage_cutoff_ms`. Returns the artefact file names to delete.
     pub fn prune(&self, cutoff_ms: u64, linkage_cutoff_ms: u64) -> Result<Vec<String>, StoreError> {
-        let old = self.scans_where(|r| r.state == ScanState::Published && r.updated_at_ms < cutoff_ms)?;
+        let mut old = self.scans_where(|r| r.state == ScanState::Published && r.updated_at_ms < cutoff_ms)?;
         let txn = self.db.begin_write()?;
+        // A verdict extends its scan's retention until the trainer has it.
+        let waiting = Self::scans_awaiting_upload(&txn)?;
+        old.retain(|r| !waiting.contains(&r.scan_id));
         let mut artefacts = Vec::new();
         {
             let mut removed = 0u64;
@@ -507,6 +525,7 @@ impl Store {
         mut record: LabelRecord,
         verdict_id: Option<&str>,
         comment: Option<&str>,
+        upload: bool,
         messages: impl FnOnce(&LabelRecord) -> Vec<OutboxMessage>,
     ) -> Result<Stored, StoreError> {
         let sealed_comment = comment.map(|c| self.seal_bytes(c.as_bytes())).transpose()?;
@@ -548,6 +567,9 @@ impl Store {
             if let Some(sealed) = &sealed_comment {
                 txn.open_table(LABEL_COMMENTS)?.insert(record.seq, sealed.as_slice())?;
             }
+            if upload {
+                txn.open_table(UPLINK)?.insert(record.seq, encode(&UplinkState::default())?.as_slice())?;
+            }
         }
         for message in messages(&record) {
             Self::push(&txn, &message)?;
@@ -577,6 +599,67 @@ impl Store {
         let comments = txn.open_table(LABEL_COMMENTS)?;
         let Some(sealed) = comments.get(seq)? else { return Ok(None) };
         Ok(Some(String::from_utf8_lossy(&self.open_sealed(sealed.value(), "comment")?).into_owned()))
+    }
+
+    /// The oldest verdict still to deliver, with its record and its delivery state.
+    pub fn uplink_head(&self) -> Result<Option<(LabelRecord, UplinkState)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let queue = txn.open_table(UPLINK)?;
+        let Some((seq, state)) = queue.first()? else { return Ok(None) };
+        let state: UplinkState = decode(state.value())?;
+        let labels = txn.open_table(LABELS)?;
+        let record = labels
+            .get(seq.value())?
+            .map(|v| decode::<LabelRecord>(v.value()))
+            .transpose()?
+            .ok_or_else(|| StoreError::Corrupt(format!("uplink entry {} without its label", seq.value())))?;
+        Ok(Some((record, state)))
+    }
+
+    /// Verdicts still to deliver.
+    pub fn uplink_len(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(UPLINK)?.len()?)
+    }
+
+    /// The trainer has it: off the queue.
+    pub fn uplink_delivered(&self, seq: u64) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(UPLINK)?.remove(seq)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Not delivered this time: when to try again, and why.
+    pub fn uplink_retry(&self, seq: u64, state: &UplinkState) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(UPLINK)?.insert(seq, encode(state)?.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Refused by the trainer for good: off the queue, kept with the reason, its alarm queued.
+    pub fn uplink_refused(&self, seq: u64, reason: &str, message: &OutboxMessage) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(UPLINK)?.remove(seq)?;
+        txn.open_table(UPLINK_REFUSED)?.insert(seq, reason.as_bytes())?;
+        Self::push(&txn, message)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Scans whose verdicts wait for delivery: their artefacts must stay.
+    fn scans_awaiting_upload(txn: &redb::WriteTransaction) -> Result<std::collections::HashSet<ScanId>, StoreError> {
+        let queue = txn.open_table(UPLINK)?;
+        let labels = txn.open_table(LABELS)?;
+        let mut out = std::collections::HashSet::new();
+        for entry in queue.iter()? {
+            let (seq, _) = entry?;
+            if let Some(v) = labels.get(seq.value())? {
+                out.insert(decode::<LabelRecord>(v.value())?.scan_id);
+            }
+        }
+        Ok(out)
     }
 
     /// Whether the live-accuracy alarm is raised.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dicom;
+pub mod trainer;
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -1,0 +1,144 @@
+//! Confirmed verdicts reach the real `octd-trainer` through octd's durable uplink: signed with
+//! the device identity key, delivered once each across a trainer outage and a kill -9 of the
+//! daemon, a correction as the next revision, patients grouped by a keyed pseudonym of the
+//! DICOM PatientID under the site key, and not a byte of identity in what the trainer holds.
+
+mod common;
+
+use std::time::Duration;
+
+use common::dicom::{self as fixture, Pixels};
+use common::trainer::{all_bytes, device_identity, sqlite_service};
+use common::{assert_no_phi, drop_file, events, results, Rig};
+use serde_json::{json, Value};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn publish(port: u16, topic: &str, payload: Vec<u8>) {
+    let id =
+        format!("display-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    let (client, mut connection) = rumqttc::Client::new(rumqttc::MqttOptions::new(id, "127.0.0.1", port), 10);
+    client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).unwrap();
+    for event in connection.iter() {
+        match event {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("publishing the verdict: {e}"),
+        }
+    }
+    let _ = client.disconnect();
+}
+
+fn verdict(label: &str) -> Vec<u8> {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    serde_json::to_vec(&json!({"schema": "octd.label/1", "label": label, "reviewer": "rv-1", "reviewed_at": now,
+                                "comment": "call DOE^JOHN at 742 Evergreen"}))
+    .unwrap()
+}
+
+fn wait_trainer(status: impl Fn() -> Value + Copy, done: impl Fn(&Value) -> bool, what: &str) -> Value {
+    let deadline = std::time::Instant::now() + MINUTE;
+    loop {
+        let s = status();
+        if done(&s) {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting: {what}; trainer status {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identity() {
+    let Some(mut rig) = Rig::new(1, "oct/#") else { return };
+    let root = rig.dir.path().to_path_buf();
+    let Some(mut trainer) = sqlite_service(&root.join("trainer"), "[intake]\nholdout_fraction = 0.5\n") else { return };
+    let (key, public_json, _) = device_identity(&root.join("octd-etc"), "test-site", "test-device");
+    trainer.cli_json(&trainer.config.clone(), &["device", "add", public_json.to_str().unwrap()]);
+    let site_key = root.join("octd-etc/site.key");
+    std::fs::write(&site_key, [42u8; 32]).unwrap();
+    let mut config = std::fs::read_to_string(&rig.octd.config).unwrap();
+    config.push_str(&format!(
+        "\n[uplink]\nurl = \"http://127.0.0.1:{}\"\nidentity_key = \"{}\"\nsite_key_file = \"{}\"\nretry_min = \"200ms\"\nretry_max = \"1s\"\n",
+        trainer.port,
+        key.display(),
+        site_key.display()
+    ));
+    std::fs::write(&rig.octd.config, config).unwrap();
+    let octd_cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_octd"))
+            .arg("--config")
+            .arg(&rig.octd.config)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "octd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    octd_cli(&["reviewer", "add", "rv-1"]);
+    rig.octd.start();
+    rig.octd.wait_ready();
+
+    // Two B-scans of one patient as DICOM (PatientID MRN8675309), one JPEG under a name that
+    // carries identity.
+    for i in 0..2 {
+        let dims = image::image_dimensions(&rig.images[i].0).unwrap();
+        let dicom = fixture::build(fixture::Spec::plain(
+            fixture::OPT_SOP_CLASS,
+            Pixels::Jpeg { width: dims.0, height: dims.1, jpeg: rig.image(i) },
+        ));
+        drop_file(&rig.octd.inbox, &format!("DOE_JOHN_MRN8675309_{i}.dcm"), &dicom);
+    }
+    drop_file(&rig.octd.inbox, "DOE_JOHN_19450704.jpeg", &rig.image(5));
+    let messages = rig.sub.wait_until(MINUTE, |m| results(m).len() == 3, "three results");
+    let mut scans: Vec<(String, String)> =
+        results(&messages).into_iter().map(|(id, r)| (id, r["label"].as_str().unwrap().to_string())).collect();
+    scans.sort();
+    let topic = |id: &str| format!("oct/test-site/test-device/labels/{id}");
+
+    // The trainer is down while the first two verdicts are given: they wait and are retried.
+    publish(rig.broker.port, &topic(&scans[0].0), verdict(&scans[0].1));
+    publish(rig.broker.port, &topic(&scans[1].0), verdict(&scans[1].1));
+    rig.sub.wait_until(
+        MINUTE,
+        |m| events(m).iter().filter(|e| e["kind"] == "label_accepted").count() == 2,
+        "two verdicts stored",
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(rig.octd.log().contains("verdict not delivered; retrying"), "the outage was retried");
+    trainer.start();
+    let status = || trainer.status();
+    wait_trainer(status, |s| s["labels"]["scans"] == 2, "two labels after the outage");
+
+    // A third verdict, and the daemon killed at once: delivered after the restart, once.
+    publish(rig.broker.port, &topic(&scans[2].0), verdict(&scans[2].1));
+    rig.sub.wait_until(
+        MINUTE,
+        |m| events(m).iter().filter(|e| e["kind"] == "label_accepted").count() == 3,
+        "the third verdict stored",
+    );
+    rig.octd.kill9();
+    rig.octd.start();
+    rig.octd.wait_ready();
+    wait_trainer(status, |s| s["labels"]["scans"] == 3, "three labels after the kill");
+
+    // A correction is the next revision; the image is not sent twice.
+    let other = if scans[0].1 == "NORMAL" { "CNV" } else { "NORMAL" };
+    publish(rig.broker.port, &topic(&scans[0].0), verdict(other));
+    let s = wait_trainer(status, |s| s["labels"]["revisions"] == 4, "the correction");
+    assert_eq!(s["labels"]["scans"], 3, "{s}");
+    // The two DICOM scans share the patient's pseudonym; the JPEG is its own group.
+    let splits = &s["labels"]["patients_by_split"];
+    let patients: u64 = splits.as_object().unwrap().values().map(|v| v.as_u64().unwrap_or(0)).sum();
+    assert_eq!(patients, 2, "one patient for both DICOM scans, one for the JPEG: {s}");
+    assert!(rig.octd.stop().success());
+    trainer.kill();
+
+    // What the trainer holds: no name, ID, birth date, address, file name or comment.
+    let held = all_bytes(&trainer.dir.join("blobs"));
+    let db = all_bytes(&trainer.dir);
+    assert_no_phi(&held, "the trainer's images");
+    assert_no_phi(&db, "the trainer's files");
+    for needle in ["MRN8675309", "DOE_JOHN", "Evergreen"] {
+        assert!(!db.windows(needle.len()).any(|w| w == needle.as_bytes()), "the trainer holds {needle}");
+    }
+}
