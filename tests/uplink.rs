@@ -36,10 +36,10 @@ fn verdict(label: &str) -> Vec<u8> {
     .unwrap()
 }
 
-fn wait_trainer(status: impl Fn() -> Value + Copy, done: impl Fn(&Value) -> bool, what: &str) -> Value {
+fn wait_trainer(trainer: &common::trainer::Service, done: impl Fn(&Value) -> bool, what: &str) -> Value {
     let deadline = std::time::Instant::now() + MINUTE;
     loop {
-        let s = status();
+        let s = trainer.status();
         if done(&s) {
             return s;
         }
@@ -106,30 +106,38 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
     std::thread::sleep(Duration::from_millis(1500));
     assert!(rig.octd.log().contains("verdict not delivered; retrying"), "the outage was retried");
     trainer.start();
-    let status = || trainer.status();
-    wait_trainer(status, |s| s["labels"]["scans"] == 2, "two labels after the outage");
+    wait_trainer(&trainer, |s| s["labels"]["scans"] == 2, "two labels after the outage");
 
-    // A third verdict, and the daemon killed at once: delivered after the restart, once.
+    // A third verdict while the trainer is down again, and the daemon killed: the queue
+    // survives, and the verdict arrives once both are back.
+    trainer.kill();
     publish(rig.broker.port, &topic(&scans[2].0), verdict(&scans[2].1));
     rig.sub.wait_until(
         MINUTE,
         |m| events(m).iter().filter(|e| e["kind"] == "label_accepted").count() == 3,
         "the third verdict stored",
     );
+    std::thread::sleep(Duration::from_millis(500));
     rig.octd.kill9();
     rig.octd.start();
     rig.octd.wait_ready();
-    wait_trainer(status, |s| s["labels"]["scans"] == 3, "three labels after the kill");
+    trainer.start();
+    wait_trainer(&trainer, |s| s["labels"]["scans"] == 3, "three labels after the kill");
 
     // A correction is the next revision; the image is not sent twice.
     let other = if scans[0].1 == "NORMAL" { "CNV" } else { "NORMAL" };
     publish(rig.broker.port, &topic(&scans[0].0), verdict(other));
-    let s = wait_trainer(status, |s| s["labels"]["revisions"] == 4, "the correction");
+    let s = wait_trainer(&trainer, |s| s["labels"]["revisions"] == 4, "the correction");
     assert_eq!(s["labels"]["scans"], 3, "{s}");
     // The two DICOM scans share the patient's pseudonym; the JPEG is its own group.
     let splits = &s["labels"]["patients_by_split"];
     let patients: u64 = splits.as_object().unwrap().values().map(|v| v.as_u64().unwrap_or(0)).sum();
     assert_eq!(patients, 2, "one patient for both DICOM scans, one for the JPEG: {s}");
+    let alarms: Vec<Value> = events(&rig.sub.messages())
+        .into_iter()
+        .filter(|e| e["code"].as_str().unwrap_or("").starts_with("uplink_"))
+        .collect();
+    assert!(alarms.is_empty(), "nothing was refused, stalled or misconfigured: {alarms:?}");
     assert!(rig.octd.stop().success());
     trainer.kill();
 
@@ -138,7 +146,8 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
     let db = all_bytes(&trainer.dir);
     assert_no_phi(&held, "the trainer's images");
     assert_no_phi(&db, "the trainer's files");
-    for needle in ["MRN8675309", "DOE_JOHN", "Evergreen"] {
+    // Nor the scans' ids, which hold their arrival times.
+    for needle in ["MRN8675309", "DOE_JOHN", "Evergreen", scans[0].0.as_str(), scans[2].0.as_str()] {
         assert!(!db.windows(needle.len()).any(|w| w == needle.as_bytes()), "the trainer holds {needle}");
     }
 }

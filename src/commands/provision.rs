@@ -147,6 +147,8 @@ fn build_config(answers: &Answers, config_dir: &Path) -> Result<Config, Provisio
     // a package or a channel folder does.
     config.update.trusted_root = config_dir.join("root.json");
     config.uplink.url = answers.uplink_url.clone().unwrap_or_default();
+    // Requests to the trainer are signed with the identity key written beside the configuration.
+    config.uplink.identity_key = config_dir.join("device-identity.pk8");
     config.validate().map_err(|e| ProvisionError::Invalid(e.to_string()))?;
     Ok(config)
 }

@@ -179,26 +179,32 @@ async fn run_until(
         })
     };
 
-    // Verdicts to the trainer; a device without identity key or with unreadable uplink
-    // settings is misprovisioned: a configuration error, not a crash to restart.
+    // Verdicts to the trainer. A device whose uplink cannot start (identity key, CA, site key)
+    // keeps classifying and queueing verdicts, with an alarm: triage must not stop for it.
     let uplink_pending = Arc::new(tokio::sync::Notify::new());
-    let uplink_loop = match config.uplink.active() {
-        true => {
-            let uplink = Arc::new(
-                crate::uplink::Uplink::new(&config, store.clone(), wake.clone())
-                    .map_err(|e| DaemonError::Config(e.to_string()))?,
-            );
-            let pending = uplink_pending.clone();
-            Some(supervised("uplink", health.clone(), shutdown_rx.clone(), move |shutdown| {
-                let (uplink, pending) = (uplink.clone(), pending.clone());
-                async move {
-                    uplink.run(shutdown, pending).await;
-                    Ok::<(), String>(())
-                }
-            }))
-        }
+    let uplink = match config.uplink.active() {
+        true => match crate::uplink::Uplink::new(&config, store.clone(), wake.clone(), secret.clone()) {
+            Ok(uplink) => Some(Arc::new(uplink)),
+            Err(e) => {
+                tracing::error!(error = %e, "the uplink cannot start; verdicts are kept and queued until it can");
+                let event = topics.event(crate::scan::EventKind::Alarm, "uplink_misconfigured", &e.to_string());
+                store.enqueue(&crate::mqtt::event_outbox(&topics, &event))?;
+                wake.notify_one();
+                None
+            }
+        },
         false => None,
     };
+    let uplink_loop = uplink.map(|uplink| {
+        let pending = uplink_pending.clone();
+        supervised("uplink", health.clone(), shutdown_rx.clone(), move |shutdown| {
+            let (uplink, pending) = (uplink.clone(), pending.clone());
+            async move {
+                uplink.run(shutdown, pending).await;
+                Ok::<(), String>(())
+            }
+        })
+    });
     let feedback_loop = {
         let feedback = Arc::new(Feedback::new(
             config.clone(),

@@ -355,7 +355,8 @@ impl Feedback {
             predicted,
             model_version: record.model_version.clone().unwrap_or_else(|| "unknown".into()),
             reviewer: verdict.reviewer.clone(),
-            reviewed_at: verdict.reviewed_at.clone(),
+            // In UTC, without any annotation the display may have added.
+            reviewed_at: reviewed.to_string(),
             received_at_ms: now_ms(),
             source: incoming.source.as_str().into(),
             has_comment: false,

@@ -86,6 +86,21 @@ pub struct UplinkState {
     /// Not before this (ms since the epoch).
     pub next_try_ms: u64,
     pub last_error: Option<String>,
+    /// The upload as first built, resent byte for byte at every retry (the trainer refuses a
+    /// revision sent again with another body).
+    #[serde(default)]
+    pub frozen: Option<FrozenUpload>,
+}
+
+/// What a delivery sends, fixed at its first attempt.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FrozenUpload {
+    /// The label revision's JSON body.
+    pub body: String,
+    pub image_sha256: String,
+    pub image_kind: String,
+    /// The trainer has the image: a retry sends the label only.
+    pub image_done: bool,
 }
 
 /// What `Store::record_label` did.

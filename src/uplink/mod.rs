@@ -18,8 +18,24 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::mqtt::{self, Topics};
-use crate::scan::{now_ms, EventKind, LabelRecord, ScanRecord};
-use crate::store::{Store, StoreError, UplinkState};
+use crate::scan::{now_ms, EventKind, LabelRecord, ScanId, ScanRecord};
+use crate::secret::DeviceSecret;
+use crate::store::{FrozenUpload, Store, StoreError, UplinkState};
+
+/// The trainer's error codes that no retry can change (docs/uplink.md): only these take a
+/// verdict off the queue. Anything else — a proxy's page, a wrong path, an outage — is retried.
+const FINAL_ERRORS: &[&str] = &[
+    "malformed",
+    "digest_mismatch",
+    "unsupported_type",
+    "undecodable",
+    "identified",
+    "too_large",
+    "invalid",
+    "revision_conflict",
+];
+/// A head retried this many times raises `uplink_stalled`.
+const STALLED_AFTER: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -49,10 +65,16 @@ pub struct Uplink {
     client: reqwest::Client,
     deid_dir: PathBuf,
     base: String,
+    secret: DeviceSecret,
 }
 
 impl Uplink {
-    pub fn new(config: &Config, store: Arc<Store>, wake: Arc<Notify>) -> Result<Uplink, UplinkError> {
+    pub fn new(
+        config: &Config,
+        store: Arc<Store>,
+        wake: Arc<Notify>,
+        secret: DeviceSecret,
+    ) -> Result<Uplink, UplinkError> {
         let u = &config.uplink;
         let key_path = &u.identity_key;
         let pkcs8 = std::fs::read(key_path)
@@ -71,7 +93,13 @@ impl Uplink {
             }
             None => None,
         };
-        let mut builder = reqwest::Client::builder().timeout(u.timeout).connect_timeout(Duration::from_secs(15));
+        // A read timeout, not a total one: a large volume on a slow clinic link must be able to
+        // take its time as long as bytes move. Redirects are not followed: the intake never
+        // sends one, a proxy or portal does.
+        let mut builder = reqwest::Client::builder()
+            .read_timeout(u.timeout)
+            .connect_timeout(Duration::from_secs(15))
+            .redirect(reqwest::redirect::Policy::none());
         if let Some(ca) = &u.ca_file {
             let pem = std::fs::read(ca)
                 .map_err(|e| UplinkError::Settings(format!("uplink.ca_file {}: {e}", ca.display())))?;
@@ -92,6 +120,7 @@ impl Uplink {
             client,
             deid_dir: config.device.state_dir.join("deid"),
             base: u.url.trim_end_matches('/').to_string(),
+            secret,
         })
     }
 
@@ -119,16 +148,19 @@ impl Uplink {
                     _ = tokio::time::sleep(Duration::from_secs(30)) => continue,
                 }
             };
-            let wait = state.next_try_ms.saturating_sub(now_ms());
+            // Bounded, so a clock stepped back after the retry was scheduled cannot park it.
+            let longest = self.config.uplink.retry_max.mul_f64(1.2).as_millis() as u64;
+            let wait = state.next_try_ms.saturating_sub(now_ms()).min(longest);
             if wait > 0 {
                 tokio::select! {
                     _ = crate::shutdown::requested(&mut shutdown) => return,
                     _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
                 }
             }
+            let mut state = state;
             let delivery = tokio::select! {
                 _ = crate::shutdown::requested(&mut shutdown) => return,
-                d = self.deliver(&label) => d,
+                d = self.deliver(&label, &mut state) => d,
             };
             let seq = label.seq;
             let store = self.store.clone();
@@ -142,10 +174,15 @@ impl Uplink {
                     let delay = self.backoff(attempts);
                     tracing::warn!(scan_id = %label.scan_id, revision = label.revision, attempts, retry_in_ms = delay.as_millis() as u64,
                         error = %why, "verdict not delivered; retrying");
+                    if attempts == STALLED_AFTER {
+                        self.alarm(&label, "uplink_stalled", &format!("{attempts} tries have failed; the last: {why}"))
+                            .await;
+                    }
                     let next = UplinkState {
                         attempts,
                         next_try_ms: now_ms() + delay.as_millis() as u64,
                         last_error: Some(why),
+                        frozen: state.frozen.clone(),
                     };
                     tokio::task::spawn_blocking(move || store.uplink_retry(seq, &next)).await
                 }
@@ -167,12 +204,43 @@ impl Uplink {
                     .await
                 }
             };
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "recording the delivery"),
-                Err(e) => tracing::error!(error = %e, "recording the delivery"),
+            let recorded = match result {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "recording the delivery");
+                    false
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "recording the delivery");
+                    false
+                }
+            };
+            if !recorded {
+                // A store that cannot write now: do not deliver the same head in a tight loop.
+                tokio::select! {
+                    _ = crate::shutdown::requested(&mut shutdown) => return,
+                    _ = tokio::time::sleep(self.config.uplink.retry_min) => {}
+                }
             }
         }
+    }
+
+    /// An alarm about one verdict's delivery.
+    async fn alarm(&self, label: &LabelRecord, code: &str, detail: &str) {
+        let event = crate::scan::EventMessage {
+            scan_id: Some(label.scan_id),
+            revision: Some(label.revision),
+            ..self.topics.event(EventKind::Alarm, code, detail)
+        };
+        let message = mqtt::event_outbox(&self.topics, &event);
+        let (store, wake) = (self.store.clone(), self.wake.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.enqueue(&message) {
+                tracing::error!(error = %e, "cannot queue the uplink alarm");
+            }
+            wake.notify_one();
+        })
+        .await;
     }
 
     fn backoff(&self, attempts: u32) -> Duration {
@@ -207,43 +275,99 @@ impl Uplink {
         kind == EventKind::Alarm
     }
 
-    /// The image (if the trainer lacks it), then the label revision.
-    async fn deliver(&self, label: &LabelRecord) -> Delivery {
+    /// The upload, built at the first attempt and kept (with the queue entry) so every retry
+    /// sends the same bytes.
+    async fn freeze(&self, label: &LabelRecord) -> Result<FrozenUpload, Delivery> {
         let store = self.store.clone();
         let scan_id = label.scan_id;
-        let scan = match tokio::task::spawn_blocking(move || (store.get(scan_id), store.linkage(scan_id))).await {
-            Ok((Ok(Some(scan)), linkage)) => (scan, linkage.ok().flatten()),
-            Ok((Ok(None), _)) => return Delivery::Refused("the scan is no longer on the device".into()),
-            Ok((Err(e), _)) => return Delivery::Retry(format!("store: {e}")),
-            Err(e) => return Delivery::Retry(e.to_string()),
-        };
-        let (scan, linkage) = scan;
-        let Some(artifact) = scan.artifact.clone() else {
-            return Delivery::Refused("the scan has no de-identified artefact".into());
-        };
-        let path = self.deid_dir.join(&artifact);
-        let image = match tokio::fs::read(&path).await {
-            Ok(bytes) => bytes,
-            Err(e) => return Delivery::Refused(format!("the de-identified artefact cannot be read: {e}")),
-        };
-        let kind = if artifact.ends_with(".dcm") { ImageKind::Dicom } else { ImageKind::Png };
-        let sha = sha256_hex(&image);
+        let (scan, linkage) =
+            match tokio::task::spawn_blocking(move || (store.get(scan_id), store.linkage(scan_id))).await {
+                Ok((Ok(Some(scan)), Ok(linkage))) => (scan, linkage),
+                Ok((Ok(None), _)) => return Err(Delivery::Refused("the scan is no longer on the device".into())),
+                Ok((Err(e), _)) | Ok((_, Err(e))) => return Err(Delivery::Retry(format!("store: {e}"))),
+                Err(e) => return Err(Delivery::Retry(e.to_string())),
+            };
+        let image = self.artefact(&scan).await?;
+        let kind = kind_of(&scan);
+        let image_sha256 = sha256_hex(&image);
         let patient_id = linkage.as_ref().and_then(|l| l.identifiers.get("PatientID").cloned());
-        let upload = upload_body(label, &scan, &sha, kind, self.patient(patient_id.as_deref(), &scan));
-        let body = match serde_json::to_vec(&upload) {
-            Ok(b) => b,
-            Err(e) => return Delivery::Refused(format!("the label cannot be encoded: {e}")),
+        let patient = self.patient(patient_id.as_deref(), scan.scan_id);
+        let upload = upload_body(label, &scan, &image_sha256, kind, patient);
+        let body = serde_json::to_string(&upload)
+            .map_err(|e| Delivery::Refused(format!("the label cannot be encoded: {e}")))?;
+        Ok(FrozenUpload { body, image_sha256, image_kind: kind.extension().into(), image_done: false })
+    }
+
+    async fn artefact(&self, scan: &ScanRecord) -> Result<Vec<u8>, Delivery> {
+        let Some(artifact) = scan.artifact.clone() else {
+            return Err(Delivery::Refused("the scan has no de-identified artefact".into()));
         };
-        match self.put(&format!("/api/v1/images/{sha}"), kind.content_type(), image).await {
-            Delivery::Done => {}
-            other => return other,
+        match tokio::fs::read(self.deid_dir.join(&artifact)).await {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Delivery::Refused("the de-identified artefact is no longer on the device".into()))
+            }
+            Err(e) => Err(Delivery::Retry(format!("reading the artefact: {e}"))),
         }
-        self.put(&format!("/api/v1/labels/{}/{}", label.scan_id, label.revision), "application/json", body).await
+    }
+
+    /// The image (unless the trainer has it), then the label revision, as frozen in `state`.
+    async fn deliver(&self, label: &LabelRecord, state: &mut UplinkState) -> Delivery {
+        if state.frozen.is_none() {
+            match self.freeze(label).await {
+                Ok(frozen) => state.frozen = Some(frozen),
+                Err(d) => return d,
+            }
+        }
+        let Some(frozen) = state.frozen.clone() else { return Delivery::Retry("no upload".into()) };
+        let scan_ref = self.scan_reference(label.scan_id);
+        if !frozen.image_done {
+            let store = self.store.clone();
+            let scan_id = label.scan_id;
+            let scan = match tokio::task::spawn_blocking(move || store.get(scan_id)).await {
+                Ok(Ok(Some(scan))) => scan,
+                Ok(Ok(None)) => return Delivery::Refused("the scan is no longer on the device".into()),
+                Ok(Err(e)) => return Delivery::Retry(format!("store: {e}")),
+                Err(e) => return Delivery::Retry(e.to_string()),
+            };
+            let image = match self.artefact(&scan).await {
+                Ok(image) => image,
+                Err(d) => return d,
+            };
+            if sha256_hex(&image) != frozen.image_sha256 {
+                return Delivery::Refused("the de-identified artefact changed since the verdict was queued".into());
+            }
+            match self
+                .put(
+                    &format!("/api/v1/images/{}", frozen.image_sha256),
+                    kind_of(&scan).content_type(),
+                    image,
+                    &["stored", "present"],
+                )
+                .await
+            {
+                Delivery::Done => {
+                    if let Some(f) = state.frozen.as_mut() {
+                        f.image_done = true;
+                    }
+                }
+                other => return other,
+            }
+        }
+        let path = format!("/api/v1/labels/{scan_ref}/{}", label.revision);
+        self.put(&path, "application/json", frozen.body.into_bytes(), &["stored", "unchanged"]).await
+    }
+
+    /// What the trainer calls the scan: a keyed hash of its id, since the id (UUIDv7) holds
+    /// the time the scan arrived.
+    fn scan_reference(&self, scan_id: ScanId) -> String {
+        let mac = self.secret.mac("octd uplink scan reference v1", scan_id.to_string().as_bytes());
+        format!("s-{}", hex::encode(&mac[..12]))
     }
 
     /// The patient's pseudonym: a keyed hash of the PatientID under the site's key (every
     /// device of the clinic agrees), or the scan as its own group.
-    fn patient(&self, patient_id: Option<&str>, scan: &ScanRecord) -> String {
+    fn patient(&self, patient_id: Option<&str>, scan_id: ScanId) -> String {
         match (&self.site_key, patient_id.filter(|p| !p.trim().is_empty())) {
             (Some(key), Some(id)) => {
                 let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
@@ -253,11 +377,13 @@ impl Uplink {
                 let digest = mac.finalize().into_bytes();
                 format!("p-{}", hex::encode(&digest[..12]))
             }
-            _ => format!("scan-{}", scan.scan_id),
+            _ => format!("scan-{}", self.scan_reference(scan_id)),
         }
     }
 
-    async fn put(&self, path: &str, content_type: &str, body: Vec<u8>) -> Delivery {
+    /// One signed PUT. Delivered only when the intake says so (`expected` statuses); refused
+    /// only for the intake's own final error codes; anything else is retried.
+    async fn put(&self, path: &str, content_type: &str, body: Vec<u8>, expected: &[&str]) -> Delivery {
         let nonce = format!("{:032x}", rand::rng().random::<u128>());
         let now = (now_ms() / 1000) as i64;
         let headers = self.key.sign("PUT", path, content_type, &body, now, &nonce);
@@ -265,24 +391,40 @@ impl Uplink {
         for (name, value) in headers.pairs() {
             request = request.header(name, value);
         }
-        let response = match request.body(body).send().await {
+        let mut response = match request.body(body).send().await {
             Ok(r) => r,
             Err(e) => return Delivery::Retry(format!("{path}: {e}")),
         };
         let status = response.status();
+        // The intake answers a few bytes of JSON; whatever else answers is read no further.
+        let mut bytes = Vec::new();
+        while let Ok(Some(chunk)) = response.chunk().await {
+            if bytes.len() + chunk.len() > 64 << 10 {
+                break;
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        let field = |k: &str| answer.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
         if status.is_success() {
-            return Delivery::Done;
+            return match expected.contains(&field("status").as_str()) {
+                true => Delivery::Done,
+                false => Delivery::Retry(format!("{path}: {status} without the intake's answer (a proxy?)")),
+            };
         }
-        let text: String = response.text().await.unwrap_or_default().chars().take(300).collect();
-        let why = format!("{path}: {status} {text}");
-        match status.as_u16() {
-            // Not enrolled yet, revoked, a clock off, a replayed nonce, rate, an outage: an
-            // operator or time can fix these.
-            401 | 403 | 408 | 429 => Delivery::Retry(why),
-            409 if text.contains("image_missing") => Delivery::Retry(why),
-            s if s >= 500 => Delivery::Retry(why),
-            _ => Delivery::Refused(why),
+        let code = field("error");
+        let final_refusal = status.is_client_error() && FINAL_ERRORS.contains(&code.as_str());
+        match final_refusal {
+            true => Delivery::Refused(format!("the trainer answered {status} {code}")),
+            false => Delivery::Retry(format!("{path}: {status} {code}")),
         }
+    }
+}
+
+fn kind_of(scan: &ScanRecord) -> ImageKind {
+    match scan.artifact.as_deref().is_some_and(|a| a.ends_with(".dcm")) {
+        true => ImageKind::Dicom,
+        false => ImageKind::Png,
     }
 }
 
