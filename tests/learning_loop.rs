@@ -204,3 +204,137 @@ fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rej
     assert_eq!(result["model"]["version"], version.as_str(), "{result}");
     assert!(octd.stop().success());
 }
+
+/// The loop closed from the device's side: scans dropped into octd, confirmed by a reviewer
+/// on MQTT, carried by octd's uplink to the trainer, whose policy (the label-count trigger,
+/// lowered) starts a job; the gated, signed result is announced, and the same octd installs
+/// it and classifies with it. The job here is an operator's command template that hands back
+/// the shipped model under the version it is given (the real training job runs in the test
+/// above and in the trainer's own tests): what this test proves is the loop around it.
+#[test]
+fn the_loop_closes_verdicts_on_a_device_retrain_and_the_new_model_comes_back() {
+    if !common::mosquitto_available() {
+        return;
+    }
+    let Some(images) = shared_oct_images() else { return };
+    let Some(bin) = trainer_binary() else { return };
+    let Some(python) = venv_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let broker = Mosquitto::start(&root.join("broker"));
+    let sub = Subscriber::connect(broker.port, "oct/#");
+    let channel = root.join("channel");
+    copy_dir(&repo().join("models/channel"), &channel);
+    let keys = root.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for role in ["targets", "snapshot", "timestamp"] {
+        std::fs::copy(repo().join(format!("keys/development/{role}.pk8")), keys.join(format!("{role}.pk8"))).unwrap();
+    }
+    let port = free_port();
+    let labels = 12;
+    let reversion = "[\"{python}\", \"-c\", \"import json, shutil, sys; src, out, version = sys.argv[1:]; \
+                     shutil.copytree(src, out, ignore=shutil.ignore_patterns('*.png', 'README.md', 'evaluation.json')); \
+                     m = json.load(open(out + '/manifest.json')); m['version'] = version; \
+                     json.dump(m, open(out + '/manifest.json', 'w'))\", \"MODEL\", \"{out}\", \"{version}\"]"
+        .replace("MODEL", &repo().join("models/default").display().to_string());
+    let config = root.join("octd-trainer.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [storage]\ndatabase = \"sqlite://{db}\"\nblobs = \"{blobs}\"\n\n\
+             [intake]\nholdout_fraction = 0.5\n\n\
+             [channel]\ndir = \"{channel}\"\nkeys = \"{keys}\"\n\n\
+             [policy]\nretrain_every_labels = {labels}\nmin_labels_for_accuracy = 100000\ncooldown = \"1h\"\n\n\
+             [gate]\nmin_holdout = 2\nselftest_cases = 2\n\n\
+             [announce]\nbroker = \"{broker}\"\n\n\
+             [jobs]\npython = \"{python}\"\nworkdir = \"{workdir}\"\nroot = \"{jobs}\"\ncheck_interval = \"300ms\"\n\
+             heartbeat = \"100ms\"\nabandon_after = \"5s\"\nmodel_name = \"octd-compact\"\ncommand = {reversion}\n",
+            db = root.join("trainer.db").display(),
+            blobs = root.join("blobs").display(),
+            channel = channel.display(),
+            keys = keys.display(),
+            broker = broker.url(),
+            python = python.display(),
+            workdir = repo().join("trainer").display(),
+            jobs = root.join("jobs").display(),
+        ),
+    )
+    .unwrap();
+    let mut service = Service { bin, dir: root.to_path_buf(), config: config.clone(), port, child: None };
+    service.cli_json(&config, &["init"]);
+    let (identity, public_json, _) = device_identity(&root.join("octd-etc"), "test-site", "test-device");
+    service.cli_json(&config, &["device", "add", public_json.to_str().unwrap()]);
+    service.start();
+
+    let mut octd = Octd::new(
+        &root.join("octd"),
+        OctdOptions {
+            broker_url: broker.url(),
+            workers: 1,
+            extra: format!(
+                "\n[uplink]\nurl = \"http://127.0.0.1:{port}\"\nidentity_key = \"{}\"\nretry_min = \"200ms\"\nretry_max = \"1s\"\n",
+                identity.display()
+            ),
+            channel: Some((format!("http://127.0.0.1:{port}/channel/"), channel.join("metadata/1.root.json"))),
+        },
+    );
+    let text = std::fs::read_to_string(&octd.config).unwrap();
+    let paced = "[update]\ninterval = \"1h\"\nnotice_min_interval = \"0s\"\nnotice_jitter = \"0s\"\n";
+    std::fs::write(&octd.config, text.replace("[update]\n", paced)).unwrap();
+    let reviewer = std::process::Command::new(env!("CARGO_BIN_EXE_octd"))
+        .arg("--config")
+        .arg(&octd.config)
+        .args(["reviewer", "add", "rv-1"])
+        .output()
+        .unwrap();
+    assert!(reviewer.status.success(), "{}", String::from_utf8_lossy(&reviewer.stderr));
+    octd.start();
+    octd.wait_ready();
+    let installed = |m: &[common::Message], version: &str| {
+        events(m).into_iter().any(|e| e["code"] == "installed" && e["model_version"] == version)
+    };
+    sub.wait_until(Duration::from_secs(60), |m| installed(m, "0.2.0"), "the device runs 0.2.0");
+
+    // The reviewer confirms every result.
+    for (i, (path, _)) in images.iter().take(labels).enumerate() {
+        drop_file(&octd.inbox, &format!("scan-{i}.jpeg"), &std::fs::read(path).unwrap());
+    }
+    let messages = sub.wait_until(Duration::from_secs(60), |m| results(m).len() == labels, "the results");
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    for (i, (scan_id, result)) in results(&messages).into_iter().enumerate() {
+        let verdict = serde_json::json!({"schema": "octd.label/1", "label": result["label"], "reviewer": "rv-1", "reviewed_at": now});
+        let (client, mut connection) =
+            rumqttc::Client::new(rumqttc::MqttOptions::new(format!("display-{i}"), "127.0.0.1", broker.port), 10);
+        client
+            .publish(
+                format!("oct/test-site/test-device/labels/{scan_id}"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&verdict).unwrap(),
+            )
+            .unwrap();
+        for event in connection.iter() {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = event {
+                break;
+            }
+        }
+    }
+
+    // The trainer's policy trains on the labels the uplink delivered; the gate accepts, the
+    // channel lists 0.2.1, the announcement reaches the device, which installs it.
+    sub.wait_until(Duration::from_secs(120), |m| installed(m, "0.2.1"), "the device installs the retrained model");
+    let status = service.cli_json(&config, &["status"]);
+    let job = &status["jobs"][0];
+    assert_eq!(job["state"], "published", "{status}");
+    let trigger: Value = serde_json::from_str(job["trigger"].as_str().unwrap()).unwrap();
+    assert_eq!(trigger["trigger"], "new_labels", "the designed policy started it: {trigger}");
+    assert_eq!(status["labels"]["scans"], labels as u64, "every verdict reached the trainer: {status}");
+    let before = results(&sub.messages()).len();
+    drop_file(&octd.inbox, "after.jpeg", &std::fs::read(&images[0].0).unwrap());
+    let messages = sub.wait_until(Duration::from_secs(60), |m| results(m).len() > before, "a result after the update");
+    let versions: Vec<String> =
+        results(&messages).values().map(|r| r["model"]["version"].as_str().unwrap_or_default().to_string()).collect();
+    assert!(versions.iter().any(|v| v == "0.2.1"), "later results carry the new model: {versions:?}");
+    assert!(octd.stop().success());
+}
