@@ -105,7 +105,24 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
     );
     std::thread::sleep(Duration::from_millis(1500));
     assert!(rig.octd.log().contains("verdict not delivered; retrying"), "the outage was retried");
+    let doctor = |config: &std::path::Path| -> Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_octd"))
+            .arg("--config")
+            .arg(config)
+            .args(["doctor", "--json"])
+            .output()
+            .unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let checks = report["checks"].as_array().cloned().unwrap_or_default();
+        checks.into_iter().find(|c| c["check"] == "uplink").unwrap_or_else(|| panic!("no uplink check: {report}"))
+    };
+    let down = doctor(&rig.octd.config);
+    assert_eq!(down["status"], "fail", "{down}");
     trainer.start();
+    // Doctor proves the device is enrolled with a signed request, not only that the URL answers.
+    let up = doctor(&rig.octd.config);
+    assert_eq!(up["status"], "ok", "{up}");
+    assert!(up["summary"].as_str().unwrap().contains("test-site/test-device"), "{up}");
     wait_trainer(&trainer, |s| s["labels"]["scans"] == 2, "two labels after the outage");
 
     // A third verdict while the trainer is down again, and the daemon killed: the queue

@@ -1,28 +1,34 @@
-//! The uplink (where confirmed labels go) answers over HTTP(S) with a valid certificate.
-
-use std::time::Duration;
+//! The uplink (where confirmed labels go) accepts this device: a signed request the trainer
+//! authenticates proves DNS, routing, TLS, enrolment, the identity key, the clock and the
+//! signature at once — not only that the URL answers.
 
 use super::{Context, Finding};
 
 pub fn check(ctx: &Context) -> Finding {
-    let url = &ctx.config.uplink.url;
-    if url.is_empty() {
+    let u = &ctx.config.uplink;
+    if u.url.is_empty() {
         return Finding::skip("uplink", "no uplink.url configured");
     }
-    let result = ctx.runtime.block_on(async {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
-        client.head(url).send().await.map(|r| r.status()).map_err(|e| e.to_string())
-    });
-    match result {
-        // Any HTTP answer proves DNS, routing and TLS; the trainer decides what HEAD means.
-        Ok(status) if !status.is_server_error() => Finding::ok("uplink", format!("{url} answers ({status})")),
-        Ok(status) => {
-            Finding::warn("uplink", format!("{url} answers {status}"), "the trainer's intake reports an error")
+    if !u.enabled {
+        return Finding::skip("uplink", "uplink.enabled is off: verdicts stay on this device");
+    }
+    match ctx.runtime.block_on(crate::uplink::prove(u)) {
+        Ok((site, device)) => Finding::ok("uplink", format!("{} accepts this device as {site}/{device}", u.url)),
+        Err(e) if e.contains("unknown_device") => Finding::fail(
+            "uplink",
+            e,
+            "enrol the device at the trainer: octd-trainer device add device-identity.pub.json (written by octd provision)",
+        ),
+        Err(e) if e.contains("revoked") => {
+            Finding::fail("uplink", e, "the trainer's operator revoked this device; ask them to enrol it again")
+        }
+        Err(e) if e.contains("stale") => {
+            Finding::fail("uplink", e, "set the device clock (NTP): signed requests carry the time")
         }
         Err(e) => Finding::fail(
             "uplink",
-            format!("{url}: {e}"),
-            "check uplink.url, DNS and the firewall; an https certificate must chain to the system trust store",
+            e,
+            "check uplink.url, DNS and the firewall, uplink.identity_key, and that an https certificate chains to the system roots or uplink.ca_file",
         ),
     }
 }

@@ -76,12 +76,7 @@ impl Uplink {
         secret: DeviceSecret,
     ) -> Result<Uplink, UplinkError> {
         let u = &config.uplink;
-        let key_path = &u.identity_key;
-        let pkcs8 = std::fs::read(key_path)
-            .map_err(|e| UplinkError::Settings(format!("uplink.identity_key {}: {e}", key_path.display())))?;
-        let key_id = identity_key_id(key_path)?;
-        let key = DeviceKey::from_pkcs8(&pkcs8, &key_id)
-            .map_err(|e| UplinkError::Settings(format!("uplink.identity_key {}: {e}", key_path.display())))?;
+        let key = device_key(u)?;
         let site_key = match &u.site_key_file {
             Some(path) => {
                 let bytes = std::fs::read(path)
@@ -93,23 +88,7 @@ impl Uplink {
             }
             None => None,
         };
-        // A read timeout, not a total one: a large volume on a slow clinic link must be able to
-        // take its time as long as bytes move. Redirects are not followed: the intake never
-        // sends one, a proxy or portal does.
-        let mut builder = reqwest::Client::builder()
-            .read_timeout(u.timeout)
-            .connect_timeout(Duration::from_secs(15))
-            .redirect(reqwest::redirect::Policy::none());
-        if let Some(ca) = &u.ca_file {
-            let pem = std::fs::read(ca)
-                .map_err(|e| UplinkError::Settings(format!("uplink.ca_file {}: {e}", ca.display())))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| UplinkError::Settings(format!("uplink.ca_file {}: {e}", ca.display())))?
-            {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let client = builder.build().map_err(|e| UplinkError::Settings(format!("HTTP client: {e}")))?;
+        let client = http_client(u)?;
         Ok(Uplink {
             config: config.clone(),
             store,
@@ -464,6 +443,59 @@ fn upload_body(
         patient,
         image_sha256: image_sha256.into(),
         image_kind: kind,
+    }
+}
+
+/// The device identity key that signs requests, with the key id the trainer enrolled.
+pub fn device_key(u: &crate::config::UplinkConfig) -> Result<DeviceKey, UplinkError> {
+    let key_path = &u.identity_key;
+    let pkcs8 = std::fs::read(key_path)
+        .map_err(|e| UplinkError::Settings(format!("uplink.identity_key {}: {e}", key_path.display())))?;
+    let key_id = identity_key_id(key_path)?;
+    DeviceKey::from_pkcs8(&pkcs8, &key_id)
+        .map_err(|e| UplinkError::Settings(format!("uplink.identity_key {}: {e}", key_path.display())))
+}
+
+/// The HTTP client for the trainer: a read timeout, not a total one (a large volume on a
+/// slow clinic link may take its time as long as bytes move); redirects not followed (the
+/// intake never sends one, a proxy or portal does); `uplink.ca_file` for a private CA.
+pub fn http_client(u: &crate::config::UplinkConfig) -> Result<reqwest::Client, UplinkError> {
+    let mut builder = reqwest::Client::builder()
+        .read_timeout(u.timeout)
+        .connect_timeout(Duration::from_secs(15))
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(ca) = &u.ca_file {
+        let pem =
+            std::fs::read(ca).map_err(|e| UplinkError::Settings(format!("uplink.ca_file {}: {e}", ca.display())))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| UplinkError::Settings(format!("uplink.ca_file {}: {e}", ca.display())))?
+        {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| UplinkError::Settings(format!("HTTP client: {e}")))
+}
+
+/// Prove the uplink end to end: a signed request the trainer must authenticate. Returns the
+/// site and device the trainer enrolled this key as.
+pub async fn prove(u: &crate::config::UplinkConfig) -> Result<(String, String), String> {
+    let key = device_key(u).map_err(|e| e.to_string())?;
+    let client = http_client(u).map_err(|e| e.to_string())?;
+    let path = "/api/v1/device";
+    let nonce = format!("{:032x}", rand::rng().random::<u128>());
+    let headers = key.sign("GET", path, "", b"", (now_ms() / 1000) as i64, &nonce);
+    let mut request = client.get(format!("{}{path}", u.url.trim_end_matches('/')));
+    for (name, value) in headers.pairs() {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.map_err(|e| format!("{}: {e}", u.url))?;
+    let status = response.status();
+    let bytes = response.bytes().await.unwrap_or_default();
+    let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let text = |k: &str| answer.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    match status.is_success() {
+        true => Ok((text("site"), text("device"))),
+        false => Err(format!("the trainer answered {status} {}: {}", text("error"), text("message"))),
     }
 }
 

@@ -206,6 +206,7 @@ pub fn router(intake: Arc<Intake>) -> Router {
     Router::new()
         .route("/api/v1/images/:sha256", put(put_image))
         .route("/api/v1/labels/:scan_id/:revision", put(put_label))
+        .route("/api/v1/device", get(whoami))
         // Uploads share a bounded number of slots; health, metrics and the channel do not wait for them.
         .layer(tower::limit::ConcurrencyLimitLayer::new(slots))
         // Bodies are bounded per route, after authentication.
@@ -229,6 +230,27 @@ fn outcome(result: &Result<Response, ApiError>) -> String {
         Ok(r) => r.status().as_u16().to_string(),
         Err(e) => e.code.to_string(),
     }
+}
+
+/// A signed request with no effect: who the service takes the device for (`octd doctor`'s
+/// uplink check proves enrolment, key, clock and signature with it).
+async fn whoami(
+    State(intake): State<Arc<Intake>>,
+    method: Method,
+    uri: OriginalUri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let result = async {
+        let Authenticated { device, .. } = intake.authenticate(&method, &uri, &headers, body, 0).await?;
+        Ok::<_, ApiError>(
+            (StatusCode::OK, Json(json!({"site": device.site, "device": device.device, "key_id": device.key_id})))
+                .into_response(),
+        )
+    }
+    .await;
+    intake.metrics.record("device", &outcome(&result));
+    result
 }
 
 async fn put_image(
