@@ -465,6 +465,10 @@ pub struct UplinkConfig {
     /// the patient pseudonym is a keyed hash of the DICOM PatientID under it. Unset, or a scan
     /// without a PatientID: the scan is its own group.
     pub site_key_file: Option<PathBuf>,
+    /// For scans without a DICOM PatientID (JPEG/PNG/TIFF exports): a regular expression whose
+    /// first capture group takes the patient identifier from the original file name, e.g.
+    /// `^[A-Z]+_([0-9]{6,10})_` for `SMITH_0012345_OD_3.jpeg`. Hashed like a PatientID.
+    pub patient_from_name: String,
     /// Verdicts waiting for delivery at most; an alarm at 90 %, and at the bound new verdicts
     /// are refused (`uplink_full`) rather than dropped.
     pub max_queue: u64,
@@ -486,6 +490,7 @@ impl Default for UplinkConfig {
             identity_key: "/etc/octd/device-identity.pk8".into(),
             ca_file: None,
             site_key_file: None,
+            patient_from_name: String::new(),
             max_queue: 100_000,
             retry_min: Duration::from_secs(5),
             retry_max: Duration::from_secs(600),
@@ -646,6 +651,13 @@ impl Config {
         }
         if self.feedback.max_payload_bytes < 256 {
             return invalid("feedback.max_payload_bytes", "must be at least 256");
+        }
+        if !self.uplink.patient_from_name.is_empty() {
+            match regex::Regex::new(&self.uplink.patient_from_name) {
+                Ok(r) if r.captures_len() >= 2 => {}
+                Ok(_) => return invalid("uplink.patient_from_name", "needs a capture group around the identifier"),
+                Err(_) => return invalid("uplink.patient_from_name", "is not a regular expression"),
+            }
         }
         if self.uplink.max_queue == 0
             || self.uplink.retry_min.is_zero()

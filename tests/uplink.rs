@@ -59,7 +59,8 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
     std::fs::write(&site_key, [42u8; 32]).unwrap();
     let mut config = std::fs::read_to_string(&rig.octd.config).unwrap();
     config.push_str(&format!(
-        "\n[uplink]\nurl = \"http://127.0.0.1:{}\"\nidentity_key = \"{}\"\nsite_key_file = \"{}\"\nretry_min = \"200ms\"\nretry_max = \"1s\"\n",
+        "\n[uplink]\nurl = \"http://127.0.0.1:{}\"\nidentity_key = \"{}\"\nsite_key_file = \"{}\"\nretry_min = \"200ms\"\nretry_max = \"1s\"\n\
+         patient_from_name = \"_(MRN[0-9]+)_\"\n",
         trainer.port,
         key.display(),
         site_key.display()
@@ -78,8 +79,8 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
     rig.octd.start();
     rig.octd.wait_ready();
 
-    // Two B-scans of one patient as DICOM (PatientID MRN8675309), one JPEG under a name that
-    // carries identity.
+    // Two B-scans of one patient as DICOM (PatientID MRN8675309), and one JPEG of the same
+    // patient whose export name carries the identifier the site's pattern takes.
     for i in 0..2 {
         let dims = image::image_dimensions(&rig.images[i].0).unwrap();
         let dicom = fixture::build(fixture::Spec::plain(
@@ -88,7 +89,7 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
         ));
         drop_file(&rig.octd.inbox, &format!("DOE_JOHN_MRN8675309_{i}.dcm"), &dicom);
     }
-    drop_file(&rig.octd.inbox, "DOE_JOHN_19450704.jpeg", &rig.image(5));
+    drop_file(&rig.octd.inbox, "DOE_JOHN_MRN8675309_19450704.jpeg", &rig.image(5));
     let messages = rig.sub.wait_until(MINUTE, |m| results(m).len() == 3, "three results");
     let mut scans: Vec<(String, String)> =
         results(&messages).into_iter().map(|(id, r)| (id, r["label"].as_str().unwrap().to_string())).collect();
@@ -146,10 +147,11 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
     publish(rig.broker.port, &topic(&scans[0].0), verdict(other));
     let s = wait_trainer(&trainer, |s| s["labels"]["revisions"] == 4, "the correction");
     assert_eq!(s["labels"]["scans"], 3, "{s}");
-    // The two DICOM scans share the patient's pseudonym; the JPEG is its own group.
+    // All three scans are one patient: the DICOM PatientID and the identifier in the JPEG's
+    // name give the same pseudonym under the site key.
     let splits = &s["labels"]["patients_by_split"];
     let patients: u64 = splits.as_object().unwrap().values().map(|v| v.as_u64().unwrap_or(0)).sum();
-    assert_eq!(patients, 2, "one patient for both DICOM scans, one for the JPEG: {s}");
+    assert_eq!(patients, 1, "one patient for the two DICOM scans and the named JPEG: {s}");
     let alarms: Vec<Value> = events(&rig.sub.messages())
         .into_iter()
         .filter(|e| e["code"].as_str().unwrap_or("").starts_with("uplink_"))

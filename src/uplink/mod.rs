@@ -62,6 +62,7 @@ pub struct Uplink {
     wake: Arc<Notify>,
     key: DeviceKey,
     site_key: Option<Vec<u8>>,
+    patient_from_name: Option<regex::Regex>,
     client: reqwest::Client,
     deid_dir: PathBuf,
     base: String,
@@ -89,6 +90,13 @@ impl Uplink {
             None => None,
         };
         let client = http_client(u)?;
+        let patient_from_name = match u.patient_from_name.is_empty() {
+            true => None,
+            false => Some(
+                regex::Regex::new(&u.patient_from_name)
+                    .map_err(|e| UplinkError::Settings(format!("uplink.patient_from_name: {e}")))?,
+            ),
+        };
         Ok(Uplink {
             config: config.clone(),
             store,
@@ -96,6 +104,7 @@ impl Uplink {
             wake,
             key,
             site_key,
+            patient_from_name,
             client,
             deid_dir: config.device.state_dir.join("deid"),
             base: u.url.trim_end_matches('/').to_string(),
@@ -269,7 +278,13 @@ impl Uplink {
         let image = self.artefact(&scan).await?;
         let kind = kind_of(&scan);
         let image_sha256 = sha256_hex(&image);
-        let patient_id = linkage.as_ref().and_then(|l| l.identifiers.get("PatientID").cloned());
+        // The DICOM PatientID, else the clinic's pattern on the original file name.
+        let patient_id = linkage.as_ref().and_then(|l| {
+            l.identifiers.get("PatientID").filter(|p| !p.trim().is_empty()).cloned().or_else(|| {
+                let pattern = self.patient_from_name.as_ref()?;
+                pattern.captures(&l.original_name)?.get(1).map(|m| m.as_str().to_string())
+            })
+        });
         let patient = self.patient(patient_id.as_deref(), scan.scan_id);
         let upload = upload_body(label, &scan, &image_sha256, kind, patient);
         let body = serde_json::to_string(&upload)

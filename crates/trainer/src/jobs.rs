@@ -312,8 +312,12 @@ async fn execute(
                 .map_err(|e| format!("image {}: {e}", label.image_sha256))?;
             std::fs::write(&file, bytes).map_err(|e| format!("{}: {e}", file.display()))?;
         }
-        // The patient column groups the job's own validation split by patient.
-        let patient = format!("{}/{}/{}", label.site, label.device, label.patient);
+        // The patient column groups the job's own validation split by patient (across the
+        // site's devices where the pseudonym is site-wide).
+        let patient = match crate::site_wide_patient(&label.patient) {
+            true => format!("{}/{}", label.site, label.patient),
+            false => format!("{}/{}/{}", label.site, label.device, label.patient),
+        };
         csv.push_str(&format!("images/{}.png,{},{}\n", label.image_sha256, label.label, patient));
         exported += 1;
     }

@@ -22,3 +22,10 @@ pub const EXIT_CONFIG: i32 = 78;
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
+
+/// Devices name a patient by a pseudonym keyed with their site's key (`p-…`, the same on
+/// every device of the site), or by a group of their own (one scan): only the former spans
+/// devices.
+pub fn site_wide_patient(patient: &str) -> bool {
+    patient.starts_with("p-")
+}

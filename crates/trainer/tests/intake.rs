@@ -350,3 +350,37 @@ fn a_device_over_its_rate_is_told_to_wait() {
     assert_eq!(shown["server"]["operator_token"], "***", "config-check prints no secret");
     t.stop();
 }
+
+#[test]
+fn a_site_keyed_patient_has_one_split_on_every_device_of_the_site() {
+    let Some(images) = shared_oct_images() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::sqlite(&dir.path().join("svc"), INTAKE);
+    let a = DeviceIdentity::new(&dir.path().join("a"), "clinic-a", "octd-1");
+    let b = DeviceIdentity::new(&dir.path().join("b"), "clinic-a", "octd-2");
+    for d in [&a, &b] {
+        t.cli_json(&["device", "add", d.public_json.to_str().unwrap()]);
+    }
+    t.start();
+    let (png, _) = deidentified(std::fs::read(&images[0].0).unwrap());
+    for d in [&a, &b] {
+        assert!(matches!(put_image(&t, d, &png, "image/png").status, 200 | 201));
+    }
+    let sha = sha256_hex(&png);
+    let mut own_groups_differ = false;
+    for i in 0..32 {
+        // The same site-keyed patient seen on both devices: one side of the split.
+        let patient = format!("p-{i:024x}");
+        let on_a = put_label(&t, &a, &format!("s-a{i}"), 1, &label(&sha, octd_uplink::ImageKind::Png, "CNV", &patient));
+        let on_b = put_label(&t, &b, &format!("s-b{i}"), 1, &label(&sha, octd_uplink::ImageKind::Png, "CNV", &patient));
+        assert_eq!(on_a.status, 201, "{on_a:?}");
+        assert_eq!(on_a.body["split"], on_b.body["split"], "patient {patient} straddles the split");
+        // A device's own group (a scan without a patient identifier) is drawn per device.
+        let group = format!("scan-s-{i:024x}");
+        let on_a = put_label(&t, &a, &format!("g-a{i}"), 1, &label(&sha, octd_uplink::ImageKind::Png, "CNV", &group));
+        let on_b = put_label(&t, &b, &format!("g-b{i}"), 1, &label(&sha, octd_uplink::ImageKind::Png, "CNV", &group));
+        own_groups_differ |= on_a.body["split"] != on_b.body["split"];
+    }
+    assert!(own_groups_differ, "groups of one device are drawn per device (32 draws at 0.5 all equal: p = 2^-32)");
+    t.stop();
+}

@@ -189,6 +189,9 @@ impl Intake {
     fn holdout(&self, site: &str, device: &str, patient: &str) -> bool {
         let mut h = Sha256::new();
         h.update(self.holdout_key);
+        // A site-keyed pseudonym (`p-…`) names the same patient on every device of the site:
+        // one split for all of them, or a patient seen on two devices would straddle it.
+        let device = if crate::site_wide_patient(patient) { "" } else { device };
         for part in [site, device, patient] {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part.as_bytes());
