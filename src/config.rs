@@ -29,6 +29,7 @@ const SECTIONS: &[&str] = &[
     "mqtt",
     "telemetry",
     "feedback",
+    "display",
     "uplink",
 ];
 
@@ -57,6 +58,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub telemetry: TelemetryConfig,
     pub feedback: FeedbackConfig,
+    pub display: crate::display::DisplayConfig,
     pub uplink: UplinkConfig,
 }
 
@@ -636,6 +638,15 @@ impl Config {
         }
         if self.telemetry.stuck_after.is_zero() {
             return invalid("telemetry.stuck_after", "must be greater than zero");
+        }
+        if let Err(reason) = self.display.address() {
+            return Err(ConfigError::Invalid { field: "display.listen", reason });
+        }
+        if self.display.max_failures == 0 || self.display.logins_per_second == 0 || self.display.session_ttl.is_zero() {
+            return invalid(
+                "display.max_failures",
+                "failures, logins per second and the session's life must be positive",
+            );
         }
         if self.feedback.window == 0 {
             return invalid("feedback.window", "must be at least 1");

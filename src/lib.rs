@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod deid;
+pub mod display;
 pub mod doctor;
 pub mod feedback;
 pub mod fsutil;

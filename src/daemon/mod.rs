@@ -205,16 +205,17 @@ async fn run_until(
             }
         })
     });
+    let feedback = Arc::new(Feedback::new(
+        config.clone(),
+        store.clone(),
+        updater.clone(),
+        telemetry.clone(),
+        wake.clone(),
+        load_refusals,
+        uplink_pending.clone(),
+    ));
     let feedback_loop = {
-        let feedback = Arc::new(Feedback::new(
-            config.clone(),
-            store.clone(),
-            updater.clone(),
-            telemetry.clone(),
-            wake.clone(),
-            load_refusals,
-            uplink_pending.clone(),
-        ));
+        let feedback = feedback.clone();
         let verdicts_rx = Arc::new(Mutex::new(verdicts_rx));
         supervised("feedback", health.clone(), shutdown_rx.clone(), move |shutdown| {
             let (feedback, verdicts_rx) = (feedback.clone(), verdicts_rx.clone());
@@ -255,6 +256,29 @@ async fn run_until(
         jobs: jobs_tx.downgrade(),
         config: config.clone(),
     });
+    // The reading room's API: a taken port or an unreadable certificate is a start-up error.
+    let display = match config.display.address().map_err(DaemonError::Config)? {
+        Some(addr) => {
+            let (listener, tls) =
+                crate::display::bind(&config, addr).await.map_err(|e| DaemonError::Config(e.to_string()))?;
+            tracing::info!(address = %addr, tls = tls.is_some(), "display API listening");
+            let listener = Arc::new(std::sync::Mutex::new(Some((listener, tls))));
+            let (config, store, feedback) = (config.clone(), store.clone(), feedback.clone());
+            Some(supervised("display API", health.clone(), shutdown_rx.clone(), move |shutdown| {
+                let (config, store, feedback, listener) =
+                    (config.clone(), store.clone(), feedback.clone(), listener.clone());
+                async move {
+                    let taken = listener.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    let Some((listener, tls)) = taken else {
+                        return Err("the display API's listener was lost with its task".to_string());
+                    };
+                    crate::display::serve(config, store, feedback, listener, tls, shutdown).await;
+                    Ok::<(), String>(())
+                }
+            }))
+        }
+        None => None,
+    };
     let endpoint = match config.telemetry_address() {
         Some(addr) => {
             let listener = telemetry::server::bind(addr).await.map_err(|e| DaemonError::Runtime(e.to_string()))?;
@@ -358,6 +382,9 @@ async fn run_until(
     let _ = pruner.await;
     let _ = update_loop.await;
     let _ = feedback_loop.await;
+    if let Some(display) = display {
+        let _ = display.await;
+    }
     if let Some(uplink) = uplink_loop {
         let _ = uplink.await;
     }

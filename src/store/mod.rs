@@ -608,6 +608,27 @@ impl Store {
         Ok(out)
     }
 
+    /// The most recently claimed scans, newest first (scan ids are UUIDv7: key order is
+    /// claim order).
+    pub fn recent_scans(&self, limit: usize) -> Result<Vec<ScanRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let scans = txn.open_table(SCANS)?;
+        let mut out = Vec::new();
+        for entry in scans.iter()?.rev().take(limit) {
+            out.push(decode(entry?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The revision of a scan's verdict that counts, if any.
+    pub fn latest_label(&self, scan_id: ScanId) -> Result<Option<LabelRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let latest = txn.open_table(LABEL_LATEST)?;
+        let Some(seq) = latest.get(scan_id.to_string().as_str())?.map(|v| v.value()) else { return Ok(None) };
+        let labels = txn.open_table(LABELS)?;
+        labels.get(seq)?.map(|v| decode(v.value())).transpose()
+    }
+
     /// The reviewer's comment on one revision, opened.
     pub fn label_comment(&self, seq: u64) -> Result<Option<String>, StoreError> {
         let txn = self.db.begin_read()?;

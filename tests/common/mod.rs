@@ -293,6 +293,8 @@ pub struct Octd {
     pub config: PathBuf,
     /// The /metrics /healthz /readyz /status endpoint's port.
     pub telemetry_port: u16,
+    /// The reading room's API (display.listen), on loopback.
+    pub display_port: u16,
     /// Extra environment for the daemon (e.g. NOTIFY_SOCKET).
     pub env: Vec<(String, String)>,
     child: Option<Child>,
@@ -326,11 +328,12 @@ impl Octd {
             }
         };
         let telemetry_port = free_port();
+        let display_port = free_port();
         write!(
             f,
             "[telemetry]\nlisten = \"127.0.0.1:{telemetry_port}\"\n\n[device]\nsite = \"test-site\"\nid = \"test-device\"\nstate_dir = \"{}\"\n\n\
              [ingest]\nwatch = [\"{}\"]\nsettle = \"300ms\"\nrescan_interval = \"1s\"\n\n\
-             [model]\n{}threads = 1\n\n{}\n[pipeline]\nworkers = {}\n\n\
+             [model]\n{}threads = 1\n\n{}\n[display]\nlisten = \"127.0.0.1:{display_port}\"\n\n[pipeline]\nworkers = {}\n\n\
              [mqtt]\nurl = \"{}\"\nreconnect_delay = \"300ms\"\n{}\n",
             state.display(),
             inbox.display(),
@@ -347,6 +350,7 @@ impl Octd {
             state,
             config,
             telemetry_port,
+            display_port,
             env: Vec::new(),
             child: None,
             log_offset: 0,

@@ -1,0 +1,553 @@
+//! Beside the pipeline: the local HTTP API the reading-room display and clinic scripts use
+//! (docs/display-api.md). Reviewers log in with the password `octd reviewer add
+//! --password-stdin` set (Argon2id); a session is a bearer token (no cookie, so no cross-site
+//! request can carry it), kept hashed in memory and expiring. Repeated failures lock a
+//! reviewer out; logins are rate-limited as a whole. A verdict posted here goes through the
+//! feedback stage exactly as one on MQTT, attributed to the session's reviewer. Served on
+//! `display.listen` (loopback by default); a non-loopback address needs TLS.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::Config;
+use crate::feedback::reviewers::{valid_id, Reviewers};
+use crate::feedback::{codes, Feedback, Incoming, Source};
+use crate::scan::{rfc3339_ms, ScanId, ScanRecord};
+use crate::store::Store;
+
+const MAX_CONNECTIONS: usize = 128;
+const MAX_SESSIONS: usize = 256;
+const MAX_TRACKED_FAILURES: usize = 1024;
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+const MAX_BODY: usize = 16 << 10;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DisplayConfig {
+    /// Where the API listens; empty: off. A non-loopback address needs `tls_cert` and `tls_key`.
+    pub listen: String,
+    /// PEM certificate chain and private key for HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// A session ends this long after its login.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Failed logins of one reviewer before the lock-out ...
+    pub max_failures: u32,
+    /// ... which lasts this long.
+    #[serde(with = "humantime_serde")]
+    pub lockout: Duration,
+    /// Login attempts per second, all clients together.
+    pub logins_per_second: u32,
+}
+
+impl Default for DisplayConfig {
+    fn default() -> Self {
+        DisplayConfig {
+            listen: "127.0.0.1:8480".into(),
+            tls_cert: None,
+            tls_key: None,
+            session_ttl: Duration::from_secs(12 * 3600),
+            max_failures: 5,
+            lockout: Duration::from_secs(15 * 60),
+            logins_per_second: 5,
+        }
+    }
+}
+
+impl DisplayConfig {
+    /// The address, or None when the API is off; an error names what is wrong.
+    pub fn address(&self) -> Result<Option<SocketAddr>, String> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        let addr: SocketAddr = self.listen.parse().map_err(|_| format!("{:?} is not an address:port", self.listen))?;
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("tls_cert and tls_key go together".into());
+        }
+        if !addr.ip().is_loopback() && self.tls_cert.is_none() {
+            return Err(format!(
+                "{addr} is reachable from the network: set tls_cert and tls_key (passwords and verdicts must not cross it in clear)"
+            ));
+        }
+        Ok(Some(addr))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DisplayError {
+    #[error("display API on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("display TLS: {0}")]
+    Tls(String),
+}
+
+/// An answer's error: `{"error": code, "message": why}`.
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": self.code, "message": self.message}))).into_response()
+    }
+}
+
+struct Session {
+    reviewer: String,
+    expires: Instant,
+}
+
+#[derive(Default)]
+struct Failures {
+    count: u32,
+    locked_until: Option<Instant>,
+    last: Option<Instant>,
+}
+
+struct Api {
+    config: Config,
+    store: Arc<Store>,
+    feedback: Arc<Feedback>,
+    sessions: Mutex<HashMap<[u8; 32], Session>>,
+    failures: Mutex<HashMap<String, Failures>>,
+    logins: DefaultDirectRateLimiter,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn token_key(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl Api {
+    /// The reviewer of the request's session, or why not.
+    fn reviewer(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| unauthorized("log in first: POST /api/v1/session, then Authorization: Bearer <token>"))?;
+        let mut sessions = lock(&self.sessions);
+        let key = token_key(token.trim());
+        match sessions.get(&key) {
+            Some(s) if s.expires > Instant::now() => Ok(s.reviewer.clone()),
+            Some(_) => {
+                sessions.remove(&key);
+                Err(unauthorized("the session has expired: log in again"))
+            }
+            None => Err(unauthorized("not a session of this device: log in again")),
+        }
+    }
+
+    fn open_session(&self, reviewer: &str) -> (String, Duration) {
+        let mut raw = [0u8; 32];
+        rand::rng().fill_bytes(&mut raw);
+        let token = hex::encode(raw);
+        let ttl = self.config.display.session_ttl;
+        let mut sessions = lock(&self.sessions);
+        let now = Instant::now();
+        sessions.retain(|_, s| s.expires > now);
+        if sessions.len() >= MAX_SESSIONS {
+            // The one closest to its end makes room.
+            if let Some(key) = sessions.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| *k) {
+                sessions.remove(&key);
+            }
+        }
+        sessions.insert(token_key(&token), Session { reviewer: reviewer.to_string(), expires: now + ttl });
+        (token, ttl)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    reviewer: String,
+    password: String,
+}
+
+/// A PHC string no password matches, verified for unknown reviewers so that a login takes
+/// as long whether the reviewer exists or not.
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Ww2Hf6vPlkTmAIb6zS7hkQ1yUq2UD5b1tPz4o0I3W3s";
+
+async fn login(State(api): State<Arc<Api>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    if api.logins.check().is_err() {
+        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many logins; wait a second"));
+    }
+    let login: Login = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "malformed", "expected {\"reviewer\", \"password\"}"))?;
+    if !valid_id(&login.reviewer) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "malformed", "not a reviewer id"));
+    }
+    let d = &api.config.display;
+    {
+        let failures = lock(&api.failures);
+        if let Some(until) = failures.get(&login.reviewer).and_then(|f| f.locked_until) {
+            if until > Instant::now() {
+                let left = until.saturating_duration_since(Instant::now()).as_secs() + 1;
+                return Err(ApiError::new(
+                    StatusCode::LOCKED,
+                    "locked",
+                    format!("too many failed logins for this reviewer; try again in {left} s"),
+                ));
+            }
+        }
+    }
+    let state = api.config.device.state_dir.clone();
+    let reviewer = login.reviewer.clone();
+    let verified = tokio::task::spawn_blocking(move || {
+        let known = Reviewers::load(&state).unwrap_or_default();
+        match known.get(&reviewer).and_then(|r| r.password_hash.clone()) {
+            Some(_) => known.verify_password(&reviewer, &login.password),
+            None => {
+                let dummy = Reviewers {
+                    reviewers: vec![crate::feedback::reviewers::Reviewer {
+                        id: reviewer.clone(),
+                        added_at: String::new(),
+                        password_hash: Some(DUMMY_HASH.into()),
+                    }],
+                };
+                let _ = dummy.verify_password(&reviewer, &login.password);
+                false
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    let now = Instant::now();
+    let mut failures = lock(&api.failures);
+    if !verified {
+        if failures.len() >= MAX_TRACKED_FAILURES && !failures.contains_key(&login.reviewer) {
+            if let Some(oldest) = failures.iter().min_by_key(|(_, f)| f.last).map(|(k, _)| k.clone()) {
+                failures.remove(&oldest);
+            }
+        }
+        let f = failures.entry(login.reviewer.clone()).or_default();
+        f.count += 1;
+        f.last = Some(now);
+        if f.count >= d.max_failures {
+            f.locked_until = Some(now + d.lockout);
+            f.count = 0;
+            tracing::warn!(reviewer = %login.reviewer, lockout_s = d.lockout.as_secs(), "reviewer locked out after failed logins");
+        }
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown reviewer or wrong password"));
+    }
+    failures.remove(&login.reviewer);
+    drop(failures);
+    let (token, ttl) = api.open_session(&login.reviewer);
+    tracing::info!(reviewer = %login.reviewer, "reviewer logged in");
+    Ok((StatusCode::CREATED, Json(json!({"token": token, "reviewer": login.reviewer, "expires_in_s": ttl.as_secs()})))
+        .into_response())
+}
+
+async fn logout(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    api.reviewer(&headers)?;
+    if let Some(token) =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
+    {
+        lock(&api.sessions).remove(&token_key(token.trim()));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// What the display shows of a scan: no identity, nothing from the original file.
+#[derive(Serialize)]
+struct ScanView {
+    scan_id: String,
+    state: String,
+    received_at: String,
+    input_kind: Option<String>,
+    frames: Option<u32>,
+    laterality: Option<String>,
+    label: Option<String>,
+    priority: Option<String>,
+    probabilities: Option<std::collections::BTreeMap<String, f32>>,
+    model: Option<crate::scan::ModelStamp>,
+    verdict: Option<Value>,
+}
+
+/// A serde enum as its wire name.
+fn wire<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+fn view(record: &ScanRecord, verdict: Option<crate::scan::LabelRecord>) -> ScanView {
+    ScanView {
+        scan_id: record.scan_id.to_string(),
+        state: wire(&record.state),
+        received_at: rfc3339_ms(record.received_at_ms),
+        input_kind: record.kind.as_ref().map(wire),
+        frames: record.frames,
+        laterality: record.laterality.clone(),
+        label: record.label.clone(),
+        priority: record.priority.as_ref().map(wire),
+        probabilities: record.probabilities.clone(),
+        model: record.model.clone(),
+        verdict: verdict.map(|v| {
+            json!({"label": v.label, "revision": v.revision, "reviewer": v.reviewer, "reviewed_at": v.reviewed_at,
+                   "confirmed": v.label == v.predicted})
+        }),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+async fn list_scans(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    api.reviewer(&headers)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 500);
+    let store = api.store.clone();
+    let views = tokio::task::spawn_blocking(move || -> Result<Vec<ScanView>, crate::store::StoreError> {
+        let mut out = Vec::new();
+        for record in store.recent_scans(limit)? {
+            let verdict = store.latest_label(record.scan_id)?;
+            out.push(view(&record, verdict));
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_error", e.to_string()))?;
+    Ok(Json(json!({"scans": views})).into_response())
+}
+
+fn scan_id(id: &str) -> Result<ScanId, ApiError> {
+    ScanId::parse(id)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_scan", "not a scan id of this device"))
+}
+
+async fn one_scan(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    api.reviewer(&headers)?;
+    let id = scan_id(&id)?;
+    let store = api.store.clone();
+    let found = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+        Ok(match store.get(id)? {
+            Some(record) => Some(view(&record, store.latest_label(id)?)),
+            None => None,
+        })
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_error", e.to_string()))?;
+    match found {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_scan", "the scan is not known on this device")),
+    }
+}
+
+/// The de-identified artefact as octd holds it (PNG, or DICOM for a volume).
+async fn scan_image(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    api.reviewer(&headers)?;
+    let id = scan_id(&id)?;
+    let store = api.store.clone();
+    let record = tokio::task::spawn_blocking(move || store.get(id))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_error", e.to_string()))?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_scan", "the scan is not known on this device"))?;
+    let Some(artifact) = record.artifact else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no_image", "the scan has no de-identified image (yet)"));
+    };
+    let path = api.config.device.state_dir.join("deid").join(&artifact);
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "no_image", "the de-identified image is no longer kept"))?;
+    let content_type = if artifact.ends_with(".dcm") { "application/dicom" } else { "image/png" };
+    Ok(([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-store")], bytes).into_response())
+}
+
+/// A verdict from the display: the `octd.label/1` body, the reviewer being the session's.
+async fn post_label(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let reviewer = api.reviewer(&headers)?;
+    let mut verdict: serde_json::Map<String, Value> = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::new(StatusCode::BAD_REQUEST, "malformed", "the body is not an octd.label/1 JSON object")
+    })?;
+    match verdict.get("reviewer").and_then(|v| v.as_str()) {
+        Some(named) if named != reviewer => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "reviewer_mismatch",
+                "a session gives verdicts in its own reviewer's name only",
+            ))
+        }
+        _ => {
+            verdict.insert("reviewer".into(), Value::String(reviewer));
+        }
+    }
+    verdict.entry("reviewed_at").or_insert_with(|| Value::String(rfc3339_ms(crate::scan::now_ms())));
+    verdict.entry("schema").or_insert_with(|| Value::String(crate::scan::LABEL_SCHEMA.into()));
+    let payload = serde_json::to_vec(&verdict).unwrap_or_default();
+    let feedback = api.feedback.clone();
+    let answer =
+        tokio::task::spawn_blocking(move || feedback.handle(Incoming { scan_id: id, payload, source: Source::Http }))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let status = match (answer.accepted, answer.code.as_str()) {
+        (true, _) => StatusCode::CREATED,
+        (false, codes::UNKNOWN_SCAN) => StatusCode::NOT_FOUND,
+        (false, codes::TOO_LARGE) => StatusCode::PAYLOAD_TOO_LARGE,
+        (false, codes::RATE_LIMITED | codes::BUSY) => StatusCode::TOO_MANY_REQUESTS,
+        (false, codes::UNKNOWN_REVIEWER) => StatusCode::FORBIDDEN,
+        (false, codes::STORE | codes::NO_MODEL | codes::UPLINK_FULL) => StatusCode::SERVICE_UNAVAILABLE,
+        (false, _) => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    Ok((status, Json(answer)).into_response())
+}
+
+async fn deadline(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "the device is busy; retry").into_response(),
+    }
+}
+
+fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/api/v1/session", post(login).delete(logout))
+        .route("/api/v1/scans", get(list_scans))
+        .route("/api/v1/scans/:scan_id", get(one_scan))
+        .route("/api/v1/scans/:scan_id/image", get(scan_image))
+        .route("/api/v1/scans/:scan_id/label", post(post_label))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(deadline))
+        .with_state(api)
+}
+
+fn tls_acceptor(d: &DisplayConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, DisplayError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (Some(cert), Some(key)) = (&d.tls_cert, &d.tls_key) else { return Ok(None) };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| DisplayError::Tls(format!("{}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| DisplayError::Tls(format!("{}: {e}", key.display())))?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| DisplayError::Tls(e.to_string()))?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+}
+
+/// Bind now (a taken port or a bad certificate is a start-up error), serve until shutdown.
+pub async fn bind(
+    config: &Config,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, Option<tokio_rustls::TlsAcceptor>), DisplayError> {
+    let tls = tls_acceptor(&config.display)?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| DisplayError::Listen { addr, source })?;
+    Ok((listener, tls))
+}
+
+pub async fn serve(
+    config: Config,
+    store: Arc<Store>,
+    feedback: Arc<Feedback>,
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let rate = NonZeroU32::new(config.display.logins_per_second).unwrap_or(NonZeroU32::MIN);
+    let api = Arc::new(Api {
+        config,
+        store,
+        feedback,
+        sessions: Mutex::new(HashMap::new()),
+        failures: Mutex::new(HashMap::new()),
+        logins: RateLimiter::direct(Quota::per_second(rate)),
+    });
+    let app = router(api);
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = crate::shutdown::requested(&mut shutdown) => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(error = %e, "display API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else { continue };
+        let (app, tls) = (app.clone(), tls.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let builder = {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+                b
+            };
+            match tls {
+                Some(acceptor) => {
+                    let Ok(Ok(stream)) = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+                }
+                None => {
+                    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+                }
+            }
+        });
+    }
+}
