@@ -66,6 +66,7 @@ impl Client {
 fn reviewers_log_in_read_scans_and_give_verdicts_in_their_own_name() {
     let Some(mut rig) = Rig::new(1, "oct/#") else { return };
     let port = rig.octd.display_port;
+    rig.octd.enable_display();
     rig.octd.env.push(("OCTD_DISPLAY__MAX_FAILURES".into(), "3".into()));
     add_reviewer(&rig.octd.config, "rv-1", PASSWORD);
     add_reviewer(&rig.octd.config, "rv-2", PASSWORD);
@@ -81,9 +82,20 @@ fn reviewers_log_in_read_scans_and_give_verdicts_in_their_own_name() {
         runtime: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
     };
 
-    // Nothing without a session.
+    // Nothing without a session; a login only as JSON (a form from another site's page is
+    // not even counted).
     let (status, answer) = api.json("GET", "/api/v1/scans", None, None);
     assert_eq!(status, 401, "{answer}");
+    let plain = api.runtime.block_on(async {
+        api.http
+            .post(format!("{}/api/v1/session", api.base))
+            .header("content-type", "text/plain")
+            .body(json!({"reviewer": "rv-1", "password": "guess"}).to_string())
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    assert_eq!(plain.unwrap(), 415);
     // Three wrong passwords lock the reviewer out, even against the right one afterwards.
     for _ in 0..3 {
         let (status, _) =
@@ -142,6 +154,32 @@ fn reviewers_log_in_read_scans_and_give_verdicts_in_their_own_name() {
     assert_eq!(status, 204);
     let (status, _) = api.call("GET", "/api/v1/scans", Some(&token), None);
     assert_eq!(status, 401);
+    // So does a new password, or the reviewer's removal. (Pauses: this client has used its
+    // burst of logins.)
+    std::thread::sleep(Duration::from_millis(1100));
+    let (_, session) =
+        api.json("POST", "/api/v1/session", None, Some(json!({"reviewer": "rv-2", "password": PASSWORD})));
+    let token = session["token"].as_str().unwrap_or_else(|| panic!("{session}")).to_string();
+    assert_eq!(api.call("GET", &format!("/api/v1/scans/{id}"), Some(&token), None).0, 200);
+    add_reviewer(&rig.octd.config, "rv-2", "a new long password here");
+    let (status, answer) = api.json("GET", &format!("/api/v1/scans/{id}"), Some(&token), None);
+    assert_eq!(status, 401, "{answer}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, session) = api.json(
+        "POST",
+        "/api/v1/session",
+        None,
+        Some(json!({"reviewer": "rv-2", "password": "a new long password here"})),
+    );
+    let token = session["token"].as_str().unwrap().to_string();
+    let removed = std::process::Command::new(env!("CARGO_BIN_EXE_octd"))
+        .arg("--config")
+        .arg(&rig.octd.config)
+        .args(["reviewer", "remove", "rv-2"])
+        .output()
+        .unwrap();
+    assert!(removed.status.success());
+    assert_eq!(api.call("GET", "/api/v1/scans", Some(&token), None).0, 401, "a removed reviewer's session ends");
     assert!(rig.octd.stop().success());
 }
 
@@ -151,7 +189,7 @@ fn off_loopback_the_api_speaks_https_only() {
     let dir = rig.dir.path().to_path_buf();
     // Clear text on the network is a configuration error.
     let config = std::fs::read_to_string(&rig.octd.config).unwrap();
-    let loopback = format!("listen = \"127.0.0.1:{}\"", rig.octd.display_port);
+    let loopback = "listen = \"\"".to_string();
     assert!(config.contains(&loopback));
     let plain = config.replace(&loopback, &format!("listen = \"0.0.0.0:{}\"", free_port()));
     std::fs::write(&rig.octd.config, &plain).unwrap();

@@ -258,25 +258,34 @@ async fn run_until(
     });
     // The reading room's API: a taken port or an unreadable certificate is a start-up error.
     let display = match config.display.address().map_err(DaemonError::Config)? {
-        Some(addr) => {
-            let (listener, tls) =
-                crate::display::bind(&config, addr).await.map_err(|e| DaemonError::Config(e.to_string()))?;
-            tracing::info!(address = %addr, tls = tls.is_some(), "display API listening");
-            let listener = Arc::new(std::sync::Mutex::new(Some((listener, tls))));
-            let (config, store, feedback) = (config.clone(), store.clone(), feedback.clone());
-            Some(supervised("display API", health.clone(), shutdown_rx.clone(), move |shutdown| {
-                let (config, store, feedback, listener) =
-                    (config.clone(), store.clone(), feedback.clone(), listener.clone());
-                async move {
-                    let taken = listener.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    let Some((listener, tls)) = taken else {
-                        return Err("the display API's listener was lost with its task".to_string());
-                    };
-                    crate::display::serve(config, store, feedback, listener, tls, shutdown).await;
-                    Ok::<(), String>(())
-                }
-            }))
-        }
+        Some(addr) => match crate::display::bind(&config, addr).await {
+            Err(e @ crate::display::DisplayError::Tls(_)) => return Err(DaemonError::Config(e.to_string())),
+            Err(e) => {
+                // A taken port must not stop triage: the API waits for the next start, with an alarm.
+                tracing::error!(error = %e, "the display API cannot listen; scans are classified without it");
+                let event = topics.event(crate::scan::EventKind::Alarm, "display_unavailable", &e.to_string());
+                store.enqueue(&crate::mqtt::event_outbox(&topics, &event))?;
+                wake.notify_one();
+                None
+            }
+            Ok((listener, tls)) => {
+                tracing::info!(address = %addr, tls = tls.is_some(), "display API listening");
+                let listener = Arc::new(std::sync::Mutex::new(Some((listener, tls))));
+                let (config, store, feedback) = (config.clone(), store.clone(), feedback.clone());
+                Some(supervised("display API", health.clone(), shutdown_rx.clone(), move |shutdown| {
+                    let (config, store, feedback, listener) =
+                        (config.clone(), store.clone(), feedback.clone(), listener.clone());
+                    async move {
+                        let taken = listener.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        let Some((listener, tls)) = taken else {
+                            return Err("the display API's listener was lost with its task".to_string());
+                        };
+                        crate::display::serve(config, store, feedback, listener, tls, shutdown).await;
+                        Ok::<(), String>(())
+                    }
+                }))
+            }
+        },
         None => None,
     };
     let endpoint = match config.telemetry_address() {

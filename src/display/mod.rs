@@ -123,22 +123,44 @@ impl IntoResponse for ApiError {
 struct Session {
     reviewer: String,
     expires: Instant,
+    /// The password hash it logged in with: a removed reviewer or a new password ends it.
+    credential: [u8; 32],
 }
 
 #[derive(Default)]
 struct Failures {
     count: u32,
+    /// Attempts being verified now: counted before the (slow) verification, so concurrent
+    /// guesses cannot exceed the limit.
+    in_flight: u32,
     locked_until: Option<Instant>,
     last: Option<Instant>,
 }
+
+/// The client's address, for per-client limits.
+#[derive(Clone, Copy)]
+struct Peer(std::net::IpAddr);
 
 struct Api {
     config: Config,
     store: Arc<Store>,
     feedback: Arc<Feedback>,
     sessions: Mutex<HashMap<[u8; 32], Session>>,
-    failures: Mutex<HashMap<String, Failures>>,
-    logins: DefaultDirectRateLimiter,
+    /// By (reviewer, client): another host cannot lock a reviewer out.
+    failures: Mutex<HashMap<(String, std::net::IpAddr), Failures>>,
+    /// Logins of one client per second (`display.logins_per_second`) ...
+    logins: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+    /// ... and of all clients together.
+    all_logins: DefaultDirectRateLimiter,
+    /// Image downloads at once (a volume's artefact can be large).
+    images: Semaphore,
+}
+
+const ALL_LOGINS_PER_SECOND: u32 = 50;
+const IMAGES_AT_ONCE: usize = 4;
+
+fn credential(hash: &str) -> [u8; 32] {
+    Sha256::digest(hash.as_bytes()).into()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -149,28 +171,47 @@ fn token_key(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 impl Api {
-    /// The reviewer of the request's session, or why not.
-    fn reviewer(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+    /// The reviewer of the request's session, or why not. The reviewer must still be one
+    /// this device knows, with the password the session logged in with.
+    async fn reviewer(&self, headers: &HeaderMap) -> Result<String, ApiError> {
         let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+        let token = bearer(headers)
             .ok_or_else(|| unauthorized("log in first: POST /api/v1/session, then Authorization: Bearer <token>"))?;
-        let mut sessions = lock(&self.sessions);
-        let key = token_key(token.trim());
-        match sessions.get(&key) {
-            Some(s) if s.expires > Instant::now() => Ok(s.reviewer.clone()),
-            Some(_) => {
-                sessions.remove(&key);
-                Err(unauthorized("the session has expired: log in again"))
+        let key = token_key(token);
+        let (reviewer, held) = {
+            let mut sessions = lock(&self.sessions);
+            match sessions.get(&key) {
+                Some(s) if s.expires > Instant::now() => (s.reviewer.clone(), s.credential),
+                Some(_) => {
+                    sessions.remove(&key);
+                    return Err(unauthorized("the session has expired: log in again"));
+                }
+                None => return Err(unauthorized("not a session of this device: log in again")),
             }
-            None => Err(unauthorized("not a session of this device: log in again")),
+        };
+        let state = self.config.device.state_dir.clone();
+        let current = tokio::task::spawn_blocking(move || Reviewers::load(&state))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+            .map_err(|_| {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_error", "the reviewers cannot be read")
+            })?;
+        let still = current.get(&reviewer).and_then(|r| r.password_hash.as_deref()).map(credential);
+        if still != Some(held) {
+            lock(&self.sessions).remove(&key);
+            return Err(unauthorized("the reviewer was removed or has a new password: log in again"));
         }
+        Ok(reviewer)
     }
 
-    fn open_session(&self, reviewer: &str) -> (String, Duration) {
+    fn open_session(&self, reviewer: &str, credential: [u8; 32]) -> (String, Duration) {
         let mut raw = [0u8; 32];
         rand::rng().fill_bytes(&mut raw);
         let token = hex::encode(raw);
@@ -184,7 +225,8 @@ impl Api {
                 sessions.remove(&key);
             }
         }
-        sessions.insert(token_key(&token), Session { reviewer: reviewer.to_string(), expires: now + ttl });
+        let expires = now.checked_add(ttl).unwrap_or(now + Duration::from_secs(24 * 3600));
+        sessions.insert(token_key(&token), Session { reviewer: reviewer.to_string(), expires, credential });
         (token, ttl)
     }
 }
@@ -201,8 +243,30 @@ struct Login {
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$Ww2Hf6vPlkTmAIb6zS7hkQ1yUq2UD5b1tPz4o0I3W3s";
 
-async fn login(State(api): State<Arc<Api>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    if api.logins.check().is_err() {
+/// Only JSON is taken: a form or `text/plain` POST from another site's page (which a browser
+/// sends without asking) is refused before it counts as a login attempt.
+fn json_body(headers: &HeaderMap) -> Result<(), ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("application/json"));
+    match json {
+        true => Ok(()),
+        false => Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_type", "send application/json")),
+    }
+}
+
+async fn login(
+    State(api): State<Arc<Api>>,
+    axum::Extension(Peer(ip)): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    json_body(&headers)?;
+    if api.logins.len() > MAX_TRACKED_FAILURES {
+        api.logins.retain_recent();
+    }
+    if api.logins.check_key(&ip).is_err() || api.all_logins.check().is_err() {
         return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many logins; wait a second"));
     }
     let login: Login = serde_json::from_slice(&body)
@@ -211,26 +275,51 @@ async fn login(State(api): State<Arc<Api>>, body: axum::body::Bytes) -> Result<R
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "malformed", "not a reviewer id"));
     }
     let d = &api.config.display;
+    let key = (login.reviewer.clone(), ip);
     {
-        let failures = lock(&api.failures);
-        if let Some(until) = failures.get(&login.reviewer).and_then(|f| f.locked_until) {
-            if until > Instant::now() {
-                let left = until.saturating_duration_since(Instant::now()).as_secs() + 1;
-                return Err(ApiError::new(
-                    StatusCode::LOCKED,
-                    "locked",
-                    format!("too many failed logins for this reviewer; try again in {left} s"),
-                ));
+        // Reserve this attempt before the verification.
+        let mut failures = lock(&api.failures);
+        let now = Instant::now();
+        if failures.len() >= MAX_TRACKED_FAILURES && !failures.contains_key(&key) {
+            // Forget what no longer matters; never a running lock-out.
+            failures.retain(|_, f| {
+                f.in_flight > 0
+                    || f.locked_until.is_some_and(|u| u > now)
+                    || f.last.is_some_and(|l| now.duration_since(l) < d.lockout)
+            });
+            if failures.len() >= MAX_TRACKED_FAILURES {
+                return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many failed logins"));
             }
         }
+        let f = failures.entry(key.clone()).or_default();
+        if f.last.is_some_and(|l| now.duration_since(l) > d.lockout) {
+            f.count = 0;
+        }
+        if let Some(until) = f.locked_until.filter(|u| *u > now) {
+            let left = until.saturating_duration_since(now).as_secs() + 1;
+            return Err(ApiError::new(
+                StatusCode::LOCKED,
+                "locked",
+                format!("too many failed logins for this reviewer from here; try again in {left} s"),
+            ));
+        }
+        if f.count + f.in_flight >= d.max_failures {
+            return Err(ApiError::new(
+                StatusCode::LOCKED,
+                "locked",
+                "too many failed logins for this reviewer from here",
+            ));
+        }
+        f.in_flight += 1;
     }
     let state = api.config.device.state_dir.clone();
     let reviewer = login.reviewer.clone();
-    let verified = tokio::task::spawn_blocking(move || {
-        let known = Reviewers::load(&state).unwrap_or_default();
+    let verified = tokio::task::spawn_blocking(move || -> Result<Option<[u8; 32]>, ()> {
+        let known = Reviewers::load(&state).map_err(|_| ())?;
         match known.get(&reviewer).and_then(|r| r.password_hash.clone()) {
-            Some(_) => known.verify_password(&reviewer, &login.password),
+            Some(hash) => Ok(known.verify_password(&reviewer, &login.password).then(|| credential(&hash))),
             None => {
+                // As long as a real verification, so that unknown reviewers are not told apart.
                 let dummy = Reviewers {
                     reviewers: vec![crate::feedback::reviewers::Reviewer {
                         id: reviewer.clone(),
@@ -239,44 +328,45 @@ async fn login(State(api): State<Arc<Api>>, body: axum::body::Bytes) -> Result<R
                     }],
                 };
                 let _ = dummy.verify_password(&reviewer, &login.password);
-                false
+                Ok(None)
             }
         }
     })
     .await
-    .unwrap_or(false);
+    .unwrap_or(Err(()));
     let now = Instant::now();
     let mut failures = lock(&api.failures);
-    if !verified {
-        if failures.len() >= MAX_TRACKED_FAILURES && !failures.contains_key(&login.reviewer) {
-            if let Some(oldest) = failures.iter().min_by_key(|(_, f)| f.last).map(|(k, _)| k.clone()) {
-                failures.remove(&oldest);
+    let f = failures.entry(key.clone()).or_default();
+    f.in_flight = f.in_flight.saturating_sub(1);
+    let credential = match verified {
+        Err(()) => {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_error", "the reviewers cannot be read"))
+        }
+        Ok(Some(credential)) => credential,
+        Ok(None) => {
+            f.count += 1;
+            f.last = Some(now);
+            if f.count >= d.max_failures {
+                f.locked_until = now.checked_add(d.lockout);
+                f.count = 0;
+                tracing::warn!(reviewer = %login.reviewer, client = %ip, lockout_s = d.lockout.as_secs(),
+                    "reviewer locked out from this client after failed logins");
             }
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown reviewer or wrong password"));
         }
-        let f = failures.entry(login.reviewer.clone()).or_default();
-        f.count += 1;
-        f.last = Some(now);
-        if f.count >= d.max_failures {
-            f.locked_until = Some(now + d.lockout);
-            f.count = 0;
-            tracing::warn!(reviewer = %login.reviewer, lockout_s = d.lockout.as_secs(), "reviewer locked out after failed logins");
-        }
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown reviewer or wrong password"));
-    }
-    failures.remove(&login.reviewer);
+    };
+    failures.remove(&key);
     drop(failures);
-    let (token, ttl) = api.open_session(&login.reviewer);
+    let (token, ttl) = api.open_session(&login.reviewer, credential);
     tracing::info!(reviewer = %login.reviewer, "reviewer logged in");
     Ok((StatusCode::CREATED, Json(json!({"token": token, "reviewer": login.reviewer, "expires_in_s": ttl.as_secs()})))
         .into_response())
 }
 
 async fn logout(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    api.reviewer(&headers)?;
-    if let Some(token) =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
-    {
-        lock(&api.sessions).remove(&token_key(token.trim()));
+    api.reviewer(&headers).await?;
+    if let Some(token) = bearer(&headers) {
+        lock(&api.sessions).remove(&token_key(token));
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -335,7 +425,7 @@ async fn list_scans(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    api.reviewer(&headers)?;
+    api.reviewer(&headers).await?;
     let limit = q.limit.unwrap_or(100).clamp(1, 500);
     let store = api.store.clone();
     let views = tokio::task::spawn_blocking(move || -> Result<Vec<ScanView>, crate::store::StoreError> {
@@ -362,7 +452,7 @@ async fn one_scan(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    api.reviewer(&headers)?;
+    api.reviewer(&headers).await?;
     let id = scan_id(&id)?;
     let store = api.store.clone();
     let found = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
@@ -386,7 +476,7 @@ async fn scan_image(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    api.reviewer(&headers)?;
+    api.reviewer(&headers).await?;
     let id = scan_id(&id)?;
     let store = api.store.clone();
     let record = tokio::task::spawn_blocking(move || store.get(id))
@@ -398,9 +488,19 @@ async fn scan_image(
         return Err(ApiError::new(StatusCode::NOT_FOUND, "no_image", "the scan has no de-identified image (yet)"));
     };
     let path = api.config.device.state_dir.join("deid").join(&artifact);
-    let bytes = tokio::fs::read(&path)
-        .await
-        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "no_image", "the de-identified image is no longer kept"))?;
+    let _slot = api.images.try_acquire().map_err(|_| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("{IMAGES_AT_ONCE} images are being sent; retry"))
+    })?;
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "no_image", "the de-identified image is no longer kept"))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reading a de-identified image for the display");
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_error", "the image cannot be read now"));
+        }
+    };
     let content_type = if artifact.ends_with(".dcm") { "application/dicom" } else { "image/png" };
     Ok(([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-store")], bytes).into_response())
 }
@@ -412,7 +512,8 @@ async fn post_label(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let reviewer = api.reviewer(&headers)?;
+    json_body(&headers)?;
+    let reviewer = api.reviewer(&headers).await?;
     let mut verdict: serde_json::Map<String, Value> = serde_json::from_slice(&body).map_err(|_| {
         ApiError::new(StatusCode::BAD_REQUEST, "malformed", "the body is not an octd.label/1 JSON object")
     })?;
@@ -508,12 +609,16 @@ pub async fn serve(
         feedback,
         sessions: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
-        logins: RateLimiter::direct(Quota::per_second(rate)),
+        logins: RateLimiter::keyed(Quota::per_second(rate)),
+        all_logins: RateLimiter::direct(Quota::per_second(
+            NonZeroU32::new(ALL_LOGINS_PER_SECOND).unwrap_or(NonZeroU32::MIN),
+        )),
+        images: Semaphore::new(IMAGES_AT_ONCE),
     });
     let app = router(api);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = crate::shutdown::requested(&mut shutdown) => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -525,7 +630,7 @@ pub async fn serve(
             },
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else { continue };
-        let (app, tls) = (app.clone(), tls.clone());
+        let (app, tls) = (app.clone().layer(axum::Extension(Peer(peer.ip()))), tls.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let service = hyper_util::service::TowerToHyperService::new(app);

@@ -293,7 +293,8 @@ pub struct Octd {
     pub config: PathBuf,
     /// The /metrics /healthz /readyz /status endpoint's port.
     pub telemetry_port: u16,
-    /// The reading room's API (display.listen), on loopback.
+    /// A free port for the reading room's API, which is off unless a test sets
+    /// `OCTD_DISPLAY__LISTEN` (see [`Octd::enable_display`]).
     pub display_port: u16,
     /// Extra environment for the daemon (e.g. NOTIFY_SOCKET).
     pub env: Vec<(String, String)>,
@@ -328,12 +329,14 @@ impl Octd {
             }
         };
         let telemetry_port = free_port();
+        // Off unless a test turns it on (OCTD_DISPLAY__LISTEN): a second port per daemon is a
+        // second chance for a port race in every unrelated test.
         let display_port = free_port();
         write!(
             f,
             "[telemetry]\nlisten = \"127.0.0.1:{telemetry_port}\"\n\n[device]\nsite = \"test-site\"\nid = \"test-device\"\nstate_dir = \"{}\"\n\n\
              [ingest]\nwatch = [\"{}\"]\nsettle = \"300ms\"\nrescan_interval = \"1s\"\n\n\
-             [model]\n{}threads = 1\n\n{}\n[display]\nlisten = \"127.0.0.1:{display_port}\"\n\n[pipeline]\nworkers = {}\n\n\
+             [model]\n{}threads = 1\n\n{}\n[display]\nlisten = \"\"\n\n[pipeline]\nworkers = {}\n\n\
              [mqtt]\nurl = \"{}\"\nreconnect_delay = \"300ms\"\n{}\n",
             state.display(),
             inbox.display(),
@@ -355,6 +358,11 @@ impl Octd {
             child: None,
             log_offset: 0,
         }
+    }
+
+    /// Serve the reading room's API on loopback at `display_port`.
+    pub fn enable_display(&mut self) {
+        self.env.push(("OCTD_DISPLAY__LISTEN".into(), format!("127.0.0.1:{}", self.display_port)));
     }
 
     pub fn start(&mut self) {
