@@ -474,6 +474,10 @@ pub struct UplinkConfig {
     /// Verdicts waiting for delivery at most; an alarm at 90 %, and at the bound new verdicts
     /// are refused (`uplink_full`) rather than dropped.
     pub max_queue: u64,
+    /// A scan whose verdict waits for the trainer keeps its artefact this long past
+    /// `store.retention`; then it is pruned all the same, with an `uplink_hold_expired` alarm.
+    #[serde(with = "humantime_serde")]
+    pub max_hold: Duration,
     /// Backoff after a failed delivery: from `retry_min`, doubling, up to `retry_max`, with jitter.
     #[serde(with = "humantime_serde")]
     pub retry_min: Duration,
@@ -494,6 +498,7 @@ impl Default for UplinkConfig {
             site_key_file: None,
             patient_from_name: String::new(),
             max_queue: 100_000,
+            max_hold: Duration::from_secs(90 * 24 * 3600),
             retry_min: Duration::from_secs(5),
             retry_max: Duration::from_secs(600),
             timeout: Duration::from_secs(120),

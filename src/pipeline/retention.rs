@@ -36,14 +36,29 @@ async fn prune_once(pipeline: &Arc<Pipeline>) {
     let now = now_ms();
     let cutoff = now.saturating_sub(pipeline.config.store.retention.as_millis() as u64);
     let linkage_cutoff = now.saturating_sub(pipeline.config.deid.linkage_retention.as_millis() as u64);
+    // A verdict waiting for the trainer holds its scan, for `uplink.max_hold` past retention.
+    let hold_cutoff = cutoff.saturating_sub(pipeline.config.uplink.max_hold.as_millis() as u64);
     let p = pipeline.clone();
-    match tokio::task::spawn_blocking(move || p.store.prune(cutoff, linkage_cutoff)).await {
-        Ok(Ok(artefacts)) => {
+    match tokio::task::spawn_blocking(move || p.store.prune_holding(cutoff, linkage_cutoff, hold_cutoff)).await {
+        Ok(Ok((artefacts, forced))) => {
             for name in &artefacts {
                 let _ = std::fs::remove_file(pipeline.dirs.deid.join(name));
             }
             if !artefacts.is_empty() {
                 tracing::info!(count = artefacts.len(), "pruned published scans past retention");
+            }
+            if forced > 0 {
+                let detail = format!(
+                    "{forced} scans were pruned with verdicts the trainer never received: they waited longer than \
+                     uplink.max_hold past store.retention"
+                );
+                tracing::error!(count = forced, "scans pruned with undelivered verdicts");
+                let event = pipeline.topics.event(crate::scan::EventKind::Alarm, "uplink_hold_expired", &detail);
+                let p = pipeline.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || p.store.enqueue(&crate::mqtt::event_outbox(&p.topics, &event)))
+                        .await;
+                pipeline.wake.notify_one();
             }
         }
         Ok(Err(e)) => tracing::error!(error = %e, "pruning failed; retrying at the next turn"),

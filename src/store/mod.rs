@@ -440,11 +440,31 @@ impl Store {
     /// Forget published scans older than `cutoff_ms` and linkage older than
     /// `linkage_cutoff_ms`. Returns the artefact file names to delete.
     pub fn prune(&self, cutoff_ms: u64, linkage_cutoff_ms: u64) -> Result<Vec<String>, StoreError> {
+        self.prune_holding(cutoff_ms, linkage_cutoff_ms, 0).map(|(artefacts, _)| artefacts)
+    }
+
+    /// As [`Store::prune`]; a scan whose verdict waits for the trainer is kept too, unless it
+    /// was last changed before `hold_cutoff_ms` (the bound on that extension). Returns the
+    /// artefacts to remove, and how many scans went although a verdict of theirs still waited.
+    pub fn prune_holding(
+        &self,
+        cutoff_ms: u64,
+        linkage_cutoff_ms: u64,
+        hold_cutoff_ms: u64,
+    ) -> Result<(Vec<String>, usize), StoreError> {
         let mut old = self.scans_where(|r| r.state == ScanState::Published && r.updated_at_ms < cutoff_ms)?;
         let txn = self.db.begin_write()?;
-        // A verdict extends its scan's retention until the trainer has it.
+        // A verdict extends its scan's retention until the trainer has it, up to the bound.
         let waiting = Self::scans_awaiting_upload(&txn)?;
-        old.retain(|r| !waiting.contains(&r.scan_id));
+        let mut forced = 0;
+        old.retain(|r| match waiting.contains(&r.scan_id) {
+            false => true,
+            true if r.updated_at_ms < hold_cutoff_ms => {
+                forced += 1;
+                true
+            }
+            true => false,
+        });
         let mut artefacts = Vec::new();
         {
             let mut removed = 0u64;
@@ -496,7 +516,7 @@ impl Store {
             }
         }
         txn.commit()?;
-        Ok(artefacts)
+        Ok((artefacts, forced))
     }
 
     /// The persisted model state, or `None` before the first install.
@@ -848,6 +868,39 @@ mod tests {
         let second = store.enqueue(&message(2, None)).unwrap();
         assert!(second > first, "a drained outbox must not hand out {first} again");
         assert_eq!(store.outbox_after(first, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_verdict_waiting_for_the_trainer_holds_its_scan_up_to_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let id = ScanId::new();
+        let mut rec = ScanRecord::received(id);
+        store.record_claim(&rec, &Linkage::default()).unwrap();
+        rec.state = ScanState::Published;
+        rec.artifact = Some(format!("{id}.png"));
+        store.transition(&rec, None).unwrap();
+        let label = LabelRecord {
+            seq: 0,
+            scan_id: id,
+            revision: 0,
+            label: "CNV".into(),
+            predicted: "CNV".into(),
+            model_version: "0.2.0".into(),
+            reviewer: "rv-1".into(),
+            reviewed_at: String::new(),
+            received_at_ms: now_ms(),
+            source: "cli".into(),
+            has_comment: false,
+        };
+        store.record_label(label, None, None, true, |_| Vec::new()).unwrap();
+        let future = now_ms() + 60_000;
+        // Past retention, within the hold: kept.
+        assert_eq!(store.prune_holding(future, 0, 0).unwrap(), (Vec::new(), 0));
+        assert!(store.get(id).unwrap().is_some());
+        // Past the hold as well: pruned, and counted for the alarm.
+        let (removed, forced) = store.prune_holding(future, 0, future).unwrap();
+        assert_eq!((removed, forced), (vec![format!("{id}.png")], 1));
     }
 
     #[test]
