@@ -153,7 +153,7 @@ struct Api {
     /// ... and of all clients together.
     all_logins: DefaultDirectRateLimiter,
     /// Image downloads at once (a volume's artefact can be large).
-    images: Semaphore,
+    images: Arc<Semaphore>,
 }
 
 const ALL_LOGINS_PER_SECOND: u32 = 50;
@@ -488,11 +488,11 @@ async fn scan_image(
         return Err(ApiError::new(StatusCode::NOT_FOUND, "no_image", "the scan has no de-identified image (yet)"));
     };
     let path = api.config.device.state_dir.join("deid").join(&artifact);
-    let _slot = api.images.try_acquire().map_err(|_| {
+    let slot = api.images.clone().try_acquire_owned().map_err(|_| {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("{IMAGES_AT_ONCE} images are being sent; retry"))
     })?;
-    let bytes = match tokio::fs::read(&path).await {
-        Ok(bytes) => bytes,
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ApiError::new(StatusCode::NOT_FOUND, "no_image", "the de-identified image is no longer kept"))
         }
@@ -501,9 +501,34 @@ async fn scan_image(
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_error", "the image cannot be read now"));
         }
     };
+    let length = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    // Sent in chunks: a volume's artefact is never held whole; the slot is held until the end.
+    let chunks = futures::stream::unfold((file, Some(slot)), |(mut file, slot)| async move {
+        use tokio::io::AsyncReadExt;
+        slot.as_ref()?;
+        let mut buf = vec![0u8; IMAGE_CHUNK];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(buf)), (file, slot)))
+            }
+            Err(e) => Some((Err(e), (file, None))),
+        }
+    });
     let content_type = if artifact.ends_with(".dcm") { "application/dicom" } else { "image/png" };
-    Ok(([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-store")], bytes).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type.to_string()),
+            (header::CACHE_CONTROL, "no-store".to_string()),
+            (header::CONTENT_LENGTH, length.to_string()),
+        ],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response())
 }
+
+const IMAGE_CHUNK: usize = 64 << 10;
 
 /// A verdict from the display: the `octd.label/1` body, the reviewer being the session's.
 async fn post_label(
@@ -613,7 +638,7 @@ pub async fn serve(
         all_logins: RateLimiter::direct(Quota::per_second(
             NonZeroU32::new(ALL_LOGINS_PER_SECOND).unwrap_or(NonZeroU32::MIN),
         )),
-        images: Semaphore::new(IMAGES_AT_ONCE),
+        images: Arc::new(Semaphore::new(IMAGES_AT_ONCE)),
     });
     let app = router(api);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
