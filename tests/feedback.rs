@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{drop_file, events, results, Rig};
+use common::{drop_file, events, publish, results, Rig};
 use serde_json::{json, Value};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -19,25 +19,6 @@ fn octd_cli(config: &std::path::Path, args: &[&str]) -> (bool, Value, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     (out.status.success(), serde_json::from_str(&stdout).unwrap_or(Value::Null), stderr)
-}
-
-fn publish(port: u16, topic: &str, payload: Vec<u8>) {
-    let mut options = rumqttc::MqttOptions::new(format!("display-{}", uuid_like()), "127.0.0.1", port);
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut connection) = rumqttc::Client::new(options, 10);
-    client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).unwrap();
-    for event in connection.iter() {
-        match event {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => panic!("publishing the verdict: {e}"),
-        }
-    }
-    let _ = client.disconnect();
-}
-
-fn uuid_like() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
 fn now() -> String {
@@ -88,14 +69,14 @@ fn verdicts_are_checked_stored_as_revisions_and_drive_live_accuracy_and_its_alar
 
     // Refusals: each answered with its reason, none stored.
     let unknown = "01900000-0000-7000-8000-000000000000";
-    publish(port, &topic(unknown), verdict("CNV", "rv-1"));
-    publish(port, &topic(&scans[0].0), verdict("GLAUCOMA", "rv-1"));
-    publish(port, &topic(&scans[0].0), b"{not json".to_vec());
-    publish(port, &topic(&scans[0].0), verdict("CNV", "rv-9"));
-    publish(port, &topic(&scans[0].0), verdict("CNV", ""));
+    publish(port, &topic(unknown), verdict("CNV", "rv-1"), false);
+    publish(port, &topic(&scans[0].0), verdict("GLAUCOMA", "rv-1"), false);
+    publish(port, &topic(&scans[0].0), b"{not json".to_vec(), false);
+    publish(port, &topic(&scans[0].0), verdict("CNV", "rv-9"), false);
+    publish(port, &topic(&scans[0].0), verdict("CNV", ""), false);
     let long = json!({"schema": "octd.label/1", "label": "CNV", "reviewer": "rv-1",
                       "reviewed_at": now(), "comment": "x".repeat(9000)});
-    publish(port, &topic(&scans[0].0), serde_json::to_vec(&long).unwrap());
+    publish(port, &topic(&scans[0].0), serde_json::to_vec(&long).unwrap(), false);
     let messages = rig.sub.wait_until(MINUTE, |m| label_events(m, "label_rejected").len() == 6, "six refusals");
     let codes: Vec<String> =
         label_events(&messages, "label_rejected").iter().map(|e| e["code"].as_str().unwrap().to_string()).collect();
@@ -110,13 +91,13 @@ fn verdicts_are_checked_stored_as_revisions_and_drive_live_accuracy_and_its_alar
     let (a, a_said) = &scans[0];
     let (b, b_said) = &scans[1];
     let (c, c_said) = &scans[2];
-    publish(port, &topic(a), verdict(a_said, "rv-1"));
-    publish(port, &topic(b), verdict(other_than(b_said), "rv-1"));
+    publish(port, &topic(a), verdict(a_said, "rv-1"), false);
+    publish(port, &topic(b), verdict(other_than(b_said), "rv-1"), false);
     // With a comment and a verdict id, sent twice (as a display does without an answer).
     let with_comment = json!({"schema": "octd.label/1", "label": c_said, "reviewer": "rv-1", "verdict_id": "d1-0042",
                               "reviewed_at": now(), "comment": COMMENT});
-    publish(port, &topic(c), serde_json::to_vec(&with_comment).unwrap());
-    publish(port, &topic(c), serde_json::to_vec(&with_comment).unwrap());
+    publish(port, &topic(c), serde_json::to_vec(&with_comment).unwrap(), false);
+    publish(port, &topic(c), serde_json::to_vec(&with_comment).unwrap(), false);
     let messages = rig.sub.wait_until(MINUTE, |m| label_events(m, "label_accepted").len() >= 3, "three verdicts");
     assert_eq!(label_events(&messages, "label_accepted")[0]["revision"], 1, "the refusals stored nothing");
     std::thread::sleep(Duration::from_secs(1));
@@ -170,7 +151,7 @@ fn verdicts_are_checked_stored_as_revisions_and_drive_live_accuracy_and_its_alar
     assert!(metrics.contains("octd_live_accuracy 1"), "{metrics}");
     // A display that wrongly retains its verdict: it counts once, live; the broker's replay of
     // it at the next subscription is no new verdict.
-    publish_retained(port, &topic(a), verdict(a_said, "rv-1"));
+    publish(port, &topic(a), verdict(a_said, "rv-1"), true);
     rig.sub.wait_until(
         MINUTE,
         |m| label_events(m, "label_accepted").iter().any(|e| e["scan_id"] == a.as_str() && e["revision"] == 2),
@@ -202,19 +183,4 @@ fn verdicts_are_checked_stored_as_revisions_and_drive_live_accuracy_and_its_alar
     let waiting = std::fs::read_dir(rig.octd.state.join("requests/labels")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(waiting, 0, "no request left behind");
     assert!(!rig.octd.log().contains("Marchetti"), "the comment is not logged");
-}
-
-fn publish_retained(port: u16, topic: &str, payload: Vec<u8>) {
-    let mut options = rumqttc::MqttOptions::new(format!("display-r-{}", uuid_like()), "127.0.0.1", port);
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut connection) = rumqttc::Client::new(options, 10);
-    client.publish(topic, rumqttc::QoS::AtLeastOnce, true, payload).unwrap();
-    for event in connection.iter() {
-        match event {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => panic!("publishing the verdict: {e}"),
-        }
-    }
-    let _ = client.disconnect();
 }

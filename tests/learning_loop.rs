@@ -42,6 +42,29 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A job command template that hands back the shipped model under the version the job is
+/// given (see the tests' comments on why).
+fn reversion_command() -> String {
+    "[\"{python}\", \"-c\", \"import json, shutil, sys; src, out, version = sys.argv[1:]; \
+     shutil.copytree(src, out, ignore=shutil.ignore_patterns('*.png', 'README.md', 'evaluation.json')); \
+     m = json.load(open(out + '/manifest.json')); m['version'] = version; \
+     json.dump(m, open(out + '/manifest.json', 'w'))\", \"MODEL\", \"{out}\", \"{version}\"]"
+        .replace("MODEL", &repo().join("models/default").display().to_string())
+}
+
+/// The channel the devices already trust (the development channel, listing the shipped
+/// model 0.2.0) with its online keys, for the service to adopt: (channel, keys).
+fn development_channel(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let channel = root.join("channel");
+    copy_dir(&repo().join("models/channel"), &channel);
+    let keys = root.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for role in ["targets", "snapshot", "timestamp"] {
+        std::fs::copy(repo().join(format!("keys/development/{role}.pk8")), keys.join(format!("{role}.pk8"))).unwrap();
+    }
+    (channel, keys)
+}
+
 #[test]
 fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rejected() {
     if !common::mosquitto_available() {
@@ -57,13 +80,7 @@ fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rej
 
     // The channel the devices already trust (the development channel, listing the shipped
     // model 0.2.0), adopted by the service with its online keys.
-    let channel = root.join("channel");
-    copy_dir(&repo().join("models/channel"), &channel);
-    let keys = root.join("keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    for role in ["targets", "snapshot", "timestamp"] {
-        std::fs::copy(repo().join(format!("keys/development/{role}.pk8")), keys.join(format!("{role}.pk8"))).unwrap();
-    }
+    let (channel, keys) = development_channel(root);
     let port = free_port();
     let jobs = root.join("jobs");
     let base = format!(
@@ -173,11 +190,7 @@ fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rej
 
     // The accepted candidate: the shipped model, re-versioned by the job (see the top).
     let same = root.join("same.toml");
-    let reversion = "[\"{python}\", \"-c\", \"import json, shutil, sys; src, out, version = sys.argv[1:]; \
-                     shutil.copytree(src, out, ignore=shutil.ignore_patterns('*.png', 'README.md', 'evaluation.json')); \
-                     m = json.load(open(out + '/manifest.json')); m['version'] = version; \
-                     json.dump(m, open(out + '/manifest.json', 'w'))\", \"MODEL\", \"{out}\", \"{version}\"]"
-        .replace("MODEL", &repo().join("models/default").display().to_string());
+    let reversion = reversion_command();
     std::fs::write(&same, format!("{base}{}", jobs_section(&reversion))).unwrap();
     let job = service.cli_json(&same, &["retrain", "--now"]);
     assert_eq!(job["state"], "published", "{job}");
@@ -223,20 +236,10 @@ fn the_loop_closes_verdicts_on_a_device_retrain_and_the_new_model_comes_back() {
     let root = dir.path();
     let broker = Mosquitto::start(&root.join("broker"));
     let sub = Subscriber::connect(broker.port, "oct/#");
-    let channel = root.join("channel");
-    copy_dir(&repo().join("models/channel"), &channel);
-    let keys = root.join("keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    for role in ["targets", "snapshot", "timestamp"] {
-        std::fs::copy(repo().join(format!("keys/development/{role}.pk8")), keys.join(format!("{role}.pk8"))).unwrap();
-    }
+    let (channel, keys) = development_channel(root);
     let port = free_port();
     let labels = 12;
-    let reversion = "[\"{python}\", \"-c\", \"import json, shutil, sys; src, out, version = sys.argv[1:]; \
-                     shutil.copytree(src, out, ignore=shutil.ignore_patterns('*.png', 'README.md', 'evaluation.json')); \
-                     m = json.load(open(out + '/manifest.json')); m['version'] = version; \
-                     json.dump(m, open(out + '/manifest.json', 'w'))\", \"MODEL\", \"{out}\", \"{version}\"]"
-        .replace("MODEL", &repo().join("models/default").display().to_string());
+    let reversion = reversion_command();
     let config = root.join("octd-trainer.toml");
     std::fs::write(
         &config,
@@ -302,23 +305,10 @@ fn the_loop_closes_verdicts_on_a_device_retrain_and_the_new_model_comes_back() {
     }
     let messages = sub.wait_until(Duration::from_secs(60), |m| results(m).len() == labels, "the results");
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    for (i, (scan_id, result)) in results(&messages).into_iter().enumerate() {
+    for (scan_id, result) in results(&messages) {
         let verdict = serde_json::json!({"schema": "octd.label/1", "label": result["label"], "reviewer": "rv-1", "reviewed_at": now});
-        let (client, mut connection) =
-            rumqttc::Client::new(rumqttc::MqttOptions::new(format!("display-{i}"), "127.0.0.1", broker.port), 10);
-        client
-            .publish(
-                format!("oct/test-site/test-device/labels/{scan_id}"),
-                rumqttc::QoS::AtLeastOnce,
-                false,
-                serde_json::to_vec(&verdict).unwrap(),
-            )
-            .unwrap();
-        for event in connection.iter() {
-            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = event {
-                break;
-            }
-        }
+        let topic = format!("oct/test-site/test-device/labels/{scan_id}");
+        common::publish(broker.port, &topic, serde_json::to_vec(&verdict).unwrap(), false);
     }
 
     // The trainer's policy trains on the labels the uplink delivered; the gate accepts, the

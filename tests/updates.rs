@@ -148,18 +148,7 @@ impl Drop for HttpServer {
 
 /// Tell the device a new model is waiting, as the cloud would.
 fn notice(port: u16, topic: &str) {
-    let mut options = rumqttc::MqttOptions::new(format!("cloud-{}", free_port()), "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut connection) = rumqttc::Client::new(options, 10);
-    client.publish(topic, rumqttc::QoS::AtLeastOnce, false, b"{}".to_vec()).unwrap();
-    for event in connection.iter() {
-        match event {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => panic!("notice: {e}"),
-        }
-    }
-    let _ = client.disconnect();
+    common::publish(port, topic, b"{}".to_vec(), false);
 }
 
 struct Device {

@@ -9,25 +9,10 @@ use std::time::Duration;
 
 use common::dicom::{self as fixture, Pixels};
 use common::trainer::{all_bytes, device_identity, sqlite_service};
-use common::{assert_no_phi, drop_file, events, results, Rig};
+use common::{assert_no_phi, drop_file, events, publish, results, Rig};
 use serde_json::{json, Value};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn publish(port: u16, topic: &str, payload: Vec<u8>) {
-    let id =
-        format!("display-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
-    let (client, mut connection) = rumqttc::Client::new(rumqttc::MqttOptions::new(id, "127.0.0.1", port), 10);
-    client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).unwrap();
-    for event in connection.iter() {
-        match event {
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => panic!("publishing the verdict: {e}"),
-        }
-    }
-    let _ = client.disconnect();
-}
 
 fn verdict(label: &str) -> Vec<u8> {
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
@@ -97,8 +82,8 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
     let topic = |id: &str| format!("oct/test-site/test-device/labels/{id}");
 
     // The trainer is down while the first two verdicts are given: they wait and are retried.
-    publish(rig.broker.port, &topic(&scans[0].0), verdict(&scans[0].1));
-    publish(rig.broker.port, &topic(&scans[1].0), verdict(&scans[1].1));
+    publish(rig.broker.port, &topic(&scans[0].0), verdict(&scans[0].1), false);
+    publish(rig.broker.port, &topic(&scans[1].0), verdict(&scans[1].1), false);
     rig.sub.wait_until(
         MINUTE,
         |m| events(m).iter().filter(|e| e["kind"] == "label_accepted").count() == 2,
@@ -129,7 +114,7 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
     // A third verdict while the trainer is down again, and the daemon killed: the queue
     // survives, and the verdict arrives once both are back.
     trainer.kill();
-    publish(rig.broker.port, &topic(&scans[2].0), verdict(&scans[2].1));
+    publish(rig.broker.port, &topic(&scans[2].0), verdict(&scans[2].1), false);
     rig.sub.wait_until(
         MINUTE,
         |m| events(m).iter().filter(|e| e["kind"] == "label_accepted").count() == 3,
@@ -144,7 +129,7 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
 
     // A correction is the next revision; the image is not sent twice.
     let other = if scans[0].1 == "NORMAL" { "CNV" } else { "NORMAL" };
-    publish(rig.broker.port, &topic(&scans[0].0), verdict(other));
+    publish(rig.broker.port, &topic(&scans[0].0), verdict(other), false);
     let s = wait_trainer(&trainer, |s| s["labels"]["revisions"] == 4, "the correction");
     assert_eq!(s["labels"]["scans"], 3, "{s}");
     // All three scans are one patient: the DICOM PatientID and the identifier in the JPEG's
@@ -157,7 +142,7 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
     let revoked = doctor(&rig.octd.config);
     assert_eq!(revoked["status"], "fail", "{revoked}");
     assert!(revoked["summary"].as_str().unwrap().contains("revoked"), "{revoked}");
-    publish(rig.broker.port, &topic(&scans[1].0), verdict(other));
+    publish(rig.broker.port, &topic(&scans[1].0), verdict(other), false);
     std::thread::sleep(Duration::from_millis(1500));
     let s = trainer.status();
     assert_eq!(s["labels"]["revisions"], 4, "nothing from a revoked device is stored: {s}");

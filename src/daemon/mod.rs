@@ -187,9 +187,7 @@ async fn run_until(
             Ok(uplink) => Some(Arc::new(uplink)),
             Err(e) => {
                 tracing::error!(error = %e, "the uplink cannot start; verdicts are kept and queued until it can");
-                let event = topics.event(crate::scan::EventKind::Alarm, "uplink_misconfigured", &e.to_string());
-                store.enqueue(&crate::mqtt::event_outbox(&topics, &event))?;
-                wake.notify_one();
+                raise_alarm(&store, &topics, &wake, "uplink_misconfigured", &e.to_string())?;
                 None
             }
         },
@@ -263,9 +261,7 @@ async fn run_until(
             Err(e) => {
                 // A taken port must not stop triage: the API waits for the next start, with an alarm.
                 tracing::error!(error = %e, "the display API cannot listen; scans are classified without it");
-                let event = topics.event(crate::scan::EventKind::Alarm, "display_unavailable", &e.to_string());
-                store.enqueue(&crate::mqtt::event_outbox(&topics, &event))?;
-                wake.notify_one();
+                raise_alarm(&store, &topics, &wake, "display_unavailable", &e.to_string())?;
                 None
             }
             Ok((listener, tls)) => {
@@ -471,6 +467,20 @@ async fn run_job(pipeline: &Arc<Pipeline>, decoder: &mut Decoder, job: Job, shut
             }
         }
     }
+}
+
+/// An alarm about the device itself (no scan), queued for the publisher.
+fn raise_alarm(
+    store: &Store,
+    topics: &crate::mqtt::Topics,
+    wake: &tokio::sync::Notify,
+    code: &str,
+    detail: &str,
+) -> Result<(), StoreError> {
+    let event = topics.event(crate::scan::EventKind::Alarm, code, detail);
+    store.enqueue(&crate::mqtt::event_outbox(topics, &event))?;
+    wake.notify_one();
+    Ok(())
 }
 
 /// Wait until the outbox is empty (the publisher delivered it) or `limit` has passed.

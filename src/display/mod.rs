@@ -415,6 +415,18 @@ fn view(record: &ScanRecord, verdict: Option<crate::scan::LabelRecord>) -> ScanV
     }
 }
 
+/// A store read off the async runtime, its failures as the API's answers.
+async fn read_store<T: Send + 'static>(
+    api: &Api,
+    read: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = api.store.clone();
+    tokio::task::spawn_blocking(move || read(&store))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_error", e.to_string()))
+}
+
 #[derive(Deserialize)]
 struct ListQuery {
     limit: Option<usize>,
@@ -427,8 +439,7 @@ async fn list_scans(
 ) -> Result<Response, ApiError> {
     api.reviewer(&headers).await?;
     let limit = q.limit.unwrap_or(100).clamp(1, 500);
-    let store = api.store.clone();
-    let views = tokio::task::spawn_blocking(move || -> Result<Vec<ScanView>, crate::store::StoreError> {
+    let views = read_store(&api, move |store| {
         let mut out = Vec::new();
         for record in store.recent_scans(limit)? {
             let verdict = store.latest_label(record.scan_id)?;
@@ -436,9 +447,7 @@ async fn list_scans(
         }
         Ok(out)
     })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-    .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_error", e.to_string()))?;
+    .await?;
     Ok(Json(json!({"scans": views})).into_response())
 }
 
@@ -454,16 +463,13 @@ async fn one_scan(
 ) -> Result<Response, ApiError> {
     api.reviewer(&headers).await?;
     let id = scan_id(&id)?;
-    let store = api.store.clone();
-    let found = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+    let found = read_store(&api, move |store| {
         Ok(match store.get(id)? {
             Some(record) => Some(view(&record, store.latest_label(id)?)),
             None => None,
         })
     })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-    .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_error", e.to_string()))?;
+    .await?;
     match found {
         Some(view) => Ok(Json(view).into_response()),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_scan", "the scan is not known on this device")),
@@ -478,11 +484,8 @@ async fn scan_image(
 ) -> Result<Response, ApiError> {
     api.reviewer(&headers).await?;
     let id = scan_id(&id)?;
-    let store = api.store.clone();
-    let record = tokio::task::spawn_blocking(move || store.get(id))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_error", e.to_string()))?
+    let record = read_store(&api, move |store| store.get(id))
+        .await?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_scan", "the scan is not known on this device"))?;
     let Some(artifact) = record.artifact else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "no_image", "the scan has no de-identified image (yet)"));

@@ -265,6 +265,26 @@ impl Drop for Subscriber {
     }
 }
 
+/// Publish one message at QoS 1 as a client of its own (a display, the cloud) and wait for
+/// the broker's PUBACK.
+pub fn publish(port: u16, topic: &str, payload: Vec<u8>, retain: bool) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CLIENTS: AtomicU64 = AtomicU64::new(0);
+    let id = format!("publisher-{}-{}", std::process::id(), CLIENTS.fetch_add(1, Ordering::Relaxed));
+    let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5)).set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = rumqttc::Client::new(options, 10);
+    client.publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload).unwrap();
+    for event in connection.iter() {
+        match event {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("publishing on {topic}: {e}"),
+        }
+    }
+    let _ = client.disconnect();
+}
+
 /// Results keyed by scan_id (a duplicate from at-least-once delivery counts once).
 pub fn results(messages: &[Message]) -> HashMap<String, serde_json::Value> {
     messages

@@ -26,6 +26,24 @@ pub fn key_path(keys: &Path, role: &str) -> PathBuf {
     keys.join(format!("{role}.pk8"))
 }
 
+/// A publication signed with the online keys in `keys`: the targets valid for
+/// `targets_expiry`, snapshot and timestamp for [`ONLINE_EXPIRY`] (re-signed while `serve` runs).
+pub fn publication(
+    keys: &Path,
+    add: Vec<PathBuf>,
+    targets_expiry: std::time::Duration,
+) -> Result<repo::Publication, octd_bundle::BundleError> {
+    Ok(repo::Publication {
+        add,
+        withdraw: Vec::new(),
+        keys: ROLES[1..].iter().map(|r| key_path(keys, r)).collect(),
+        signing_root: None,
+        targets_expires: repo::expires_in(targets_expiry)?,
+        snapshot_expires: repo::expires_in(ONLINE_EXPIRY)?,
+        timestamp_expires: repo::expires_in(ONLINE_EXPIRY)?,
+    })
+}
+
 pub fn trusted_root(channel: &Path) -> PathBuf {
     channel.join(repo::METADATA_DIR).join("1.root.json")
 }
@@ -82,15 +100,7 @@ pub async fn init(channel: &Path, keys: &Path, expires: std::time::Duration) -> 
     std::fs::create_dir_all(channel).map_err(|e| ChannelError::Io(channel.to_path_buf(), e))?;
     let version = repo::write_root(channel, &spec, &[]).await?;
     // An empty listing at once, so devices pointed at the channel load it before the first model.
-    let publication = repo::Publication {
-        add: Vec::new(),
-        withdraw: Vec::new(),
-        keys: ROLES[1..].iter().map(|r| key_path(keys, r)).collect(),
-        signing_root: None,
-        targets_expires: repo::expires_in(expires)?,
-        snapshot_expires: repo::expires_in(ONLINE_EXPIRY)?,
-        timestamp_expires: repo::expires_in(ONLINE_EXPIRY)?,
-    };
+    let publication = publication(keys, Vec::new(), expires)?;
     repo::publish(channel, &publication).await?;
     Ok(json!({
         "channel": channel, "adopted": false, "root_version": version, "keys": keys, "key_ids": ids,
@@ -141,15 +151,7 @@ pub async fn refresh_if_due(
     if expires > due {
         return Ok(false);
     }
-    let publication = repo::Publication {
-        add: Vec::new(),
-        withdraw: Vec::new(),
-        keys: ROLES[1..].iter().map(|r| key_path(keys, r)).collect(),
-        signing_root: None,
-        targets_expires: repo::expires_in(targets_expiry)?,
-        snapshot_expires: repo::expires_in(ONLINE_EXPIRY)?,
-        timestamp_expires: repo::expires_in(ONLINE_EXPIRY)?,
-    };
+    let publication = publication(keys, Vec::new(), targets_expiry)?;
     repo::publish(channel, &publication).await?;
     Ok(true)
 }

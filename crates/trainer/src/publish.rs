@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use octd_bundle::archive::{self, Limits};
-use octd_bundle::repo::{self, Publication};
+use octd_bundle::repo;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::blobs::Blobs;
-use crate::channel::{key_path, ROLES};
 use crate::config::Config;
 use crate::gate::{self, Evaluation, HoldoutImage};
 use crate::store::LabelRecord;
@@ -223,16 +222,8 @@ pub async fn publish(
     if let Some(newest) = listed.iter().map(|m| &m.version).max().filter(|newest| *newest >= version) {
         return Err(PublishError::Candidate(format!("the channel already lists {newest}, not older than {version}")));
     }
-    let expires = |d| repo::expires_in(d).map_err(|e| PublishError::Channel(e.to_string()));
-    let publication = Publication {
-        add: vec![bundle.to_path_buf()],
-        withdraw: Vec::new(),
-        keys: ROLES[1..].iter().map(|r| key_path(keys, r)).collect(),
-        signing_root: None,
-        targets_expires: expires(config.channel.targets_expiry)?,
-        snapshot_expires: expires(crate::channel::ONLINE_EXPIRY)?,
-        timestamp_expires: expires(crate::channel::ONLINE_EXPIRY)?,
-    };
+    let publication = crate::channel::publication(keys, vec![bundle.to_path_buf()], config.channel.targets_expiry)
+        .map_err(|e| PublishError::Channel(e.to_string()))?;
     repo::publish(&config.channel.dir, &publication).await.map_err(|e| PublishError::Channel(e.to_string()))
 }
 
