@@ -35,6 +35,10 @@ scan="$(find ../shared/data/oct -name '*.jpeg' | sort | head -1)"
 cp "$scan" "$work/inbox/.s.partial" && mv "$work/inbox/.s.partial" "$work/inbox/scan.jpeg"
 until grep -q "classified" "$work/log"; do sleep 0.05; done
 warm=$(hwm "$pid")
+worker_warm=0
+for child in $(pgrep -P "$pid" || true); do
+    w=$(hwm "$child"); [ "$w" -gt "$worker_warm" ] && worker_warm=$w
+done
 cp "$work/volume.dcm" "$work/inbox/.v.partial" && mv "$work/inbox/.v.partial" "$work/inbox/volume.dcm"
 worker_peak=0
 until [ "$(grep -c "classified" "$work/log")" -ge 2 ]; do
@@ -46,4 +50,4 @@ done
 daemon_peak=$(hwm "$pid")
 decoded=$((frames * 512 * 496 / 1024))
 echo "frames=$frames decoded_kib=$decoded file_kib=$(( $(stat -c %s "$work/volume.dcm") / 1024 ))"
-echo "daemon_warm_hwm_kib=$warm daemon_peak_hwm_kib=$daemon_peak worker_peak_hwm_kib=$worker_peak"
+echo "daemon_warm_hwm_kib=$warm daemon_peak_hwm_kib=$daemon_peak worker_warm_hwm_kib=$worker_warm worker_peak_hwm_kib=$worker_peak"

@@ -186,6 +186,13 @@ fn multiframe_jpeg_and_rle_volumes_decode_and_deidentify() {
     use dicom_pixeldata::PixelDecoder;
     let obj = open_file(lines[0]["output"].as_str().unwrap()).unwrap();
     assert_eq!(obj.decode_pixel_data().unwrap().data(), frames.concat().as_slice());
+    // Inference reads the compressed artefact one frame at a time and sees the same pixels.
+    let grey = octd::infer::frames::load(Path::new(lines[0]["output"].as_str().unwrap())).unwrap();
+    assert_eq!(grey.len(), frames.len());
+    for (g, f) in grey.iter().zip(&frames) {
+        assert_eq!((g.width, g.height), (256, 248));
+        assert!(g.pixels.iter().zip(f).all(|(&v, &p)| (v - f32::from(p) / 255.0).abs() < 1e-6));
+    }
     // Deflated input is written back as explicit VR little endian, pixels unchanged.
     let obj = open_file(lines[2]["output"].as_str().unwrap()).unwrap();
     assert_eq!(obj.meta().transfer_syntax().trim_end_matches('\0'), fixture::EXPLICIT_LE);

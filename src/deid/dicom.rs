@@ -120,11 +120,31 @@ pub fn read_checked(
     limits: &InputLimits,
 ) -> Result<(FileDicomObject<InMemDicomObject>, u32, u32, u32), DeidError> {
     let (_, obj, frames) = open_checked(input, limits, Scope::OctImages)?;
-    let (rows, columns) = {
-        let decoded = decode_whole(&obj)?;
-        (decoded.rows(), decoded.columns())
-    };
+    prove_pixels(&obj, frames)?;
+    let rows = int(&obj, tags::ROWS).and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    let columns = int(&obj, tags::COLUMNS).and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
     Ok((obj, frames, rows, columns))
+}
+
+/// Proof that every frame decodes, holding one decoded frame at a time: native pixels are
+/// already checked against their geometry, so their first frame proves the attributes the
+/// reader needs; each compressed frame is decoded (truncated JPEG / JPEG 2000 streams fail here).
+fn prove_pixels(obj: &Obj, frames: u32) -> Result<(), DeidError> {
+    let encapsulated = obj.get(tags::PIXEL_DATA).is_some_and(|e| matches!(e.value(), Value::PixelSequence(_)));
+    if encapsulated && frames == 1 {
+        // One frame spread over several fragments is decoded whole by the toolkit.
+        return decode_whole(obj).map(drop);
+    }
+    let last = if encapsulated { frames } else { 1 };
+    for frame in 0..last {
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data_frame(frame)))
+            .map_err(|_| DeidError::Corrupt("pixel data does not decode: the decoder failed on it".into()))?
+            .map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {}", super::toolkit_words(e))))?;
+        if decoded.data().is_empty() {
+            return Err(DeidError::Corrupt("pixel data decodes to nothing".into()));
+        }
+    }
+    Ok(())
 }
 
 /// Every frame decoded: proof that the pixels are whole before anything relies on them
@@ -155,10 +175,14 @@ pub(super) fn deidentify(
     let burned_in = text(&obj, tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES"));
     let has_pixels = obj.get(tags::PIXEL_DATA).is_some();
 
-    let decoded = match scope == Scope::OctImages || (has_pixels && burned_in) {
+    // Pixels are decoded whole only to be masked; otherwise one frame at a time.
+    let decoded = match has_pixels && burned_in {
         true => Some(decode_whole(&obj)?),
         false => None,
     };
+    if scope == Scope::OctImages && decoded.is_none() {
+        prove_pixels(&obj, frames)?;
+    }
 
     let mut identifiers = BTreeMap::new();
     for (tag, keyword) in LINKAGE_ATTRIBUTES {
@@ -228,13 +252,73 @@ pub(super) fn deidentify(
         .build()
         .map_err(|e| DeidError::Corrupt(format!("file meta: {}", super::toolkit_words(e))))?;
     let study_uid = text(&cleaned, tags::STUDY_INSTANCE_UID);
-    let file = cleaned.with_exact_meta(meta);
-
-    let mut artifact = Vec::new();
-    file.write_all(&mut artifact)
-        .map_err(|e| DeidError::Corrupt(format!("writing de-identified DICOM: {}", super::toolkit_words(e))))?;
+    let artifact = write_object(cleaned, meta)?;
 
     Ok(DicomOutput { artifact, frames, identifiers, study_uid, laterality })
+}
+
+/// The object as a DICOM file in memory, its pixel data written from where it lies: the
+/// toolkit's writer clones every value it writes, which held a volume's pixels three times
+/// at once (the object, the clone and the file). Elements after the pixel data (trailing
+/// padding) follow it, as the standard orders them.
+fn write_object(mut object: InMemDicomObject, meta: FileMetaTable) -> Result<Vec<u8>, DeidError> {
+    let failed = |e: &dyn std::fmt::Display| DeidError::Corrupt(format!("writing de-identified DICOM: {e}"));
+    let ts = TransferSyntaxRegistry
+        .get(meta.transfer_syntax())
+        .ok_or_else(|| failed(&"the transfer syntax has no writer"))?;
+    let pixel_data = object.take(tags::PIXEL_DATA);
+    let after: Vec<Tag> = object.iter().map(|e| e.tag()).filter(|t| *t > tags::PIXEL_DATA).collect();
+    let mut trailing = InMemDicomObject::new_empty();
+    for tag in after {
+        if let Some(element) = object.take(tag) {
+            trailing.put(element);
+        }
+    }
+    let pixel_bytes = pixel_data.as_ref().map_or(0, |e| match e.value() {
+        Value::Primitive(p) => p.calculate_byte_len(),
+        Value::PixelSequence(seq) => seq.fragments().iter().map(|f| f.len() + 9).sum(),
+        Value::Sequence(_) => 0,
+    });
+    // Reserved up front: a growing buffer would hold up to twice the volume while it doubles.
+    let mut out = Vec::with_capacity(pixel_bytes.saturating_add(1 << 20));
+    object.with_exact_meta(meta).write_all(&mut out).map_err(|e| failed(&super::toolkit_words(e)))?;
+    if let Some(pixel_data) = pixel_data {
+        let encoder = ts.encoder_for::<Vec<u8>>().ok_or_else(|| failed(&"the transfer syntax has no encoder"))?;
+        let length = |n: usize| u32::try_from(n).map(Length).map_err(|_| failed(&"pixel data over 4 GiB"));
+        let encoding = |e: dicom_encoding::encode::Error| failed(&super::toolkit_words(e));
+        match pixel_data.value() {
+            Value::Primitive(p) => {
+                let n = p.calculate_byte_len();
+                let header = dicom_core::DataElementHeader::new(tags::PIXEL_DATA, pixel_data.vr(), length(n + n % 2)?);
+                encoder.encode_element_header(&mut out, header).map_err(encoding)?;
+                let written = encoder.encode_primitive(&mut out, p).map_err(encoding)?;
+                if written % 2 == 1 {
+                    out.push(0);
+                }
+            }
+            Value::PixelSequence(seq) => {
+                let header = dicom_core::DataElementHeader::new(tags::PIXEL_DATA, VR::OB, Length::UNDEFINED);
+                encoder.encode_element_header(&mut out, header).map_err(encoding)?;
+                let table = seq.offset_table();
+                encoder.encode_item_header(&mut out, length(table.len() * 4)?.0).map_err(encoding)?;
+                encoder.encode_offset_table(&mut out, table).map_err(encoding)?;
+                for fragment in seq.fragments() {
+                    let n = fragment.len();
+                    encoder.encode_item_header(&mut out, length(n + n % 2)?.0).map_err(encoding)?;
+                    out.extend_from_slice(fragment);
+                    if n % 2 == 1 {
+                        out.push(0);
+                    }
+                }
+                encoder.encode_sequence_delimiter(&mut out).map_err(encoding)?;
+            }
+            Value::Sequence(_) => return Err(failed(&"pixel data is a sequence")),
+        }
+    }
+    if trailing.iter().next().is_some() {
+        trailing.write_dataset_with_ts(&mut out, ts).map_err(|e| failed(&super::toolkit_words(e)))?;
+    }
+    Ok(out)
 }
 
 /// Declared geometry against the limits and against the bytes actually present.
@@ -286,7 +370,7 @@ fn check_pixel_data(
                 1 => (rows * cols * frames * samples).div_ceil(8),
                 _ => rows * cols * frames * bytes_per_pixel,
             };
-            let found = p.to_bytes().len() as u64;
+            let found = p.calculate_byte_len() as u64;
             if found < declared {
                 return Err(DeidError::PixelDataShort { declared, found });
             }
