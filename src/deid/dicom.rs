@@ -126,23 +126,31 @@ pub fn read_checked(
     Ok((obj, frames, rows, columns))
 }
 
-/// Proof that every frame decodes, holding one decoded frame at a time: native pixels are
-/// already checked against their geometry, so their first frame proves the attributes the
-/// reader needs; each compressed frame is decoded (truncated JPEG / JPEG 2000 streams fail here).
+/// Proof that the pixels are whole. Native pixels are already checked against their
+/// geometry, so their first frame proves the attributes a reader needs, without a copy of the
+/// volume. Compressed pixels are decoded whole, exactly as inference decodes them (a per-frame
+/// decode would follow a hostile offset table to fragments never proven, and re-copy every
+/// fragment for each frame), and must decode to every frame's full size.
 fn prove_pixels(obj: &Obj, frames: u32) -> Result<(), DeidError> {
     let encapsulated = obj.get(tags::PIXEL_DATA).is_some_and(|e| matches!(e.value(), Value::PixelSequence(_)));
-    if encapsulated && frames == 1 {
-        // One frame spread over several fragments is decoded whole by the toolkit.
-        return decode_whole(obj).map(drop);
-    }
-    let last = if encapsulated { frames } else { 1 };
-    for frame in 0..last {
-        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data_frame(frame)))
+    if !encapsulated {
+        let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data_frame(0)))
             .map_err(|_| DeidError::Corrupt("pixel data does not decode: the decoder failed on it".into()))?
             .map_err(|e| DeidError::Corrupt(format!("pixel data does not decode: {}", super::toolkit_words(e))))?;
-        if decoded.data().is_empty() {
-            return Err(DeidError::Corrupt("pixel data decodes to nothing".into()));
-        }
+        return match first.data().is_empty() {
+            true => Err(DeidError::Corrupt("pixel data decodes to nothing".into())),
+            false => Ok(()),
+        };
+    }
+    let decoded = decode_whole(obj)?;
+    let frame = decoded.rows() as u64
+        * decoded.columns() as u64
+        * u64::from(decoded.samples_per_pixel())
+        * u64::from(decoded.bits_allocated()).div_ceil(8);
+    let expected = frame.saturating_mul(u64::from(frames));
+    let found = decoded.data().len() as u64;
+    if found < expected {
+        return Err(DeidError::PixelDataShort { declared: expected, found });
     }
     Ok(())
 }
@@ -260,19 +268,21 @@ pub(super) fn deidentify(
 /// The object as a DICOM file in memory, its pixel data written from where it lies: the
 /// toolkit's writer clones every value it writes, which held a volume's pixels three times
 /// at once (the object, the clone and the file). Elements after the pixel data (trailing
-/// padding) follow it, as the standard orders them.
+/// padding, digital signatures, which Annex E removes anyway) are dropped: the pixel data is
+/// written last.
 fn write_object(mut object: InMemDicomObject, meta: FileMetaTable) -> Result<Vec<u8>, DeidError> {
     let failed = |e: &dyn std::fmt::Display| DeidError::Corrupt(format!("writing de-identified DICOM: {e}"));
     let ts = TransferSyntaxRegistry
         .get(meta.transfer_syntax())
         .ok_or_else(|| failed(&"the transfer syntax has no writer"))?;
+    if matches!(ts.codec(), dicom_encoding::Codec::Dataset(_)) {
+        // Pixel data appended after a compressed data set would not be part of it.
+        return Err(DeidError::UnsupportedTransferSyntax(super::uid_words(meta.transfer_syntax())));
+    }
     let pixel_data = object.take(tags::PIXEL_DATA);
     let after: Vec<Tag> = object.iter().map(|e| e.tag()).filter(|t| *t > tags::PIXEL_DATA).collect();
-    let mut trailing = InMemDicomObject::new_empty();
     for tag in after {
-        if let Some(element) = object.take(tag) {
-            trailing.put(element);
-        }
+        object.remove_element(tag);
     }
     let pixel_bytes = pixel_data.as_ref().map_or(0, |e| match e.value() {
         Value::Primitive(p) => p.calculate_byte_len(),
@@ -315,9 +325,6 @@ fn write_object(mut object: InMemDicomObject, meta: FileMetaTable) -> Result<Vec
             Value::Sequence(_) => return Err(failed(&"pixel data is a sequence")),
         }
     }
-    if trailing.iter().next().is_some() {
-        trailing.write_dataset_with_ts(&mut out, ts).map_err(|e| failed(&super::toolkit_words(e)))?;
-    }
     Ok(out)
 }
 
@@ -349,6 +356,11 @@ fn check_pixel_data(
         Value::PixelSequence(seq) => {
             if seq.fragments().is_empty() {
                 return Err(DeidError::Truncated("encapsulated pixel data has no fragments".into()));
+            }
+            // Item lengths are even (PS3.5 A.4); padding one afterwards would change the
+            // bytes that were proven.
+            if seq.fragments().iter().any(|f| f.len() % 2 == 1) {
+                return Err(DeidError::Corrupt("an encapsulated pixel data fragment has an odd length".into()));
             }
             if rle {
                 // The toolkit takes one fragment per frame.

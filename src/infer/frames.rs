@@ -29,11 +29,33 @@ pub fn for_each_batch(
 ) -> Result<(), InferError> {
     let is_dicom = artifact.extension().is_some_and(|e| e == "dcm");
     if is_dicom {
-        dicom_batches(artifact, batch.max(1), f)
+        dicom_batches(artifact, None, batch.max(1), f)
     } else {
         let image = image::open(artifact).map_err(|e| InferError::Input(format!("artefact does not decode: {e}")))?;
         f(&[from_image(&image)])
     }
+}
+
+/// B-scan `n` of the artefact as an 8-bit grey PNG, for the reading room (the conversion
+/// inference sees, so the reviewer looks at what the model looked at).
+pub fn render_png(artifact: &Path, n: u32) -> Result<Vec<u8>, InferError> {
+    let mut found = None;
+    let keep = |batch: &[GreyFrame]| {
+        found = batch.first().cloned();
+        Ok(())
+    };
+    match artifact.extension().is_some_and(|e| e == "dcm") {
+        true => dicom_batches(artifact, Some(n), 1, keep)?,
+        false if n == 0 => for_each_batch(artifact, 1, keep)?,
+        false => {}
+    }
+    let frame = found.ok_or_else(|| InferError::Input(format!("no B-scan {n}")))?;
+    let grey: Vec<u8> = frame.pixels.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+    let image = image::GrayImage::from_raw(frame.width as u32, frame.height as u32, grey)
+        .ok_or_else(|| InferError::Input("a B-scan of inconsistent size".into()))?;
+    let mut png = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut png, image::ImageFormat::Png).map_err(|e| InferError::Input(format!("PNG: {e}")))?;
+    Ok(png.into_inner())
 }
 
 /// Same conversions as octtrain.preprocess.to_grey01.
@@ -108,8 +130,7 @@ impl Layout {
 type DicomFile = dicom_object::FileDicomObject<dicom_object::InMemDicomObject>;
 
 /// Native (uncompressed) pixel data as the parser stored it: read in place, one frame at a
-/// time, so a volume is never copied whole (the toolkit's whole-volume decode copies it, and
-/// its per-frame decode converts a 16-bit volume whole for every frame).
+/// time, so a volume is never copied whole (the toolkit's whole-volume decode copies it).
 enum Native<'a> {
     Bytes(std::borrow::Cow<'a, [u8]>),
     Words(&'a [u16]),
@@ -135,8 +156,10 @@ impl Native<'_> {
     }
 }
 
+/// `only`: that frame alone (one B-scan for display), else every frame in order.
 fn dicom_batches(
     path: &Path,
+    only: Option<u32>,
     batch: usize,
     mut f: impl FnMut(&[GreyFrame]) -> Result<(), InferError>,
 ) -> Result<(), InferError> {
@@ -154,9 +177,22 @@ fn dicom_batches(
         Value::PixelSequence(_) => None,
         Value::Sequence(_) => return Err(InferError::Input("PixelData is a sequence".into())),
     };
+    // Compressed: decoded whole, as the decoder worker proved it (one copy of the pixels).
+    let decoded = match native {
+        Some(_) => None,
+        None => {
+            Some(obj.decode_pixel_data().map_err(|e| InferError::Input(format!("pixel data does not decode: {e}")))?)
+        }
+    };
     let mut frames = Vec::with_capacity(batch.min(layout.frames as usize));
     let mut raw = Vec::new();
-    for i in 0..layout.frames {
+    let wanted = match only {
+        Some(n) if n >= layout.frames => return Err(InferError::Input(format!("no B-scan {n}"))),
+        Some(n) => n..n + 1,
+        None => 0..layout.frames,
+    };
+    let last = wanted.end;
+    for i in wanted {
         let frame = match &native {
             Some(native) => {
                 native
@@ -165,10 +201,7 @@ fn dicom_batches(
                 convert(&raw, &layout)?
             }
             None => {
-                // Encapsulated: the codec decodes this frame alone, as interleaved samples.
-                let decoded = obj
-                    .decode_pixel_data_frame(i)
-                    .map_err(|e| InferError::Input(format!("frame {i} does not decode: {e}")))?;
+                let Some(decoded) = &decoded else { return Err(InferError::Input("no pixel data".into())) };
                 let decoded_layout = Layout {
                     rows: decoded.rows() as usize,
                     cols: decoded.columns() as usize,
@@ -179,11 +212,12 @@ fn dicom_batches(
                     planar: decoded.planar_configuration() == PlanarConfiguration::PixelFirst,
                     ..layout
                 };
-                convert(decoded.data(), &decoded_layout)?
+                let data = decoded.frame_data(i).map_err(|e| InferError::Input(format!("frame {i}: {e}")))?;
+                convert(data, &decoded_layout)?
             }
         };
         frames.push(frame);
-        if frames.len() == batch || i + 1 == layout.frames {
+        if frames.len() == batch || i + 1 == last {
             f(&frames)?;
             frames.clear();
         }
@@ -192,7 +226,9 @@ fn dicom_batches(
 }
 
 /// One frame's native samples -> grey [0, 1] (same conversions as octtrain.preprocess).
+/// Exactly one frame's bytes are read, whatever follows them.
 fn convert(data: &[u8], layout: &Layout) -> Result<GreyFrame, InferError> {
+    let data = data.get(..layout.frame_bytes()).ok_or_else(|| InferError::Input("a frame is short".into()))?;
     let max = ((1u32 << layout.bits_stored) - 1) as f32;
     let offset = if layout.signed { f32::from(1u16 << (layout.bits_stored - 1)) } else { 0.0 };
     let signed = layout.signed;
