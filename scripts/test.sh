@@ -27,6 +27,16 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
+if ! command -v chromium >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "==> installing chromium, nodejs and npm (apt): the reading room's browser tests"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nodejs npm >/dev/null
+fi
+if ! cmp -s tests/browser/package-lock.json tests/browser/node_modules/.octd-lock.json; then
+    echo "==> npm ci (tests/browser: playwright-core, pinned; it drives Debian's chromium)"
+    npm ci --prefix tests/browser --no-audit --no-fund --silent
+    cp tests/browser/package-lock.json tests/browser/node_modules/.octd-lock.json
+fi
 as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
 as_root systemctl disable --now postgresql >/dev/null 2>&1 || true
 
@@ -58,7 +68,7 @@ echo "==> cargo fmt --check"
 cargo fmt --check
 
 echo "==> cargo test"
-OCTD_REQUIRE_MOSQUITTO=1 OCTD_REQUIRE_DCIODVFY=1 OCTD_REQUIRE_POSTGRES=1 OCTD_REQUIRE_S3=1 OCTD_REQUIRE_VENV=1 cargo test --workspace --locked --all-targets
+OCTD_REQUIRE_MOSQUITTO=1 OCTD_REQUIRE_BROWSER=1 OCTD_REQUIRE_DCIODVFY=1 OCTD_REQUIRE_POSTGRES=1 OCTD_REQUIRE_S3=1 OCTD_REQUIRE_VENV=1 cargo test --workspace --locked --all-targets
 
 echo "==> pytest (trainer)"
 (cd trainer && ../.venv/bin/python -m pytest -q)

@@ -60,6 +60,11 @@ impl Topics {
         format!("{}/results/{scan_id}", self.base())
     }
 
+    /// Every result of this device (a subscription filter).
+    pub fn results(&self) -> String {
+        format!("{}/results/+", self.base())
+    }
+
     pub fn events(&self) -> String {
         format!("{}/events", self.base())
     }

@@ -148,6 +148,16 @@ pub struct ScanRecord {
     pub model: Option<ModelStamp>,
     #[serde(default)]
     pub probabilities: Option<BTreeMap<String, f32>>,
+    /// Why the result asks for a human look, as it said (empty: it does not).
+    #[serde(default)]
+    pub review_reasons: Vec<String>,
+    #[serde(default)]
+    pub needs_review: Option<bool>,
+    #[serde(default)]
+    pub confidence: Option<f32>,
+    /// For a volume, the B-scan the reading room opens at.
+    #[serde(default)]
+    pub most_suspicious_frame: Option<u32>,
 }
 
 impl ScanRecord {
@@ -171,6 +181,10 @@ impl ScanRecord {
             model_version: None,
             model: None,
             probabilities: None,
+            review_reasons: Vec::new(),
+            needs_review: None,
+            confidence: None,
+            most_suspicious_frame: None,
         }
     }
 }

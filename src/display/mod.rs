@@ -57,6 +57,10 @@ pub struct DisplayConfig {
     pub lockout: Duration,
     /// Login attempts per second, all clients together.
     pub logins_per_second: u32,
+    /// The MQTT-over-WebSockets address the reading-room page subscribes to for live results
+    /// (e.g. `wss://octd.clinic.local:9001`); empty: the page polls this API instead. The
+    /// broker should let displays subscribe there without credentials, read-only (its ACL).
+    pub mqtt_websocket: String,
 }
 
 impl Default for DisplayConfig {
@@ -69,6 +73,7 @@ impl Default for DisplayConfig {
             max_failures: 5,
             lockout: Duration::from_secs(15 * 60),
             logins_per_second: 5,
+            mqtt_websocket: String::new(),
         }
     }
 }
@@ -384,6 +389,11 @@ struct ScanView {
     priority: Option<String>,
     probabilities: Option<std::collections::BTreeMap<String, f32>>,
     model: Option<crate::scan::ModelStamp>,
+    confidence: Option<f32>,
+    needs_review: Option<bool>,
+    review_reasons: Vec<String>,
+    priority_rank: Option<u8>,
+    most_suspicious_frame: Option<u32>,
     verdict: Option<Value>,
 }
 
@@ -408,6 +418,11 @@ fn view(record: &ScanRecord, verdict: Option<crate::scan::LabelRecord>) -> ScanV
         priority: record.priority.as_ref().map(wire),
         probabilities: record.probabilities.clone(),
         model: record.model.clone(),
+        confidence: record.confidence,
+        needs_review: record.needs_review,
+        review_reasons: record.review_reasons.clone(),
+        priority_rank: record.priority.map(|p| p.rank()),
+        most_suspicious_frame: record.most_suspicious_frame,
         verdict: verdict.map(|v| {
             json!({"label": v.label, "revision": v.revision, "reviewer": v.reviewer, "reviewed_at": v.reviewed_at,
                    "confirmed": v.label == v.predicted})
@@ -533,6 +548,102 @@ async fn scan_image(
 
 const IMAGE_CHUNK: usize = 64 << 10;
 
+/// What the reading-room page needs to know about this device once logged in.
+async fn display_settings(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let reviewer = api.reviewer(&headers).await?;
+    let topics = api.config.topics();
+    Ok(Json(json!({
+        "reviewer": reviewer,
+        "site": api.config.device.site,
+        "device": api.config.device.id,
+        "classes": api.feedback.classes().unwrap_or_default(),
+        "mqtt_websocket": api.config.display.mqtt_websocket,
+        "topics": {"results": topics.results(), "events": topics.events(), "status": topics.status(), "quality": topics.quality()},
+        "heatmap": false,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct FrameQuery {
+    n: Option<u32>,
+}
+
+/// One B-scan of the de-identified artefact as a grey PNG (the browser cannot show DICOM):
+/// frame `n` of a volume, the image itself otherwise.
+async fn scan_frame(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<FrameQuery>,
+) -> Result<Response, ApiError> {
+    api.reviewer(&headers).await?;
+    let id = scan_id(&id)?;
+    let record = read_store(&api, move |store| store.get(id))
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_scan", "the scan is not known on this device"))?;
+    let Some(artifact) = record.artifact else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no_image", "the scan has no de-identified image (yet)"));
+    };
+    let wanted = q.n.unwrap_or(0);
+    if wanted >= record.frames.unwrap_or(1) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no_frame", "the scan has no B-scan of that number"));
+    }
+    let slot = api.images.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("{IMAGES_AT_ONCE} images are being sent; retry"))
+    })?;
+    let path = api.config.device.state_dir.join("deid").join(&artifact);
+    let rendered = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        crate::infer::frames::render_png(&path, wanted)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match rendered {
+        Ok(png) => Ok((
+            [(header::CONTENT_TYPE, "image/png".to_string()), (header::CACHE_CONTROL, "no-store".to_string())],
+            png,
+        )
+            .into_response()),
+        Err(crate::infer::InferError::Input(why)) if why.contains("No such file") => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, "no_image", "the de-identified image is no longer kept"))
+        }
+        Err(e) => {
+            tracing::error!(scan_id = %id, error = %e, "rendering a B-scan for the display");
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "render_failed", "the B-scan cannot be shown now"))
+        }
+    }
+}
+
+/// The page's files, built into the binary: nothing is fetched from elsewhere at run time.
+mod page {
+    pub const INDEX: &str = include_str!("page/index.html");
+    pub const APP_JS: &str = include_str!("page/app.js");
+    pub const APP_CSS: &str = include_str!("page/app.css");
+    pub const MQTT_JS: &str = include_str!("page/vendor/mqtt.min.js");
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            // The page runs only its own scripts, talks only to this device and its broker,
+            // and is never framed by another site (clickjacking).
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' blob:; connect-src 'self' ws: wss:; \
+                 frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 /// A verdict from the display: the `octd.label/1` body, the reviewer being the session's.
 async fn post_label(
     State(api): State<Arc<Api>>,
@@ -591,6 +702,12 @@ fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/scans/:scan_id", get(one_scan))
         .route("/api/v1/scans/:scan_id/image", get(scan_image))
         .route("/api/v1/scans/:scan_id/label", post(post_label))
+        .route("/api/v1/scans/:scan_id/frame", get(scan_frame))
+        .route("/api/v1/display", get(display_settings))
+        .route("/", get(|| async { asset("text/html; charset=utf-8", page::INDEX) }))
+        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", page::APP_JS) }))
+        .route("/app.css", get(|| async { asset("text/css; charset=utf-8", page::APP_CSS) }))
+        .route("/vendor/mqtt.min.js", get(|| async { asset("text/javascript; charset=utf-8", page::MQTT_JS) }))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(deadline))
         .with_state(api)

@@ -213,6 +213,11 @@ impl Feedback {
     }
 
     /// Check and store one verdict; answer it on the events topic either way.
+    /// The classes a verdict may name now (the loaded model's), in its order; None without one.
+    pub fn classes(&self) -> Option<Vec<String>> {
+        self.updater.current().map(|m| m.classifier.classes().to_vec())
+    }
+
     pub fn handle(&self, incoming: Incoming) -> Answer {
         let source = incoming.source;
         let claimed = incoming.scan_id.clone();

@@ -281,6 +281,10 @@ impl Pipeline {
         record.model = Some(model.classifier.stamp().clone());
         record.probabilities = Some(classification.probabilities.clone());
         record.priority = Some(classification.priority);
+        record.needs_review = Some(classification.needs_review);
+        record.review_reasons = classification.review_reasons.clone();
+        record.confidence = Some(classification.confidence);
+        record.most_suspicious_frame = Some(classification.most_suspicious_frame);
         self.store.transition(&record, Some(&outbox))?;
         self.telemetry.scan_classified(&message.timings_ms);
         if let Some(busy) = busy {

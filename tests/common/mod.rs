@@ -453,6 +453,11 @@ impl Octd {
     }
 
     /// GET a path of the telemetry endpoint: (status code, body).
+    /// GET from the reading room's listener (see [`Octd::enable_display`]).
+    pub fn http_get_display(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.display_port, path)
+    }
+
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.telemetry_port, path)
     }

@@ -1,0 +1,156 @@
+// The reading room in a real Chromium, against a real octd and Mosquitto (started by
+// tests/reading_room.rs, which passes everything in the environment and checks the store and
+// the broker afterwards). Prints one JSON line with what it did; exits non-zero on failure.
+import { chromium } from "playwright-core";
+import fs from "node:fs";
+import path from "node:path";
+import assert from "node:assert/strict";
+
+const env = (name) => {
+  const v = process.env[name];
+  if (!v) throw new Error(`${name} is not set`);
+  return v;
+};
+const URL = env("OCTD_URL");
+const REVIEWER = env("OCTD_REVIEWER");
+const PASSWORD = env("OCTD_PASSWORD");
+const INBOX = env("OCTD_INBOX");
+const SCANS = JSON.parse(env("OCTD_SCANS")); // [{path, name}] single B-scans to drop
+const VOLUME = env("OCTD_VOLUME"); // a DICOM volume to drop
+const SHOTS = process.env.OCTD_SHOTS || "";
+const TIMEOUT = 90_000;
+
+function drop(from, name) {
+  const partial = path.join(INBOX, "." + name + ".partial");
+  fs.copyFileSync(from, partial);
+  fs.renameSync(partial, path.join(INBOX, name));
+}
+
+async function login(page, password) {
+  await page.goto(URL);
+  await page.fill("#login-reviewer", REVIEWER);
+  await page.fill("#login-password", password);
+  await page.press("#login-password", "Enter");
+}
+
+async function worklistIds(page) {
+  return page.$$eval("#worklist li", (items) => items.map((li) => li.dataset.scanId));
+}
+
+async function apiScans(page) {
+  return page.evaluate(async () => {
+    const token = sessionStorage.getItem("octd-token");
+    const r = await fetch("/api/v1/scans?limit=500", { headers: { Authorization: "Bearer " + token } });
+    return (await r.json()).scans;
+  });
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+});
+const out = {};
+try {
+  const a = await browser.newContext({ viewport: { width: 1400, height: 900 } });
+  const page = await a.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  const consoleErrors = [];
+  page.on("pageerror", (e) => consoleErrors.push(String(e)));
+
+  // A wrong password is refused with the API's reason, and the page stays at the login.
+  await login(page, PASSWORD + "x");
+  await page.waitForFunction(() => document.querySelector("#login-error").textContent.length > 0);
+  out.refused = await page.textContent("#login-error");
+  assert.equal(await page.isVisible("#app-view"), false);
+
+  await login(page, PASSWORD);
+  await page.waitForSelector("#app-view", { state: "visible" });
+  await page.waitForFunction(() => document.querySelector("#live").textContent === "live");
+
+  // Scans dropped now appear without a reload, in triage order (priority, then arrival).
+  for (const s of SCANS) drop(s.path, s.name);
+  await page.waitForFunction((n) => document.querySelectorAll("#worklist li").length >= n, SCANS.length);
+  const shown = await worklistIds(page);
+  const scans = await apiScans(page);
+  const expected = scans
+    .filter((s) => s.label && !s.verdict)
+    .sort((x, y) => x.priority_rank - y.priority_rank || x.received_at.localeCompare(y.received_at) || x.scan_id.localeCompare(y.scan_id))
+    .map((s) => s.scan_id);
+  assert.deepEqual(shown, expected, "worklist in triage order");
+  out.priorities = [...new Set(scans.map((s) => s.priority))];
+  if (SHOTS) await page.screenshot({ path: path.join(SHOTS, "reading-room-worklist.png") });
+
+  // A second display, logged in separately, shows the same unreviewed list.
+  const b = await browser.newContext();
+  const other = await b.newPage();
+  other.setDefaultTimeout(TIMEOUT);
+  await login(other, PASSWORD);
+  await other.waitForSelector("#app-view", { state: "visible" });
+  await other.waitForFunction((n) => document.querySelectorAll("#worklist li").length >= n, SCANS.length);
+
+  // Keyboard only: the first scan is open; Enter confirms it, the next opens; a digit corrects.
+  await page.focus("#worklist");
+  await page.keyboard.press("Home");
+  const first = shown[0];
+  await page.waitForFunction((id) => document.querySelector("#scan-id").textContent === id, first);
+  const predicted = await page.textContent("#scan-label");
+  await page.keyboard.press("Enter");
+  await page.waitForFunction((id) => !document.querySelector(`#worklist li[data-scan-id="${id}"]`), first);
+  out.confirmed = { scan_id: first, label: predicted };
+
+  await page.waitForFunction((id) => document.querySelector("#scan-id").textContent !== id, first);
+  const second = await page.textContent("#scan-id");
+  const secondPredicted = await page.textContent("#scan-label");
+  const classes = await page.$$eval("#class-buttons button", (bs) => bs.map((b) => b.dataset.label));
+  const other_class = classes.findIndex((c) => c !== secondPredicted);
+  await page.keyboard.press(String(other_class + 1));
+  await page.waitForFunction((id) => !document.querySelector(`#worklist li[data-scan-id="${id}"]`), second);
+  out.corrected = { scan_id: second, label: classes[other_class], predicted: secondPredicted };
+
+  // The other display drops both from its unreviewed list, live.
+  for (const id of [first, second]) {
+    await other.waitForFunction((id) => !document.querySelector(`#worklist li[data-scan-id="${id}"]`), id);
+  }
+
+  // A volume opens at its most suspicious B-scan; the scrubber moves through the others.
+  drop(VOLUME, "volume.dcm");
+  await page.waitForFunction(() => [...document.querySelectorAll("#worklist li")].some((li) => li.textContent.includes("volume")));
+  const volume = (await apiScans(page)).find((s) => s.frames > 1);
+  assert.ok(volume, "the volume has a result");
+  await page.click(`#worklist li[data-scan-id="${volume.scan_id}"]`);
+  await page.waitForFunction(
+    (n) => document.querySelector("#scan-image").dataset.frame === String(n),
+    volume.most_suspicious_frame
+  );
+  assert.equal(Number(await page.inputValue("#slice")), volume.most_suspicious_frame);
+  out.volume = { scan_id: volume.scan_id, opened_at: volume.most_suspicious_frame, frames: volume.frames };
+  const step = volume.most_suspicious_frame > 0 ? "ArrowLeft" : "ArrowRight";
+  await page.focus("#worklist");
+  await page.keyboard.press(step);
+  const moved = volume.most_suspicious_frame + (step === "ArrowLeft" ? -1 : 1);
+  await page.waitForFunction((n) => document.querySelector("#scan-image").dataset.frame === String(n), moved);
+  const size = await page.$eval("#scan-image", (img) => [img.naturalWidth, img.naturalHeight]);
+  out.volume.frame_size = size;
+  if (SHOTS) await page.screenshot({ path: path.join(SHOTS, "reading-room-scan.png") });
+
+  // The device's status and live accuracy arrive retained over MQTT.
+  await page.waitForFunction(() => document.querySelector("#device-status").textContent.startsWith("online"));
+  await page.waitForFunction(() => /\(\d+ verdicts\)/.test(document.querySelector("#quality").textContent));
+  out.status = await page.textContent("#device-status");
+  out.quality = await page.textContent("#quality");
+
+  // What the store holds now, as the API reads it.
+  out.stored = {};
+  for (const s of await apiScans(page)) if (s.verdict) out.stored[s.scan_id] = s.verdict;
+
+  // Logging out ends the session: its token no longer opens the API.
+  const token = await page.evaluate(() => sessionStorage.getItem("octd-token"));
+  await page.click("#logout");
+  await page.waitForSelector("#login-view", { state: "visible" });
+  const after = await page.evaluate(async (t) => (await fetch("/api/v1/scans", { headers: { Authorization: "Bearer " + t } })).status, token);
+  assert.equal(after, 401);
+  assert.deepEqual(consoleErrors, [], "no script errors");
+  console.log(JSON.stringify(out));
+} finally {
+  await browser.close();
+}
