@@ -27,10 +27,16 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
-if ! command -v chromium >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-    echo "==> installing chromium, nodejs and npm (apt): the reading room's browser tests"
+# Only what is missing: a Node from NodeSource brings its own npm, which Debian's conflicts with.
+browser_pkgs=""
+command -v chromium >/dev/null 2>&1 || browser_pkgs="$browser_pkgs chromium"
+command -v node >/dev/null 2>&1 || browser_pkgs="$browser_pkgs nodejs"
+command -v npm >/dev/null 2>&1 || browser_pkgs="$browser_pkgs npm"
+if [ -n "$browser_pkgs" ]; then
+    echo "==> installing$browser_pkgs (apt): the reading room's browser tests"
     as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nodejs npm >/dev/null
+    # shellcheck disable=SC2086
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $browser_pkgs >/dev/null
 fi
 if ! cmp -s tests/browser/package-lock.json tests/browser/node_modules/.octd-lock.json; then
     echo "==> npm ci (tests/browser: playwright-core, pinned; it drives Debian's chromium)"

@@ -108,7 +108,13 @@ fn a_reviewer_works_through_the_worklist_by_keyboard_in_chromium() {
         assert_eq!(octd.http_get_display(path).map(|r| r.0), Some(401), "{path} without a session");
     }
 
-    let run = Command::new("node")
+    let uploads: Vec<&PathBuf> = images.iter().filter(|(_, l)| l == "DME").map(|(p, _)| p).take(2).collect();
+    let outage_scan = &images.iter().filter(|(_, l)| l == "DRUSEN").nth(1).unwrap().0;
+    let signals = dir.path().join("signals");
+    std::fs::create_dir_all(&signals).unwrap();
+
+    let mut broker = broker;
+    let mut node = Command::new("node")
         .arg(&script)
         .current_dir(repo().join("tests/browser"))
         .env("CHROMIUM", &chromium)
@@ -119,8 +125,29 @@ fn a_reviewer_works_through_the_worklist_by_keyboard_in_chromium() {
         .env("OCTD_SCANS", Value::Array(scans.clone()).to_string())
         .env("OCTD_VOLUME", &volume)
         .env("OCTD_SHOTS", &shots)
-        .output()
+        .env("OCTD_UPLOADS", serde_json::json!(uploads).to_string())
+        .env("OCTD_SIGNALS", &signals)
+        .env("OCTD_OUTAGE_SCAN", outage_scan)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("node runs");
+    // The page asks for the broker to go away and come back (files in `signals`).
+    let (mut stopped, mut started) = (false, false);
+    while node.try_wait().unwrap().is_none() {
+        if !stopped && signals.join("stop-broker").exists() {
+            broker.stop();
+            stopped = true;
+            std::fs::write(signals.join("broker-stopped"), "").unwrap();
+        }
+        if stopped && !started && signals.join("start-broker").exists() {
+            broker.restart();
+            started = true;
+            std::fs::write(signals.join("broker-started"), "").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let run = node.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),
@@ -133,6 +160,17 @@ fn a_reviewer_works_through_the_worklist_by_keyboard_in_chromium() {
     assert!(done["priorities"].as_array().unwrap().len() >= 2, "more than one priority to order: {done}");
     assert_eq!(done["volume"]["opened_at"], 7, "the volume opened at its CNV slice: {done}");
     assert_eq!(done["volume"]["frame_size"], serde_json::json!([512, 496]));
+
+    assert!(done["revealed"]["shown"].as_str().unwrap().contains("DOE_JANE_MRN4417"), "{done}");
+    assert_eq!(done["uploaded"], 2, "{done}");
+    assert!(done["upload_refused"].as_str().unwrap().contains("1 refused: not a JPEG"), "{done}");
+    assert!(done["caught_up"].is_string(), "{done}");
+    // Each reveal is logged with who and which scan, never the identity itself.
+    let revealed = done["revealed"]["scan_id"].as_str().unwrap();
+    let log = octd.plain_log();
+    let line = log.lines().find(|l| l.contains("identity revealed")).expect("the reveal is logged");
+    assert!(line.contains(revealed) && line.contains("dr-grey"), "{line}");
+    assert!(!log.contains("MRN4417"), "no identity in the log");
 
     // The verdicts are stored and announced, in the reviewer's name, as given by keyboard.
     let messages = sub.wait_until(
@@ -157,7 +195,11 @@ fn a_reviewer_works_through_the_worklist_by_keyboard_in_chromium() {
         assert_eq!(stored["confirmed"], code);
         assert_eq!(stored["revision"], 1);
     }
-    assert_eq!(results(&messages).len(), scans.len() + 1);
+    let messages = sub.wait_until(
+        Duration::from_secs(60),
+        |m| results(m).len() == scans.len() + 4,
+        "every result, the uploads' and the outage's included",
+    );
     for m in &messages {
         assert_no_phi(m.payload.as_bytes(), &m.topic);
         assert!(!m.payload.contains("DOE_JANE") && !m.payload.contains("MRN4417"), "{}", m.payload);

@@ -28,7 +28,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::config::Config;
 use crate::feedback::reviewers::{valid_id, Reviewers};
 use crate::feedback::{codes, Feedback, Incoming, Source};
-use crate::scan::{rfc3339_ms, ScanId, ScanRecord};
+use crate::scan::{rfc3339_ms, InputKind, ScanId, ScanRecord};
 use crate::store::Store;
 
 const MAX_CONNECTIONS: usize = 128;
@@ -61,6 +61,10 @@ pub struct DisplayConfig {
     /// (e.g. `wss://octd.clinic.local:9001`); empty: the page polls this API instead. The
     /// broker should let displays subscribe there without credentials, read-only (its ACL).
     pub mqtt_websocket: String,
+    /// A broker account for displays (read-only in the broker's ACL), handed to logged-in
+    /// pages only; empty: they subscribe without credentials.
+    pub mqtt_username: String,
+    pub mqtt_password_file: Option<PathBuf>,
 }
 
 impl Default for DisplayConfig {
@@ -74,6 +78,8 @@ impl Default for DisplayConfig {
             lockout: Duration::from_secs(15 * 60),
             logins_per_second: 5,
             mqtt_websocket: String::new(),
+            mqtt_username: String::new(),
+            mqtt_password_file: None,
         }
     }
 }
@@ -159,9 +165,43 @@ struct Api {
     all_logins: DefaultDirectRateLimiter,
     /// Image downloads at once (a volume's artefact can be large).
     images: Arc<Semaphore>,
+    /// Identity reveals per reviewer: a few a minute is a clinic's need; more is a harvest.
+    reveals: governor::DefaultKeyedRateLimiter<String>,
+    /// Uploads per reviewer, and at once.
+    upload_rate: governor::DefaultKeyedRateLimiter<String>,
+    uploads: Arc<Semaphore>,
+    /// The page's Content-Security-Policy: connections to this device and its broker only.
+    csp: String,
+    /// One volume's B-scans as 8-bit grey, kept for scrubbing: a frame is then a PNG encode,
+    /// not a parse and decode of the whole artefact. Rendering is one at a time.
+    frames: Arc<tokio::sync::Mutex<Option<FrameCache>>>,
+}
+
+struct FrameCache {
+    artifact: String,
+    width: u32,
+    height: u32,
+    frames: Vec<Vec<u8>>,
+}
+
+/// The page's Content-Security-Policy. Only this device's own scripts run, they connect only
+/// to this device and to the configured broker's origin, and no other site may frame the page.
+fn content_security_policy(display: &DisplayConfig) -> String {
+    let broker = display
+        .mqtt_websocket
+        .split_once("://")
+        .map(|(scheme, rest)| format!(" {scheme}://{}", rest.split('/').next().unwrap_or_default()))
+        .unwrap_or_default();
+    format!(
+        "default-src 'self'; img-src 'self' blob:; connect-src 'self'{broker}; \
+         frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    )
 }
 
 const ALL_LOGINS_PER_SECOND: u32 = 50;
+const REVEALS_PER_MINUTE: u32 = 10;
+const UPLOADS_PER_SECOND: u32 = 5;
+const UPLOADS_AT_ONCE: usize = 2;
 const IMAGES_AT_ONCE: usize = 4;
 
 fn credential(hash: &str) -> [u8; 32] {
@@ -552,12 +592,25 @@ const IMAGE_CHUNK: usize = 64 << 10;
 async fn display_settings(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let reviewer = api.reviewer(&headers).await?;
     let topics = api.config.topics();
+    let mqtt_password = match &api.config.display.mqtt_password_file {
+        None => String::new(),
+        Some(path) => tokio::fs::read_to_string(path).await.map(|p| p.trim().to_string()).map_err(|e| {
+            tracing::error!(error = %e, "reading display.mqtt_password_file");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_error",
+                "the displays' broker password cannot be read",
+            )
+        })?,
+    };
     Ok(Json(json!({
         "reviewer": reviewer,
         "site": api.config.device.site,
         "device": api.config.device.id,
         "classes": api.feedback.classes().unwrap_or_default(),
         "mqtt_websocket": api.config.display.mqtt_websocket,
+        "mqtt_username": api.config.display.mqtt_username,
+        "mqtt_password": mqtt_password,
         "topics": {"results": topics.results(), "events": topics.events(), "status": topics.status(), "quality": topics.quality()},
         "heatmap": false,
     }))
@@ -589,13 +642,30 @@ async fn scan_frame(
     if wanted >= record.frames.unwrap_or(1) {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "no_frame", "the scan has no B-scan of that number"));
     }
-    let slot = api.images.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("{IMAGES_AT_ONCE} images are being sent; retry"))
-    })?;
     let path = api.config.device.state_dir.join("deid").join(&artifact);
+    if tokio::fs::metadata(&path).await.is_err() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "no_image", "the de-identified image is no longer kept"));
+    }
+    // One render at a time; the lock is held by the blocking task, so a request that gave up
+    // does not let another start beside it.
+    let mut cache = api.frames.clone().lock_owned().await;
     let rendered = tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        crate::infer::frames::render_png(&path, wanted)
+        if cache.as_ref().is_none_or(|c| c.artifact != artifact) {
+            *cache = None;
+            let mut frames = Vec::new();
+            let (mut width, mut height) = (0, 0);
+            crate::infer::frames::for_each_batch(&path, 8, |batch| {
+                for f in batch {
+                    (width, height) = (f.width as u32, f.height as u32);
+                    frames.push(f.pixels.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect());
+                }
+                Ok(())
+            })?;
+            *cache = Some(FrameCache { artifact, width, height, frames });
+        }
+        let Some(c) = cache.as_ref() else { return Err(crate::infer::InferError::Input("no frames".into())) };
+        let grey = c.frames.get(wanted as usize).cloned().unwrap_or_default();
+        crate::infer::frames::encode_png(c.width, c.height, grey)
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
@@ -605,14 +675,151 @@ async fn scan_frame(
             png,
         )
             .into_response()),
-        Err(crate::infer::InferError::Input(why)) if why.contains("No such file") => {
-            Err(ApiError::new(StatusCode::NOT_FOUND, "no_image", "the de-identified image is no longer kept"))
-        }
         Err(e) => {
             tracing::error!(scan_id = %id, error = %e, "rendering a B-scan for the display");
             Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "render_failed", "the B-scan cannot be shown now"))
         }
     }
+}
+
+/// The clinic's own identifiers of a scan, from the sealed linkage, for staff logged in on
+/// this device. Each reveal is recorded (who, which scan, when; never the identity) before
+/// anything is shown, and logged. Nothing here goes to MQTT or the trainer.
+async fn reveal_identity(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    json_body(&headers)?;
+    let reviewer = api.reviewer(&headers).await?;
+    let id = scan_id(&id)?;
+    if api.reveals.check_key(&reviewer).is_err() {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("at most {REVEALS_PER_MINUTE} identity reveals a minute per reviewer"),
+        ));
+    }
+    let who = reviewer.clone();
+    let linkage = read_store(&api, move |store| {
+        let Some(linkage) = store.linkage(id)? else { return Ok(None) };
+        store.record_reveal(id, &who, crate::scan::now_ms())?;
+        Ok(Some(linkage))
+    })
+    .await?;
+    let Some(linkage) = linkage else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_identity",
+            "this device keeps no identity for the scan (unknown, or past store.linkage_retention)",
+        ));
+    };
+    tracing::info!(scan_id = %id, reviewer = %reviewer, "identity revealed in the reading room");
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({"scan_id": id, "original_name": linkage.original_name, "identifiers": linkage.identifiers})),
+    )
+        .into_response())
+}
+
+/// A scan uploaded from the reading room (a scanner without a folder export): written into
+/// the first watch folder under a name of octd's own, atomically, so it enters the pipeline
+/// exactly as a dropped file does. The body is streamed to disk, never held whole.
+async fn upload(State(api): State<Arc<Api>>, headers: HeaderMap, body: axum::body::Body) -> Result<Response, ApiError> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let reviewer = api.reviewer(&headers).await?;
+    if api.upload_rate.check_key(&reviewer).is_err() {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("at most {UPLOADS_PER_SECOND} uploads a second per reviewer"),
+        ));
+    }
+    let _slot = api.uploads.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", format!("{UPLOADS_AT_ONCE} uploads are running; retry"))
+    })?;
+    let Some(inbox) = api.config.ingest.watch.first().cloned() else {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_inbox", "octd watches no folder"));
+    };
+    let limit = api.config.ingest.max_file_bytes;
+    // The watch folder is the scanner's disk too: an upload must not fill it (fails closed).
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(limit);
+    let room = fs4::available_space(&inbox).unwrap_or(0);
+    if room < api.config.ingest.min_free_bytes.saturating_add(declared.min(limit)) {
+        return Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "disk_low",
+            "the device's disk is almost full: the upload was not taken",
+        ));
+    }
+    let mut raw = [0u8; 12];
+    rand::rng().fill_bytes(&mut raw);
+    let stem = format!("upload-{}", hex::encode(raw));
+    let partial = inbox.join(format!(".{stem}.partial"));
+    let failed = |e: std::io::Error| {
+        tracing::error!(error = %e, "writing an upload into the watch folder");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_error", "the upload cannot be written now")
+    };
+    let mut file = tokio::fs::File::create(&partial).await.map_err(failed)?;
+    let mut head = Vec::with_capacity(132);
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    let outcome: Result<(), ApiError> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "incomplete", "the upload broke off"))?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("a scan of at most {limit} bytes (ingest.max_file_bytes)"),
+                ));
+            }
+            if head.len() < 132 {
+                head.extend_from_slice(&chunk[..chunk.len().min(132 - head.len())]);
+            }
+            file.write_all(&chunk).await.map_err(failed)?;
+        }
+        file.sync_all().await.map_err(failed)?;
+        Ok(())
+    }
+    .await;
+    let kind = InputKind::sniff(&head);
+    let outcome = outcome.and_then(|()| match (size, kind) {
+        (0, _) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "empty", "the upload is empty")),
+        (_, None) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not_an_image",
+            "not a JPEG, PNG, TIFF, BMP or DICOM file",
+        )),
+        (_, Some(_)) => Ok(()),
+    });
+    if let Err(e) = outcome {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(e);
+    }
+    let extension = match kind {
+        Some(InputKind::Dicom) => "dcm",
+        Some(InputKind::Jpeg) => "jpeg",
+        Some(InputKind::Png) => "png",
+        Some(InputKind::Tiff) => "tiff",
+        Some(InputKind::Bmp) | None => "bmp",
+    };
+    let name = format!("{stem}.{extension}");
+    let target = inbox.join(&name);
+    if let Err(e) = tokio::fs::rename(&partial, &target).await {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(failed(e));
+    }
+    let _ = crate::fsutil::sync_dir(&inbox);
+    tracing::info!(reviewer = %reviewer, bytes = size, upload = %name, "scan uploaded in the reading room");
+    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": true, "upload": name, "bytes": size}))).into_response())
 }
 
 /// The page's files, built into the binary: nothing is fetched from elsewhere at run time.
@@ -623,21 +830,16 @@ mod page {
     pub const MQTT_JS: &str = include_str!("page/vendor/mqtt.min.js");
 }
 
-fn asset(content_type: &'static str, body: &'static str) -> Response {
+fn asset(api: &Api, content_type: &'static str, body: &'static str) -> Response {
     (
         [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-cache"),
-            // The page runs only its own scripts, talks only to this device and its broker,
-            // and is never framed by another site (clickjacking).
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; img-src 'self' blob:; connect-src 'self' ws: wss:; \
-                 frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
-            ),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (header::REFERRER_POLICY, "no-referrer"),
-            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::CONTENT_TYPE, content_type.to_string()),
+            (header::CACHE_CONTROL, "no-cache".to_string()),
+            (header::CONTENT_SECURITY_POLICY, api.csp.clone()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+            (header::REFERRER_POLICY, "no-referrer".to_string()),
+            // No other site may frame it (clickjacking).
+            (header::X_FRAME_OPTIONS, "DENY".to_string()),
         ],
         body,
     )
@@ -704,10 +906,15 @@ fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/scans/:scan_id/label", post(post_label))
         .route("/api/v1/scans/:scan_id/frame", get(scan_frame))
         .route("/api/v1/display", get(display_settings))
-        .route("/", get(|| async { asset("text/html; charset=utf-8", page::INDEX) }))
-        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", page::APP_JS) }))
-        .route("/app.css", get(|| async { asset("text/css; charset=utf-8", page::APP_CSS) }))
-        .route("/vendor/mqtt.min.js", get(|| async { asset("text/javascript; charset=utf-8", page::MQTT_JS) }))
+        .route("/api/v1/scans/:scan_id/identity", post(reveal_identity))
+        .route("/api/v1/uploads", post(upload).layer(axum::extract::DefaultBodyLimit::disable()))
+        .route("/", get(|State(api): State<Arc<Api>>| async move { asset(&api, "text/html; charset=utf-8", page::INDEX) }))
+        .route("/app.js", get(|State(api): State<Arc<Api>>| async move { asset(&api, "text/javascript; charset=utf-8", page::APP_JS) }))
+        .route("/app.css", get(|State(api): State<Arc<Api>>| async move { asset(&api, "text/css; charset=utf-8", page::APP_CSS) }))
+        .route(
+            "/vendor/mqtt.min.js",
+            get(|State(api): State<Arc<Api>>| async move { asset(&api, "text/javascript; charset=utf-8", page::MQTT_JS) }),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(deadline))
         .with_state(api)
@@ -748,6 +955,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let rate = NonZeroU32::new(config.display.logins_per_second).unwrap_or(NonZeroU32::MIN);
+    let config_display = config.display.clone();
     let api = Arc::new(Api {
         config,
         store,
@@ -759,6 +967,17 @@ pub async fn serve(
             NonZeroU32::new(ALL_LOGINS_PER_SECOND).unwrap_or(NonZeroU32::MIN),
         )),
         images: Arc::new(Semaphore::new(IMAGES_AT_ONCE)),
+        reveals: RateLimiter::keyed(
+            Quota::per_minute(NonZeroU32::new(REVEALS_PER_MINUTE).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(5).unwrap_or(NonZeroU32::MIN)),
+        ),
+        upload_rate: RateLimiter::keyed(
+            Quota::per_second(NonZeroU32::new(UPLOADS_PER_SECOND).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(50).unwrap_or(NonZeroU32::MIN)),
+        ),
+        uploads: Arc::new(Semaphore::new(UPLOADS_AT_ONCE)),
+        csp: content_security_policy(&config_display),
+        frames: Arc::new(tokio::sync::Mutex::new(None)),
     });
     let app = router(api);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));

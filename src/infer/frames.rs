@@ -29,29 +29,16 @@ pub fn for_each_batch(
 ) -> Result<(), InferError> {
     let is_dicom = artifact.extension().is_some_and(|e| e == "dcm");
     if is_dicom {
-        dicom_batches(artifact, None, batch.max(1), f)
+        dicom_batches(artifact, batch.max(1), f)
     } else {
         let image = image::open(artifact).map_err(|e| InferError::Input(format!("artefact does not decode: {e}")))?;
         f(&[from_image(&image)])
     }
 }
 
-/// B-scan `n` of the artefact as an 8-bit grey PNG, for the reading room (the conversion
-/// inference sees, so the reviewer looks at what the model looked at).
-pub fn render_png(artifact: &Path, n: u32) -> Result<Vec<u8>, InferError> {
-    let mut found = None;
-    let keep = |batch: &[GreyFrame]| {
-        found = batch.first().cloned();
-        Ok(())
-    };
-    match artifact.extension().is_some_and(|e| e == "dcm") {
-        true => dicom_batches(artifact, Some(n), 1, keep)?,
-        false if n == 0 => for_each_batch(artifact, 1, keep)?,
-        false => {}
-    }
-    let frame = found.ok_or_else(|| InferError::Input(format!("no B-scan {n}")))?;
-    let grey: Vec<u8> = frame.pixels.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
-    let image = image::GrayImage::from_raw(frame.width as u32, frame.height as u32, grey)
+/// An 8-bit grey B-scan as PNG (the reading room shows what inference saw).
+pub fn encode_png(width: u32, height: u32, grey: Vec<u8>) -> Result<Vec<u8>, InferError> {
+    let image = image::GrayImage::from_raw(width, height, grey)
         .ok_or_else(|| InferError::Input("a B-scan of inconsistent size".into()))?;
     let mut png = std::io::Cursor::new(Vec::new());
     image.write_to(&mut png, image::ImageFormat::Png).map_err(|e| InferError::Input(format!("PNG: {e}")))?;
@@ -156,10 +143,8 @@ impl Native<'_> {
     }
 }
 
-/// `only`: that frame alone (one B-scan for display), else every frame in order.
 fn dicom_batches(
     path: &Path,
-    only: Option<u32>,
     batch: usize,
     mut f: impl FnMut(&[GreyFrame]) -> Result<(), InferError>,
 ) -> Result<(), InferError> {
@@ -186,13 +171,7 @@ fn dicom_batches(
     };
     let mut frames = Vec::with_capacity(batch.min(layout.frames as usize));
     let mut raw = Vec::new();
-    let wanted = match only {
-        Some(n) if n >= layout.frames => return Err(InferError::Input(format!("no B-scan {n}"))),
-        Some(n) => n..n + 1,
-        None => 0..layout.frames,
-    };
-    let last = wanted.end;
-    for i in wanted {
+    for i in 0..layout.frames {
         let frame = match &native {
             Some(native) => {
                 native
@@ -217,7 +196,7 @@ fn dicom_batches(
             }
         };
         frames.push(frame);
-        if frames.len() == batch || i + 1 == last {
+        if frames.len() == batch || i + 1 == layout.frames {
             f(&frames)?;
             frames.clear();
         }

@@ -53,6 +53,8 @@ const LABEL_IDS: TableDefinition<&str, u64> = TableDefinition::new("label_ids");
 const UPLINK: TableDefinition<u64, &[u8]> = TableDefinition::new("uplink");
 /// label seq -> why the trainer refused it for good (kept for the field engineer, alarmed).
 const UPLINK_REFUSED: TableDefinition<u64, &[u8]> = TableDefinition::new("uplink_refused");
+/// Who revealed which scan's identity in the reading room, and when (never the identity).
+const REVEALS: TableDefinition<u64, &[u8]> = TableDefinition::new("identity_reveals");
 const NEXT_LABEL_SEQ: &str = "label_next_seq";
 /// Whether the live-accuracy alarm is raised (survives restarts, so it is raised and cleared once).
 const ACCURACY_ALARM: &str = "accuracy_alarm";
@@ -166,6 +168,7 @@ impl Store {
             txn.open_table(LABEL_IDS)?;
             txn.open_table(UPLINK)?;
             txn.open_table(UPLINK_REFUSED)?;
+            txn.open_table(REVEALS)?;
         }
         Self::count_scans_once(&txn)?;
         txn.commit()?;
@@ -744,6 +747,32 @@ impl Store {
         Ok(out)
     }
 
+    /// A scan's identity is about to be shown to `reviewer`: recorded first, durably, so no
+    /// reveal goes unrecorded. Returns the record's sequence number.
+    pub fn record_reveal(&self, scan_id: ScanId, reviewer: &str, at_ms: u64) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let seq = {
+            let mut reveals = txn.open_table(REVEALS)?;
+            let next = reveals.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            let entry =
+                serde_json::json!({"scan_id": scan_id, "reviewer": reviewer, "at": crate::scan::rfc3339_ms(at_ms)});
+            reveals.insert(next, encode(&entry)?.as_slice())?;
+            next
+        };
+        txn.commit()?;
+        Ok(seq)
+    }
+
+    /// The reveal records, oldest first (`scan_id`, `reviewer`, `at`).
+    pub fn reveals(&self) -> Result<Vec<serde_json::Value>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for entry in txn.open_table(REVEALS)?.iter()? {
+            out.push(decode(entry?.1.value())?);
+        }
+        Ok(out)
+    }
+
     /// Every value of every table except the sealed linkage, for PHI audits.
     pub fn dump_unsealed(&self) -> Result<Vec<u8>, StoreError> {
         let txn = self.db.begin_read()?;
@@ -767,6 +796,10 @@ impl Store {
             out.extend_from_slice(v.value());
         }
         for entry in txn.open_table(LABELS)?.iter()? {
+            let (_, v) = entry?;
+            out.extend_from_slice(v.value());
+        }
+        for entry in txn.open_table(REVEALS)?.iter()? {
             let (_, v) = entry?;
             out.extend_from_slice(v.value());
         }
@@ -927,6 +960,24 @@ mod tests {
         store.prune(future, future).unwrap();
         assert!(store.linkage(quarantined).unwrap().is_none(), "linkage has its own retention");
         assert!(store.get(quarantined).unwrap().is_some());
+    }
+
+    #[test]
+    fn identity_reveals_are_recorded_in_order_without_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, b) = (ScanId::new(), ScanId::new());
+        let linkage = Linkage { original_name: "SMITH_JANE_MRN12345.jpg".into(), ..Default::default() };
+        store.record_claim(&ScanRecord::received(a), &linkage).unwrap();
+        assert_eq!(store.record_reveal(a, "dr-grey", 1_000).unwrap(), 1);
+        assert_eq!(store.record_reveal(b, "dr-blue", 2_000).unwrap(), 2);
+        let reveals = store.reveals().unwrap();
+        assert_eq!(reveals.len(), 2);
+        assert_eq!(reveals[0]["scan_id"], a.to_string());
+        assert_eq!(reveals[0]["reviewer"], "dr-grey");
+        assert_eq!(reveals[1]["reviewer"], "dr-blue");
+        let dump = String::from_utf8_lossy(&store.dump_unsealed().unwrap()).into_owned();
+        assert!(dump.contains("dr-blue") && !dump.contains("SMITH"), "recorded, without the identity");
     }
 
     #[test]

@@ -18,6 +18,9 @@ const INBOX = env("OCTD_INBOX");
 const SCANS = JSON.parse(env("OCTD_SCANS")); // [{path, name}] single B-scans to drop
 const VOLUME = env("OCTD_VOLUME"); // a DICOM volume to drop
 const SHOTS = process.env.OCTD_SHOTS || "";
+const UPLOADS = JSON.parse(env("OCTD_UPLOADS")); // two more B-scans to upload from the page
+const SIGNALS = env("OCTD_SIGNALS"); // a folder to ask the test to stop and start the broker
+const OUTAGE_SCAN = env("OCTD_OUTAGE_SCAN"); // a B-scan dropped while the broker is down
 const TIMEOUT = 90_000;
 
 function drop(from, name) {
@@ -31,6 +34,15 @@ async function login(page, password) {
   await page.fill("#login-reviewer", REVIEWER);
   await page.fill("#login-password", password);
   await page.press("#login-password", "Enter");
+}
+
+async function ask(what, answer) {
+  fs.writeFileSync(path.join(SIGNALS, what), "");
+  const deadline = Date.now() + TIMEOUT;
+  while (!fs.existsSync(path.join(SIGNALS, answer))) {
+    if (Date.now() > deadline) throw new Error(`no ${answer} after ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }
 
 async function worklistIds(page) {
@@ -56,6 +68,10 @@ try {
   page.setDefaultTimeout(TIMEOUT);
   const consoleErrors = [];
   page.on("pageerror", (e) => consoleErrors.push(String(e)));
+  // A Content-Security-Policy violation is only a console error: it must not happen either.
+  // (Refused requests and the broker's planned outage below are expected errors.)
+  const expectedError = (t) => t.startsWith("Failed to load resource") || t.startsWith("WebSocket connection to");
+  page.on("console", (m) => m.type() === "error" && !expectedError(m.text()) && consoleErrors.push(m.text()));
 
   // A wrong password is refused with the API's reason, and the page stays at the login.
   await login(page, PASSWORD + "x");
@@ -132,6 +148,58 @@ try {
   const size = await page.$eval("#scan-image", (img) => [img.naturalWidth, img.naturalHeight]);
   out.volume.frame_size = size;
   if (SHOTS) await page.screenshot({ path: path.join(SHOTS, "reading-room-scan.png") });
+
+  // Identity is revealed on this screen only, from the sealed linkage (octd records it).
+  const single = (await apiScans(page)).find((s) => s.frames === 1 && !s.verdict);
+  await page.click(`#worklist li[data-scan-id="${single.scan_id}"]`);
+  await page.waitForFunction((id) => document.querySelector("#scan-id").textContent === id, single.scan_id);
+  await page.focus("#worklist");
+  await page.keyboard.press("i");
+  await page.waitForFunction(() => document.querySelector("#identity").textContent.includes("MRN4417"));
+  out.revealed = { scan_id: single.scan_id, shown: await page.textContent("#identity") };
+
+  // Uploads: one through the file picker, one dropped onto the page, one that is no scan.
+  const before = (await apiScans(page)).length;
+  await page.setInputFiles("#upload-input", UPLOADS[0]);
+  await page.waitForFunction(() => document.querySelector("#upload-state").textContent.startsWith("1 uploaded"));
+  const dropped = fs.readFileSync(UPLOADS[1]);
+  const transfer = await page.evaluateHandle((bytes) => {
+    const dt = new DataTransfer();
+    dt.items.add(new File([new Uint8Array(bytes)], "SMITH_ANN_dropped.jpeg", { type: "image/jpeg" }));
+    dt.items.add(new File(["not a scan"], "notes.txt", { type: "text/plain" }));
+    return dt;
+  }, [...dropped]);
+  await page.dispatchEvent("body", "dragenter", { dataTransfer: transfer });
+  assert.equal(await page.isVisible("#drop-overlay"), true, "the drop zone shows");
+  await page.dispatchEvent("body", "drop", { dataTransfer: transfer });
+  await page.waitForFunction(() => document.querySelector("#upload-state").textContent.startsWith("1 uploaded"));
+  out.upload_refused = await page.textContent("#upload-state");
+  await page.waitForFunction(async (n) => {
+    const token = sessionStorage.getItem("octd-token");
+    const r = await fetch("/api/v1/scans?limit=500", { headers: { Authorization: "Bearer " + token } });
+    return (await r.json()).scans.filter((s) => s.label).length >= n;
+  }, before + 2);
+  await page.waitForFunction((n) => document.querySelectorAll("#worklist li").length >= n, 0);
+  out.uploaded = (await apiScans(page)).length - before;
+
+  // The broker goes away: the page says so, and after it is back it shows what it missed.
+  await ask("stop-broker", "broker-stopped");
+  await page.waitForFunction(() => document.querySelector("#live").textContent.startsWith("live: reconnecting"));
+  const known = new Set((await apiScans(page)).map((s) => s.scan_id));
+  drop(OUTAGE_SCAN, "DOE_JANE_MRN4417_outage.jpeg");
+  // Classified while the page cannot hear about it.
+  let missed = null;
+  const deadline = Date.now() + TIMEOUT;
+  while (!missed) {
+    if (Date.now() > deadline) throw new Error("the outage scan was not classified");
+    missed = (await apiScans(page)).find((s) => !known.has(s.scan_id) && s.label);
+    if (!missed) await new Promise((r) => setTimeout(r, 200));
+  }
+  assert.equal(await page.$(`#worklist li[data-scan-id="${missed.scan_id}"]`), null, "not shown while offline");
+  await ask("start-broker", "broker-started");
+  await page.waitForFunction(() => document.querySelector("#live").textContent === "live");
+  await page.waitForSelector(`#worklist li[data-scan-id="${missed.scan_id}"]`);
+  out.caught_up = missed.scan_id;
 
   // The device's status and live accuracy arrive retained over MQTT.
   await page.waitForFunction(() => document.querySelector("#device-status").textContent.startsWith("online"));

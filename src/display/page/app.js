@@ -16,6 +16,10 @@ const state = {
   imageUrl: null,
   mqtt: null,
   poll: null,
+  sending: false, // a verdict is on its way: no second one until it is answered
+  imageAbort: null,
+  imageTimer: null,
+  modelVersion: null,
 };
 
 class Unauthorized extends Error {}
@@ -175,6 +179,8 @@ function select(id) {
     state.frame = (scan && scan.most_suspicious_frame) || 0;
     $("comment").value = "";
     $("verdict-state").textContent = "";
+    $("identity").hidden = true;
+    $("identity").replaceChildren();
     loadImage();
   }
   renderWorklist();
@@ -183,22 +189,51 @@ function select(id) {
   if (li) li.scrollIntoView({ block: "nearest" });
 }
 
-async function loadImage() {
+// Debounced while scrubbing; a newer choice cancels the older request.
+function loadImage() {
+  clearTimeout(state.imageTimer);
+  state.imageTimer = setTimeout(fetchImage, 60);
+}
+
+async function fetchImage(attempt = 0) {
   const id = state.selected;
   const frame = state.frame;
-  const response = await api(`/api/v1/scans/${encodeURIComponent(id)}/frame?n=${frame}`);
-  if (id !== state.selected || frame !== state.frame) return; // a newer choice won
-  if (!response.ok) {
-    $("scan-image").removeAttribute("src");
-    $("scan-image").alt = await errorText(response);
-    return;
+  if (!id) return;
+  if (state.imageAbort) state.imageAbort.abort();
+  const abort = new AbortController();
+  state.imageAbort = abort;
+  const current = () => id === state.selected && frame === state.frame;
+  let blob;
+  try {
+    const response = await api(`/api/v1/scans/${encodeURIComponent(id)}/frame?n=${frame}`, { signal: abort.signal });
+    if (!current()) return;
+    if (response.status === 503 && attempt < 5) {
+      setTimeout(() => current() && fetchImage(attempt + 1), 300 * (attempt + 1));
+      return;
+    }
+    if (!response.ok) {
+      $("scan-image").removeAttribute("src");
+      $("scan-image").alt = await errorText(response);
+      return;
+    }
+    blob = await response.blob();
+  } catch (_) {
+    return; // aborted for a newer choice, or the session ended
   }
-  const url = URL.createObjectURL(await response.blob());
+  if (!current()) return;
+  const url = URL.createObjectURL(blob);
   if (state.imageUrl) URL.revokeObjectURL(state.imageUrl);
   state.imageUrl = url;
   $("scan-image").src = url;
   $("scan-image").alt = `de-identified B-scan ${frame + 1}`;
   $("scan-image").dataset.frame = String(frame);
+}
+
+// The classes verdicts may name, in the order of the bars and of the digit keys.
+function classList(scan) {
+  const loaded = state.settings && state.settings.classes;
+  if (loaded && loaded.length) return loaded;
+  return Object.keys((scan && scan.probabilities) || {});
 }
 
 function renderScan() {
@@ -224,7 +259,7 @@ function renderScan() {
   const bars = $("bars");
   bars.replaceChildren();
   $("bars-note").hidden = frames < 2;
-  const classes = (state.settings && state.settings.classes.length ? state.settings.classes : Object.keys(scan.probabilities || {}));
+  const classes = classList(scan);
   for (const c of classes) {
     const p = (scan.probabilities || {})[c] || 0;
     const name = document.createElement("span");
@@ -276,7 +311,16 @@ function randomId() {
 
 async function verdict(label) {
   const scan = state.scans.get(state.selected);
-  if (!scan || !scan.label) return;
+  if (!scan || !scan.label || state.sending) return;
+  state.sending = true;
+  try {
+    await sendVerdict(scan, label);
+  } finally {
+    state.sending = false;
+  }
+}
+
+async function sendVerdict(scan, label) {
   label = label || scan.label;
   const body = { label, verdict_id: randomId() };
   const comment = $("comment").value.trim();
@@ -296,7 +340,8 @@ async function verdict(label) {
   const at = current.findIndex((s) => s.scan_id === scan.scan_id);
   await refreshScan(scan.scan_id);
   $("verdict-state").textContent = `${answer.code === "confirmed" ? "Confirmed" : "Corrected to"} ${label} (revision ${answer.revision})`;
-  // On to the next scan of the list as it was.
+  // On to the next scan of the list as it was, unless the reviewer has moved on already.
+  if (state.selected !== scan.scan_id) return;
   const after = visibleScans();
   const next = after.find((s, i) => i >= at && s.scan_id !== scan.scan_id) || after[after.length - 1];
   if (next && next.scan_id !== scan.scan_id) select(next.scan_id);
@@ -304,18 +349,102 @@ async function verdict(label) {
 
 $("confirm").addEventListener("click", () => verdict(null));
 
+// The clinic's own identifiers, on this screen only: octd records each reveal.
+async function reveal() {
+  const id = state.selected;
+  if (!id) return;
+  const response = await api(`/api/v1/scans/${encodeURIComponent(id)}/identity`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: "{}",
+  });
+  const list = $("identity");
+  list.replaceChildren();
+  list.hidden = false;
+  if (!response.ok) {
+    const dt = document.createElement("dt");
+    dt.textContent = "not shown";
+    const dd = document.createElement("dd");
+    dd.textContent = await errorText(response);
+    list.append(dt, dd);
+    return;
+  }
+  const body = await response.json();
+  if (id !== state.selected) return;
+  const rows = [["file name", body.original_name], ...Object.entries(body.identifiers || {})];
+  for (const [k, v] of rows) {
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = v;
+    list.append(dt, dd);
+  }
+}
+
+$("reveal").addEventListener("click", reveal);
+
+// Uploads: a file picker, or files dropped anywhere on the page.
+async function uploadFiles(files) {
+  let done = 0;
+  const refused = [];
+  for (const file of files) {
+    $("upload-state").textContent = `uploading ${done + 1} of ${files.length}…`;
+    const response = await api("/api/v1/uploads", {
+      method: "POST",
+      headers: { "Content-Type": "application/octet-stream" },
+      body: file,
+    });
+    if (response.status === 202) done += 1;
+    else refused.push(await errorText(response));
+  }
+  $("upload-state").textContent =
+    `${done} uploaded; results appear in the worklist` + (refused.length ? ` · ${refused.length} refused: ${refused[0]}` : "");
+}
+
+$("upload-input").addEventListener("change", () => {
+  const files = [...$("upload-input").files];
+  $("upload-input").value = "";
+  if (files.length) uploadFiles(files);
+});
+
+let dragDepth = 0;
+document.addEventListener("dragenter", (e) => {
+  if ($("app-view").hidden || !e.dataTransfer || ![...e.dataTransfer.types].includes("Files")) return;
+  dragDepth += 1;
+  $("drop-overlay").hidden = false;
+});
+document.addEventListener("dragleave", () => {
+  dragDepth = Math.max(0, dragDepth - 1);
+  if (!dragDepth) $("drop-overlay").hidden = true;
+});
+document.addEventListener("dragover", (e) => {
+  if (!$("app-view").hidden) e.preventDefault();
+});
+document.addEventListener("drop", (e) => {
+  e.preventDefault();
+  dragDepth = 0;
+  $("drop-overlay").hidden = true;
+  if ($("app-view").hidden || !e.dataTransfer) return;
+  const files = [...e.dataTransfer.files];
+  if (files.length) uploadFiles(files);
+});
+
 document.addEventListener("keydown", (event) => {
-  if ($("app-view").hidden || event.ctrlKey || event.metaKey || event.altKey) return;
-  const typing = event.target instanceof HTMLInputElement && event.target.type !== "checkbox" && event.target.type !== "range";
-  if (typing) {
-    if (event.key === "Escape") event.target.blur();
-    if (event.key === "Enter" && event.target.id === "comment") {
+  if ($("app-view").hidden || event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
+  // A focused control keeps its own keys (Space ticks a filter, Enter presses a button).
+  const target = event.target;
+  const control =
+    target instanceof HTMLInputElement || target instanceof HTMLButtonElement || target instanceof HTMLSelectElement ||
+    target instanceof HTMLTextAreaElement || (target instanceof HTMLElement && target.isContentEditable);
+  if (control) {
+    if (event.key === "Escape") target.blur();
+    if (event.key === "Enter" && target.id === "comment") {
       event.preventDefault();
       verdict(null);
     }
     return;
   }
-  const classes = (state.settings && state.settings.classes) || [];
+  const classes = classList(state.scans.get(state.selected));
   if (event.key === "ArrowDown" || event.key === "j") move(1);
   else if (event.key === "ArrowUp" || event.key === "k") move(-1);
   else if (event.key === "Home") move(-Infinity);
@@ -323,6 +452,7 @@ document.addEventListener("keydown", (event) => {
   else if (event.key === "Enter" || event.key === " ") verdict(null);
   else if (/^[1-9]$/.test(event.key) && Number(event.key) <= classes.length) verdict(classes[Number(event.key) - 1]);
   else if (event.key === "c") $("comment").focus();
+  else if (event.key === "i") reveal();
   else if (event.key === "ArrowRight" || event.key === "ArrowLeft") {
     const scan = state.scans.get(state.selected);
     if (!scan || (scan.frames || 1) < 2) return;
@@ -350,6 +480,9 @@ function onMessage(topic, payload) {
   const t = state.settings.topics;
   if (topic === t.status) {
     const model = message.model ? `${message.model.version} (${message.model.backend})` : "no model";
+    const version = message.model ? message.model.version : null;
+    if (state.modelVersion !== null && version !== state.modelVersion) refreshSettings();
+    state.modelVersion = version;
     setPill("device-status", `${message.state} · ${model}`, message.state === "online" ? "good" : "bad");
   } else if (topic === t.quality) {
     const o = message.overall || {};
@@ -369,6 +502,8 @@ function startLive() {
   const url = state.settings.mqtt_websocket;
   if (!url || !window.mqtt) {
     setPill("live", "live: polling", "");
+    setPill("device-status", "status: needs the broker", "");
+    setPill("quality", "accuracy: needs the broker", "");
     state.poll = setInterval(() => loadScans().catch(() => {}), 5000);
     return;
   }
@@ -378,6 +513,11 @@ function startLive() {
     reconnectPeriod: 2000,
     connectTimeout: 5000,
     protocolVersion: 4,
+    // The default keep-alive timer runs in a blob: Web Worker, which the page's
+    // Content-Security-Policy does not allow; without pings the broker drops the page.
+    timerVariant: "native",
+    username: state.settings.mqtt_username || undefined,
+    password: state.settings.mqtt_password || undefined,
   });
   state.mqtt = client;
   client.on("connect", () => {
@@ -389,6 +529,7 @@ function startLive() {
   });
   client.on("close", () => setPill("live", "live: reconnecting…", "bad"));
   client.on("message", onMessage);
+  client.on("error", (e) => setPill("live", "live: " + (e && e.message ? e.message : "error"), "bad"));
 }
 
 function stopLive() {
@@ -400,6 +541,14 @@ function stopLive() {
     clearInterval(state.poll);
     state.poll = null;
   }
+}
+
+async function refreshSettings() {
+  const response = await api("/api/v1/display");
+  if (!response.ok) return;
+  const settings = await response.json();
+  state.settings.classes = settings.classes;
+  renderScan();
 }
 
 async function start() {
