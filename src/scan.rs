@@ -158,6 +158,9 @@ pub struct ScanRecord {
     /// For a volume, the B-scan the reading room opens at.
     #[serde(default)]
     pub most_suspicious_frame: Option<u32>,
+    /// Where the model looked (its activation map of the label), when the model gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heatmap: Option<crate::infer::Heatmap>,
 }
 
 impl ScanRecord {
@@ -185,6 +188,7 @@ impl ScanRecord {
             needs_review: None,
             confidence: None,
             most_suspicious_frame: None,
+            heatmap: None,
         }
     }
 }

@@ -91,3 +91,46 @@ fn the_shipped_bundle_passes_its_self_test_on_onnxruntime() {
     assert_eq!(report["verified"]["backend"], "onnxruntime-cpu", "{report}");
     assert_eq!(report["verified"]["selftest_cases"], 4, "{report}");
 }
+
+#[test]
+fn activation_maps_agree_across_backends_and_draw_on_the_scan() {
+    let Some(images) = common::shared_oct_images() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(model) = common::model_with_heatmap(dir.path()) else { return };
+    let config = octd::config::Config::default();
+    let load = |backend: octd::config::BackendKind, library: Option<PathBuf>| {
+        let mut m = config.model.clone();
+        m.backend = backend;
+        m.onnxruntime_library = library;
+        octd::infer::Classifier::load(&model, &m, &config.triage).unwrap()
+    };
+    let tract = load(octd::config::BackendKind::Tract, None);
+    let plain =
+        octd::infer::Classifier::load(&common::repo().join("models/default"), &config.model, &config.triage).unwrap();
+    assert!(tract.has_heatmap() && !plain.has_heatmap());
+    let cnv = images.iter().find(|(_, l)| l == "CNV").map(|(p, _)| p.clone()).unwrap();
+    let (with, heatmap) = tract.classify_artifact_with_heatmap(&cnv).unwrap();
+    let heatmap = heatmap.expect("a heatmap");
+    // The second output changes nothing about the answer.
+    let (without, none) = plain.classify_artifact_with_heatmap(&cnv).unwrap();
+    assert!(none.is_none());
+    assert_eq!(with.label, without.label);
+    for (class, p) in &with.probabilities {
+        assert!((p - without.probabilities[class]).abs() < 1e-5, "{class}");
+    }
+    let (width, height) = image::image_dimensions(&cnv).unwrap();
+    assert_eq!((heatmap.grid_width, heatmap.grid_height), (7, 7), "224 / 32");
+    assert_eq!((heatmap.frame_width, heatmap.frame_height), (width, height));
+    let overlay = image::load_from_memory(&heatmap.overlay_png().unwrap()).unwrap().to_rgba8();
+    assert_eq!(overlay.dimensions(), (width, height), "drawn at the scan's own size");
+    let alphas: Vec<u8> = overlay.pixels().map(|p| p.0[3]).collect();
+    assert!(alphas.contains(&0) && alphas.iter().any(|&a| a > 150), "transparent where it looked least");
+    // ONNX Runtime computes the same map where its library is here.
+    if let Some(library) = onnxruntime_library() {
+        let ort = load(octd::config::BackendKind::Onnxruntime, Some(library));
+        let (_, other) = ort.classify_artifact_with_heatmap(&cnv).unwrap();
+        let other = other.expect("ONNX Runtime gives the map too");
+        let worst = heatmap.values.iter().zip(&other.values).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-3, "tract vs ONNX Runtime activation maps differ by {worst}");
+    }
+}

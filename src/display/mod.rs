@@ -434,6 +434,8 @@ struct ScanView {
     review_reasons: Vec<String>,
     priority_rank: Option<u8>,
     most_suspicious_frame: Option<u32>,
+    /// The B-scan a heatmap is drawn on, when the scan has one (`/heatmap`).
+    heatmap_frame: Option<u32>,
     verdict: Option<Value>,
 }
 
@@ -463,6 +465,7 @@ fn view(record: &ScanRecord, verdict: Option<crate::scan::LabelRecord>) -> ScanV
         review_reasons: record.review_reasons.clone(),
         priority_rank: record.priority.map(|p| p.rank()),
         most_suspicious_frame: record.most_suspicious_frame,
+        heatmap_frame: record.heatmap.as_ref().map(|h| h.frame),
         verdict: verdict.map(|v| {
             json!({"label": v.label, "revision": v.revision, "reviewer": v.reviewer, "reviewed_at": v.reviewed_at,
                    "confirmed": v.label == v.predicted})
@@ -612,7 +615,7 @@ async fn display_settings(State(api): State<Arc<Api>>, headers: HeaderMap) -> Re
         "mqtt_username": api.config.display.mqtt_username,
         "mqtt_password": mqtt_password,
         "topics": {"results": topics.results(), "events": topics.events(), "status": topics.status(), "quality": topics.quality()},
-        "heatmap": false,
+        "heatmap": api.feedback.heatmap(),
     }))
     .into_response())
 }
@@ -680,6 +683,33 @@ async fn scan_frame(
             Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "render_failed", "the B-scan cannot be shown now"))
         }
     }
+}
+
+/// Where the model looked: the label's activation map over the B-scan it comes from, as a
+/// transparent PNG of that B-scan's size (drawn on request from the few values stored with
+/// the result, so classifying a scan costs no image encode).
+async fn scan_heatmap(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    api.reviewer(&headers).await?;
+    let id = scan_id(&id)?;
+    let record = read_store(&api, move |store| store.get(id))
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_scan", "the scan is not known on this device"))?;
+    let Some(heatmap) = record.heatmap else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_heatmap",
+            "no heatmap: the model that classified the scan does not give activation maps",
+        ));
+    };
+    let png = tokio::task::spawn_blocking(move || heatmap.overlay_png())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "render_failed", e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "no-store")], png).into_response())
 }
 
 /// The clinic's own identifiers of a scan, from the sealed linkage, for staff logged in on
@@ -905,6 +935,7 @@ fn router(api: Arc<Api>) -> Router {
         .route("/api/v1/scans/:scan_id/image", get(scan_image))
         .route("/api/v1/scans/:scan_id/label", post(post_label))
         .route("/api/v1/scans/:scan_id/frame", get(scan_frame))
+        .route("/api/v1/scans/:scan_id/heatmap", get(scan_heatmap))
         .route("/api/v1/display", get(display_settings))
         .route("/api/v1/scans/:scan_id/identity", post(reveal_identity))
         .route("/api/v1/uploads", post(upload).layer(axum::extract::DefaultBodyLimit::disable()))

@@ -218,6 +218,11 @@ impl Feedback {
         self.updater.current().map(|m| m.classifier.classes().to_vec())
     }
 
+    /// The loaded model draws where it looked (activation maps).
+    pub fn heatmap(&self) -> bool {
+        self.updater.current().is_some_and(|m| m.classifier.has_heatmap())
+    }
+
     pub fn handle(&self, incoming: Incoming) -> Answer {
         let source = incoming.source;
         let claimed = incoming.scan_id.clone();

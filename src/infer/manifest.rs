@@ -18,6 +18,10 @@ pub struct Manifest {
     pub sha256: String,
     pub input: InputSpec,
     pub output: OutputSpec,
+    /// A second output with one activation map per class (docs/model-manifest.md); without
+    /// it the model is valid and the reading room shows no heatmap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heatmap: Option<HeatmapSpec>,
     pub classes: Vec<String>,
     #[serde(default)]
     pub review: ReviewSpec,
@@ -57,6 +61,15 @@ pub enum OutputKind {
 pub struct OutputSpec {
     pub name: String,
     pub kind: OutputKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeatmapSpec {
+    /// The output's name; it is the model's second output, shaped [batch, classes, h, w].
+    pub output: String,
+    /// `class_activation`: the classifier's weights over the last feature map, so that the
+    /// mean of a class's map is its logit.
+    pub kind: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +133,14 @@ impl Manifest {
         }
         if self.classes.len() < 2 {
             return bad("at least two classes are needed".into());
+        }
+        if let Some(h) = &self.heatmap {
+            if h.kind != "class_activation" {
+                return bad(format!("heatmap kind {} is not supported (class_activation is)", h.kind));
+            }
+            if h.output.is_empty() || h.output == self.output.name {
+                return bad("the heatmap is a second, named output".into());
+            }
         }
         let mut sorted = self.classes.clone();
         sorted.sort();

@@ -39,13 +39,65 @@ pub trait Backend: Send + Sync {
     fn reduced_precision(&self) -> bool {
         false
     }
-    fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<Vec<f32>>, InferError>;
+    fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError>;
 }
 
-/// One B-scan's probabilities and the statistics of its input (for the review rule).
+/// What a backend computed for one batch.
+pub struct Outputs {
+    /// The first output: one row of scores per batch item.
+    pub scores: Vec<Vec<f32>>,
+    /// The second output, when the model has one: per batch item, `[classes, h, w]` values.
+    pub maps: Option<Maps>,
+}
+
+pub struct Maps {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub items: Vec<Vec<f32>>,
+}
+
+impl Maps {
+    /// A backend's flat `[batch, c, h, w]` output, checked.
+    pub fn from_flat(shape: &[usize], data: &[f32], batch: usize) -> Result<Maps, InferError> {
+        let [n, channels, height, width] = shape else {
+            return Err(InferError::Backend(format!("activation maps of shape {shape:?}, not [batch, c, h, w]")));
+        };
+        let per = channels * height * width;
+        if *n != batch || per == 0 || data.len() != batch * per {
+            return Err(InferError::Backend(format!("activation maps of shape {shape:?} for a batch of {batch}")));
+        }
+        Ok(Maps {
+            channels: *channels,
+            height: *height,
+            width: *width,
+            items: data.chunks(per).map(<[f32]>::to_vec).collect(),
+        })
+    }
+}
+
+/// One B-scan's probabilities and the statistics of its input (for the review rule), and
+/// when the model gives them its activation maps and the size of the B-scan they cover.
 struct Scored {
     probabilities: Vec<f32>,
     mean_std: (f32, f32),
+    /// `[classes, h, w]` values and (h, w).
+    map: Option<(Vec<f32>, usize, usize)>,
+    size: (usize, usize),
+}
+
+/// Where the model looked: the activation map of the predicted class on the B-scan the
+/// label comes from (for a volume, its most suspicious one), on the model's grid.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Heatmap {
+    pub frame: u32,
+    pub grid_width: u32,
+    pub grid_height: u32,
+    /// Row-major, `grid_width * grid_height` values (logit units).
+    pub values: Vec<f32>,
+    /// The B-scan the map is drawn on.
+    pub frame_width: u32,
+    pub frame_height: u32,
 }
 
 pub struct Classifier {
@@ -68,6 +120,56 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut file = std::fs::File::open(path)?;
     std::io::copy(&mut file, &mut hasher)?;
     Ok(hex::encode(hasher.finalize()))
+}
+
+impl Heatmap {
+    /// The map drawn over its B-scan: an RGBA PNG of the B-scan's size, the map upsampled
+    /// (bilinear, half-pixel centres, as the model's input was resized) and scaled from its
+    /// lowest to its highest value; colour from blue to red, and transparent where the model
+    /// looked least, so the scan shows through.
+    pub fn overlay_png(&self) -> Result<Vec<u8>, InferError> {
+        let (gw, gh) = (self.grid_width as usize, self.grid_height as usize);
+        let (fw, fh) = (self.frame_width as usize, self.frame_height as usize);
+        if gw == 0 || gh == 0 || fw == 0 || fh == 0 || self.values.len() != gw * gh || fw * fh > 64 << 20 {
+            return Err(InferError::Input("a heatmap of inconsistent size".into()));
+        }
+        let lo = self.values.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = self.values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let span = if hi - lo > 1e-6 { hi - lo } else { 1.0 };
+        let at = |x: usize, y: usize| (self.values[y * gw + x] - lo) / span;
+        let mut rgba = Vec::with_capacity(fw * fh * 4);
+        for y in 0..fh {
+            let gy = ((y as f32 + 0.5) * gh as f32 / fh as f32 - 0.5).clamp(0.0, (gh - 1) as f32);
+            let (y0, ty) = (gy.floor() as usize, gy.fract());
+            let y1 = (y0 + 1).min(gh - 1);
+            for x in 0..fw {
+                let gx = ((x as f32 + 0.5) * gw as f32 / fw as f32 - 0.5).clamp(0.0, (gw - 1) as f32);
+                let (x0, tx) = (gx.floor() as usize, gx.fract());
+                let x1 = (x0 + 1).min(gw - 1);
+                let top = at(x0, y0) * (1.0 - tx) + at(x1, y0) * tx;
+                let bottom = at(x0, y1) * (1.0 - tx) + at(x1, y1) * tx;
+                let v = (top * (1.0 - ty) + bottom * ty).clamp(0.0, 1.0);
+                let [r, g, b] = colour(v);
+                rgba.extend_from_slice(&[r, g, b, (v.powf(1.5) * 220.0) as u8]);
+            }
+        }
+        let image = image::RgbaImage::from_raw(fw as u32, fh as u32, rgba)
+            .ok_or_else(|| InferError::Input("a heatmap of inconsistent size".into()))?;
+        let mut png = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut png, image::ImageFormat::Png).map_err(|e| InferError::Input(format!("PNG: {e}")))?;
+        Ok(png.into_inner())
+    }
+}
+
+/// Blue -> cyan -> green -> yellow -> red.
+fn colour(v: f32) -> [u8; 3] {
+    const STOPS: [[f32; 3]; 5] =
+        [[0.0, 0.0, 255.0], [0.0, 255.0, 255.0], [0.0, 255.0, 0.0], [255.0, 255.0, 0.0], [255.0, 0.0, 0.0]];
+    let p = v.clamp(0.0, 1.0) * 4.0;
+    let i = (p.floor() as usize).min(3);
+    let t = p - i as f32;
+    let [a, b] = [STOPS[i], STOPS[i + 1]];
+    [0, 1, 2].map(|k| (a[k] + (b[k] - a[k]) * t) as u8)
 }
 
 impl Classifier {
@@ -128,13 +230,43 @@ impl Classifier {
     /// The backend alone on a ready NCHW tensor: raw scores, one row per batch item (for
     /// benchmarks and cross-backend parity checks).
     pub fn run_tensor(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<Vec<f32>>, InferError> {
-        self.backend.run(input, shape)
+        self.backend.run(input, shape).map(|o| o.scores)
+    }
+
+    /// The model gives activation maps (its manifest declares them).
+    pub fn has_heatmap(&self) -> bool {
+        self.manifest.heatmap.is_some()
     }
 
     pub fn classify_artifact(&self, artifact: &Path) -> Result<Classification, InferError> {
+        self.classify_artifact_with_heatmap(artifact).map(|(c, _)| c)
+    }
+
+    /// As [`Classifier::classify_artifact`], with where the model looked when it can say.
+    pub fn classify_artifact_with_heatmap(
+        &self,
+        artifact: &Path,
+    ) -> Result<(Classification, Option<Heatmap>), InferError> {
         let mut scored = Vec::new();
         frames::for_each_batch(artifact, self.batch_size, |batch| self.score_batch(batch, &mut scored))?;
-        self.summarise(scored)
+        let classification = self.summarise(&scored)?;
+        let heatmap = (|| {
+            let frame = classification.most_suspicious_frame as usize;
+            let class = self.manifest.classes.iter().position(|c| *c == classification.label)?;
+            let s = scored.get(frame)?;
+            let (map, h, w) = s.map.as_ref()?;
+            let (h, w) = (*h, *w);
+            let values = map.get(class * h * w..(class + 1) * h * w)?.to_vec();
+            Some(Heatmap {
+                frame: frame as u32,
+                grid_width: w as u32,
+                grid_height: h as u32,
+                values,
+                frame_width: s.size.0 as u32,
+                frame_height: s.size.1 as u32,
+            })
+        })();
+        Ok((classification, heatmap))
     }
 
     /// Per-B-scan probabilities -> one result. For a volume: each class's probability is its
@@ -145,7 +277,7 @@ impl Classifier {
         for batch in frames.chunks(self.batch_size) {
             self.score_batch(batch, &mut scored)?;
         }
-        self.summarise(scored)
+        self.summarise(&scored)
     }
 
     /// Run one batch; append each B-scan's probabilities and input statistics.
@@ -156,8 +288,22 @@ impl Classifier {
         for frame in batch {
             preprocess::preprocess_into(frame, spec, &mut input);
         }
-        let scores = self.backend.run(input, [batch.len(), spec.channels, spec.height, spec.width])?;
-        for (row, frame) in scores.into_iter().zip(batch) {
+        let outputs = self.backend.run(input, [batch.len(), spec.channels, spec.height, spec.width])?;
+        let mut maps = match (&self.manifest.heatmap, outputs.maps) {
+            (Some(_), Some(maps)) if maps.channels == classes.len() => {
+                let (h, w) = (maps.height, maps.width);
+                maps.items.into_iter().map(|m| Some((m, h, w))).collect()
+            }
+            (Some(_), _) => {
+                return Err(InferError::Model(format!(
+                    "the manifest declares activation maps, the model gives none with {} classes",
+                    classes.len()
+                )))
+            }
+            (None, _) => Vec::new(),
+        };
+        maps.resize(batch.len(), None);
+        for ((row, frame), map) in outputs.scores.into_iter().zip(batch).zip(maps) {
             if row.len() != classes.len() {
                 return Err(InferError::Model(format!(
                     "model gives {} scores, the manifest names {} classes",
@@ -169,12 +315,12 @@ impl Classifier {
                 manifest::OutputKind::Logits => softmax(&row),
                 manifest::OutputKind::Probabilities => row,
             };
-            out.push(Scored { probabilities, mean_std: frame.mean_std() });
+            out.push(Scored { probabilities, mean_std: frame.mean_std(), map, size: (frame.width, frame.height) });
         }
         Ok(())
     }
 
-    fn summarise(&self, scored: Vec<Scored>) -> Result<Classification, InferError> {
+    fn summarise(&self, scored: &[Scored]) -> Result<Classification, InferError> {
         let classes = &self.manifest.classes;
         if scored.is_empty() {
             return Err(InferError::Input("no B-scans to classify".into()));

@@ -14,7 +14,7 @@ use ort::ep::{self, ExecutionProvider};
 use ort::session::Session;
 use ort::value::Tensor;
 
-use super::{Backend, InferError};
+use super::{Backend, InferError, Maps, Outputs};
 
 /// Which ONNX Runtime execution provider a session runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,7 +177,7 @@ impl Backend for OrtBackend {
         self.fp16
     }
 
-    fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<Vec<f32>>, InferError> {
+    fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError> {
         let err = |e: ort::Error| InferError::Backend(e.to_string());
         let shape_i64: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         let tensor = Tensor::from_array((shape_i64, input)).map_err(err)?;
@@ -192,6 +192,15 @@ impl Backend for OrtBackend {
             return Err(InferError::Backend(format!("model returned {rows} rows for a batch of {}", shape[0])));
         }
         let width = data.len() / rows;
-        Ok(data.chunks(width).map(<[f32]>::to_vec).collect())
+        let scores = data.chunks(width).map(<[f32]>::to_vec).collect();
+        let maps = match outputs.len() > 1 {
+            true => {
+                let (map_shape, data) = outputs[1].try_extract_tensor::<f32>().map_err(err)?;
+                let dims: Vec<usize> = map_shape.iter().map(|&d| d.max(0) as usize).collect();
+                Some(Maps::from_flat(&dims, data, shape[0])?)
+            }
+            false => None,
+        };
+        Ok(Outputs { scores, maps })
     }
 }

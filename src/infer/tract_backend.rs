@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 
-use super::{Backend, InferError};
+use super::{Backend, InferError, Maps, Outputs};
 
 pub struct TractBackend {
     plan: Arc<TypedRunnableModel>,
@@ -42,7 +42,7 @@ impl Backend for TractBackend {
         "tract"
     }
 
-    fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Vec<Vec<f32>>, InferError> {
+    fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError> {
         let err = |e: TractError| InferError::Backend(e.to_string());
         let tensor = Tensor::from_shape(&shape, &input).map_err(err)?;
         let outputs = self.plan.run(tvec![tensor.into()]).map_err(err)?;
@@ -52,6 +52,15 @@ impl Backend for TractBackend {
         if rows != shape[0] {
             return Err(InferError::Backend(format!("model returned {rows} rows for a batch of {}", shape[0])));
         }
-        Ok(view.outer_iter().map(|row| row.iter().copied().collect()).collect())
+        let scores = view.outer_iter().map(|row| row.iter().copied().collect()).collect();
+        let maps = match outputs.get(1) {
+            Some(second) => {
+                let view = second.to_plain_array_view::<f32>().map_err(err)?;
+                let data: Vec<f32> = view.iter().copied().collect();
+                Some(Maps::from_flat(view.shape(), &data, shape[0])?)
+            }
+            None => None,
+        };
+        Ok(Outputs { scores, maps })
     }
 }

@@ -227,8 +227,11 @@ impl Pipeline {
                 *counted = true;
             }
             let busy = self.updater.inference_started(&model);
-            match model.classifier.classify_artifact(&artifact) {
-                Ok(c) => break (c, model, busy),
+            match model.classifier.classify_artifact_with_heatmap(&artifact) {
+                Ok((c, heatmap)) => {
+                    record.heatmap = heatmap;
+                    break (c, model, busy);
+                }
                 Err(e @ InferError::Input(_)) => {
                     drop(busy);
                     tracing::error!(scan_id = %id, error = %e, "classification failed");

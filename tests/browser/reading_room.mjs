@@ -21,6 +21,7 @@ const SHOTS = process.env.OCTD_SHOTS || "";
 const UPLOADS = JSON.parse(env("OCTD_UPLOADS")); // two more B-scans to upload from the page
 const SIGNALS = env("OCTD_SIGNALS"); // a folder to ask the test to stop and start the broker
 const OUTAGE_SCAN = env("OCTD_OUTAGE_SCAN"); // a B-scan dropped while the broker is down
+const HEATMAP = process.env.OCTD_HEATMAP === "1"; // the model gives activation maps
 const TIMEOUT = 90_000;
 
 function drop(from, name) {
@@ -140,6 +141,23 @@ try {
   );
   assert.equal(Number(await page.inputValue("#slice")), volume.most_suspicious_frame);
   out.volume = { scan_id: volume.scan_id, opened_at: volume.most_suspicious_frame, frames: volume.frames };
+  if (HEATMAP) {
+    // Where the model looked, over the B-scan its label comes from, the scan's own size.
+    assert.equal(volume.heatmap_frame, volume.most_suspicious_frame);
+    await page.waitForSelector("#heatmap-image", { state: "visible" });
+    await page.waitForFunction(() => document.querySelector("#heatmap-image").naturalWidth > 0);
+    out.heatmap_size = await page.$eval("#heatmap-image", (img) => [img.naturalWidth, img.naturalHeight]);
+    await page.fill("#heatmap-opacity", "70");
+    if (SHOTS) await page.screenshot({ path: path.join(SHOTS, "reading-room-scan.png") });
+    await page.focus("#worklist");
+    await page.keyboard.press("h");
+    await page.waitForSelector("#heatmap-image", { state: "hidden" });
+    await page.keyboard.press("h");
+    await page.waitForSelector("#heatmap-image", { state: "visible" });
+  } else {
+    assert.equal(await page.isVisible("#heatmap-note"), true, "the page says there is no heatmap");
+    if (SHOTS) await page.screenshot({ path: path.join(SHOTS, "reading-room-scan.png") });
+  }
   const step = volume.most_suspicious_frame > 0 ? "ArrowLeft" : "ArrowRight";
   await page.focus("#worklist");
   await page.keyboard.press(step);
@@ -147,7 +165,8 @@ try {
   await page.waitForFunction((n) => document.querySelector("#scan-image").dataset.frame === String(n), moved);
   const size = await page.$eval("#scan-image", (img) => [img.naturalWidth, img.naturalHeight]);
   out.volume.frame_size = size;
-  if (SHOTS) await page.screenshot({ path: path.join(SHOTS, "reading-room-scan.png") });
+  // The heatmap belongs to its own B-scan only.
+  assert.equal(await page.isVisible("#heatmap-image"), false);
 
   // Identity is revealed on this screen only, from the sealed linkage (octd records it).
   const single = (await apiScans(page)).find((s) => s.frames === 1 && !s.verdict);

@@ -53,6 +53,28 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// The shipped default model with its class activation maps added as a second output
+/// (`python -m octtrain.cam`, the same construction the trainer exports), in `dir`. None where
+/// the .venv is missing, unless OCTD_REQUIRE_VENV is set.
+pub fn model_with_heatmap(dir: &Path) -> Option<PathBuf> {
+    let python = repo().join(".venv/bin/python");
+    if !python.exists() {
+        assert!(std::env::var("OCTD_REQUIRE_VENV").is_err(), "the .venv is missing (run scripts/test.sh)");
+        eprintln!("SKIP: no .venv for the activation-map model (run scripts/test.sh)");
+        return None;
+    }
+    let out = dir.join("model-with-heatmap");
+    let run = Command::new(python)
+        .args(["-m", "octtrain.cam"])
+        .arg(repo().join("models/default"))
+        .arg(&out)
+        .current_dir(repo().join("trainer"))
+        .output()
+        .expect("python runs");
+    assert!(run.status.success(), "octtrain.cam: {}", String::from_utf8_lossy(&run.stderr));
+    Some(out)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -43,3 +43,34 @@ def build(arch: str, num_classes: int, in_channels: int) -> nn.Module:
         return timm.create_model("xception", pretrained=False, num_classes=num_classes,
                                  in_chans=in_channels)
     raise ValueError(f"unknown architecture {arch!r}")
+
+
+class WithActivationMaps(nn.Module):
+    """The classifier with a second output: its class activation maps (Zhou et al. 2016).
+
+    For a network that ends in global average pooling and one linear layer, the map of class
+    c is that layer applied at every position of the last feature map:
+    cam[c, y, x] = sum_k W[c, k] * f[k, y, x] + b[c], so the mean of cam[c] over positions is
+    exactly logit c. No gradients are needed at the edge; the device upsamples the map of the
+    predicted class onto the B-scan.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def parts(self):
+        m = self.model
+        if isinstance(m, CompactNet):
+            linear = m.head[-1]
+            return m.features, linear
+        if hasattr(m, "forward_features") and hasattr(m, "get_classifier"):  # timm (Xception)
+            return m.forward_features, m.get_classifier()
+        raise ValueError("no class activation maps for this architecture")
+
+    def forward(self, x: torch.Tensor):
+        features, linear = self.parts()
+        f = features(x)
+        logits = linear(f.mean(dim=(2, 3)))
+        cam = torch.einsum("nkhw,ck->nchw", f, linear.weight) + linear.bias[None, :, None, None]
+        return logits, cam

@@ -23,7 +23,7 @@ from torch import nn
 from . import __version__
 from .data import CLASSES, Sample, load_dataset, patient_split
 from .evaluate import plots, with_bootstrap, write_report
-from .model import build
+from .model import WithActivationMaps, build
 from .preprocess import resize_bilinear, to_grey01
 from .singan import SinGAN, SinGANConfig
 
@@ -279,6 +279,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
         "sha256": digest,
         "input": INPUT,
         "output": {"name": "logits", "kind": "logits"},
+        "heatmap": HEATMAP,
         "classes": CLASSES,
         "review": review,
         "training": {
@@ -305,24 +306,29 @@ def train(args: argparse.Namespace, log=print) -> dict:
     return manifest
 
 
+HEATMAP = {"output": "cam", "kind": "class_activation"}
+
+
 def export_onnx(model: nn.Module, path: Path) -> None:
+    """Two outputs: `logits`, and `cam`, the class activation maps (docs/model-manifest.md)."""
     model.eval()
+    wrapped = WithActivationMaps(model).eval()
     dummy = torch.zeros(1, INPUT["channels"], INPUT["height"], INPUT["width"])
-    torch.onnx.export(model, dummy, str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    torch.onnx.export(wrapped, dummy, str(path), input_names=["input"], output_names=["logits", "cam"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "cam": {0: "batch"}},
                       opset_version=17, dynamo=False)
 
 
 def onnx_parity(model: nn.Module, path: Path, greys: list[np.ndarray]) -> float:
-    """Max |PyTorch - onnxruntime| over sample inputs."""
+    """Max |PyTorch - onnxruntime| over sample inputs, both outputs."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = np.stack([tensor_from_grey(g) for g in greys]).astype(np.float32)
     with torch.no_grad():
-        ref = model(torch.from_numpy(x)).numpy()
-    got = sess.run(None, {"input": x})[0]
-    return float(np.abs(ref - got).max())
+        ref = [t.numpy() for t in WithActivationMaps(model).eval()(torch.from_numpy(x))]
+    got = sess.run(None, {"input": x})
+    return float(max(np.abs(r - g).max() for r, g in zip(ref, got)))
 
 
 def main(argv=None) -> int:

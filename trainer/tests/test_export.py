@@ -31,3 +31,43 @@ def test_committed_default_model_matches_its_manifest():
     assert manifest["classes"] == ["CNV", "DME", "DRUSEN", "NORMAL"]
     assert manifest["input"] == {**INPUT, **manifest["input"]}
     assert manifest["export_parity_max_abs_diff"] < 1e-4
+
+
+def test_activation_maps_are_exported_and_average_to_the_logits(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(1)
+    model = CompactNet(4, 1, width=4).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits", "cam"]
+    x = np.random.default_rng(2).random((3, 1, INPUT["height"], INPUT["width"]), dtype=np.float32)
+    logits, cam = sess.run(None, {"input": x})
+    assert cam.shape == (3, 4, INPUT["height"] // 32, INPUT["width"] // 32)
+    # Global average pooling then the linear layer == the linear layer then the average.
+    assert np.abs(cam.mean(axis=(2, 3)) - logits).max() < 1e-4
+    with torch.no_grad():
+        assert np.abs(model(torch.from_numpy(x)).numpy() - logits).max() < 1e-4
+
+
+def test_surgery_gives_an_older_model_the_same_maps(tmp_path):
+    from octtrain.cam import add_activation_maps, check
+
+    torch.manual_seed(3)
+    model = CompactNet(4, 1, width=4).eval()
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(model, torch.zeros(1, 1, INPUT["height"], INPUT["width"]), str(plain),
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    with_maps = tmp_path / "cam.onnx"
+    add_activation_maps(plain, with_maps)
+    assert check(plain, with_maps) < 1e-4
+    exported = tmp_path / "exported.onnx"
+    export_onnx(model, exported)
+    import onnxruntime as ort
+
+    x = np.random.default_rng(4).random((2, 1, INPUT["height"], INPUT["width"]), dtype=np.float32)
+    a = ort.InferenceSession(str(with_maps), providers=["CPUExecutionProvider"]).run(None, {"input": x})[1]
+    b = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"]).run(None, {"input": x})[1]
+    assert np.abs(a - b).max() < 1e-4, "surgery and export agree"

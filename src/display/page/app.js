@@ -20,6 +20,8 @@ const state = {
   imageAbort: null,
   imageTimer: null,
   modelVersion: null,
+  heatmapUrl: null,
+  heatmapFor: null, // the scan whose heatmap is loaded
 };
 
 class Unauthorized extends Error {}
@@ -182,6 +184,7 @@ function select(id) {
     $("identity").hidden = true;
     $("identity").replaceChildren();
     loadImage();
+    loadHeatmap();
   }
   renderWorklist();
   renderScan();
@@ -229,6 +232,49 @@ async function fetchImage(attempt = 0) {
   $("scan-image").dataset.frame = String(frame);
 }
 
+async function loadHeatmap() {
+  const id = state.selected;
+  const scan = state.scans.get(id);
+  $("heatmap-image").hidden = true;
+  if (state.heatmapUrl) URL.revokeObjectURL(state.heatmapUrl);
+  state.heatmapUrl = null;
+  state.heatmapFor = null;
+  if (!scan || scan.heatmap_frame === null || scan.heatmap_frame === undefined) return;
+  let blob;
+  try {
+    const response = await api(`/api/v1/scans/${encodeURIComponent(id)}/heatmap`);
+    if (!response.ok) return;
+    blob = await response.blob();
+  } catch (_) {
+    return;
+  }
+  if (id !== state.selected) return;
+  state.heatmapUrl = URL.createObjectURL(blob);
+  state.heatmapFor = id;
+  $("heatmap-image").src = state.heatmapUrl;
+  renderHeatmap();
+}
+
+function renderHeatmap() {
+  const scan = state.scans.get(state.selected);
+  const has = Boolean(scan && scan.heatmap_frame !== null && scan.heatmap_frame !== undefined);
+  $("heatmap-note").hidden = has;
+  $("heatmap-note").textContent =
+    state.settings && state.settings.heatmap
+      ? "No heatmap for this scan (classified by a model without one)."
+      : "No heatmap is available for this model.";
+  $("heatmap-controls").hidden = !has;
+  if (!has) return;
+  $("heatmap-class").textContent = scan.label;
+  $("heatmap-frame").textContent = String(scan.heatmap_frame + 1);
+  const img = $("heatmap-image");
+  img.style.opacity = String(Number($("heatmap-opacity").value) / 100);
+  img.hidden = !($("heatmap-on").checked && state.heatmapFor === scan.scan_id && state.frame === scan.heatmap_frame);
+}
+
+$("heatmap-on").addEventListener("change", renderHeatmap);
+$("heatmap-opacity").addEventListener("input", renderHeatmap);
+
 // The classes verdicts may name, in the order of the bars and of the digit keys.
 function classList(scan) {
   const loaded = state.settings && state.settings.classes;
@@ -254,7 +300,7 @@ function renderScan() {
   $("slice").value = String(state.frame);
   $("slice-out").textContent = `${state.frame + 1} / ${frames}`;
   $("slice-suspicious").textContent = String((scan.most_suspicious_frame || 0) + 1);
-  $("heatmap-note").hidden = Boolean(state.settings && state.settings.heatmap);
+  renderHeatmap();
 
   const bars = $("bars");
   bars.replaceChildren();
@@ -453,6 +499,10 @@ document.addEventListener("keydown", (event) => {
   else if (/^[1-9]$/.test(event.key) && Number(event.key) <= classes.length) verdict(classes[Number(event.key) - 1]);
   else if (event.key === "c") $("comment").focus();
   else if (event.key === "i") reveal();
+  else if (event.key === "h") {
+    $("heatmap-on").checked = !$("heatmap-on").checked;
+    renderHeatmap();
+  }
   else if (event.key === "ArrowRight" || event.key === "ArrowLeft") {
     const scan = state.scans.get(state.selected);
     if (!scan || (scan.frames || 1) < 2) return;
