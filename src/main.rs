@@ -106,7 +106,12 @@ enum Command {
     Label {
         scan_id: String,
         /// The confirmed class (one of the model's).
-        label: String,
+        #[arg(required_unless_present = "undo")]
+        label: Option<String>,
+        /// Take back the reviewer's latest verdict on the scan instead (a new revision restores
+        /// the label before it, or none).
+        #[arg(long, conflicts_with = "label")]
+        undo: bool,
         /// The reviewer's pseudonymous id (see `octd reviewer add`).
         #[arg(long)]
         reviewer: String,
@@ -480,8 +485,8 @@ fn main() -> ExitCode {
                 QuarantineAction::Purge { scan_ids, all } => quarantine::purge(&config, &scan_ids, all),
             })
         }
-        Command::Label { scan_id, label, reviewer, wait } => {
-            print_report(octd::commands::feedback::label(&config, &scan_id, &label, &reviewer, wait))
+        Command::Label { scan_id, label, undo: _, reviewer, wait } => {
+            print_report(octd::commands::feedback::label(&config, &scan_id, label.as_deref(), &reviewer, wait))
         }
         Command::Reviewer { action } => {
             use octd::commands::feedback;

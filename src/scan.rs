@@ -314,6 +314,17 @@ pub struct LabelRecord {
     pub source: String,
     #[serde(default)]
     pub has_comment: bool,
+    /// This revision takes back the reviewer's previous one (undo): its label is the one in
+    /// force before that revision, or none (`withdrawn`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub undo: bool,
+    /// The scan has no verdict from this revision on (an undone first verdict): it counts
+    /// nowhere, and `label` is empty.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withdrawn: bool,
+    /// The label in force before this revision (None: there was none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -137,6 +137,7 @@ fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rej
             patient,
             image_sha256: sha,
             image_kind: ImageKind::Png,
+            withdrawn: false,
         };
         let body = serde_json::to_vec(&upload).unwrap();
         let (status, answer) =

@@ -186,25 +186,27 @@ fn a_reviewer_works_through_the_worklist_by_keyboard_in_chromium() {
     // The verdicts are stored and announced, in the reviewer's name, as given by keyboard.
     let messages = sub.wait_until(
         Duration::from_secs(30),
-        |m| events(m).iter().filter(|e| e["kind"] == "label_accepted").count() >= 2,
-        "both verdicts announced",
+        |m| events(m).iter().filter(|e| e["kind"] == "label_accepted").count() >= 4,
+        "the verdicts, the undo and the confirmation announced",
     );
     let accepted: Vec<Value> = events(&messages).into_iter().filter(|e| e["kind"] == "label_accepted").collect();
     let confirmed = accepted.iter().find(|e| e["scan_id"] == done["confirmed"]["scan_id"]).expect("confirmation");
     assert_eq!(confirmed["code"], "confirmed");
     assert_eq!(confirmed["label"], done["confirmed"]["label"]);
-    let corrected = accepted.iter().find(|e| e["scan_id"] == done["corrected"]["scan_id"]).expect("correction");
-    assert_eq!(corrected["code"], "corrected");
-    assert_eq!(corrected["label"], done["corrected"]["label"]);
+    let second: Vec<&Value> = accepted.iter().filter(|e| e["scan_id"] == done["corrected"]["scan_id"]).collect();
+    let codes: Vec<&str> = second.iter().map(|e| e["code"].as_str().unwrap()).collect();
+    assert_eq!(codes, ["corrected", "withdrawn", "confirmed"], "correct, undo, confirm: {second:?}");
+    assert_eq!(second[0]["label"], done["corrected"]["label"]);
     assert_ne!(done["corrected"]["label"], done["corrected"]["predicted"]);
+    assert_eq!(second[2]["revision"], 3);
     // As the API read them back from the store after the page had given them.
-    for (which, code) in [("confirmed", true), ("corrected", false)] {
+    for (which, revision) in [("confirmed", 1), ("reconfirmed", 3)] {
         let id = done[which]["scan_id"].as_str().unwrap();
         let stored = &done["stored"][id];
         assert_eq!(stored["label"], done[which]["label"], "{done}");
         assert_eq!(stored["reviewer"], "dr-grey");
-        assert_eq!(stored["confirmed"], code);
-        assert_eq!(stored["revision"], 1);
+        assert_eq!(stored["confirmed"], true);
+        assert_eq!(stored["revision"], revision);
     }
     let messages = sub.wait_until(
         Duration::from_secs(60),

@@ -137,6 +137,12 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
     let splits = &s["labels"]["patients_by_split"];
     let patients: u64 = splits.as_object().unwrap().values().map(|v| v.as_u64().unwrap_or(0)).sum();
     assert_eq!(patients, 1, "one patient for the two DICOM scans and the named JPEG: {s}");
+    // An undone first verdict reaches the trainer as a withdrawal: that scan has no label there.
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let undo = json!({"schema": "octd.label/1", "undo": true, "reviewer": "rv-1", "reviewed_at": now});
+    publish(rig.broker.port, &topic(&scans[1].0), serde_json::to_vec(&undo).unwrap(), false);
+    let s = wait_trainer(&trainer, |s| s["labels"]["revisions"] == 5, "the withdrawal");
+    assert_eq!(s["labels"]["scans"], 2, "the withdrawn scan counts nowhere: {s}");
     // A revoked device is refused: doctor says so with the fix, and its next verdict waits.
     trainer.cli_json(&trainer.config.clone(), &["device", "revoke", "test-site/test-device"]);
     let revoked = doctor(&rig.octd.config);
@@ -145,7 +151,7 @@ fn verdicts_reach_the_trainer_once_each_across_outages_and_kills_without_identit
     publish(rig.broker.port, &topic(&scans[1].0), verdict(other), false);
     std::thread::sleep(Duration::from_millis(1500));
     let s = trainer.status();
-    assert_eq!(s["labels"]["revisions"], 4, "nothing from a revoked device is stored: {s}");
+    assert_eq!(s["labels"]["revisions"], 5, "nothing from a revoked device is stored: {s}");
     let alarms: Vec<Value> = events(&rig.sub.messages())
         .into_iter()
         .filter(|e| e["code"].as_str().unwrap_or("").starts_with("uplink_"))

@@ -17,7 +17,8 @@ pub type CommandResult = Result<Value, String>;
 
 /// Give a verdict through the running daemon (it checks and answers it as an MQTT verdict).
 /// No comment: free text on a command line ends in shell histories and process lists.
-pub fn label(config: &Config, scan_id: &str, label: &str, reviewer: &str, wait: Duration) -> CommandResult {
+/// `label` None: undo the reviewer's latest verdict on the scan.
+pub fn label(config: &Config, scan_id: &str, label: Option<&str>, reviewer: &str, wait: Duration) -> CommandResult {
     let state = &config.device.state_dir;
     same_owner_as(state)?;
     // The daemon holds the store locked while it runs: opening it tells whether it does.
@@ -29,7 +30,8 @@ pub fn label(config: &Config, scan_id: &str, label: &str, reviewer: &str, wait: 
     }
     let verdict = VerdictMessage {
         schema: LABEL_SCHEMA.into(),
-        label: label.into(),
+        label: label.unwrap_or_default().into(),
+        undo: label.is_none(),
         reviewer: reviewer.into(),
         reviewed_at: rfc3339_ms(now_ms()),
         comment: None,

@@ -466,7 +466,7 @@ fn view(record: &ScanRecord, verdict: Option<crate::scan::LabelRecord>) -> ScanV
         priority_rank: record.priority.map(|p| p.rank()),
         most_suspicious_frame: record.most_suspicious_frame,
         heatmap_frame: record.heatmap.as_ref().map(|h| h.frame),
-        verdict: verdict.map(|v| {
+        verdict: verdict.filter(|v| !v.withdrawn).map(|v| {
             json!({"label": v.label, "revision": v.revision, "reviewer": v.reviewer, "reviewed_at": v.reviewed_at,
                    "confirmed": v.label == v.predicted})
         }),

@@ -36,7 +36,9 @@ pub fn live_accuracy(labels: &[LabelRecord], settings: &Settings, now_ms: u64) -
     let mut per_class: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut per_model: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut correct = 0u64;
-    for label in labels {
+    // A withdrawn verdict (an undone first one) leaves the scan without a verdict.
+    let labels: Vec<&LabelRecord> = labels.iter().filter(|l| !l.withdrawn).collect();
+    for label in &labels {
         let right = label.predicted == label.label;
         correct += u64::from(right);
         let class = per_class.entry(label.label.clone()).or_default();
@@ -100,6 +102,9 @@ mod tests {
             received_at_ms: 0,
             source: "cli".into(),
             has_comment: false,
+            undo: false,
+            withdrawn: false,
+            replaced: None,
         }
     }
 

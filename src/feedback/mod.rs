@@ -55,6 +55,9 @@ pub mod codes {
     pub const NO_MODEL: &str = "no_model";
     pub const STORE: &str = "store_error";
     pub const UPLINK_FULL: &str = "uplink_full";
+    /// An undo with nothing of the reviewer's to undo.
+    pub const NO_VERDICT: &str = "no_verdict";
+    pub const NOT_YOURS: &str = "not_yours";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,12 +82,28 @@ impl FeedbackError {
     }
 }
 
+/// What a stored revision did: `confirmed` / `corrected` the model, or `withdrawn` (an undone
+/// first verdict).
+fn outcome(r: &LabelRecord) -> &'static str {
+    match (r.withdrawn, r.label == r.predicted) {
+        (true, _) => "withdrawn",
+        (false, true) => "confirmed",
+        (false, false) => "corrected",
+    }
+}
+
 /// The `octd.label/1` payload.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VerdictMessage {
     pub schema: String,
+    /// One of the model's classes; unused (may be left out) in an undo.
+    #[serde(default)]
     pub label: String,
+    /// Take back this reviewer's latest verdict on the scan: a new revision restores the
+    /// label in force before it, or none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub undo: bool,
     pub reviewer: String,
     /// RFC 3339.
     pub reviewed_at: String,
@@ -229,7 +248,7 @@ impl Feedback {
         let answer = match self.accept(incoming) {
             Ok(stored) => {
                 let (record, detail) = match stored {
-                    Stored::New(r) => {
+                    (r, true) => {
                         self.uplink.notify_one();
                         let detail = format!("revision {} stored", r.revision);
                         tracing::info!(scan_id = %r.scan_id, revision = r.revision, source = source.as_str(),
@@ -237,14 +256,14 @@ impl Feedback {
                         self.follow_accuracy();
                         (r, detail)
                     }
-                    Stored::Duplicate(r) => {
+                    (r, false) => {
                         let detail = format!("this verdict was stored before, as revision {}", r.revision);
                         tracing::info!(scan_id = %r.scan_id, revision = r.revision, source = source.as_str(),
                             "verdict sent again: answered with the stored revision");
                         (r, detail)
                     }
                 };
-                let code = if record.label == record.predicted { "confirmed" } else { "corrected" };
+                let code = outcome(&record);
                 Answer {
                     accepted: true,
                     code: code.into(),
@@ -279,7 +298,8 @@ impl Feedback {
         answer
     }
 
-    fn accept(&self, incoming: Incoming) -> Result<Stored, FeedbackError> {
+    /// The stored revision, and whether it is new (not a verdict sent again).
+    fn accept(&self, incoming: Incoming) -> Result<(LabelRecord, bool), FeedbackError> {
         let limits = &self.config.feedback;
         // The CLI is the operator on this machine (file permissions admit it): no network limit.
         if incoming.source != Source::Cli && self.limiter.check().is_err() {
@@ -321,7 +341,7 @@ impl Feedback {
             .updater
             .current()
             .ok_or_else(|| FeedbackError::refused(codes::NO_MODEL, "no model is loaded to check the class against"))?;
-        if !model.classifier.classes().contains(&verdict.label) {
+        if !verdict.undo && !model.classifier.classes().contains(&verdict.label) {
             return Err(FeedbackError::refused(
                 codes::UNKNOWN_CLASS,
                 format!("the label is not one of the model's classes ({})", model.classifier.classes().join(", ")),
@@ -370,6 +390,9 @@ impl Feedback {
             received_at_ms: now_ms(),
             source: incoming.source.as_str().into(),
             has_comment: false,
+            undo: verdict.undo,
+            withdrawn: false,
+            replaced: None,
         };
         let topics = &self.topics;
         let upload = self.config.uplink.active();
@@ -380,8 +403,11 @@ impl Feedback {
             ));
         }
         let stored = self.store.record_label(label, verdict.verdict_id.as_deref(), comment, upload, |r| {
-            let code = if r.label == r.predicted { "confirmed" } else { "corrected" };
-            let detail = format!("revision {}: {} (the model said {})", r.revision, r.label, r.predicted);
+            let code = outcome(r);
+            let detail = match r.withdrawn {
+                true => format!("revision {}: the verdict was taken back; no verdict now", r.revision),
+                false => format!("revision {}: {} (the model said {})", r.revision, r.label, r.predicted),
+            };
             let event = EventMessage {
                 scan_id: Some(r.scan_id),
                 label: Some(r.label.clone()),
@@ -392,8 +418,14 @@ impl Feedback {
             };
             vec![mqtt::event_outbox(topics, &event)]
         })?;
-        self.wake.notify_one();
-        Ok(stored)
+        match stored {
+            Stored::New(r) => {
+                self.wake.notify_one();
+                Ok((r, true))
+            }
+            Stored::Duplicate(r) => Ok((r, false)),
+            Stored::NothingToUndo { code, detail } => Err(FeedbackError::refused(code, detail)),
+        }
     }
 
     /// The live accuracy now.

@@ -111,6 +111,12 @@ pub enum Stored {
     New(LabelRecord),
     /// The verdict id was stored before: this is that record.
     Duplicate(LabelRecord),
+    /// An undo with nothing to undo: the scan has no verdict, or its latest revision is
+    /// another reviewer's (`code`, `detail`).
+    NothingToUndo {
+        code: &'static str,
+        detail: &'static str,
+    },
 }
 
 /// A message waiting for its PUBACK.
@@ -590,6 +596,28 @@ impl Store {
                 Some(seq) => labels.get(seq)?.map(|v| decode::<LabelRecord>(v.value())).transpose()?,
                 None => None,
             };
+            if record.undo {
+                // Decided inside the transaction: two undos at once undo two revisions, in order.
+                match &previous {
+                    Some(p) if !p.withdrawn && p.reviewer == record.reviewer => {
+                        record.withdrawn = p.replaced.is_none();
+                        record.label = p.replaced.clone().unwrap_or_default();
+                    }
+                    Some(p) if !p.withdrawn => {
+                        return Ok(Stored::NothingToUndo {
+                            code: "not_yours",
+                            detail: "the scan's latest verdict is another reviewer's: correct it instead",
+                        })
+                    }
+                    _ => {
+                        return Ok(Stored::NothingToUndo {
+                            code: "no_verdict",
+                            detail: "the scan has no verdict to undo",
+                        })
+                    }
+                }
+            }
+            record.replaced = previous.as_ref().filter(|p| !p.withdrawn).map(|p| p.label.clone());
             record.revision = previous.map(|p| p.revision.saturating_add(1)).unwrap_or(1);
             let mut counters = txn.open_table(COUNTERS)?;
             record.seq = counters.get(NEXT_LABEL_SEQ)?.map(|v| v.value()).unwrap_or(1);
@@ -925,6 +953,9 @@ mod tests {
             received_at_ms: now_ms(),
             source: "cli".into(),
             has_comment: false,
+            undo: false,
+            withdrawn: false,
+            replaced: None,
         };
         store.record_label(label, None, None, true, |_| Vec::new()).unwrap();
         let future = now_ms() + 60_000;
@@ -960,6 +991,48 @@ mod tests {
         store.prune(future, future).unwrap();
         assert!(store.linkage(quarantined).unwrap().is_none(), "linkage has its own retention");
         assert!(store.get(quarantined).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_undo_restores_the_label_before_the_reviewers_last_verdict() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let id = ScanId::new();
+        store.record_claim(&ScanRecord::received(id), &Linkage::default()).unwrap();
+        let verdict = |label: &str, reviewer: &str, undo: bool| LabelRecord {
+            seq: 0,
+            scan_id: id,
+            revision: 0,
+            label: label.into(),
+            predicted: "CNV".into(),
+            model_version: "0.2.0".into(),
+            reviewer: reviewer.into(),
+            reviewed_at: "2026-12-07T00:00:00Z".into(),
+            received_at_ms: 1,
+            source: "http".into(),
+            has_comment: false,
+            undo,
+            withdrawn: false,
+            replaced: None,
+        };
+        let put = |v: LabelRecord| store.record_label(v, None, None, true, |_| Vec::new()).unwrap();
+        let new = |s: Stored| match s {
+            Stored::New(r) => r,
+            other => panic!("{other:?}"),
+        };
+        // A first verdict undone: no verdict any more, and nothing left to undo.
+        assert_eq!(new(put(verdict("CNV", "dr-a", false))).revision, 1);
+        let undone = new(put(verdict("", "dr-a", true)));
+        assert!(undone.withdrawn && undone.label.is_empty() && undone.revision == 2);
+        assert!(matches!(put(verdict("", "dr-a", true)), Stored::NothingToUndo { code: "no_verdict", .. }));
+        // Another reviewer's correction is not mine to undo; its own reviewer's undo restores.
+        assert_eq!(new(put(verdict("DME", "dr-a", false))).replaced, None);
+        let corrected = new(put(verdict("DRUSEN", "dr-b", false)));
+        assert_eq!(corrected.replaced.as_deref(), Some("DME"));
+        assert!(matches!(put(verdict("", "dr-a", true)), Stored::NothingToUndo { code: "not_yours", .. }));
+        let restored = new(put(verdict("", "dr-b", true)));
+        assert_eq!((restored.label.as_str(), restored.withdrawn, restored.revision), ("DME", false, 5));
+        assert_eq!(store.latest_label(id).unwrap().unwrap().label, "DME");
     }
 
     #[test]

@@ -435,6 +435,7 @@ fn upload_body(
     LabelUpload {
         schema: LABEL_SCHEMA.into(),
         label: label.label.clone(),
+        withdrawn: label.withdrawn,
         prediction: Prediction {
             label: label.predicted.clone(),
             probabilities: scan

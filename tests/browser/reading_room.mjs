@@ -129,6 +129,19 @@ try {
     await other.waitForFunction((id) => !document.querySelector(`#worklist li[data-scan-id="${id}"]`), id);
   }
 
+  // Undo: the last verdict (the correction) is taken back; the scan is unreviewed again,
+  // here and on the other display; then it is confirmed for good.
+  await page.focus("#worklist");
+  await page.keyboard.press("u");
+  await page.waitForFunction((id) => document.querySelector(`#worklist li[data-scan-id="${id}"]`), second);
+  await page.waitForFunction(() => document.querySelector("#verdict-state").textContent.startsWith("Verdict taken back"));
+  await other.waitForFunction((id) => document.querySelector(`#worklist li[data-scan-id="${id}"]`), second);
+  out.undone = { scan_id: second };
+  await page.waitForFunction((id) => document.querySelector("#scan-id").textContent === id, second);
+  await page.keyboard.press("Enter");
+  await page.waitForFunction((id) => !document.querySelector(`#worklist li[data-scan-id="${id}"]`), second);
+  out.reconfirmed = { scan_id: second, label: secondPredicted };
+
   // A volume opens at its most suspicious B-scan; the scrubber moves through the others.
   drop(VOLUME, "volume.dcm");
   await page.waitForFunction(() => [...document.querySelectorAll("#worklist li")].some((li) => li.textContent.includes("volume")));

@@ -185,6 +185,7 @@ mod tests {
             image_kind: "png".into(),
             body_sha256: String::new(),
             received_at: i,
+            withdrawn: false,
         }
     }
 

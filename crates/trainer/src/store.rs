@@ -25,6 +25,7 @@ pub enum StoreError {
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "intake", include_str!("../migrations/0001_intake.sql")),
     (2, "jobs", include_str!("../migrations/0002_jobs.sql")),
+    (3, "withdrawn", include_str!("../migrations/0003_withdrawn.sql")),
 ];
 
 fn migrator() -> Migrator {
@@ -92,6 +93,9 @@ pub struct LabelRecord {
     pub image_kind: String,
     pub body_sha256: String,
     pub received_at: i64,
+    /// The reviewer took their verdict back at this revision: while it is the highest, the
+    /// scan has no label (it is neither trained on nor measured).
+    pub withdrawn: bool,
 }
 
 /// The outcome of storing a label revision.
@@ -278,7 +282,7 @@ impl Store {
         let inserted = sqlx::query(
             "INSERT INTO labels (site, device, scan_id, revision, label, predicted, probabilities, model_name, \
              model_version, model_sha256, reviewer, reviewed_at, laterality, patient, image_sha256, body_sha256, \
-             received_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+             received_at, withdrawn) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
              ON CONFLICT DO NOTHING",
         )
         .bind(&label.site)
@@ -298,6 +302,7 @@ impl Store {
         .bind(&label.image_sha256)
         .bind(&label.body_sha256)
         .bind(label.received_at)
+        .bind(i64::from(label.withdrawn))
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -340,13 +345,13 @@ impl Store {
         Ok(if unchanged { LabelWrite::Unchanged { split } } else { LabelWrite::Stored { split } })
     }
 
-    /// The label that counts for each scan: its highest revision.
+    /// The label that counts for each scan: its highest revision, unless that one withdrew it.
     pub async fn current_labels(&self) -> Result<Vec<LabelRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT l.*, i.kind AS image_kind FROM labels l JOIN (SELECT site, device, scan_id, MAX(revision) AS revision \
              FROM labels GROUP BY site, device, scan_id) m ON l.site = m.site AND l.device = m.device \
              AND l.scan_id = m.scan_id AND l.revision = m.revision JOIN images i ON i.sha256 = l.image_sha256 \
-             ORDER BY l.received_at, l.site, l.device, l.scan_id",
+             WHERE l.withdrawn = 0 ORDER BY l.received_at, l.site, l.device, l.scan_id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -575,5 +580,6 @@ fn label_from(row: &AnyRow) -> Result<LabelRecord, sqlx::Error> {
         image_kind: row.try_get("image_kind")?,
         body_sha256: row.try_get("body_sha256")?,
         received_at: row.try_get("received_at")?,
+        withdrawn: row.try_get::<i64, _>("withdrawn")? != 0,
     })
 }

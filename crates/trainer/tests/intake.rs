@@ -36,6 +36,7 @@ fn label(image: &str, kind: octd_uplink::ImageKind, verdict: &str, patient: &str
         patient: patient.into(),
         image_sha256: image.into(),
         image_kind: kind,
+        withdrawn: false,
     }
 }
 
@@ -257,19 +258,27 @@ fn exercise(t: &mut Trainer, root: &Path) {
     let r = put_image(t, &a, &png, "image/png");
     assert_eq!(r.body["status"], "present");
 
+    // The reviewer takes the correction back (undo of a first verdict's correction chain
+    // ending in none): the scan has no label any more, though every revision is kept.
+    let withdrawn = LabelUpload { label: String::new(), withdrawn: true, ..corrected.clone() };
+    let r = put_label(t, &a, scan, 3, &LabelUpload { label: "DME".into(), ..withdrawn.clone() });
+    assert_eq!((r.status, code(&r)), (422, "invalid"), "a withdrawal names no class");
+    let r = put_label(t, &a, scan, 3, &withdrawn);
+    assert_eq!(r.status, 201, "{r:?}");
+
     // What the operator sees: the highest revision counts, every revision is kept.
     let status = t.cli_json(&["status"]);
-    assert_eq!(status["labels"]["scans"], 14, "{status}");
-    assert_eq!(status["labels"]["revisions"], 15);
+    assert_eq!(status["labels"]["scans"], 13, "{status}");
+    assert_eq!(status["labels"]["revisions"], 16);
     let patients: i64 =
         status["labels"]["patients_by_split"].as_object().unwrap().values().map(|v| v.as_i64().unwrap()).sum();
     assert_eq!(patients, 6);
-    // The corrected scan (DME against a CNV prediction), the raced DRUSEN and twelve NORMAL
-    // verdicts, all against CNV predictions.
-    assert_eq!(status["accuracy"]["fleet"]["labels"], 14);
+    // The raced DRUSEN and twelve NORMAL verdicts, all against CNV predictions (the withdrawn
+    // scan counts nowhere).
+    assert_eq!(status["accuracy"]["fleet"]["labels"], 13);
     assert_eq!(status["accuracy"]["fleet"]["correct"], 0);
     assert_eq!(status["accuracy"]["fleet"]["low"], 0.0);
-    assert_eq!(status["accuracy"]["by_device"]["clinic-a/octd-1"]["labels"], 14);
+    assert_eq!(status["accuracy"]["by_device"]["clinic-a/octd-1"]["labels"], 13);
     assert_eq!(status["singan"], true);
     // The same over HTTP for operators on this host, and as Prometheus metrics.
     let over_http = http(t.port, "GET", "/api/v1/status", &[], b"");
@@ -277,8 +286,8 @@ fn exercise(t: &mut Trainer, root: &Path) {
     assert_eq!(over_http.body["labels"], status["labels"]);
     let metrics = http(t.port, "GET", "/metrics", &[], b"");
     let text = metrics.body.as_str().unwrap_or_default().to_string();
-    assert!(text.contains("octd_trainer_labels{kind=\"scans\"} 14"), "{text}");
-    assert!(text.contains("octd_trainer_live_accuracy_labels{scope=\"fleet\",name=\"\"} 14"), "{text}");
+    assert!(text.contains("octd_trainer_labels{kind=\"scans\"} 13"), "{text}");
+    assert!(text.contains("octd_trainer_live_accuracy_labels{scope=\"fleet\",name=\"\"} 13"), "{text}");
     assert!(text.contains("octd_trainer_requests_total{route=\"labels\",outcome=\"revision_conflict\"}"), "{text}");
 
     // Revocation.

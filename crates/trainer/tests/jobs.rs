@@ -35,6 +35,7 @@ fn upload(
         patient: patient.into(),
         image_sha256: sha,
         image_kind: ImageKind::Png,
+        withdrawn: false,
     };
     let bytes = serde_json::to_vec(&body).unwrap();
     let r = signed(t.port, d, "PUT", &format!("/api/v1/labels/{scan}/1"), "application/json", &bytes);

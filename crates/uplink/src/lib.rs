@@ -79,8 +79,12 @@ pub struct Prediction {
 #[serde(deny_unknown_fields)]
 pub struct LabelUpload {
     pub schema: String,
-    /// The reviewer's verdict: one of the model's classes.
+    /// The reviewer's verdict: one of the model's classes; empty when `withdrawn`.
     pub label: String,
+    /// The reviewer took their verdict back and the scan has none from this revision on: it
+    /// is not a label to train or measure with.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withdrawn: bool,
     pub prediction: Prediction,
     pub model: ModelStamp,
     /// Pseudonymous reviewer id (never a name).

@@ -22,6 +22,7 @@ const state = {
   modelVersion: null,
   heatmapUrl: null,
   heatmapFor: null, // the scan whose heatmap is loaded
+  lastVerdict: null, // the scan of this reviewer's last verdict here, for undo
 };
 
 class Unauthorized extends Error {}
@@ -382,6 +383,8 @@ async function sendVerdict(scan, label) {
     return;
   }
   const answer = await response.json();
+  state.lastVerdict = scan.scan_id;
+  $("undo").disabled = false;
   const current = visibleScans();
   const at = current.findIndex((s) => s.scan_id === scan.scan_id);
   await refreshScan(scan.scan_id);
@@ -394,6 +397,36 @@ async function sendVerdict(scan, label) {
 }
 
 $("confirm").addEventListener("click", () => verdict(null));
+
+// Take back this reviewer's last verdict: a new revision restores the label in force before
+// it, or none; the scan is opened again.
+async function undo() {
+  const id = state.lastVerdict;
+  if (!id || state.sending) return;
+  state.sending = true;
+  try {
+    const response = await api(`/api/v1/scans/${encodeURIComponent(id)}/label`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ undo: true, verdict_id: randomId() }),
+    });
+    const answer = await response.json().catch(() => ({}));
+    if (response.status !== 201) {
+      $("verdict-state").textContent = "Not undone: " + (answer.detail || answer.message || response.statusText);
+      return;
+    }
+    state.lastVerdict = null;
+    $("undo").disabled = true;
+    await refreshScan(id);
+    select(id);
+    $("verdict-state").textContent =
+      answer.code === "withdrawn" ? `Verdict taken back (revision ${answer.revision}): no verdict now` : `Undone: back to the verdict before (revision ${answer.revision})`;
+  } finally {
+    state.sending = false;
+  }
+}
+
+$("undo").addEventListener("click", undo);
 
 // The clinic's own identifiers, on this screen only: octd records each reveal.
 async function reveal() {
@@ -499,6 +532,7 @@ document.addEventListener("keydown", (event) => {
   else if (/^[1-9]$/.test(event.key) && Number(event.key) <= classes.length) verdict(classes[Number(event.key) - 1]);
   else if (event.key === "c") $("comment").focus();
   else if (event.key === "i") reveal();
+  else if (event.key === "u") undo();
   else if (event.key === "h") {
     $("heatmap-on").checked = !$("heatmap-on").checked;
     renderHeatmap();

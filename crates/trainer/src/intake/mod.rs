@@ -379,7 +379,12 @@ async fn store_label(
         return Err(invalid(format!("schema must be {LABEL_SCHEMA}")));
     }
     let classes = &intake.config.classes;
-    for (what, class) in [("label", &upload.label), ("prediction.label", &upload.prediction.label)] {
+    if upload.withdrawn && !upload.label.is_empty() {
+        return Err(invalid("a withdrawn verdict has an empty label".into()));
+    }
+    let named = [("label", &upload.label), ("prediction.label", &upload.prediction.label)];
+    // A withdrawal names no class.
+    for (what, class) in named.into_iter().skip(usize::from(upload.withdrawn)) {
         if !classes.contains(class) {
             return Err(invalid(format!("{what} {class:?} is not one of {classes:?}")));
         }
@@ -435,6 +440,7 @@ async fn store_label(
         image_kind: upload.image_kind.extension().to_string(),
         body_sha256,
         received_at: now_ms(),
+        withdrawn: upload.withdrawn,
     };
     let holdout = intake.holdout(&device.site, &device.device, &upload.patient);
     let written = intake.store.put_label(&record, holdout).await.map_err(|e| ApiError::internal("label write", e))?;
