@@ -705,10 +705,16 @@ async fn scan_heatmap(
             "no heatmap: the model that classified the scan does not give activation maps",
         ));
     };
-    let png = tokio::task::spawn_blocking(move || heatmap.overlay_png())
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "render_failed", e.to_string()))?;
+    let slot = api.images.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("{IMAGES_AT_ONCE} images are being sent; retry"))
+    })?;
+    let png = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        heatmap.overlay_png()
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "render_failed", e.to_string()))?;
     Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "no-store")], png).into_response())
 }
 

@@ -410,7 +410,7 @@ impl Feedback {
             };
             let event = EventMessage {
                 scan_id: Some(r.scan_id),
-                label: Some(r.label.clone()),
+                label: (!r.withdrawn).then(|| r.label.clone()),
                 revision: Some(r.revision),
                 reviewer: Some(r.reviewer.clone()),
                 model_version: Some(r.model_version.clone()),

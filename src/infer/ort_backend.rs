@@ -197,7 +197,7 @@ impl Backend for OrtBackend {
             true => {
                 let (map_shape, data) = outputs[1].try_extract_tensor::<f32>().map_err(err)?;
                 let dims: Vec<usize> = map_shape.iter().map(|&d| d.max(0) as usize).collect();
-                Some(Maps::from_flat(&dims, data, shape[0])?)
+                Maps::from_flat(&dims, data, shape[0]).ok()
             }
             false => None,
         };

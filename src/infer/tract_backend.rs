@@ -57,7 +57,7 @@ impl Backend for TractBackend {
             Some(second) => {
                 let view = second.to_plain_array_view::<f32>().map_err(err)?;
                 let data: Vec<f32> = view.iter().copied().collect();
-                Some(Maps::from_flat(view.shape(), &data, shape[0])?)
+                Maps::from_flat(view.shape(), &data, shape[0]).ok()
             }
             None => None,
         };

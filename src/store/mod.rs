@@ -599,6 +599,13 @@ impl Store {
             if record.undo {
                 // Decided inside the transaction: two undos at once undo two revisions, in order.
                 match &previous {
+                    // An undo is not undone in turn (a retried undo must not redo the verdict).
+                    Some(p) if p.undo => {
+                        return Ok(Stored::NothingToUndo {
+                            code: "no_verdict",
+                            detail: "the scan's latest revision is already an undo: give the right class instead",
+                        })
+                    }
                     Some(p) if !p.withdrawn && p.reviewer == record.reviewer => {
                         record.withdrawn = p.replaced.is_none();
                         record.label = p.replaced.clone().unwrap_or_default();
@@ -644,16 +651,23 @@ impl Store {
         Ok(Stored::New(record))
     }
 
-    /// The latest revision of the most recent `window` scans with a verdict, newest first.
+    /// The latest revision of the most recent `window` scans with a verdict, newest first
+    /// (a withdrawn verdict is none: those scans are passed over).
     pub fn recent_labels(&self, window: usize) -> Result<Vec<LabelRecord>, StoreError> {
         let txn = self.db.begin_read()?;
         let labels = txn.open_table(LABELS)?;
         let latest_seqs = txn.open_table(LABEL_LATEST_SEQS)?;
         let mut out = Vec::new();
-        for entry in latest_seqs.iter()?.rev().take(window) {
+        for entry in latest_seqs.iter()?.rev() {
+            if out.len() >= window {
+                break;
+            }
             let (seq, _) = entry?;
             if let Some(value) = labels.get(seq.value())? {
-                out.push(decode(value.value())?);
+                let label: LabelRecord = decode(value.value())?;
+                if !label.withdrawn {
+                    out.push(label);
+                }
             }
         }
         Ok(out)
@@ -1032,6 +1046,9 @@ mod tests {
         assert!(matches!(put(verdict("", "dr-a", true)), Stored::NothingToUndo { code: "not_yours", .. }));
         let restored = new(put(verdict("", "dr-b", true)));
         assert_eq!((restored.label.as_str(), restored.withdrawn, restored.revision), ("DME", false, 5));
+        assert_eq!(store.latest_label(id).unwrap().unwrap().label, "DME");
+        // An undo sent again (or an undo of the undo) does not bring the correction back.
+        assert!(matches!(put(verdict("", "dr-b", true)), Stored::NothingToUndo { code: "no_verdict", .. }));
         assert_eq!(store.latest_label(id).unwrap().unwrap().label, "DME");
     }
 
