@@ -3,6 +3,11 @@
 //! throughput and the daemon's peak RSS. Runs the release binary with the embedded broker.
 //!
 //!   cargo build --release && cargo run --release --example e2e_bench [-- --bscans 100]
+//!       [--backend tract|onnxruntime] [--octd PATH-TO-ANOTHER-BUILD]
+//!
+//! It also measures the machine's limit in the same run: the CPU time of the unavoidable
+//! work of one B-scan (JPEG decode, preprocess, one single-threaded inference on the same
+//! backend) in this process, times the cores; and prints the burst's ratio to it.
 
 #[path = "../tests/common/dicom.rs"]
 #[allow(dead_code)]
@@ -33,6 +38,34 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
     status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Seconds of CPU per B-scan for the work no implementation can skip, measured here on one
+/// thread; and the cores there are.
+fn machine_limit(repo: &Path, jpeg: &[u8], backend: &str) -> Result<(f64, usize), Error> {
+    let mut config = octd::config::Config::default();
+    config.model.threads = 1;
+    config.model.batch_size = 1;
+    config.model.backend = match backend {
+        "onnxruntime" => octd::config::BackendKind::Onnxruntime,
+        _ => octd::config::BackendKind::Tract,
+    };
+    let classifier = octd::infer::Classifier::load(&repo.join("models/default"), &config.model, &config.triage)?;
+    let once = || -> Result<(), Error> {
+        let image = image::load_from_memory(jpeg)?;
+        classifier.classify_frames(&[octd::infer::frames::from_image(&image)])?;
+        Ok(())
+    };
+    for _ in 0..20 {
+        once()?;
+    }
+    let runs = 200;
+    let t0 = Instant::now();
+    for _ in 0..runs {
+        once()?;
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    Ok((t0.elapsed().as_secs_f64() / runs as f64, cores))
+}
+
 fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
     let burst: usize = args
@@ -41,9 +74,17 @@ fn main() -> Result<(), Error> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
+    let option = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let backend = option("--backend").unwrap_or_else(|| "tract".into());
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bin =
-        std::env::current_exe()?.parent().and_then(|p| p.parent()).map(|p| p.join("octd")).ok_or("no octd binary")?;
+    let bin = match option("--octd") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(|p| p.parent())
+            .map(|p| p.join("octd"))
+            .ok_or("no octd binary")?,
+    };
     let bscan_path = repo.join("../shared/data/oct/CNV/CNV-53018-1.jpeg");
     let bscan = std::fs::read(&bscan_path)
         .map_err(|e| format!("{}: {e} (the bench needs ../shared/data)", bscan_path.display()))?;
@@ -61,7 +102,7 @@ fn main() -> Result<(), Error> {
     std::fs::write(
         &config,
         format!(
-            "[device]\nstate_dir = \"{}\"\n[ingest]\nwatch = [\"{}\"]\n[model]\ndir = \"{}\"\n[pipeline]\nqueue_capacity = {}\n[mqtt]\nembedded_listen = \"127.0.0.1:{port}\"\n",
+            "[device]\nstate_dir = \"{}\"\n[ingest]\nwatch = [\"{}\"]\n[model]\ndir = \"{}\"\nbackend = \"{backend}\"\n[pipeline]\nqueue_capacity = {}\n[mqtt]\nembedded_listen = \"127.0.0.1:{port}\"\n",
             dir.path().join("state").display(),
             inbox.display(),
             repo.join("models/default").display(),
@@ -148,6 +189,13 @@ fn main() -> Result<(), Error> {
         vol[vol.len() - 1]
     );
     println!("  burst of {burst} B-scans: {burst_s:.1} s, {:.1} scans/s", burst as f64 / burst_s);
+    let (per_scan, cores) = machine_limit(&repo, &bscan, &backend)?;
+    let limit = cores as f64 / per_scan;
+    println!(
+        "  machine limit ({backend}): decode + preprocess + 1-thread inference {:.2} ms/scan x {cores} cores = {limit:.0} scans/s; burst at {:.2}x of it",
+        per_scan * 1000.0,
+        burst as f64 / burst_s / limit
+    );
     match rss {
         Some(kib) => println!("  octd peak RSS (VmHWM): {:.0} MiB", kib as f64 / 1024.0),
         None => println!("  octd peak RSS: unavailable"),

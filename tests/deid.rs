@@ -467,3 +467,28 @@ fn deidentify_writes_deidentified_objects_of_other_modalities_and_non_image_iods
         }
     }
 }
+
+#[test]
+fn the_pixels_handed_to_inference_are_the_artefacts_pixels() {
+    let Some(images) = shared_oct_images() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let secret = octd::secret::DeviceSecret::load_or_create(dir.path()).unwrap();
+    let limits = octd::deid::InputLimits::from(&octd::config::IngestConfig::default());
+    let deid = octd::deid::Deidentifier::new(secret, Vec::new(), limits);
+    // A JPEG B-scan, and the same pixels as 16-bit grey and as RGB PNGs.
+    let jpeg = std::fs::read(&images[0].0).unwrap();
+    let grey = image::load_from_memory(&jpeg).unwrap();
+    let mut inputs = vec![jpeg];
+    for image in [image::DynamicImage::ImageLuma16(grey.to_luma16()), image::DynamicImage::ImageRgb8(grey.to_rgb8())] {
+        let mut png = Vec::new();
+        image.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        inputs.push(png);
+    }
+    for input in inputs {
+        let out = deid.deidentify_bytes(input).unwrap();
+        let pixels = out.pixels.clone().expect("a 2-D image hands its pixels over");
+        let handed = octd::infer::frames::from_image(&pixels.into_image().unwrap());
+        let written = octd::infer::frames::from_image(&image::load_from_memory(&out.artifact).unwrap());
+        assert_eq!(handed, written, "inference sees exactly what the artefact holds");
+    }
+}

@@ -133,6 +133,66 @@ pub struct DeidOutput {
     pub identifiers: BTreeMap<String, String>,
     pub study_uid: Option<String>,
     pub laterality: Option<String>,
+    /// A 2-D image's pixels exactly as its PNG artefact holds them, for inference: the
+    /// artefact is written for the record, not decoded again (None for DICOM).
+    pub pixels: Option<DecodedPixels>,
+}
+
+/// How a de-identified image's pixels are laid out (the PNG's colour type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PixelLayout {
+    Luma8,
+    Luma16,
+    Rgb8,
+    Rgb16,
+}
+
+impl PixelLayout {
+    pub fn bytes_per_pixel(self) -> u64 {
+        match self {
+            PixelLayout::Luma8 => 1,
+            PixelLayout::Luma16 => 2,
+            PixelLayout::Rgb8 => 3,
+            PixelLayout::Rgb16 => 6,
+        }
+    }
+}
+
+/// Decoded pixels in this machine's byte order (they never leave it: worker to daemon).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedPixels {
+    pub width: u32,
+    pub height: u32,
+    pub layout: PixelLayout,
+    pub bytes: Vec<u8>,
+}
+
+impl DecodedPixels {
+    fn from_image(image: DynamicImage) -> Option<DecodedPixels> {
+        let (width, height) = (image.width(), image.height());
+        let layout = match &image {
+            DynamicImage::ImageLuma8(_) => PixelLayout::Luma8,
+            DynamicImage::ImageLuma16(_) => PixelLayout::Luma16,
+            DynamicImage::ImageRgb8(_) => PixelLayout::Rgb8,
+            DynamicImage::ImageRgb16(_) => PixelLayout::Rgb16,
+            _ => return None,
+        };
+        Some(DecodedPixels { width, height, layout, bytes: image.into_bytes() })
+    }
+
+    /// The image again; None when the bytes do not fill it (a worker gone wrong).
+    pub fn into_image(self) -> Option<DynamicImage> {
+        let (w, h) = (self.width, self.height);
+        let words =
+            |bytes: Vec<u8>| -> Vec<u16> { bytes.chunks_exact(2).map(|c| u16::from_ne_bytes([c[0], c[1]])).collect() };
+        match self.layout {
+            PixelLayout::Luma8 => image::GrayImage::from_raw(w, h, self.bytes).map(DynamicImage::ImageLuma8),
+            PixelLayout::Rgb8 => image::RgbImage::from_raw(w, h, self.bytes).map(DynamicImage::ImageRgb8),
+            PixelLayout::Luma16 => image::ImageBuffer::from_raw(w, h, words(self.bytes)).map(DynamicImage::ImageLuma16),
+            PixelLayout::Rgb16 => image::ImageBuffer::from_raw(w, h, words(self.bytes)).map(DynamicImage::ImageRgb16),
+        }
+    }
 }
 
 impl DeidOutput {
@@ -216,9 +276,10 @@ impl Deidentifier {
                 identifiers: out.identifiers,
                 study_uid: out.study_uid,
                 laterality: out.laterality,
+                pixels: None,
             });
         }
-        let png = reencode_image(bytes, kind, &self.limits)?;
+        let (png, pixels) = reencode_image(bytes, kind, &self.limits)?;
         Ok(DeidOutput {
             kind,
             extension: "png",
@@ -227,6 +288,7 @@ impl Deidentifier {
             identifiers: BTreeMap::new(),
             study_uid: None,
             laterality: None,
+            pixels,
         })
     }
 }
@@ -253,7 +315,13 @@ pub fn read_input_within(input: &Path, limits: &InputLimits) -> Result<Vec<u8>, 
 
 /// Decode and re-encode as PNG: only pixels survive, so EXIF, XMP, IPTC, JPEG comments,
 /// PNG text chunks and ICC profiles are all gone.
-fn reencode_image(bytes: Vec<u8>, kind: InputKind, limits: &InputLimits) -> Result<Vec<u8>, DeidError> {
+/// Decode (within the limits), keep nothing but pixels, write them as PNG; the decoded pixels
+/// come back too, for inference.
+fn reencode_image(
+    bytes: Vec<u8>,
+    kind: InputKind,
+    limits: &InputLimits,
+) -> Result<(Vec<u8>, Option<DecodedPixels>), DeidError> {
     let format = match kind {
         InputKind::Jpeg => ImageFormat::Jpeg,
         InputKind::Png => ImageFormat::Png,
@@ -294,11 +362,16 @@ fn reencode_image(bytes: Vec<u8>, kind: InputKind, limits: &InputLimits) -> Resu
         }
         _ => DynamicImage::ImageRgb8(image.to_rgb8()),
     };
+    // Fast deflate: the encode was the costliest step of a B-scan (docs/benchmarks.md); the
+    // file is somewhat larger, the pixels the same.
     let mut png = Vec::new();
-    image
-        .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
-        .map_err(|e| DeidError::Corrupt(format!("re-encoding: {e}")))?;
-    Ok(png)
+    let encoder = image::codecs::png::PngEncoder::new_with_quality(
+        &mut png,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::Adaptive,
+    );
+    image.write_with_encoder(encoder).map_err(|e| DeidError::Corrupt(format!("re-encoding: {e}")))?;
+    Ok((png, DecodedPixels::from_image(image)))
 }
 
 /// A JPEG cut short still decodes (to a grey tail) with most decoders, so look for EOI.
@@ -433,7 +506,7 @@ mod tests {
         with_text.extend_from_slice(&text);
         with_text.extend_from_slice(&plain[33..]);
         assert!(with_text.windows(8).any(|w| w == b"DOE^JANE"));
-        let out = reencode_image(with_text, InputKind::Png, &limits()).unwrap();
+        let (out, _) = reencode_image(with_text, InputKind::Png, &limits()).unwrap();
         assert!(!out.windows(8).any(|w| w == b"DOE^JANE"));
         let back = image::load_from_memory(&out).unwrap().to_luma8();
         assert_eq!(back.get_pixel(3, 3).0[0], 200);

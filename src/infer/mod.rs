@@ -46,7 +46,8 @@ pub trait Backend: Send + Sync {
 pub struct Outputs {
     /// The first output: one row of scores per batch item.
     pub scores: Vec<Vec<f32>>,
-    /// The second output, when the model has one: per batch item, `[classes, h, w]` values.
+    /// The second output when the model has one shaped `[batch, c, h, w]`: per batch item,
+    /// `[c, h, w]` values. Read only where the manifest declares a heatmap.
     pub maps: Option<Maps>,
 }
 
@@ -130,9 +131,13 @@ impl Heatmap {
     pub fn overlay_png(&self) -> Result<Vec<u8>, InferError> {
         let (gw, gh) = (self.grid_width as usize, self.grid_height as usize);
         let (fw, fh) = (self.frame_width as usize, self.frame_height as usize);
-        if gw == 0 || gh == 0 || fw == 0 || fh == 0 || self.values.len() != gw * gh || fw * fh > 64 << 20 {
+        if gw == 0 || gh == 0 || fw == 0 || fh == 0 || self.values.len() != gw * gh {
             return Err(InferError::Input("a heatmap of inconsistent size".into()));
         }
+        // A map of 7x7 values needs no more than 1024 pixels a side: the page stretches it
+        // over the B-scan (same aspect), and a huge B-scan does not cost a huge overlay.
+        let scale = (1024.0 / fw.max(fh) as f32).min(1.0);
+        let (fw, fh) = (((fw as f32 * scale).round() as usize).max(1), ((fh as f32 * scale).round() as usize).max(1));
         let lo = self.values.iter().copied().fold(f32::INFINITY, f32::min);
         let hi = self.values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let span = if hi - lo > 1e-6 { hi - lo } else { 1.0 };
@@ -249,6 +254,22 @@ impl Classifier {
     ) -> Result<(Classification, Option<Heatmap>), InferError> {
         let mut scored = Vec::new();
         frames::for_each_batch(artifact, self.batch_size, |batch| self.score_batch(batch, &mut scored))?;
+        self.with_heatmap(scored)
+    }
+
+    /// As [`Classifier::classify_frames`], with where the model looked when it can say.
+    pub fn classify_frames_with_heatmap(
+        &self,
+        frames: &[GreyFrame],
+    ) -> Result<(Classification, Option<Heatmap>), InferError> {
+        let mut scored = Vec::with_capacity(frames.len());
+        for batch in frames.chunks(self.batch_size) {
+            self.score_batch(batch, &mut scored)?;
+        }
+        self.with_heatmap(scored)
+    }
+
+    fn with_heatmap(&self, scored: Vec<Scored>) -> Result<(Classification, Option<Heatmap>), InferError> {
         let classification = self.summarise(&scored)?;
         let heatmap = (|| {
             let frame = classification.most_suspicious_frame as usize;
@@ -257,6 +278,10 @@ impl Classifier {
             let (map, h, w) = s.map.as_ref()?;
             let (h, w) = (*h, *w);
             let values = map.get(class * h * w..(class + 1) * h * w)?.to_vec();
+            // A broken model's NaN would make the stored result unreadable: no heatmap then.
+            if values.iter().any(|v| !v.is_finite()) {
+                return None;
+            }
             Some(Heatmap {
                 frame: frame as u32,
                 grid_width: w as u32,

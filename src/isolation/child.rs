@@ -54,6 +54,12 @@ pub fn serve(memory_bytes: u64) -> i32 {
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| deid.deidentify_bytes(bytes)));
         let written = match outcome {
             Ok(Ok(out)) => {
+                let pixels = out.pixels.as_ref().map(|p| protocol::PixelsHeader {
+                    artifact_len: out.artifact.len() as u64,
+                    width: p.width,
+                    height: p.height,
+                    layout: p.layout,
+                });
                 let done = Done {
                     kind: out.kind,
                     extension: out.extension.to_string(),
@@ -61,8 +67,10 @@ pub fn serve(memory_bytes: u64) -> i32 {
                     identifiers: out.identifiers,
                     study_uid: out.study_uid,
                     laterality: out.laterality,
+                    pixels,
                 };
-                protocol::write_frame(&mut output, &Header::Done(done), &out.artifact)
+                let decoded = out.pixels.as_ref().map_or(&[][..], |p| &p.bytes[..]);
+                protocol::write_frame_parts(&mut output, &Header::Done(done), &[&out.artifact, decoded])
             }
             Ok(Err(e)) => protocol::write_frame(&mut output, &refusal(&e), &[]),
             Err(_) => {

@@ -196,13 +196,39 @@ impl Decoder {
         };
         let outcome = tokio::time::timeout(timeout, exchange).await;
         match outcome {
-            Ok(Ok((Header::Done(done), artifact))) => {
+            Ok(Ok((Header::Done(done), mut artifact))) => {
                 // What goes into results and events must be what octd itself would write,
                 // whatever a worker gone wrong says.
                 let uid_ok = done.study_uid.as_ref().is_none_or(|u| {
                     u.len() <= 64 && !u.is_empty() && u.bytes().all(|b| b.is_ascii_digit() || b == b'.')
                 });
                 let laterality_ok = done.laterality.as_deref().is_none_or(|l| matches!(l, "R" | "L" | "B" | "U"));
+                // Decoded pixels follow the artefact: exactly as many as their size says.
+                let pixels = match done.pixels {
+                    None => Ok(None),
+                    Some(p) => {
+                        let size = u64::from(p.width) * u64::from(p.height) * p.layout.bytes_per_pixel();
+                        match p.artifact_len.checked_add(size) == Some(artifact.len() as u64) && size > 0 {
+                            true => {
+                                let bytes = artifact.split_off(p.artifact_len as usize);
+                                Ok(Some(crate::deid::DecodedPixels {
+                                    width: p.width,
+                                    height: p.height,
+                                    layout: p.layout,
+                                    bytes,
+                                }))
+                            }
+                            false => Err(()),
+                        }
+                    }
+                };
+                let Ok(pixels) = pixels else {
+                    self.kill().await;
+                    return Err(IsolationError::Killed {
+                        code: codes::PROCESSOR_CRASHED,
+                        detail: "the worker's answer did not hold together".into(),
+                    });
+                };
                 if !uid_ok || !laterality_ok {
                     self.kill().await;
                     return Err(IsolationError::Killed {
@@ -218,6 +244,7 @@ impl Decoder {
                     identifiers: done.identifiers,
                     study_uid: done.study_uid,
                     laterality: done.laterality,
+                    pixels,
                 })
             }
             Ok(Ok((Header::Refused { code, detail, kind }, _))) => {

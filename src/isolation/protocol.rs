@@ -65,6 +65,18 @@ pub struct Done {
     pub identifiers: BTreeMap<String, String>,
     pub study_uid: Option<String>,
     pub laterality: Option<String>,
+    /// A 2-D image's decoded pixels follow the artefact in the blob (`artifact_len` bytes,
+    /// then these): inference takes them instead of decoding the artefact again.
+    #[serde(default)]
+    pub pixels: Option<PixelsHeader>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct PixelsHeader {
+    pub artifact_len: u64,
+    pub width: u32,
+    pub height: u32,
+    pub layout: crate::deid::PixelLayout,
 }
 
 pub fn encode(header: &Header, blob: &[u8]) -> Result<Vec<u8>, ProtocolError> {
@@ -106,8 +118,23 @@ pub fn decode_header(json: &[u8]) -> Result<Header, ProtocolError> {
 
 /// Blocking write (the worker side).
 pub fn write_frame(to: &mut impl Write, header: &Header, blob: &[u8]) -> Result<(), ProtocolError> {
-    to.write_all(&encode(header, blob)?)?;
-    to.write_all(blob)?;
+    write_frame_parts(to, header, &[blob])
+}
+
+/// As [`write_frame`], the blob given in parts (written one after the other, not joined).
+pub fn write_frame_parts(to: &mut impl Write, header: &Header, parts: &[&[u8]]) -> Result<(), ProtocolError> {
+    let json = serde_json::to_vec(header).map_err(|e| ProtocolError::BadFrame(e.to_string()))?;
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut prefix = Vec::with_capacity(PREFIX + json.len());
+    prefix.extend_from_slice(&MAGIC);
+    prefix.push(VERSION);
+    prefix.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    prefix.extend_from_slice(&(total as u64).to_le_bytes());
+    prefix.extend_from_slice(&json);
+    to.write_all(&prefix)?;
+    for part in parts {
+        to.write_all(part)?;
+    }
     to.flush()?;
     Ok(())
 }

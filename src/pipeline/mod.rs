@@ -109,9 +109,12 @@ impl Pipeline {
         let Some(mut record) = taken else {
             return Err(PipelineError::Store(StoreError::UnknownScan(id)));
         };
+        // A 2-D image's decoded pixels, handed over by the decoder worker; after a crash the
+        // scan resumes from its written artefact instead.
+        let mut pixels = None;
         if record.state == ScanState::Received {
             match self.deidentify_step(decoder, record, counted).await? {
-                Some(next) => record = next,
+                Some((next, decoded)) => (record, pixels) = (next, decoded),
                 None => return Ok(()), // quarantined
             }
         }
@@ -119,7 +122,7 @@ impl Pipeline {
             let me = self.clone();
             let mut now_counted = *counted;
             let (classified, now_counted) = blocking(move || {
-                let classified = me.classify_step(record, queue_ms, &mut now_counted);
+                let classified = me.classify_step(record, queue_ms, &mut now_counted, pixels);
                 (classified, now_counted)
             })
             .await?;
@@ -140,13 +143,14 @@ impl Pipeline {
         Ok(taken.ok_or(PipelineError::Store(StoreError::UnknownScan(id)))?.attempts)
     }
 
-    /// Returns the de-identified record, or None when the scan went to quarantine.
+    /// Returns the de-identified record (and a 2-D image's decoded pixels), or None when the
+    /// scan went to quarantine.
     async fn deidentify_step(
         self: &Arc<Self>,
         decoder: &mut Decoder,
         mut record: ScanRecord,
         counted: &mut bool,
-    ) -> Result<Option<ScanRecord>, PipelineError> {
+    ) -> Result<Option<(ScanRecord, Option<crate::deid::DecodedPixels>)>, PipelineError> {
         let id = record.scan_id;
         let spooled = self.dirs.spool.join(id.to_string());
         if !spooled.exists() {
@@ -168,7 +172,7 @@ impl Pipeline {
             Err(DeidError::Io(e)) => return Err(PipelineError::Transient(format!("reading the spooled scan: {e}"))),
             Err(e) => return self.quarantine_async(record, e.event_kind(), e.code(), &e.to_string()).await,
         };
-        let out = match decoder.deidentify(bytes).await {
+        let mut out = match decoder.deidentify(bytes).await {
             Ok(out) => out,
             Err(IsolationError::Unavailable(why)) => return Err(PipelineError::Transient(why)),
             Err(e @ IsolationError::Killed { .. }) => {
@@ -186,6 +190,7 @@ impl Pipeline {
             record.attempts = self.count_attempt(id).await?;
             *counted = true;
         }
+        let pixels = out.pixels.take();
         let me = self.clone();
         let next = blocking(move || -> Result<ScanRecord, PipelineError> {
             let frames = out.frames;
@@ -209,10 +214,18 @@ impl Pipeline {
             Ok(record)
         })
         .await??;
-        Ok(Some(next))
+        Ok(Some((next, pixels)))
     }
 
-    fn classify_step(&self, mut record: ScanRecord, queue_ms: u64, counted: &mut bool) -> Result<(), PipelineError> {
+    fn classify_step(
+        &self,
+        mut record: ScanRecord,
+        queue_ms: u64,
+        counted: &mut bool,
+        pixels: Option<crate::deid::DecodedPixels>,
+    ) -> Result<(), PipelineError> {
+        // The pixels the artefact holds, as the same conversion from its decoded image.
+        let frames = pixels.and_then(|p| p.into_image()).map(|image| vec![crate::infer::frames::from_image(&image)]);
         let id = record.scan_id;
         let artifact = self.dirs.deid.join(record.artifact.clone().unwrap_or_default());
         let started = Instant::now();
@@ -227,7 +240,11 @@ impl Pipeline {
                 *counted = true;
             }
             let busy = self.updater.inference_started(&model);
-            match model.classifier.classify_artifact_with_heatmap(&artifact) {
+            let classified = match &frames {
+                Some(frames) => model.classifier.classify_frames_with_heatmap(frames),
+                None => model.classifier.classify_artifact_with_heatmap(&artifact),
+            };
+            match classified {
                 Ok((c, heatmap)) => {
                     record.heatmap = heatmap;
                     break (c, model, busy);
@@ -298,13 +315,14 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn quarantine_async(
+    /// Quarantine off the runtime; `Ok(None)`: the step ends here.
+    async fn quarantine_async<T>(
         self: &Arc<Self>,
         record: ScanRecord,
         kind: EventKind,
         code: &str,
         detail: &str,
-    ) -> Result<Option<ScanRecord>, PipelineError> {
+    ) -> Result<Option<T>, PipelineError> {
         let (me, code, detail) = (self.clone(), code.to_string(), detail.to_string());
         blocking(move || me.quarantine(record, kind, &code, &detail)).await??;
         Ok(None)
@@ -345,7 +363,7 @@ impl Pipeline {
     pub async fn set_aside(self: &Arc<Self>, id: ScanId, code: &str, detail: &str) -> Result<(), PipelineError> {
         let me = self.clone();
         let Some(record) = blocking(move || me.store.get(id)).await?? else { return Ok(()) };
-        self.quarantine_async(record, EventKind::Rejected, code, detail).await.map(|_| ())
+        self.quarantine_async::<()>(record, EventKind::Rejected, code, detail).await.map(|_| ())
     }
 
     pub fn event(&self, kind: EventKind, scan_id: Option<ScanId>, code: &str, detail: &str) -> OutboxMessage {
