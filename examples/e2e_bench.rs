@@ -3,7 +3,7 @@
 //! throughput and the daemon's peak RSS. Runs the release binary with the embedded broker.
 //!
 //!   cargo build --release && cargo run --release --example e2e_bench [-- --bscans 100]
-//!       [--backend tract|onnxruntime] [--octd PATH-TO-ANOTHER-BUILD]
+//!       [--backend tract|onnxruntime] [--workers N] [--octd PATH-TO-ANOTHER-BUILD]
 //!
 //! It also measures the machine's limit in the same run: the CPU time of the unavoidable
 //! work of one B-scan (JPEG decode, preprocess, one single-threaded inference on the same
@@ -76,6 +76,7 @@ fn main() -> Result<(), Error> {
         .unwrap_or(100);
     let option = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let backend = option("--backend").unwrap_or_else(|| "tract".into());
+    let workers: usize = option("--workers").and_then(|w| w.parse().ok()).unwrap_or(2);
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let bin = match option("--octd") {
         Some(path) => PathBuf::from(path),
@@ -102,7 +103,7 @@ fn main() -> Result<(), Error> {
     std::fs::write(
         &config,
         format!(
-            "[device]\nstate_dir = \"{}\"\n[ingest]\nwatch = [\"{}\"]\n[model]\ndir = \"{}\"\nbackend = \"{backend}\"\n[pipeline]\nqueue_capacity = {}\n[mqtt]\nembedded_listen = \"127.0.0.1:{port}\"\n",
+            "[device]\nstate_dir = \"{}\"\n[ingest]\nwatch = [\"{}\"]\n[model]\ndir = \"{}\"\nbackend = \"{backend}\"\n[pipeline]\nworkers = {workers}\nqueue_capacity = {}\n[mqtt]\nembedded_listen = \"127.0.0.1:{port}\"\n",
             dir.path().join("state").display(),
             inbox.display(),
             repo.join("models/default").display(),

@@ -171,7 +171,8 @@ pub struct ModelConfig {
     /// no updates. Unset (the default), the daemon runs verified bundles from `[update]`.
     pub dir: Option<PathBuf>,
     pub backend: BackendKind,
-    /// Inference threads; 0 = one per core.
+    /// Inference threads per pipeline worker; 0 = the daemon's cores divided among its
+    /// workers (`octd classify` and the tools: every core).
     pub threads: usize,
     /// B-scans per inference call for volumes.
     pub batch_size: usize,
@@ -185,6 +186,14 @@ pub struct ModelConfig {
     pub fp16: bool,
     /// TensorRT engine cache; unset: `<state_dir>/engine-cache` (one folder per model hash).
     pub engine_cache_dir: Option<PathBuf>,
+    /// How many callers classify at once (the daemon: its pipeline workers): ONNX Runtime on
+    /// the CPU keeps a session for each, since one session runs one call at a time.
+    #[serde(skip, default = "one")]
+    pub concurrency: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for ModelConfig {
@@ -198,6 +207,7 @@ impl Default for ModelConfig {
             onnxruntime_library: None,
             fp16: true,
             engine_cache_dir: None,
+            concurrency: 1,
         }
     }
 }

@@ -134,3 +134,28 @@ fn activation_maps_agree_across_backends_and_draw_on_the_scan() {
         assert!(worst < 1e-3, "tract vs ONNX Runtime activation maps differ by {worst}");
     }
 }
+
+#[test]
+fn onnxruntime_serves_concurrent_callers_each_on_its_own_session() {
+    let Some(images) = common::shared_oct_images() else { return };
+    let Some(library) = onnxruntime_library() else { return };
+    let config = octd::config::Config::default();
+    let mut model = config.model.clone();
+    model.backend = octd::config::BackendKind::Onnxruntime;
+    model.onnxruntime_library = Some(library);
+    model.threads = 1;
+    model.concurrency = 2;
+    let repo = common::repo();
+    let classifier = octd::infer::Classifier::load(&repo.join("models/default"), &model, &config.triage).unwrap();
+    let files: Vec<PathBuf> = images.iter().take(8).map(|(p, _)| p.clone()).collect();
+    let alone: Vec<_> = files.iter().map(|f| classifier.classify_artifact(f).unwrap()).collect();
+    // Two callers at once, as the pipeline's two workers: the same answers.
+    let together: Vec<_> = std::thread::scope(|s| {
+        let halves: Vec<_> = files
+            .chunks(4)
+            .map(|half| s.spawn(|| half.iter().map(|f| classifier.classify_artifact(f).unwrap()).collect::<Vec<_>>()))
+            .collect();
+        halves.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(alone, together);
+}

@@ -424,6 +424,7 @@ fn load_backend(
         threads: config.threads,
         fp16: config.fp16,
         engine_cache: config.engine_cache_dir.clone(),
+        sessions: config.concurrency.max(1),
     };
     let mut failures = Vec::new();
     for step in chain {

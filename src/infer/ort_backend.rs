@@ -42,10 +42,14 @@ pub struct OrtSettings {
     pub fp16: bool,
     /// TensorRT engines are cached here (one sub-folder per model hash).
     pub engine_cache: Option<PathBuf>,
+    /// Sessions on the CPU provider: one per concurrent caller (a session runs one call at
+    /// a time, so one shared session made the pipeline's workers take turns).
+    pub sessions: usize,
 }
 
 pub struct OrtBackend {
-    session: Mutex<Session>,
+    sessions: Vec<Mutex<Session>>,
+    next: std::sync::atomic::AtomicUsize,
     provider: Provider,
     fp16: bool,
 }
@@ -163,8 +167,18 @@ impl OrtBackend {
         if settings.threads > 0 {
             builder = builder.with_intra_threads(settings.threads).map_err(|e| err(e.into()))?;
         }
-        let session = builder.commit_from_file(model).map_err(err)?;
-        Ok(OrtBackend { session: Mutex::new(session), provider, fp16: settings.fp16 && provider == Provider::TensorRt })
+        // A GPU session serves its device alone; CPU sessions are one per concurrent caller.
+        let count = if provider == Provider::Cpu { settings.sessions.clamp(1, 16) } else { 1 };
+        let mut sessions = Vec::with_capacity(count);
+        for _ in 0..count {
+            sessions.push(Mutex::new(builder.clone().commit_from_file(model).map_err(err)?));
+        }
+        Ok(OrtBackend {
+            sessions,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            provider,
+            fp16: settings.fp16 && provider == Provider::TensorRt,
+        })
     }
 }
 
@@ -181,7 +195,14 @@ impl Backend for OrtBackend {
         let err = |e: ort::Error| InferError::Backend(e.to_string());
         let shape_i64: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         let tensor = Tensor::from_array((shape_i64, input)).map_err(err)?;
-        let mut session = self.session.lock().map_err(|_| InferError::Backend("session lock poisoned".into()))?;
+        // A free session if there is one, else wait for the next in turn.
+        let n = self.sessions.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        let free = (0..n).find_map(|i| self.sessions[(start + i) % n].try_lock().ok());
+        let mut session = match free {
+            Some(session) => session,
+            None => self.sessions[start].lock().map_err(|_| InferError::Backend("session lock poisoned".into()))?,
+        };
         let outputs = session.run(ort::inputs![tensor]).map_err(err)?;
         if outputs.len() == 0 {
             return Err(InferError::Backend("model produced no output".into()));

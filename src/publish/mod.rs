@@ -205,9 +205,33 @@ impl Publisher {
         last_failure: &mut Option<String>,
     ) -> bool {
         let mut connected = false;
+        // PUBACKs not yet recorded, and the commit recording the previous ones: acks that
+        // arrive while it runs go into the next one together (group commit), and the event
+        // loop keeps serving the connection meanwhile.
+        let mut acked: Vec<u64> = Vec::new();
+        let mut recording: Option<tokio::task::JoinHandle<Result<(), crate::store::StoreError>>> = None;
         loop {
             tokio::select! {
+                done = async {
+                    match recording.as_mut() {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
+                    }
+                }, if recording.is_some() => {
+                    recording = None;
+                    match done {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "cannot record PUBACKs; those messages will be sent again"),
+                        Err(e) => tracing::error!(error = %e, "PUBACK task failed"),
+                    }
+                    if !acked.is_empty() {
+                        let (store, seqs) = (self.store.clone(), std::mem::take(&mut acked));
+                        recording = Some(tokio::task::spawn_blocking(move || store.acknowledge_all(&seqs)));
+                    }
+                    self.fill(&mut session).await;
+                }
                 _ = shutdown.changed() => {
+                    self.record_acks(recording.take(), std::mem::take(&mut acked)).await;
                     if connected {
                         self.goodbye(&session, &mut eventloop).await;
                     }
@@ -245,11 +269,10 @@ impl Publisher {
                     }
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
                         if let Some(Some(seq)) = session.inflight.remove(&ack.pkid) {
-                            let store = self.store.clone();
-                            match tokio::task::spawn_blocking(move || store.acknowledge(seq)).await {
-                                Ok(Ok(())) => {}
-                                Ok(Err(e)) => tracing::error!(error = %e, "cannot record PUBACK; the message will be sent again"),
-                                Err(e) => tracing::error!(error = %e, "PUBACK task failed"),
+                            acked.push(seq);
+                            if recording.is_none() {
+                                let (store, seqs) = (self.store.clone(), std::mem::take(&mut acked));
+                                recording = Some(tokio::task::spawn_blocking(move || store.acknowledge_all(&seqs)));
                             }
                         }
                         self.fill(&mut session).await;
@@ -271,11 +294,33 @@ impl Publisher {
                             tracing::debug!(error = %failure, "MQTT broker still not reachable");
                         }
                         *last_failure = Some(failure);
+                        self.record_acks(recording.take(), std::mem::take(&mut acked)).await;
                         return false;
                     }
                 },
                 _ = self.wake.notified(), if connected => self.fill(&mut session).await,
             }
+        }
+    }
+
+    /// Finish recording PUBACKs before the connection ends: what the broker acknowledged is
+    /// not sent again.
+    async fn record_acks(
+        &self,
+        recording: Option<tokio::task::JoinHandle<Result<(), crate::store::StoreError>>>,
+        acked: Vec<u64>,
+    ) {
+        if let Some(task) = recording {
+            let _ = task.await;
+        }
+        if acked.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.acknowledge_all(&acked)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot record PUBACKs; those messages will be sent again"),
+            Err(e) => tracing::error!(error = %e, "PUBACK task failed"),
         }
     }
 

@@ -364,8 +364,14 @@ impl Store {
 
     /// The broker has the message: drop it and complete its scan, in one transaction.
     pub fn acknowledge(&self, seq: u64) -> Result<(), StoreError> {
+        self.acknowledge_all(&[seq])
+    }
+
+    /// PUBACKs received together, recorded in one durable transaction (group commit: a
+    /// burst of results costs one fsync per batch of acknowledgements, not one each).
+    pub fn acknowledge_all(&self, seqs: &[u64]) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        {
+        for &seq in seqs {
             let removed = {
                 let mut outbox = txn.open_table(OUTBOX)?;
                 let removed = outbox.remove(seq)?.map(|v| decode::<OutboxMessage>(v.value())).transpose()?;
