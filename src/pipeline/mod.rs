@@ -184,12 +184,12 @@ impl Pipeline {
                 return self.quarantine_async(record, kind, &code, &detail).await
             }
         };
-        // From here the daemon's own process holds the scan's data (bounded by the ingest
-        // limits): writing the artefact, then inference. A death from now on counts.
-        if !*counted {
-            record.attempts = self.count_attempt(id).await?;
-            *counted = true;
-        }
+        // From here the daemon's own process works on the scan's data: inference follows. The
+        // attempt is counted in the same commit as the artefact (one durable commit fewer per
+        // scan), so a death from then on counts; writing bytes to a file before it is not
+        // something an input can make fail (and a scan re-decoded after a death there is not
+        // blamed, as while the isolated decoder held it).
+        let count = !*counted;
         let pixels = out.pixels.take();
         let me = self.clone();
         let next = blocking(move || -> Result<ScanRecord, PipelineError> {
@@ -205,6 +205,9 @@ impl Pipeline {
             record.study_uid = written.study_uid;
             record.laterality = written.laterality;
             record.deid_ms = Some(started.elapsed().as_millis() as u64);
+            if count {
+                record.attempts = record.attempts.saturating_add(1);
+            }
             me.store.transition(&record, None)?;
             // The de-identified artefact is committed; the identified original may go. Its
             // identity stays in the sealed linkage.
@@ -214,6 +217,7 @@ impl Pipeline {
             Ok(record)
         })
         .await??;
+        *counted = true;
         Ok(Some((next, pixels)))
     }
 
