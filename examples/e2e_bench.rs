@@ -119,7 +119,7 @@ fn main() -> Result<(), Error> {
         .spawn()?;
     let pid = daemon.id();
 
-    let (tx, rx) = mpsc::channel::<(String, Instant)>();
+    let (tx, rx) = mpsc::channel::<(String, Instant, Vec<u8>)>();
     let mut options = rumqttc::MqttOptions::new("e2e-bench", "127.0.0.1", port);
     options.set_max_packet_size(1 << 20, 1 << 20);
     std::thread::spawn(move || {
@@ -131,7 +131,7 @@ fn main() -> Result<(), Error> {
                     let _ = client.try_subscribe("oct/+/+/results/#", rumqttc::QoS::AtLeastOnce);
                 }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                    let _ = tx.send((p.topic.clone(), Instant::now()));
+                    let _ = tx.send((p.topic.clone(), Instant::now(), p.payload.to_vec()));
                 }
                 Ok(_) => {}
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
@@ -140,10 +140,17 @@ fn main() -> Result<(), Error> {
     });
     std::thread::sleep(Duration::from_secs(3));
     let mut seen = HashSet::new();
-    let mut wait_one = |rx: &mpsc::Receiver<(String, Instant)>| -> Result<Instant, Error> {
+    // Each result's own stage timings (queue, de-identification, inference, total).
+    let stages = std::cell::RefCell::new(Vec::<[f64; 4]>::new());
+    let mut wait_one = |rx: &mpsc::Receiver<(String, Instant, Vec<u8>)>| -> Result<Instant, Error> {
         loop {
-            let (topic, at) = rx.recv_timeout(Duration::from_secs(120))?;
+            let (topic, at, payload) = rx.recv_timeout(Duration::from_secs(120))?;
             if seen.insert(topic) {
+                if let Ok(result) = serde_json::from_slice::<serde_json::Value>(&payload) {
+                    let t = &result["timings_ms"];
+                    let ms = |k: &str| t[k].as_f64().unwrap_or(0.0);
+                    stages.borrow_mut().push([ms("queue_ms"), ms("deid_ms"), ms("infer_ms"), ms("total_ms")]);
+                }
                 return Ok(at);
             }
         }
@@ -163,6 +170,7 @@ fn main() -> Result<(), Error> {
         drop_in(&inbox, &format!("v{i}.dcm"), &volume)?;
         vol.push((wait_one(&rx)? - t0).as_secs_f64() * 1000.0);
     }
+    let before_burst = stages.borrow().len();
     let t0 = Instant::now();
     for i in 0..burst {
         drop_in(&inbox, &format!("b{i}.jpeg"), &bscan)?;
@@ -171,6 +179,7 @@ fn main() -> Result<(), Error> {
         wait_one(&rx)?;
     }
     let burst_s = t0.elapsed().as_secs_f64();
+    let burst_stages: Vec<[f64; 4]> = stages.borrow()[before_burst..].to_vec();
     let rss = peak_rss_kib(pid);
     let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
     let _ = daemon.wait();
@@ -190,6 +199,13 @@ fn main() -> Result<(), Error> {
         vol[vol.len() - 1]
     );
     println!("  burst of {burst} B-scans: {burst_s:.1} s, {:.1} scans/s", burst as f64 / burst_s);
+    for (i, name) in ["queue", "de-identify", "infer", "total"].iter().enumerate() {
+        let mut v: Vec<f64> = burst_stages.iter().map(|s| s[i]).collect();
+        v.sort_by(f64::total_cmp);
+        if !v.is_empty() {
+            println!("    burst {name}: p50 {:.0} ms, p95 {:.0} ms", percentile(&v, 0.5), percentile(&v, 0.95));
+        }
+    }
     let (per_scan, cores) = machine_limit(&repo, &bscan, &backend)?;
     let limit = cores as f64 / per_scan;
     println!(
