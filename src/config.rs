@@ -171,8 +171,8 @@ pub struct ModelConfig {
     /// no updates. Unset (the default), the daemon runs verified bundles from `[update]`.
     pub dir: Option<PathBuf>,
     pub backend: BackendKind,
-    /// Inference threads per pipeline worker; 0 = the daemon's cores divided among its
-    /// workers (`octd classify` and the tools: every core).
+    /// Inference threads; 0 = every core (tract: one pool shared by the pipeline's workers;
+    /// ONNX Runtime on the CPU: each worker's session gets its share of the cores).
     pub threads: usize,
     /// B-scans per inference call for volumes.
     pub batch_size: usize,
@@ -290,9 +290,8 @@ pub struct PipelineConfig {
     pub workers: usize,
     /// Claimed scans waiting for a worker; intake pauses when full.
     pub queue_capacity: usize,
-    /// A scan in the daemon's hands (after the isolated decoder answered: writing its
-    /// artefact, inference) each time the daemon died this many times is quarantined
-    /// (`poison_scan`) instead of resumed.
+    /// A scan in the daemon's hands (de-identified and committed, during inference) each
+    /// time the daemon died this many times is quarantined (`poison_scan`) instead of resumed.
     pub max_attempts: u32,
     /// Address-space limit of each decoder worker process. At least one input and its
     /// decoded pixels: `ingest.max_file_bytes + ingest.max_decoded_bytes`.

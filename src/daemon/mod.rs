@@ -92,12 +92,8 @@ async fn run_until(
     if config.model.engine_cache_dir.is_none() {
         config.model.engine_cache_dir = Some(dirs.state.join("engine-cache"));
     }
-    if config.model.threads == 0 {
-        // The workers classify at once: each gets its share of the cores, since more threads
-        // than cores cost more in switching than they give (docs/benchmarks.md).
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        config.model.threads = (cores / config.pipeline.workers.max(1)).max(1);
-    }
+    // The workers classify at once (ONNX Runtime then gives each its session and its share of
+    // the cores; tract's one thread pool is shared by all).
     config.model.concurrency = config.pipeline.workers.max(1);
     dirs.create().map_err(|e| DaemonError::Config(format!("cannot create {}: {e}", dirs.state.display())))?;
     systemd::status("opening the store");

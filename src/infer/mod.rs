@@ -421,7 +421,15 @@ fn load_backend(
     };
     let settings = OrtSettings {
         library: config.onnxruntime_library.clone(),
-        threads: config.threads,
+        // Sessions run at once, each with its own pool: unset, each gets its share of the
+        // cores, since more threads than cores cost more in switching than they give.
+        threads: match config.threads {
+            0 => {
+                let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                (cores / config.concurrency.max(1)).max(1)
+            }
+            n => n,
+        },
         fp16: config.fp16,
         engine_cache: config.engine_cache_dir.clone(),
         sessions: config.concurrency.max(1),

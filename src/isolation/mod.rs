@@ -203,14 +203,33 @@ impl Decoder {
                     u.len() <= 64 && !u.is_empty() && u.bytes().all(|b| b.is_ascii_digit() || b == b'.')
                 });
                 let laterality_ok = done.laterality.as_deref().is_none_or(|l| matches!(l, "R" | "L" | "B" | "U"));
-                // Decoded pixels follow the artefact: exactly as many as their size says.
+                // Decoded pixels follow the artefact: only for a 2-D image, within the limits,
+                // of the PNG's own size, and exactly as many bytes as that size says.
+                let limits = &self.settings.limits;
                 let pixels = match done.pixels {
                     None => Ok(None),
+                    Some(_) if done.kind == crate::scan::InputKind::Dicom => Err(()),
                     Some(p) => {
-                        let size = u64::from(p.width) * u64::from(p.height) * p.layout.bytes_per_pixel();
-                        match p.artifact_len.checked_add(size) == Some(artifact.len() as u64) && size > 0 {
+                        let size = u64::from(p.width)
+                            .checked_mul(u64::from(p.height))
+                            .and_then(|n| n.checked_mul(p.layout.bytes_per_pixel()))
+                            .filter(|&n| n > 0 && n <= limits.max_decoded_bytes);
+                        let png_size = artifact
+                            .get(16..24)
+                            .filter(|_| artifact.get(12..16) == Some(b"IHDR".as_slice()))
+                            .map(|b| {
+                                (
+                                    u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                                    u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+                                )
+                            });
+                        let fits = png_size == Some((p.width, p.height))
+                            && size.and_then(|n| p.artifact_len.checked_add(n)) == Some(artifact.len() as u64);
+                        match fits {
                             true => {
                                 let bytes = artifact.split_off(p.artifact_len as usize);
+                                // The received buffer's capacity held the pixels too: let it go.
+                                artifact.shrink_to_fit();
                                 Ok(Some(crate::deid::DecodedPixels {
                                     width: p.width,
                                     height: p.height,
