@@ -38,6 +38,30 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
     status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Seconds for one inference call over 64 preprocessed B-scans (the volume goal's yardstick).
+fn batch_of_64(repo: &Path, jpeg: &[u8], backend: &str) -> Result<f64, Error> {
+    let mut config = octd::config::Config::default();
+    config.model.backend = match backend {
+        "onnxruntime" => octd::config::BackendKind::Onnxruntime,
+        _ => octd::config::BackendKind::Tract,
+    };
+    let classifier = octd::infer::Classifier::load(&repo.join("models/default"), &config.model, &config.triage)?;
+    let frame = octd::infer::frames::from_image(&image::load_from_memory(jpeg)?);
+    let spec = classifier.input_spec().clone();
+    let mut input = Vec::new();
+    for _ in 0..64 {
+        octd::infer::preprocess::preprocess_into(&frame, &spec, &mut input);
+    }
+    let shape = [64, spec.channels, spec.height, spec.width];
+    classifier.run_tensor(input.clone(), shape)?;
+    let runs = 5;
+    let t0 = Instant::now();
+    for _ in 0..runs {
+        classifier.run_tensor(input.clone(), shape)?;
+    }
+    Ok(t0.elapsed().as_secs_f64() / runs as f64)
+}
+
 /// Seconds of CPU per B-scan for the work no implementation can skip, measured here on one
 /// thread; and the cores there are.
 fn machine_limit(repo: &Path, jpeg: &[u8], backend: &str) -> Result<(f64, usize), Error> {
@@ -206,6 +230,12 @@ fn main() -> Result<(), Error> {
             println!("    burst {name}: p50 {:.0} ms, p95 {:.0} ms", percentile(&v, 0.5), percentile(&v, 0.95));
         }
     }
+    let batch = batch_of_64(&repo, &bscan, &backend)?;
+    println!(
+        "  64 inferences in one batch ({backend}, every core): {:.0} ms; the volume's p50 is {:.2}x of it",
+        batch * 1000.0,
+        percentile(&vol, 0.5) / (batch * 1000.0)
+    );
     let (per_scan, cores) = machine_limit(&repo, &bscan, &backend)?;
     let limit = cores as f64 / per_scan;
     println!(

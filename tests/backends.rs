@@ -159,3 +159,38 @@ fn onnxruntime_serves_concurrent_callers_each_on_its_own_session() {
     });
     assert_eq!(alone, together);
 }
+
+#[test]
+fn a_volume_on_several_sessions_gives_the_answer_of_one() {
+    let Some(images) = common::shared_oct_images() else { return };
+    let Some(library) = onnxruntime_library() else { return };
+    use common::dicom as fixture;
+    let dir = tempfile::tempdir().unwrap();
+    // 20 B-scans (three batches of 8, the last short), one of them CNV.
+    let normals: Vec<&PathBuf> = images.iter().filter(|(_, l)| l == "NORMAL").map(|(p, _)| p).collect();
+    let cnv = &images.iter().find(|(_, l)| l == "CNV").unwrap().0;
+    let frames: Vec<Vec<u8>> = (0..20)
+        .map(|i| fixture::grey_frame(if i == 13 { cnv } else { normals[i % normals.len()] }, 256, 248))
+        .collect();
+    let volume = dir.path().join("volume.dcm");
+    std::fs::write(
+        &volume,
+        fixture::build(fixture::Spec::plain(
+            fixture::OPT_SOP_CLASS,
+            fixture::Pixels::Native { width: 256, height: 248, frames },
+        )),
+    )
+    .unwrap();
+    let config = octd::config::Config::default();
+    let load = |concurrency: usize| {
+        let mut model = config.model.clone();
+        model.backend = octd::config::BackendKind::Onnxruntime;
+        model.onnxruntime_library = Some(library.clone());
+        model.concurrency = concurrency;
+        octd::infer::Classifier::load(&common::repo().join("models/default"), &model, &config.triage).unwrap()
+    };
+    let one = load(1).classify_artifact(&volume).unwrap();
+    let lanes = load(3).classify_artifact(&volume).unwrap();
+    assert_eq!(one, lanes, "frame order, per-class maxima and the most suspicious B-scan are kept");
+    assert_eq!(lanes.frames, 20);
+}

@@ -32,6 +32,9 @@ pub enum InferError {
     Backend(String),
 }
 
+/// Most inference lanes one volume uses at once.
+const MAX_LANES: usize = 4;
+
 /// An inference engine. Input is NCHW f32; output is one row of scores per batch item.
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
@@ -40,6 +43,10 @@ pub trait Backend: Send + Sync {
         false
     }
     fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError>;
+    /// Calls that run at once without sharing threads (ONNX Runtime: its CPU sessions).
+    fn parallel_calls(&self) -> usize {
+        1
+    }
 }
 
 /// What a backend computed for one batch.
@@ -252,9 +259,73 @@ impl Classifier {
         &self,
         artifact: &Path,
     ) -> Result<(Classification, Option<Heatmap>), InferError> {
-        let mut scored = Vec::new();
-        frames::for_each_batch(artifact, self.batch_size, |batch| self.score_batch(batch, &mut scored))?;
+        let lanes = self.backend.parallel_calls().min(MAX_LANES);
+        let scored = match lanes {
+            0 | 1 => {
+                let mut scored = Vec::new();
+                frames::for_each_batch(artifact, self.batch_size, |batch| self.score_batch(batch, &mut scored))?;
+                scored
+            }
+            _ => self.score_in_lanes(artifact, lanes)?,
+        };
         self.with_heatmap(scored)
+    }
+
+    /// A volume's batches on several sessions at once, each on its own core: the volume is
+    /// not held to one worker's share of the machine. At most `2 * lanes` batches are
+    /// converted at a time; results are put back in frame order.
+    fn score_in_lanes(&self, artifact: &Path, lanes: usize) -> Result<Vec<Scored>, InferError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<GreyFrame>)>(lanes);
+        let rx = std::sync::Mutex::new(rx);
+        let done = std::sync::Mutex::new(Vec::<(usize, Vec<Scored>)>::new());
+        let failed = std::sync::Mutex::new(None::<InferError>);
+        let produced = std::thread::scope(|s| {
+            for _ in 0..lanes {
+                s.spawn(|| loop {
+                    // Every lane drains the channel to its end, even after a failure, so the
+                    // producer never waits on a full channel nobody reads.
+                    let job = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((index, batch)) = job else { return };
+                    if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        continue;
+                    }
+                    let mut out = Vec::with_capacity(batch.len());
+                    match self.score_batch(&batch, &mut out) {
+                        Ok(()) => {
+                            if let Ok(mut done) = done.lock() {
+                                done.push((index, out));
+                            }
+                        }
+                        Err(e) => {
+                            if let Ok(mut f) = failed.lock() {
+                                f.get_or_insert(e);
+                            }
+                        }
+                    }
+                });
+            }
+            let mut index = 0;
+            let produced = frames::for_each_batch(artifact, self.batch_size, |batch| {
+                tx.send((index, batch.to_vec())).map_err(|_| InferError::Backend("inference lanes stopped".into()))?;
+                index += 1;
+                Ok(())
+            });
+            drop(tx);
+            produced.map(|()| index)
+        });
+        if let Some(e) = failed.into_inner().ok().flatten() {
+            return Err(e);
+        }
+        let batches = produced?;
+        let mut done = done.into_inner().map_err(|_| InferError::Backend("an inference lane panicked".into()))?;
+        if done.len() != batches {
+            return Err(InferError::Backend("an inference lane stopped early".into()));
+        }
+        done.sort_by_key(|(index, _)| *index);
+        Ok(done.into_iter().flat_map(|(_, scored)| scored).collect())
     }
 
     /// As [`Classifier::classify_frames`], with where the model looked when it can say.

@@ -191,6 +191,10 @@ impl Backend for OrtBackend {
         self.fp16
     }
 
+    fn parallel_calls(&self) -> usize {
+        self.sessions.len()
+    }
+
     fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError> {
         let err = |e: ort::Error| InferError::Backend(e.to_string());
         let shape_i64: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
