@@ -272,13 +272,19 @@ impl Classifier {
     }
 
     /// A volume's batches on several sessions at once, each on its own core: the volume is
-    /// not held to one worker's share of the machine. At most `2 * lanes` batches are
-    /// converted at a time; results are put back in frame order.
+    /// not held to one worker's share of the machine. At most `2 * lanes + 2` batches are
+    /// converted at a time; results are put back in frame order. A failure is the first
+    /// failing batch's, as one lane would have met it; a panic is raised again here, as if
+    /// the batches had run on this thread.
     fn score_in_lanes(&self, artifact: &Path, lanes: usize) -> Result<Vec<Scored>, InferError> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<GreyFrame>)>(lanes);
         let rx = std::sync::Mutex::new(rx);
         let done = std::sync::Mutex::new(Vec::<(usize, Vec<Scored>)>::new());
-        let failed = std::sync::Mutex::new(None::<InferError>);
+        let failed = std::sync::Mutex::new(None::<(usize, InferError)>);
+        let panicked = std::sync::Mutex::new(None::<Box<dyn std::any::Any + Send>>);
+        let stopped = || {
+            failed.lock().map(|f| f.is_some()).unwrap_or(true) || panicked.lock().map(|p| p.is_some()).unwrap_or(true)
+        };
         let produced = std::thread::scope(|s| {
             for _ in 0..lanes {
                 s.spawn(|| loop {
@@ -289,19 +295,29 @@ impl Classifier {
                         Err(_) => return,
                     };
                     let Ok((index, batch)) = job else { return };
-                    if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                    if stopped() {
                         continue;
                     }
                     let mut out = Vec::with_capacity(batch.len());
-                    match self.score_batch(&batch, &mut out) {
-                        Ok(()) => {
+                    // Caught, so that a lane never dies and leaves the producer waiting.
+                    let outcome =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.score_batch(&batch, &mut out)));
+                    match outcome {
+                        Ok(Ok(())) => {
                             if let Ok(mut done) = done.lock() {
                                 done.push((index, out));
                             }
                         }
-                        Err(e) => {
+                        Ok(Err(e)) => {
                             if let Ok(mut f) = failed.lock() {
-                                f.get_or_insert(e);
+                                if f.as_ref().is_none_or(|(first, _)| index < *first) {
+                                    *f = Some((index, e));
+                                }
+                            }
+                        }
+                        Err(payload) => {
+                            if let Ok(mut p) = panicked.lock() {
+                                p.get_or_insert(payload);
                             }
                         }
                     }
@@ -309,6 +325,9 @@ impl Classifier {
             }
             let mut index = 0;
             let produced = frames::for_each_batch(artifact, self.batch_size, |batch| {
+                if stopped() {
+                    return Err(InferError::Backend("an inference lane failed".into()));
+                }
                 tx.send((index, batch.to_vec())).map_err(|_| InferError::Backend("inference lanes stopped".into()))?;
                 index += 1;
                 Ok(())
@@ -316,7 +335,10 @@ impl Classifier {
             drop(tx);
             produced.map(|()| index)
         });
-        if let Some(e) = failed.into_inner().ok().flatten() {
+        if let Some(payload) = panicked.into_inner().ok().flatten() {
+            std::panic::resume_unwind(payload);
+        }
+        if let Some((_, e)) = failed.into_inner().ok().flatten() {
             return Err(e);
         }
         let batches = produced?;
