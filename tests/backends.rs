@@ -164,23 +164,10 @@ fn onnxruntime_serves_concurrent_callers_each_on_its_own_session() {
 fn a_volume_on_several_sessions_gives_the_answer_of_one() {
     let Some(images) = common::shared_oct_images() else { return };
     let Some(library) = onnxruntime_library() else { return };
-    use common::dicom as fixture;
     let dir = tempfile::tempdir().unwrap();
     // 20 B-scans, one of them CNV.
-    let normals: Vec<&PathBuf> = images.iter().filter(|(_, l)| l == "NORMAL").map(|(p, _)| p).collect();
-    let cnv = &images.iter().find(|(_, l)| l == "CNV").unwrap().0;
-    let frames: Vec<Vec<u8>> = (0..20)
-        .map(|i| fixture::grey_frame(if i == 13 { cnv } else { normals[i % normals.len()] }, 256, 248))
-        .collect();
     let volume = dir.path().join("volume.dcm");
-    std::fs::write(
-        &volume,
-        fixture::build(fixture::Spec::plain(
-            fixture::OPT_SOP_CLASS,
-            fixture::Pixels::Native { width: 256, height: 248, frames },
-        )),
-    )
-    .unwrap();
+    std::fs::write(&volume, common::dicom::volume_with_cnv_at(&images, 13, 20, 256, 248)).unwrap();
     let config = octd::config::Config::default();
     let load = |concurrency: usize| {
         let mut model = config.model.clone();

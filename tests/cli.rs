@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::dicom::{self as fixture, Pixels};
+use common::dicom as fixture;
 use common::{drop_file, events, free_port, results, shared_oct_images, Octd, OctdOptions, Rig, Subscriber};
 use serde_json::Value;
 
@@ -111,15 +111,7 @@ fn embedded_broker_serves_results_when_no_broker_is_configured() {
 fn dicom_volume_gives_one_result_with_the_most_suspicious_bscan() {
     let Some(Rig { images, sub, mut octd, broker: _broker, dir: _dir }) = Rig::new(1, "oct/#") else { return };
     // 64 B-scans: NORMAL everywhere but one CNV slice in the middle.
-    let normals: Vec<&PathBuf> = images.iter().filter(|(_, l)| l == "NORMAL").map(|(p, _)| p).collect();
-    let cnv = &images.iter().find(|(_, l)| l == "CNV").unwrap().0;
-    let frames: Vec<Vec<u8>> = (0..64)
-        .map(|i| fixture::grey_frame(if i == 37 { cnv } else { normals[i % normals.len()] }, 512, 496))
-        .collect();
-    let volume = fixture::build(fixture::Spec::plain(
-        fixture::OPT_SOP_CLASS,
-        Pixels::Native { width: 512, height: 496, frames },
-    ));
+    let volume = fixture::volume_with_cnv_at(&images, 37, 64, 512, 496);
     octd.start();
     drop_file(&octd.inbox, "DOE_JOHN_volume.dcm", &volume);
     let messages = sub.wait_until(Duration::from_secs(120), |m| results(m).len() == 1, "the volume's result");

@@ -7,27 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_no_phi, drop_file, events, free_port, results, Rig};
+use common::{add_reviewer, assert_no_phi, drop_file, events, free_port, results, Rig};
 use serde_json::{json, Value};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const PASSWORD: &str = "correct horse battery staple";
-
-fn add_reviewer(config: &std::path::Path, id: &str, password: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_octd"))
-        .arg("--config")
-        .arg(config)
-        .args(["reviewer", "add", id, "--password-stdin"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
 
 struct Client {
     base: String,

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -36,22 +36,6 @@ fn browser_ready() -> Option<(PathBuf, PathBuf)> {
             None
         }
     }
-}
-
-fn add_reviewer(config: &Path, id: &str) {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_octd"))
-        .arg("--config")
-        .arg(config)
-        .args(["reviewer", "add", id, "--password-stdin"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -82,7 +66,7 @@ fn a_reviewer_works_through_the_worklist_by_keyboard_in_chromium() {
         std::fs::write(&octd.config, config.replace(&shipped, &model.display().to_string())).unwrap();
     }
     octd.env.push(("OCTD_DISPLAY__MQTT_WEBSOCKET".into(), format!("ws://127.0.0.1:{ws_port}")));
-    add_reviewer(&octd.config, "dr-grey");
+    common::add_reviewer(&octd.config, "dr-grey", PASSWORD);
     octd.start();
     octd.wait_ready();
 
@@ -93,19 +77,8 @@ fn a_reviewer_works_through_the_worklist_by_keyboard_in_chromium() {
         scans.push(serde_json::json!({"path": path, "name": format!("DOE_JANE_MRN4417_{}.jpeg", scans.len())}));
     }
     // A volume: NORMAL B-scans and one CNV slice, which it must open at.
-    let normals: Vec<&PathBuf> = images.iter().filter(|(_, l)| l == "NORMAL").map(|(p, _)| p).collect();
-    let cnv = &images.iter().find(|(_, l)| l == "CNV").unwrap().0;
-    let frames: Vec<Vec<u8>> =
-        (0..12).map(|i| fixture::grey_frame(if i == 7 { cnv } else { normals[i % normals.len()] }, 512, 496)).collect();
     let volume = dir.path().join("volume.dcm");
-    std::fs::write(
-        &volume,
-        fixture::build(fixture::Spec::plain(
-            fixture::OPT_SOP_CLASS,
-            fixture::Pixels::Native { width: 512, height: 496, frames },
-        )),
-    )
-    .unwrap();
+    std::fs::write(&volume, fixture::volume_with_cnv_at(&images, 7, 12, 512, 496)).unwrap();
     let shots = std::env::var("OCTD_SCREENSHOTS").unwrap_or_default();
     // The page's shell answers without a session (it holds no data); its data does not.
     let (status, page) = octd.http_get_display("/").expect("the page is served");

@@ -534,6 +534,28 @@ async fn one_scan(
     }
 }
 
+/// The scan's record, or `404 unknown_scan`.
+async fn scan_record(api: &Api, id: ScanId) -> Result<ScanRecord, ApiError> {
+    read_store(api, move |store| store.get(id))
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_scan", "the scan is not known on this device"))
+}
+
+/// The scan's artefact file name, or `404 no_image`.
+fn artifact_of(record: &ScanRecord) -> Result<String, ApiError> {
+    record
+        .artifact
+        .clone()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no_image", "the scan has no de-identified image (yet)"))
+}
+
+/// One of the slots for sending or drawing images, or `503 busy`.
+fn image_slot(api: &Api) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    api.images.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("{IMAGES_AT_ONCE} images are being sent; retry"))
+    })
+}
+
 /// The de-identified artefact as octd holds it (PNG, or DICOM for a volume).
 async fn scan_image(
     State(api): State<Arc<Api>>,
@@ -542,16 +564,10 @@ async fn scan_image(
 ) -> Result<Response, ApiError> {
     api.reviewer(&headers).await?;
     let id = scan_id(&id)?;
-    let record = read_store(&api, move |store| store.get(id))
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_scan", "the scan is not known on this device"))?;
-    let Some(artifact) = record.artifact else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "no_image", "the scan has no de-identified image (yet)"));
-    };
+    let record = scan_record(&api, id).await?;
+    let artifact = artifact_of(&record)?;
     let path = api.config.device.state_dir.join("deid").join(&artifact);
-    let slot = api.images.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("{IMAGES_AT_ONCE} images are being sent; retry"))
-    })?;
+    let slot = image_slot(&api)?;
     let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -635,12 +651,8 @@ async fn scan_frame(
 ) -> Result<Response, ApiError> {
     api.reviewer(&headers).await?;
     let id = scan_id(&id)?;
-    let record = read_store(&api, move |store| store.get(id))
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_scan", "the scan is not known on this device"))?;
-    let Some(artifact) = record.artifact else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "no_image", "the scan has no de-identified image (yet)"));
-    };
+    let record = scan_record(&api, id).await?;
+    let artifact = artifact_of(&record)?;
     let wanted = q.n.unwrap_or(0);
     if wanted >= record.frames.unwrap_or(1) {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "no_frame", "the scan has no B-scan of that number"));
@@ -695,9 +707,7 @@ async fn scan_heatmap(
 ) -> Result<Response, ApiError> {
     api.reviewer(&headers).await?;
     let id = scan_id(&id)?;
-    let record = read_store(&api, move |store| store.get(id))
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_scan", "the scan is not known on this device"))?;
+    let record = scan_record(&api, id).await?;
     let Some(heatmap) = record.heatmap else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -705,9 +715,7 @@ async fn scan_heatmap(
             "no heatmap: the model that classified the scan does not give activation maps",
         ));
     };
-    let slot = api.images.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("{IMAGES_AT_ONCE} images are being sent; retry"))
-    })?;
+    let slot = image_slot(&api)?;
     let png = tokio::task::spawn_blocking(move || {
         let _slot = slot;
         heatmap.overlay_png()

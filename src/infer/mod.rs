@@ -391,11 +391,7 @@ impl Classifier {
     /// maximum over B-scans, the label is that of the least normal B-scan, and
     /// `most_suspicious_frame` says which one it is.
     pub fn classify_frames(&self, frames: &[GreyFrame]) -> Result<Classification, InferError> {
-        let mut scored = Vec::with_capacity(frames.len());
-        for batch in frames.chunks(self.batch_size) {
-            self.score_batch(batch, &mut scored)?;
-        }
-        self.summarise(&scored)
+        self.classify_frames_with_heatmap(frames).map(|(c, _)| c)
     }
 
     /// Run one batch; append each B-scan's probabilities and input statistics.

@@ -175,6 +175,23 @@ pub fn build(spec: Spec) -> Vec<u8> {
     out
 }
 
+/// A native OPT volume of `frames` real B-scans of `width` x `height`: the shared NORMAL
+/// scans in turn, and a CNV one at `cnv_at` (the slice a reader must be led to).
+pub fn volume_with_cnv_at(
+    images: &[(std::path::PathBuf, String)],
+    cnv_at: usize,
+    frames: usize,
+    width: u32,
+    height: u32,
+) -> Vec<u8> {
+    let normals: Vec<&std::path::PathBuf> = images.iter().filter(|(_, l)| l == "NORMAL").map(|(p, _)| p).collect();
+    let cnv = &images.iter().find(|(_, l)| l == "CNV").expect("a shared CNV scan").0;
+    let frames: Vec<Vec<u8>> = (0..frames)
+        .map(|i| grey_frame(if i == cnv_at { cnv } else { normals[i % normals.len()] }, width, height))
+        .collect();
+    build(Spec::plain(OPT_SOP_CLASS, Pixels::Native { width, height, frames }))
+}
+
 /// Grey 8-bit pixels of a real image, resized to `width` x `height`.
 pub fn grey_frame(path: &std::path::Path, width: u32, height: u32) -> Vec<u8> {
     let img = image::open(path).unwrap().to_luma8();

@@ -75,6 +75,22 @@ pub fn model_with_heatmap(dir: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
+/// `octd reviewer add ID --password-stdin` on the daemon's configuration.
+pub fn add_reviewer(config: &Path, id: &str, password: &str) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_octd"))
+        .arg("--config")
+        .arg(config)
+        .args(["reviewer", "add", id, "--password-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
