@@ -161,6 +161,9 @@ pub struct ScanRecord {
     /// Where the model looked (its activation map of the label), when the model gives one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heatmap: Option<crate::infer::Heatmap>,
+    /// The model's score of how unlike its training images the scan is, when it gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlike_training_score: Option<f32>,
 }
 
 impl ScanRecord {
@@ -189,6 +192,7 @@ impl ScanRecord {
             confidence: None,
             most_suspicious_frame: None,
             heatmap: None,
+            unlike_training_score: None,
         }
     }
 }
@@ -216,6 +220,10 @@ pub struct Classification {
     pub frames: u32,
     /// For volumes: the B-scan that looks least normal.
     pub most_suspicious_frame: u32,
+    /// How unlike the model's training images the labelled B-scan is, by the model's own
+    /// score (manifest `ood`); above its threshold the result says `input_unlike_training`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlike_training_score: Option<f32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -434,6 +434,7 @@ struct ScanView {
     review_reasons: Vec<String>,
     priority_rank: Option<u8>,
     most_suspicious_frame: Option<u32>,
+    unlike_training_score: Option<f32>,
     /// The B-scan a heatmap is drawn on, when the scan has one (`/heatmap`).
     heatmap_frame: Option<u32>,
     verdict: Option<Value>,
@@ -465,6 +466,7 @@ fn view(record: &ScanRecord, verdict: Option<crate::scan::LabelRecord>) -> ScanV
         review_reasons: record.review_reasons.clone(),
         priority_rank: record.priority.map(|p| p.rank()),
         most_suspicious_frame: record.most_suspicious_frame,
+        unlike_training_score: record.unlike_training_score,
         heatmap_frame: record.heatmap.as_ref().map(|h| h.frame),
         verdict: verdict.filter(|v| !v.withdrawn).map(|v| {
             json!({"label": v.label, "revision": v.revision, "reviewer": v.reviewer, "reviewed_at": v.reviewed_at,

@@ -25,6 +25,10 @@ pub struct Manifest {
     pub classes: Vec<String>,
     #[serde(default)]
     pub review: ReviewSpec,
+    /// A further output with one score per input: how unlike the training images it is
+    /// (docs/model-manifest.md). Above `threshold` the result asks for review.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ood: Option<OodSpec>,
 }
 
 fn default_model_file() -> String {
@@ -70,6 +74,21 @@ pub struct HeatmapSpec {
     /// `class_activation`: the classifier's weights over the last feature map, so that the
     /// mean of a class's map is its logit.
     pub kind: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OodSpec {
+    /// The output's name; shaped `[batch]` or `[batch, 1]`, higher = less like training.
+    pub output: String,
+    /// How the trainer computed it (`mahalanobis`, `knn`, `energy`): informative; the score
+    /// comes from the model itself, so the edge computes it exactly as the trainer did.
+    pub method: String,
+    /// Above this score an input is `input_unlike_training`.
+    pub threshold: f32,
+    /// The share of in-distribution inputs of unseen patients the trainer measured above
+    /// `threshold` (the rate it was chosen for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_distribution_flag_rate: Option<f32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +159,17 @@ impl Manifest {
             }
             if h.output.is_empty() || h.output == self.output.name {
                 return bad("the heatmap is a second, named output".into());
+            }
+        }
+        if let Some(o) = &self.ood {
+            if o.output.is_empty()
+                || o.output == self.output.name
+                || self.heatmap.as_ref().is_some_and(|h| h.output == o.output)
+            {
+                return bad("the ood score is its own, named output".into());
+            }
+            if !o.threshold.is_finite() {
+                return bad("ood.threshold must be a finite number".into());
             }
         }
         let mut sorted = self.classes.clone();

@@ -47,15 +47,43 @@ pub trait Backend: Send + Sync {
     fn parallel_calls(&self) -> usize {
         1
     }
+    /// The model's output names in order, where the backend can tell them.
+    fn output_names(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// What a backend computed for one batch.
 pub struct Outputs {
     /// The first output: one row of scores per batch item.
     pub scores: Vec<Vec<f32>>,
-    /// The second output when the model has one shaped `[batch, c, h, w]`: per batch item,
-    /// `[c, h, w]` values. Read only where the manifest declares a heatmap.
-    pub maps: Option<Maps>,
+    /// The outputs after the first, in the model's order. Read only where the manifest
+    /// declares them (a heatmap, an ood score).
+    pub others: Vec<RawOutput>,
+}
+
+/// One output as the backend gave it: its shape and its values, row-major.
+pub struct RawOutput {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl RawOutput {
+    /// One value per batch item, from a `[batch]` or `[batch, 1]` output.
+    fn per_item(&self, batch: usize) -> Result<Vec<f32>, InferError> {
+        let fits = match self.shape.as_slice() {
+            [n] => *n == batch,
+            [n, 1] => *n == batch,
+            _ => false,
+        };
+        if !fits || self.data.len() != batch {
+            return Err(InferError::Model(format!(
+                "the ood output has shape {:?}, not [batch] for a batch of {batch}",
+                self.shape
+            )));
+        }
+        Ok(self.data.clone())
+    }
 }
 
 pub struct Maps {
@@ -89,6 +117,8 @@ impl Maps {
 struct Scored {
     probabilities: Vec<f32>,
     mean_std: (f32, f32),
+    /// The model's own score of how unlike its training images the input is.
+    unlikeness: Option<f32>,
     /// `[classes, h, w]` values and (h, w).
     map: Option<(Vec<f32>, usize, usize)>,
     size: (usize, usize),
@@ -115,6 +145,34 @@ pub struct Classifier {
     min_confidence: f32,
     batch_size: usize,
     triage: TriageConfig,
+    outputs: OutputPositions,
+}
+
+/// Where the outputs the manifest declares are among the model's outputs after the first.
+#[derive(Debug, Clone, Copy, Default)]
+struct OutputPositions {
+    heatmap: Option<usize>,
+    ood: Option<usize>,
+}
+
+impl OutputPositions {
+    /// By name where the backend knows the names; otherwise in the order the trainer
+    /// exports them (logits, heatmap, ood score).
+    fn resolve(manifest: &Manifest, names: &[String]) -> Result<OutputPositions, InferError> {
+        let named = !names.is_empty() && names.iter().all(|n| !n.is_empty());
+        let find = |wanted: &str| -> Result<usize, InferError> {
+            names.iter().skip(1).position(|n| n == wanted).ok_or_else(|| {
+                InferError::Model(format!("the manifest names output {wanted}; the model's outputs are {names:?}"))
+            })
+        };
+        let heatmap = manifest.heatmap.as_ref().map(|h| if named { find(&h.output) } else { Ok(0) }).transpose()?;
+        let ood = manifest
+            .ood
+            .as_ref()
+            .map(|o| if named { find(&o.output) } else { Ok(usize::from(heatmap.is_some())) })
+            .transpose()?;
+        Ok(OutputPositions { heatmap, ood })
+    }
 }
 
 impl std::fmt::Debug for Classifier {
@@ -206,7 +264,9 @@ impl Classifier {
             backend: backend.name().to_string(),
         };
         let min_confidence = config.min_confidence.unwrap_or(manifest.review.min_confidence);
+        let outputs = OutputPositions::resolve(&manifest, &backend.output_names())?;
         let classifier = Classifier {
+            outputs,
             manifest,
             backend,
             stamp,
@@ -403,21 +463,35 @@ impl Classifier {
             preprocess::preprocess_into(frame, spec, &mut input);
         }
         let outputs = self.backend.run(input, [batch.len(), spec.channels, spec.height, spec.width])?;
-        let mut maps = match (&self.manifest.heatmap, outputs.maps) {
-            (Some(_), Some(maps)) if maps.channels == classes.len() => {
+        let declared = |index: usize, what: &str| {
+            outputs
+                .others
+                .get(index)
+                .ok_or_else(|| InferError::Model(format!("the manifest declares {what}, the model has no such output")))
+        };
+        let mut maps = match self.outputs.heatmap {
+            Some(index) => {
+                let raw = declared(index, "activation maps")?;
+                let maps = Maps::from_flat(&raw.shape, &raw.data, batch.len())?;
+                if maps.channels != classes.len() {
+                    return Err(InferError::Model(format!(
+                        "the activation maps have {} channels, the manifest names {} classes",
+                        maps.channels,
+                        classes.len()
+                    )));
+                }
                 let (h, w) = (maps.height, maps.width);
                 maps.items.into_iter().map(|m| Some((m, h, w))).collect()
             }
-            (Some(_), _) => {
-                return Err(InferError::Model(format!(
-                    "the manifest declares activation maps, the model gives none with {} classes",
-                    classes.len()
-                )))
-            }
-            (None, _) => Vec::new(),
+            None => Vec::new(),
         };
         maps.resize(batch.len(), None);
-        for ((row, frame), map) in outputs.scores.into_iter().zip(batch).zip(maps) {
+        let mut unlikeness: Vec<Option<f32>> = match self.outputs.ood {
+            Some(index) => declared(index, "an ood score")?.per_item(batch.len())?.into_iter().map(Some).collect(),
+            None => Vec::new(),
+        };
+        unlikeness.resize(batch.len(), None);
+        for (((row, frame), map), unlikeness) in outputs.scores.into_iter().zip(batch).zip(maps).zip(unlikeness) {
             if row.len() != classes.len() {
                 return Err(InferError::Model(format!(
                     "model gives {} scores, the manifest names {} classes",
@@ -429,7 +503,13 @@ impl Classifier {
                 manifest::OutputKind::Logits => softmax(&row),
                 manifest::OutputKind::Probabilities => row,
             };
-            out.push(Scored { probabilities, mean_std: frame.mean_std(), map, size: (frame.width, frame.height) });
+            out.push(Scored {
+                probabilities,
+                mean_std: frame.mean_std(),
+                unlikeness,
+                map,
+                size: (frame.width, frame.height),
+            });
         }
         Ok(())
     }
@@ -463,7 +543,13 @@ impl Classifier {
         if confidence.is_nan() || confidence < self.min_confidence {
             review_reasons.push("low_confidence".to_string());
         }
-        if self.unlike_training(scored[suspicious].mean_std) {
+        let unlike_training_score = scored[suspicious].unlikeness;
+        // A NaN score (a broken model) is flagged too.
+        let unlike_by_score = match (&self.manifest.ood, unlike_training_score) {
+            (Some(ood), Some(score)) => score.is_nan() || score > ood.threshold,
+            _ => false,
+        };
+        if unlike_by_score || self.unlike_training(scored[suspicious].mean_std) {
             review_reasons.push("input_unlike_training".to_string());
         }
         let needs_review = !review_reasons.is_empty();
@@ -481,6 +567,7 @@ impl Classifier {
             priority_rank: priority.rank(),
             frames: probabilities.len() as u32,
             most_suspicious_frame: suspicious as u32,
+            unlike_training_score: unlike_training_score.filter(|s| s.is_finite()),
         })
     }
 

@@ -14,7 +14,7 @@ use ort::ep::{self, ExecutionProvider};
 use ort::session::Session;
 use ort::value::Tensor;
 
-use super::{Backend, InferError, Maps, Outputs};
+use super::{Backend, InferError, Outputs, RawOutput};
 
 /// Which ONNX Runtime execution provider a session runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +52,7 @@ pub struct OrtBackend {
     next: std::sync::atomic::AtomicUsize,
     provider: Provider,
     fp16: bool,
+    output_names: Vec<String>,
 }
 
 /// The library is loaded once per process; later calls get the same answer.
@@ -173,7 +174,12 @@ impl OrtBackend {
         for _ in 0..count {
             sessions.push(Mutex::new(builder.clone().commit_from_file(model).map_err(err)?));
         }
+        let output_names = match sessions.first().map(|s| s.lock()) {
+            Some(Ok(session)) => session.outputs().iter().map(|o| o.name().to_string()).collect(),
+            _ => Vec::new(),
+        };
         Ok(OrtBackend {
+            output_names,
             sessions,
             next: std::sync::atomic::AtomicUsize::new(0),
             provider,
@@ -193,6 +199,10 @@ impl Backend for OrtBackend {
 
     fn parallel_calls(&self) -> usize {
         self.sessions.len()
+    }
+
+    fn output_names(&self) -> Vec<String> {
+        self.output_names.clone()
     }
 
     fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError> {
@@ -218,14 +228,11 @@ impl Backend for OrtBackend {
         }
         let width = data.len() / rows;
         let scores = data.chunks(width).map(<[f32]>::to_vec).collect();
-        let maps = match outputs.len() > 1 {
-            true => {
-                let (map_shape, data) = outputs[1].try_extract_tensor::<f32>().map_err(err)?;
-                let dims: Vec<usize> = map_shape.iter().map(|&d| d.max(0) as usize).collect();
-                Maps::from_flat(&dims, data, shape[0]).ok()
-            }
-            false => None,
-        };
-        Ok(Outputs { scores, maps })
+        let mut others = Vec::with_capacity(outputs.len().saturating_sub(1));
+        for i in 1..outputs.len() {
+            let (dims, data) = outputs[i].try_extract_tensor::<f32>().map_err(err)?;
+            others.push(RawOutput { shape: dims.iter().map(|&d| d.max(0) as usize).collect(), data: data.to_vec() });
+        }
+        Ok(Outputs { scores, others })
     }
 }

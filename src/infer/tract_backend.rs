@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 
-use super::{Backend, InferError, Maps, Outputs};
+use super::{Backend, InferError, Outputs, RawOutput};
 
 pub struct TractBackend {
     plan: Arc<TypedRunnableModel>,
@@ -42,6 +42,14 @@ impl Backend for TractBackend {
         "tract"
     }
 
+    fn output_names(&self) -> Vec<String> {
+        let model = self.plan.model();
+        match model.output_outlets() {
+            Ok(outlets) => outlets.iter().map(|o| model.outlet_label(*o).unwrap_or_default().to_string()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError> {
         let err = |e: TractError| InferError::Backend(e.to_string());
         let tensor = Tensor::from_shape(&shape, &input).map_err(err)?;
@@ -53,14 +61,11 @@ impl Backend for TractBackend {
             return Err(InferError::Backend(format!("model returned {rows} rows for a batch of {}", shape[0])));
         }
         let scores = view.outer_iter().map(|row| row.iter().copied().collect()).collect();
-        let maps = match outputs.get(1) {
-            Some(second) => {
-                let view = second.to_plain_array_view::<f32>().map_err(err)?;
-                let data: Vec<f32> = view.iter().copied().collect();
-                Maps::from_flat(view.shape(), &data, shape[0]).ok()
-            }
-            None => None,
-        };
-        Ok(Outputs { scores, maps })
+        let mut others = Vec::with_capacity(outputs.len().saturating_sub(1));
+        for output in outputs.iter().skip(1) {
+            let view = output.to_plain_array_view::<f32>().map_err(err)?;
+            others.push(RawOutput { shape: view.shape().to_vec(), data: view.iter().copied().collect() });
+        }
+        Ok(Outputs { scores, others })
     }
 }

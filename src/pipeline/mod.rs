@@ -309,6 +309,7 @@ impl Pipeline {
         record.review_reasons = classification.review_reasons.clone();
         record.confidence = Some(classification.confidence);
         record.most_suspicious_frame = Some(classification.most_suspicious_frame);
+        record.unlike_training_score = classification.unlike_training_score;
         self.store.transition(&record, Some(&outbox))?;
         self.telemetry.scan_classified(&message.timings_ms);
         if let Some(busy) = busy {

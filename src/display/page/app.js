@@ -283,6 +283,11 @@ function classList(scan) {
   return Object.keys((scan && scan.probabilities) || {});
 }
 
+const REASON_TEXT = {
+  low_confidence: "low confidence",
+  input_unlike_training: "unlike the training images (a condition or input the model never learned)",
+};
+
 function renderScan() {
   const scan = state.scans.get(state.selected);
   $("scan-none").hidden = Boolean(scan);
@@ -291,7 +296,11 @@ function renderScan() {
   $("scan-label").textContent = scan.label || "(no result yet)";
   $("scan-priority").textContent = PRIORITY_NAME[scan.priority] || "";
   $("scan-review").hidden = !scan.needs_review;
-  $("scan-review").textContent = "needs review: " + (scan.review_reasons || []).join(", ");
+  const reasons = (scan.review_reasons || []).map((r) => REASON_TEXT[r] || r);
+  if (typeof scan.unlike_training_score === "number" && (scan.review_reasons || []).includes("input_unlike_training")) {
+    reasons.push(`unlikeness score ${scan.unlike_training_score.toFixed(2)}`);
+  }
+  $("scan-review").textContent = "needs review: " + reasons.join(", ");
   $("scan-id").textContent = scan.scan_id;
   $("scan-received").textContent = new Date(scan.received_at).toLocaleString();
   $("scan-model").textContent = scan.model ? `${scan.model.name} ${scan.model.version} (${scan.model.backend})` : "";
