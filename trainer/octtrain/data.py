@@ -81,3 +81,15 @@ def patient_split(samples: list[Sample], fractions=(0.6, 0.2, 0.2), seed: int = 
     for s in samples:
         parts[assigned[s.patient]].append(s)
     return parts
+
+
+def load_images(folder) -> tuple[list[str], list]:
+    """Every image file in a folder (not recursive), sorted by name: names and grey pixels."""
+    from PIL import Image
+
+    from .preprocess import to_grey01
+
+    if not folder or not Path(folder).is_dir():
+        return [], []
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXT)
+    return [p.name for p in paths], [to_grey01(Image.open(p)) for p in paths]

@@ -19,6 +19,22 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def wilson(k: int, n: int) -> list[float]:
+    """95 % Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return [0.0, 1.0]
+    z, p = 1.959964, k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
 def ece(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
     conf = probs.max(1)
     correct = probs.argmax(1) == y

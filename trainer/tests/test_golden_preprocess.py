@@ -75,3 +75,34 @@ def test_jpeg_decoder_skew_is_small(shared_oct, tmp_path):
         worst = max(worst, float(np.abs(rust - py).max()))
     print(f"JPEG decoder skew after preprocessing: {worst:.4f} (normalised units)")
     assert worst < 2.0 / 255 / spec["std"][0] + 1e-6
+
+
+def test_rust_and_python_agree_on_probabilities_and_the_ood_score(shared_oct, tmp_path):
+    """The edge's answer and its `unlike_training_score` are the trainer's: the same
+    de-identified scan through octd (tract) and through onnxruntime on octtrain's tensor."""
+    import onnxruntime as ort
+
+    from octtrain.evaluate import softmax
+
+    octd, _ = _binaries()
+    manifest = json.loads((MODEL / "manifest.json").read_text())
+    if "ood" not in manifest:
+        pytest.skip("the default model declares no ood score")
+    sess = ort.InferenceSession(str(MODEL / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    ood_dir = shared_oct.parent / "ood"
+    images = [sorted((shared_oct / c).iterdir())[0] for c in ("CNV", "NORMAL")] + sorted(ood_dir.iterdir())[:2]
+    for image in images:
+        png = _deidentify(octd, image, tmp_path)
+        res = subprocess.run([octd, "classify", png, "--model", MODEL, "--json"], capture_output=True, text=True,
+                             check=True, env={"OCTD_MODEL__BACKEND": "tract", "PATH": "/usr/bin:/bin"})
+        edge = json.loads(res.stdout.splitlines()[0])
+        x = preprocess(Image.open(png), manifest["input"])[None]
+        out = dict(zip(names, sess.run(None, {"input": x})))
+        probs = softmax(out[manifest["output"]["name"]])[0]
+        for c, p in zip(manifest["classes"], probs):
+            assert abs(edge["probabilities"][c] - p) < 1e-4, f"{image.name} {c}"
+        score = float(out[manifest["ood"]["output"]].reshape(-1)[0])
+        assert abs(edge["unlike_training_score"] - score) <= 1e-3 * max(1.0, abs(score)), image.name
+        unlike = "input_unlike_training" in edge["review_reasons"]
+        assert unlike or score <= manifest["ood"]["threshold"], f"{image.name}: above the threshold, not flagged"

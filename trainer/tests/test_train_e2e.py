@@ -36,9 +36,11 @@ def test_tiny_training_job_end_to_end(tmp_path):
     assert manifest["training"]["synthetic"] == report["comparison"]["synthetic"]["synthetic_total"]
     assert report["split"]["grouped_by"] == "patient"
     assert set(report["comparison"]) >= {"with_singan", "without_singan"}
-    assert report["cross_validation"]["pooled"]["n"] == 14
+    assert report["cross_validation"]["cv"]["n"] == 14
     assert "ci95" in report["test"]["accuracy"]
     assert report["ood"]["images"] == 3
+    assert manifest["ood"]["output"] == "ood" and np.isfinite(manifest["ood"]["threshold"])
+    assert manifest["calibration"]["temperature"] > 0
     assert all((out / f).exists() for f in report["figures"])
     assert manifest["export_parity_max_abs_diff"] < 1e-4
     octd = REPO / "target" / "debug" / "octd"
@@ -51,3 +53,20 @@ def test_tiny_training_job_end_to_end(tmp_path):
         line = json.loads(res.stdout)
         assert line["model"]["sha256"] == manifest["sha256"]
         assert line["label"] in manifest["classes"]
+        assert "unlike_training_score" in line, "the edge reads the model's ood output"
+
+
+def test_fit_on_all_takes_figures_temperature_and_threshold_from_cross_validation(tmp_path):
+    _dataset(tmp_path / "data")
+    out = tmp_path / "model"
+    main(["--data", str(tmp_path / "data"), "--out", str(out), "--epochs", "2", "--batch", "4", "--singan", "off",
+          "--fit-on", "all", "--cv", "2", "--bootstrap", "20", "--ood-rate", "0.3"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "evaluation.json").read_text())
+    cv = report["cross_validation"]
+    assert manifest["training"]["real_train_images"] == 14, "the shipped model saw every image"
+    assert manifest["metrics"]["measured_on"] == "cross-validation"
+    assert manifest["metrics"]["macro_f1"] == cv["cv_calibrated"]["macro_f1"]["value"]
+    assert manifest["calibration"]["temperature"] == round(cv["calibration"]["temperature_all_folds"], 6)
+    assert manifest["ood"]["threshold"] == round(cv["ood"]["mahalanobis"]["threshold"], 6)
+    assert {"confusion_cv.png", "reliability_cv_calibrated.png"} <= set(report["figures"])
