@@ -60,7 +60,12 @@ pub fn pack(config: &Config, model: &Path, samples: Option<&Path>, tolerance: f3
     for input in inputs {
         let frames = frames::load(&dir.join(&input)).map_err(|e| format!("{input}: {e}"))?;
         let got = classifier.classify_frames(&frames).map_err(|e| format!("{input}: {e}"))?;
-        cases.push(SelfTestCase { input, label: got.label, probabilities: got.probabilities });
+        cases.push(SelfTestCase {
+            input,
+            label: got.label,
+            probabilities: got.probabilities,
+            unlike_training_score: got.unlike_training_score,
+        });
     }
     let test = SelfTest { format_version: archive::SELFTEST_FORMAT, tolerance, cases };
     let bytes = serde_json::to_vec_pretty(&test).map_err(|e| e.to_string())?;

@@ -165,6 +165,12 @@ impl OutputPositions {
                 InferError::Model(format!("the manifest names output {wanted}; the model's outputs are {names:?}"))
             })
         };
+        if named && names.first() != Some(&manifest.output.name) {
+            return Err(InferError::Model(format!(
+                "the manifest's output {} is not the model's first output; the model's outputs are {names:?}",
+                manifest.output.name
+            )));
+        }
         let heatmap = manifest.heatmap.as_ref().map(|h| if named { find(&h.output) } else { Ok(0) }).transpose()?;
         let ood = manifest
             .ood
@@ -544,12 +550,7 @@ impl Classifier {
             review_reasons.push("low_confidence".to_string());
         }
         let unlike_training_score = scored[suspicious].unlikeness;
-        // A NaN score (a broken model) is flagged too.
-        let unlike_by_score = match (&self.manifest.ood, unlike_training_score) {
-            (Some(ood), Some(score)) => score.is_nan() || score > ood.threshold,
-            _ => false,
-        };
-        if unlike_by_score || self.unlike_training(scored[suspicious].mean_std) {
+        if self.unlike_by_score(scored, suspicious) || self.unlike_training(scored[suspicious].mean_std) {
             review_reasons.push("input_unlike_training".to_string());
         }
         let needs_review = !review_reasons.is_empty();
@@ -569,6 +570,27 @@ impl Classifier {
             most_suspicious_frame: suspicious as u32,
             unlike_training_score: unlike_training_score.filter(|s| s.is_finite()),
         })
+    }
+
+    /// The model's own score says so: for the B-scan the label comes from, or for a volume
+    /// as a whole (its median B-scan). Not the most unlike B-scan of a volume: the threshold
+    /// flags a share of ordinary B-scans, so some B-scan of almost every long volume would
+    /// pass it. A non-finite score anywhere (a broken model) is flagged.
+    fn unlike_by_score(&self, scored: &[Scored], labelled: usize) -> bool {
+        let Some(ood) = &self.manifest.ood else { return false };
+        let mut scores: Vec<f32> = scored.iter().filter_map(|s| s.unlikeness).collect();
+        if scores.iter().any(|s| !s.is_finite()) {
+            return true;
+        }
+        let above = |s: f32| s > ood.threshold;
+        if scored.get(labelled).and_then(|s| s.unlikeness).is_some_and(above) {
+            return true;
+        }
+        if scores.len() < 2 {
+            return false;
+        }
+        scores.sort_by(f32::total_cmp);
+        above(scores[scores.len() / 2])
     }
 
     fn unlike_training(&self, (mean, std): (f32, f32)) -> bool {
@@ -652,6 +674,110 @@ fn argmax(v: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers NORMAL for every frame except those whose first pixel is 1 (CNV), with the
+    /// frame's second pixel as its ood score, shaped `[batch]`.
+    struct Scripted;
+
+    impl Backend for Scripted {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+        fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError> {
+            let per = shape[1] * shape[2] * shape[3];
+            let items: Vec<&[f32]> = input.chunks(per).collect();
+            let scores = items
+                .iter()
+                .map(|x| if x[0] > 0.5 { vec![4.0, 0.0, 0.0, 0.0] } else { vec![0.0, 0.0, 0.0, 4.0] })
+                .collect();
+            let ood = items.iter().map(|x| x[1]).collect();
+            Ok(Outputs { scores, others: vec![RawOutput { shape: vec![shape[0]], data: ood }] })
+        }
+    }
+
+    fn scripted(threshold: f32) -> Classifier {
+        let manifest: Manifest = serde_json::from_value(serde_json::json!({
+            "format_version": 1, "name": "t", "version": "1.0.0", "sha256": "",
+            "input": {"layout": "NCHW", "channels": 1, "height": 1, "width": 2, "colour": "grey",
+                      "resize": "bilinear_half_pixel", "value_range": [0.0, 1.0], "mean": [0.0], "std": [1.0]},
+            "output": {"name": "logits", "kind": "logits"},
+            "ood": {"output": "ood", "method": "test", "threshold": threshold},
+            "classes": ["CNV", "DME", "DRUSEN", "NORMAL"],
+            "review": {"min_confidence": 0.0}
+        }))
+        .unwrap();
+        let outputs = OutputPositions::resolve(&manifest, &[]).unwrap();
+        Classifier {
+            manifest,
+            backend: Box::new(Scripted),
+            stamp: ModelStamp { name: "t".into(), version: "1.0.0".into(), sha256: String::new(), backend: "s".into() },
+            min_confidence: 0.0,
+            batch_size: 4,
+            triage: TriageConfig::default(),
+            outputs,
+        }
+    }
+
+    /// A 1x2 frame: (CNV?, ood score).
+    fn frame(cnv: bool, score: f32) -> GreyFrame {
+        GreyFrame { width: 2, height: 1, pixels: vec![if cnv { 1.0 } else { 0.0 }, score] }
+    }
+
+    fn unlike(c: &Classification) -> bool {
+        c.review_reasons.iter().any(|r| r == "input_unlike_training")
+    }
+
+    #[test]
+    fn the_ood_score_flags_the_labelled_b_scan_or_the_volume_as_a_whole() {
+        let c = scripted(2.0);
+        // One unusual B-scan among ordinary ones: a volume is not flagged for it.
+        let mut volume: Vec<GreyFrame> = (0..9).map(|_| frame(false, 1.0)).collect();
+        volume.push(frame(false, 9.0));
+        volume[3] = frame(true, 1.5);
+        let r = c.classify_frames(&volume).unwrap();
+        assert_eq!((r.label.as_str(), r.most_suspicious_frame), ("CNV", 3));
+        assert_eq!(r.unlike_training_score, Some(1.5), "the score of the labelled B-scan");
+        assert!(!unlike(&r), "{r:?}");
+        // The labelled B-scan above the threshold.
+        volume[3] = frame(true, 2.5);
+        assert!(unlike(&c.classify_frames(&volume).unwrap()));
+        // Most B-scans above it: the volume as a whole is unlike training.
+        let mostly: Vec<GreyFrame> = (0..5).map(|i| frame(i == 0, if i == 0 { 1.0 } else { 3.0 })).collect();
+        let r = c.classify_frames(&mostly).unwrap();
+        assert!(unlike(&r) && r.needs_review, "{r:?}");
+        // A single B-scan at the threshold is not above it.
+        assert!(!unlike(&c.classify_frames(&[frame(false, 2.0)]).unwrap()));
+    }
+
+    #[test]
+    fn a_non_finite_score_anywhere_is_flagged_and_not_reported() {
+        let c = scripted(2.0);
+        let r = c.classify_frames(&[frame(false, f32::NAN)]).unwrap();
+        assert!(unlike(&r) && r.unlike_training_score.is_none(), "{r:?}");
+        let r = c.classify_frames(&[frame(true, 0.5), frame(false, f32::NEG_INFINITY)]).unwrap();
+        assert!(unlike(&r), "{r:?}");
+        assert_eq!(r.unlike_training_score, Some(0.5));
+    }
+
+    #[test]
+    fn an_ood_output_of_the_wrong_shape_is_refused() {
+        let out = RawOutput { shape: vec![2, 2], data: vec![0.0; 4] };
+        assert!(out.per_item(2).is_err());
+        assert!(RawOutput { shape: vec![], data: vec![] }.per_item(1).is_err());
+        assert_eq!(RawOutput { shape: vec![2, 1], data: vec![1.0, 2.0] }.per_item(2).unwrap(), vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn outputs_are_found_by_name_and_the_first_must_be_the_scores() {
+        let c = scripted(1.0);
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let p = OutputPositions::resolve(&c.manifest, &names(&["logits", "extra", "ood"])).unwrap();
+        assert_eq!((p.heatmap, p.ood), (None, Some(1)));
+        let e = OutputPositions::resolve(&c.manifest, &names(&["ood", "logits"])).unwrap_err().to_string();
+        assert!(e.contains("first output"), "{e}");
+        let e = OutputPositions::resolve(&c.manifest, &names(&["logits", "cam"])).unwrap_err().to_string();
+        assert!(e.contains("names output ood"), "{e}");
+    }
 
     #[test]
     fn softmax_is_stable_and_normalised() {

@@ -230,8 +230,14 @@ impl Backend for OrtBackend {
         let scores = data.chunks(width).map(<[f32]>::to_vec).collect();
         let mut others = Vec::with_capacity(outputs.len().saturating_sub(1));
         for i in 1..outputs.len() {
-            let (dims, data) = outputs[i].try_extract_tensor::<f32>().map_err(err)?;
-            others.push(RawOutput { shape: dims.iter().map(|&d| d.max(0) as usize).collect(), data: data.to_vec() });
+            // An output of another type is not one octd reads: left empty, refused only where
+            // the manifest declares it.
+            others.push(match outputs[i].try_extract_tensor::<f32>() {
+                Ok((dims, data)) => {
+                    RawOutput { shape: dims.iter().map(|&d| d.max(0) as usize).collect(), data: data.to_vec() }
+                }
+                Err(_) => RawOutput { shape: Vec::new(), data: Vec::new() },
+            });
         }
         Ok(Outputs { scores, others })
     }

@@ -63,8 +63,12 @@ impl Backend for TractBackend {
         let scores = view.outer_iter().map(|row| row.iter().copied().collect()).collect();
         let mut others = Vec::with_capacity(outputs.len().saturating_sub(1));
         for output in outputs.iter().skip(1) {
-            let view = output.to_plain_array_view::<f32>().map_err(err)?;
-            others.push(RawOutput { shape: view.shape().to_vec(), data: view.iter().copied().collect() });
+            // An output of another type is not one octd reads: left empty, refused only where
+            // the manifest declares it.
+            others.push(match output.to_plain_array_view::<f32>() {
+                Ok(view) => RawOutput { shape: view.shape().to_vec(), data: view.iter().copied().collect() },
+                Err(_) => RawOutput { shape: Vec::new(), data: Vec::new() },
+            });
         }
         Ok(Outputs { scores, others })
     }

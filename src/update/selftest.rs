@@ -24,6 +24,18 @@ pub fn run(classifier: &Classifier, bundle_dir: &Path, test: &SelfTest) -> Resul
         if got.probabilities.len() != case.probabilities.len() {
             return Err(format!("case {i}: the model's classes differ from the expected ones"));
         }
+        // The score that decides `input_unlike_training` must be this model's on this backend
+        // too: a backend that breaks it (NaN, FP16 overflow) would flag every scan or none.
+        if let Some(expected) = case.unlike_training_score {
+            let actual = got.unlike_training_score.unwrap_or(f32::NAN);
+            let allowed = tolerance.max(tolerance * expected.abs());
+            let diff = (actual - expected).abs();
+            if diff.is_nan() || diff > allowed {
+                return Err(format!(
+                    "case {i}: unlike-training score {actual:.6}, expected {expected:.6} (tolerance {allowed})"
+                ));
+            }
+        }
         for (class, expected) in &case.probabilities {
             let actual = got.probabilities.get(class).copied().unwrap_or(f32::NAN);
             let diff = (actual - expected).abs();

@@ -61,6 +61,10 @@ pub struct SelfTestCase {
     pub input: String,
     pub label: String,
     pub probabilities: BTreeMap<String, f32>,
+    /// The model's out-of-distribution score for the input, where it gives one; checked
+    /// relative to its size (`tolerance` of it, at least `tolerance`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlike_training_score: Option<f32>,
 }
 
 /// Bounds on what an unpacked bundle may hold.
@@ -258,6 +262,7 @@ mod tests {
                 input: "selftest/0.png".into(),
                 label: "A".into(),
                 probabilities: BTreeMap::new(),
+                unlike_training_score: None,
             }],
         };
         std::fs::write(dir.join("selftest.json"), serde_json::to_vec(&st).unwrap()).unwrap();

@@ -67,6 +67,7 @@ fn bundle(dir: &Path, version: &str) -> PathBuf {
             input: "selftest/0.png".into(),
             label: "CNV".into(),
             probabilities: BTreeMap::new(),
+            unlike_training_score: None,
         }],
     };
     std::fs::write(src.join("selftest.json"), serde_json::to_vec(&st).unwrap()).unwrap();
