@@ -23,6 +23,8 @@ def patient_folds(samples, k: int, seed: int) -> np.ndarray:
     for s in samples:
         if s.patient not in by_class.setdefault(s.label, []):
             by_class[s.label].append(s.patient)
+    if k > sum(len(p) for p in by_class.values()):
+        raise ValueError(f"{k} folds for {sum(len(p) for p in by_class.values())} patients: every fold needs one")
     rng = random.Random(seed)
     fold_of, turn = {}, 0
     for label in CLASSES:

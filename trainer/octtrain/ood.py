@@ -46,22 +46,27 @@ class Mahalanobis:
         n, d = x.shape
         cov = x.T @ x / n
         mu = np.trace(cov) / d
+        if not mu > 0:
+            raise ValueError("the training features do not vary within classes: no covariance to measure by")
         delta = (np.sum(cov * cov) - d * mu * mu) / d
         beta = (np.sum(np.sum(x * x, axis=1) ** 2) / n - np.sum(cov * cov)) / (n * d)
         self.shrinkage = float(min(beta, delta) / delta) if delta > 0 else 1.0
-        # Eigenvectors of the n x n Gram matrix give those of the d x d covariance cheaply.
-        gram = x @ x.T / n
-        values, vectors = np.linalg.eigh(gram)
-        keep = values > values.max() * 1e-9
-        values, vectors = values[keep], vectors[:, keep]
-        directions = (x.T @ vectors) / np.sqrt(values * n)  # d x k, orthonormal columns
+        if n < d:
+            # Eigenvectors of the n x n Gram matrix give those of the d x d covariance cheaply.
+            values, vectors = np.linalg.eigh(x @ x.T / n)
+            keep = values > values.max() * 1e-9
+            values, vectors = values[keep], vectors[:, keep]
+            directions = (x.T @ vectors) / np.sqrt(values * n)  # d x k, orthonormal columns
+        else:
+            values, directions = np.linalg.eigh(cov)
+            keep = values > values.max() * 1e-9
+            values, directions = values[keep], directions[:, keep]
         iso = self.shrinkage * mu
         shrunk = (1 - self.shrinkage) * values + iso
         self.scale = 1.0 / iso
         self.directions = directions.T  # k x d
         self.weights = 1.0 / iso - 1.0 / shrunk  # >= 0
-        self.reference = 1.0
-        self.reference = float(np.median(self.raw(f)))
+        self.reference = max(float(np.median(self.raw(f))), 1e-12)
         return self
 
     def raw(self, features: np.ndarray) -> np.ndarray:
@@ -84,13 +89,20 @@ class Mahalanobis:
 class Knn:
     """One minus the cosine similarity to the nearest training image."""
 
-    def fit(self, features: np.ndarray, labels: np.ndarray | None = None) -> "Knn":
+    #: The bank goes into the exported graph: a large training set is subsampled to this.
+    MAX_BANK = 4096
+
+    def fit(self, features: np.ndarray, labels: np.ndarray | None = None, seed: int = 0) -> "Knn":
+        if len(features) < 2:
+            raise ValueError("the nearest-neighbour score needs at least two training images")
+        if len(features) > self.MAX_BANK:
+            keep = np.random.default_rng(seed).choice(len(features), self.MAX_BANK, replace=False)
+            features = features[np.sort(keep)]
         self.bank = _unit(features.astype(np.float64))
-        self.reference = 1.0
         # A training image's nearest neighbour is itself: its reference is the second nearest.
         sims = self.bank @ self.bank.T
         np.fill_diagonal(sims, -np.inf)
-        self.reference = float(np.median(1.0 - sims.max(axis=1)))
+        self.reference = max(float(np.median(1.0 - sims.max(axis=1))), 1e-12)
         return self
 
     def score(self, features: np.ndarray, logits: np.ndarray | None = None) -> np.ndarray:

@@ -101,10 +101,15 @@ def train(args: argparse.Namespace, log=print) -> dict:
         tr_logits, tr_feats = embed(model, [greys[s.path] for s in train_s], inp=inp)
         scorer = fit_scorer(args.ood_method, tr_feats, labels_of(train_s), tr_logits)
         val_scores = scorer.score(val_feats, val_logits) if len(val_y) else np.zeros(0)
-        threshold = threshold_for_rate(val_scores, args.ood_rate) if len(val_scores) else float("inf")
+        # No validation images (a class needs 3 patients for one): no threshold can be chosen,
+        # and the manifest declares no score rather than one that flags at random.
+        threshold = threshold_for_rate(val_scores, args.ood_rate) if len(val_scores) else None
+        if threshold is None:
+            log("no validation images: the model ships without an OOD threshold (use --fit-on all --cv K)")
         test_logits, test_feats = embed(model, [greys[s.path] for s in test_s], inp=inp)
         y_test = labels_of(test_s)
-        test_flagged = int(np.sum(scorer.score(test_feats, test_logits) > threshold)) if len(y_test) else 0
+        test_flagged = int(np.sum(scorer.score(test_feats, test_logits) > threshold)) \
+            if len(y_test) and threshold is not None else 0
         in_rate = test_flagged / max(len(y_test), 1)
         report["split"] = {"fit_on": "split", "train": len(train_s), "val": len(val_s), "test": len(test_s),
                            "grouped_by": "patient"}
@@ -151,8 +156,8 @@ def train(args: argparse.Namespace, log=print) -> dict:
         "measured_in_distribution_rate": in_rate,
         "images": len(ood), "names": ood_names,
         "scores": [round(float(v), 4) for v in ood_scores],
-        "flagged": int(np.sum(ood_scores > threshold)),
-        "non_oct": {name: {"score": round(float(v), 4), "flagged": bool(v > threshold)}
+        "flagged": int(np.sum(ood_scores > threshold)) if threshold is not None else 0,
+        "non_oct": {name: {"score": round(float(v), 4), "flagged": threshold is not None and bool(v > threshold)}
                     for name, v in zip(probes, probe_scores)},
     }
 
@@ -173,8 +178,6 @@ def train(args: argparse.Namespace, log=print) -> dict:
         "input": inp,
         "output": {"name": "logits", "kind": "logits"},
         "heatmap": HEATMAP,
-        "ood": {"output": "ood", "method": args.ood_method, "threshold": round(float(threshold), 6),
-                "in_distribution_flag_rate": round(float(in_rate), 4), "target_in_distribution_rate": args.ood_rate},
         "calibration": {"method": args.calibrate, "temperature": round(float(temperature), 6),
                         "applied_in_model": True},
         "classes": CLASSES,
@@ -195,11 +198,18 @@ def train(args: argparse.Namespace, log=print) -> dict:
         "export_parity_max_abs_diff": parity,
         "intended_use": "demonstration only; not for clinical use",
     }
+    if threshold is not None:
+        manifest["ood"] = {"output": "ood", "method": args.ood_method, "threshold": round(float(threshold), 6),
+                           "in_distribution_flag_rate": round(float(in_rate), 4),
+                           "target_in_distribution_rate": args.ood_rate,
+                           "rate_measured_on": "cross-validation fold models, unseen patients" if args.fit_on == "all"
+                           else "test split, unseen patients"}
     report["figures"] = figures
     report["export_parity_max_abs_diff"] = parity
     report["calibration"] = {"method": args.calibrate, "temperature": temperature}
     write_report(report, out)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # allow_nan=False: a NaN or infinity would write JSON the edge cannot read.
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     log(json.dumps({"metrics": manifest["metrics"], "ood": {k: report["ood"][k] for k in ("flagged", "images")}}))
     return manifest
 
@@ -246,10 +256,10 @@ def main(argv=None) -> int:
     ap.add_argument("--trainable", default="all", choices=["all", "block14", "blocks13-14"])
     ap.add_argument("--name", default="octd-compact")
     ap.add_argument("--version", default="0.1.0")
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=None, help="default: 30 for efficientnet_lite0, else 60")
     ap.add_argument("--patience", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=None, help="default: 3e-4 for efficientnet_lite0 (fine-tuning), else 1e-3")
     ap.add_argument("--select", default="auto", choices=["auto", "val", "last"],
                     help="model selection: best validation log-loss with early stopping, or the last "
                          "epoch; auto = val when there are at least 50 validation images")
@@ -273,5 +283,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate", default="temperature", choices=["temperature", "none"])
     args = ap.parse_args(argv)
     args.argv = argv
+    # The recipe octtrain.study measured for each architecture (models/default/README.md).
+    fine_tune = args.arch == "efficientnet_lite0" and args.imagenet
+    args.epochs = args.epochs if args.epochs is not None else (30 if fine_tune else 60)
+    args.lr = args.lr if args.lr is not None else (3e-4 if fine_tune else 1e-3)
     train(args)
     return 0

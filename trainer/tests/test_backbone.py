@@ -17,7 +17,23 @@ def test_every_packaged_tensor_lands_in_its_place():
     fresh = load_lite0_imagenet(model)
     assert fresh == ["classifier.weight", "classifier.bias"]
     target = model.state_dict()
+    renames = [("_conv_stem", "conv_stem"), ("_bn0", "bn1"), ("_conv_head", "conv_head"), ("_bn1", "bn2"),
+               ("_fc", "classifier")]
+    # The first block has no expansion: timm calls its projection conv_pw, the others conv_pwl.
+    block_parts = {"_expand_conv": (".conv_pw.",), "_depthwise_conv": (".conv_dw.",),
+                   "_project_conv": (".conv_pwl.", "blocks.0.0.conv_pw."),
+                   "_se_reduce": (".se.conv_reduce.",), "_se_expand": (".se.conv_expand.",)}
     for (src_name, value), (name, got) in zip(source.items(), target.items()):
+        # The pairing by position is also a pairing by meaning: same layer kind, same role.
+        leaf = src_name.rsplit(".", 1)[1]
+        assert name.endswith("." + leaf), f"{src_name} -> {name}"
+        if src_name.startswith("_blocks."):
+            part = src_name.split(".")[2]
+            assert part in block_parts or part.startswith("_bn"), src_name
+            if part in block_parts:
+                assert any(p in name for p in block_parts[part]), f"{src_name} -> {name}"
+        else:
+            assert any(src_name.startswith(a) and name.startswith(b) for a, b in renames), f"{src_name} -> {name}"
         if not name.startswith("classifier."):
             assert torch.equal(value, got), f"{src_name} -> {name}"
 
