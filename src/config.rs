@@ -152,7 +152,7 @@ impl Default for DeidConfig {
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum BackendKind {
-    /// Pure-Rust tract: no native library, the default.
+    /// Pure-Rust tract: no native library; what every other choice falls back to.
     Tract,
     /// ONNX Runtime on the CPU (falls back to tract).
     Onnxruntime,
@@ -160,7 +160,10 @@ pub enum BackendKind {
     Cuda,
     /// ONNX Runtime with TensorRT (falls back to CUDA, CPU ONNX Runtime, then tract).
     Tensorrt,
-    /// The fastest that loads here: the TensorRT chain.
+    /// The fastest that loads here, the default: the TensorRT chain, so ONNX Runtime
+    /// wherever its library is present (JetPack, the .venv wheel) and tract elsewhere. The
+    /// default model's depthwise convolutions run 25x slower on tract than on ONNX Runtime
+    /// (docs/benchmarks.md).
     Auto,
 }
 
@@ -200,7 +203,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             dir: None,
-            backend: BackendKind::Tract,
+            backend: BackendKind::Auto,
             threads: 0,
             batch_size: 8,
             min_confidence: None,

@@ -95,8 +95,16 @@ fn the_shipped_bundle_passes_its_self_test_on_onnxruntime() {
 #[test]
 fn activation_maps_agree_across_backends_and_draw_on_the_scan() {
     let Some(images) = common::shared_oct_images() else { return };
+    // The shipped model, and the same model with a manifest that does not declare its maps.
+    let model = common::repo().join("models/default");
     let dir = tempfile::tempdir().unwrap();
-    let Some(model) = common::model_with_heatmap(dir.path()) else { return };
+    for name in ["model.onnx", "manifest.json"] {
+        std::fs::copy(model.join(name), dir.path().join(name)).unwrap();
+    }
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("manifest.json")).unwrap()).unwrap();
+    manifest.as_object_mut().unwrap().remove("heatmap");
+    std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
     let config = octd::config::Config::default();
     let load = |backend: octd::config::BackendKind, library: Option<PathBuf>| {
         let mut m = config.model.clone();
@@ -105,8 +113,7 @@ fn activation_maps_agree_across_backends_and_draw_on_the_scan() {
         octd::infer::Classifier::load(&model, &m, &config.triage).unwrap()
     };
     let tract = load(octd::config::BackendKind::Tract, None);
-    let plain =
-        octd::infer::Classifier::load(&common::repo().join("models/default"), &config.model, &config.triage).unwrap();
+    let plain = octd::infer::Classifier::load(dir.path(), &config.model, &config.triage).unwrap();
     assert!(tract.has_heatmap() && !plain.has_heatmap());
     let cnv = images.iter().find(|(_, l)| l == "CNV").map(|(p, _)| p.clone()).unwrap();
     let (with, heatmap) = tract.classify_artifact_with_heatmap(&cnv).unwrap();

@@ -100,10 +100,11 @@ fn embedded_broker_serves_results_when_no_broker_is_configured() {
         sub.wait_until(Duration::from_secs(60), |m| results(m).len() == 1, "a result via the embedded broker");
     let result = results(&messages).into_values().next().unwrap();
     // Installed from the development-signed bundle, not loaded from models/default.
-    assert_eq!(result["model"]["version"], "0.2.0");
-    assert!(octd.state.join("models/0.2.0/selftest.json").is_file());
+    let (_, version) = common::shipped_model();
+    assert_eq!(result["model"]["version"], version.as_str());
+    assert!(octd.state.join(format!("models/{version}/selftest.json")).is_file());
     let status = messages.iter().rev().find(|m| m.topic.ends_with("/status")).unwrap();
-    assert!(status.payload.contains("\"version\":\"0.2.0\""), "{}", status.payload);
+    assert!(status.payload.contains(&format!("\"version\":\"{version}\"")), "{}", status.payload);
     assert!(octd.stop().success());
 }
 

@@ -42,6 +42,12 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// `version` with its patch number raised by `n` (the trainer's next versions).
+fn patch_above(version: &str, n: u64) -> String {
+    let v = semver::Version::parse(version).unwrap();
+    format!("{}.{}.{}", v.major, v.minor, v.patch + n)
+}
+
 /// A job command template that hands back the shipped model under the version the job is
 /// given (see the tests' comments on why).
 fn reversion_command() -> String {
@@ -53,7 +59,7 @@ fn reversion_command() -> String {
 }
 
 /// The channel the devices already trust (the development channel, listing the shipped
-/// model 0.2.0) with its online keys, for the service to adopt: (channel, keys).
+/// default model) with its online keys, for the service to adopt: (channel, keys).
 fn development_channel(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let channel = root.join("channel");
     copy_dir(&repo().join("models/channel"), &channel);
@@ -79,7 +85,7 @@ fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rej
     let sub = Subscriber::connect(broker.port, "oct/#");
 
     // The channel the devices already trust (the development channel, listing the shipped
-    // model 0.2.0), adopted by the service with its online keys.
+    // default model), adopted by the service with its online keys.
     let (channel, keys) = development_channel(root);
     let port = free_port();
     let jobs = root.join("jobs");
@@ -100,10 +106,11 @@ fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rej
     let jobs_section = |command: &str| {
         format!(
             "[jobs]\npython = \"{}\"\nworkdir = \"{}\"\nroot = \"{}\"\narchitecture = \"compact\"\ncheck_interval = \"1h\"\n\
-             model_name = \"octd-compact\"\ncommand = {command}\n",
+             model_name = \"{}\"\ncommand = {command}\n",
             python.display(),
             repo().join("trainer").display(),
-            jobs.display()
+            jobs.display(),
+            common::shipped_model().0
         )
     };
     let config = root.join("octd-trainer.toml");
@@ -147,7 +154,7 @@ fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rej
     }
     assert!(holdout >= 10, "the holdout holds {holdout} images");
 
-    // A running device on the trainer's channel: it installs what the channel lists (0.2.0)
+    // A running device on the trainer's channel: it installs what the channel lists (the shipped model)
     // and afterwards checks only on a notice (the hourly check is far away).
     let mut octd = Octd::new(
         &root.join("octd"),
@@ -166,7 +173,8 @@ fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rej
     let installed = |m: &[common::Message], version: &str| {
         events(m).into_iter().any(|e| e["code"] == "installed" && e["model_version"] == version)
     };
-    sub.wait_until(Duration::from_secs(60), |m| installed(m, "0.2.0"), "the device installs 0.2.0");
+    let shipped = common::shipped_model().1;
+    sub.wait_until(Duration::from_secs(60), |m| installed(m, &shipped), "the device installs the shipped model");
 
     // A worse candidate: the real training job, zero epochs.
     let worse = root.join("worse.toml");
@@ -179,7 +187,7 @@ fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rej
     let outcome: Value = serde_json::from_str(job["outcome"].as_str().unwrap()).unwrap();
     let evaluation = &outcome["outcome"]["evaluation"];
     assert_eq!(evaluation["holdout_images"], holdout as u64, "{evaluation}");
-    assert_eq!(evaluation["current"]["version"], "0.2.0", "compared with the model in use: {evaluation}");
+    assert_eq!(evaluation["current"]["version"], shipped.as_str(), "compared with the model in use: {evaluation}");
     let (cur, cand) =
         (evaluation["current_only_right"].as_u64().unwrap(), evaluation["candidate_only_right"].as_u64().unwrap());
     assert!(cur > cand, "the untrained model loses on the holdout: {evaluation}");
@@ -196,7 +204,7 @@ fn a_gated_candidate_is_published_announced_and_installed_and_a_worse_one_is_rej
     let job = service.cli_json(&same, &["retrain", "--now"]);
     assert_eq!(job["state"], "published", "{job}");
     let version = job["version"].as_str().unwrap().to_string();
-    assert_eq!(version, "0.2.2", "above the channel's 0.2.0 and the rejected job's 0.2.1");
+    assert_eq!(version, patch_above(&shipped, 2), "above the channel's newest and the rejected job's");
     let outcome: Value = serde_json::from_str(job["outcome"].as_str().unwrap()).unwrap();
     assert_eq!(outcome["outcome"]["evaluation"]["accepted"], true);
     assert_eq!(outcome["outcome"]["announced"], true, "{outcome}");
@@ -253,7 +261,7 @@ fn the_loop_closes_verdicts_on_a_device_retrain_and_the_new_model_comes_back() {
              [gate]\nmin_holdout = 2\nselftest_cases = 2\n\n\
              [announce]\nbroker = \"{broker}\"\n\n\
              [jobs]\npython = \"{python}\"\nworkdir = \"{workdir}\"\nroot = \"{jobs}\"\ncheck_interval = \"300ms\"\n\
-             heartbeat = \"100ms\"\nabandon_after = \"5s\"\nmodel_name = \"octd-compact\"\ncommand = {reversion}\n",
+             heartbeat = \"100ms\"\nabandon_after = \"5s\"\nmodel_name = \"{name}\"\ncommand = {reversion}\n",
             db = root.join("trainer.db").display(),
             blobs = root.join("blobs").display(),
             channel = channel.display(),
@@ -262,6 +270,7 @@ fn the_loop_closes_verdicts_on_a_device_retrain_and_the_new_model_comes_back() {
             python = python.display(),
             workdir = repo().join("trainer").display(),
             jobs = root.join("jobs").display(),
+            name = common::shipped_model().0,
         ),
     )
     .unwrap();
@@ -298,7 +307,9 @@ fn the_loop_closes_verdicts_on_a_device_retrain_and_the_new_model_comes_back() {
     let installed = |m: &[common::Message], version: &str| {
         events(m).into_iter().any(|e| e["code"] == "installed" && e["model_version"] == version)
     };
-    sub.wait_until(Duration::from_secs(60), |m| installed(m, "0.2.0"), "the device runs 0.2.0");
+    let shipped = common::shipped_model().1;
+    let retrained = patch_above(&shipped, 1);
+    sub.wait_until(Duration::from_secs(60), |m| installed(m, &shipped), "the device runs the shipped model");
 
     // The reviewer confirms every result.
     for (i, (path, _)) in images.iter().take(labels).enumerate() {
@@ -313,8 +324,8 @@ fn the_loop_closes_verdicts_on_a_device_retrain_and_the_new_model_comes_back() {
     }
 
     // The trainer's policy trains on the labels the uplink delivered; the gate accepts, the
-    // channel lists 0.2.1, the announcement reaches the device, which installs it.
-    sub.wait_until(Duration::from_secs(120), |m| installed(m, "0.2.1"), "the device installs the retrained model");
+    // channel lists the next patch version, the announcement reaches the device, which installs it.
+    sub.wait_until(Duration::from_secs(120), |m| installed(m, &retrained), "the device installs the retrained model");
     let status = service.cli_json(&config, &["status"]);
     let job = &status["jobs"][0];
     assert_eq!(job["state"], "published", "{status}");
@@ -326,6 +337,6 @@ fn the_loop_closes_verdicts_on_a_device_retrain_and_the_new_model_comes_back() {
     let messages = sub.wait_until(Duration::from_secs(60), |m| results(m).len() > before, "a result after the update");
     let versions: Vec<String> =
         results(&messages).values().map(|r| r["model"]["version"].as_str().unwrap_or_default().to_string()).collect();
-    assert!(versions.iter().any(|v| v == "0.2.1"), "later results carry the new model: {versions:?}");
+    assert!(versions.contains(&retrained), "later results carry the new model: {versions:?}");
     assert!(octd.stop().success());
 }

@@ -90,7 +90,12 @@ fn notify_metrics_health_and_status_follow_the_pipeline_and_the_broker() {
     let ready = notify.wait_for("READY=1", Duration::from_secs(60));
     let texts = notify.texts();
     let ready_line = texts.iter().find(|m| m.contains("READY=1")).unwrap();
-    assert!(ready_line.contains("STATUS=ready: model 0.2.0 on tract; broker connected"), "{ready_line}");
+    let (name, version) = common::shipped_model();
+    let backend = common::default_backend();
+    assert!(
+        ready_line.contains(&format!("STATUS=ready: model {version} on {backend}; broker connected")),
+        "{ready_line}"
+    );
     // The start-up said what it was doing before it was ready.
     assert!(texts.iter().any(|m| m.contains("STATUS=loading the model")), "{texts:?}");
     assert_eq!(octd.http_get("/readyz").map(|(c, _)| c), Some(200));
@@ -119,8 +124,8 @@ fn notify_metrics_health_and_status_follow_the_pipeline_and_the_broker() {
     assert_eq!(metric(&metrics, "octd_scans_total{outcome=\"rejected\"}"), Some(1.0), "{metrics}");
     assert_eq!(metric(&metrics, "octd_stage_duration_seconds_count{stage=\"infer\"}"), Some(2.0));
     assert_eq!(metric(&metrics, "octd_stage_duration_seconds_bucket{le=\"+Inf\",stage=\"total\"}"), Some(2.0));
-    assert!(metrics.contains("octd_model_info{name=\"octd-compact\",version=\"0.2.0\""), "{metrics}");
-    assert!(metrics.contains("backend=\"tract\""));
+    assert!(metrics.contains(&format!("octd_model_info{{name=\"{name}\",version=\"{version}\"")), "{metrics}");
+    assert!(metrics.contains(&format!("backend=\"{backend}\"")), "{metrics}");
     assert_eq!(metric(&metrics, "octd_broker_connected"), Some(1.0));
     assert_eq!(metric(&metrics, "octd_queue_capacity"), Some(32.0));
     assert!(metric(&metrics, "octd_disk_free_bytes").unwrap() > 0.0);
@@ -130,8 +135,8 @@ fn notify_metrics_health_and_status_follow_the_pipeline_and_the_broker() {
     let status = octd_status(&octd.config);
     assert_eq!(status["running"], true);
     assert_eq!(status["state"], "ready");
-    assert_eq!(status["model"]["version"], "0.2.0");
-    assert_eq!(status["backend"], "tract");
+    assert_eq!(status["model"]["version"], version.as_str());
+    assert_eq!(status["backend"], backend);
     assert_eq!(status["broker"]["connected"], true);
     assert!(status["last_result_at"].as_str().is_some_and(|t| t.starts_with("20")), "{status}");
     assert_eq!(status["queue"]["capacity"], 32);
@@ -292,28 +297,36 @@ fn under_systemd_logs_go_to_journald_with_structured_fields() {
     // systemd sets JOURNAL_STREAM when stdout/stderr are connected to the journal.
     octd.env.push(("JOURNAL_STREAM".into(), "8:424242".into()));
     octd.env.push(("RUST_LOG".into(), "info".into()));
+    // Read as journald does, all along: a full socket would block the daemon's logging.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut entries = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    entries.push(journal_fields(&buf[..n]).join("\n"));
+                }
+            }
+            entries
+        })
+    };
     octd.start();
     drop_file(&octd.inbox, "DOE_JOHN_scan.jpeg", &std::fs::read(&images[0].0).unwrap());
     sub.wait_until(Duration::from_secs(60), |m| results(m).len() == 1, "a result");
-
-    let mut entries = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut buf = vec![0u8; 65536];
-    while Instant::now() < deadline {
-        if let Ok(n) = socket.recv(&mut buf) {
-            entries.push(journal_fields(&buf[..n]).join("\n"));
-            if entries.iter().any(|e| e.contains("MESSAGE=classified")) {
-                break;
-            }
-        }
-    }
+    // The entry is written as the result is committed: give the datagram a moment to arrive.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let entries = reader.join().unwrap();
     let _ = Command::new("kill").arg("-TERM").arg(octd.pid().unwrap().to_string()).status();
     let classified = entries
         .iter()
         .find(|e| e.contains("MESSAGE=classified"))
         .unwrap_or_else(|| panic!("no 'classified' journal entry among {} entries: {entries:?}", entries.len()));
     let fields: Vec<&str> = classified.lines().collect();
-    for expected in ["SYSLOG_IDENTIFIER=octd", "PRIORITY=6", "MODEL=0.2.0", "LABEL="] {
+    let model = format!("MODEL={}", common::shipped_model().1);
+    for expected in ["SYSLOG_IDENTIFIER=octd", "PRIORITY=6", model.as_str(), "LABEL="] {
         assert!(fields.iter().any(|f| f.starts_with(expected)), "{expected} missing in {fields:?}");
     }
     assert!(fields.iter().any(|f| f.starts_with("SCAN_ID=")), "the scan id is a journal field: {fields:?}");

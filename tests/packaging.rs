@@ -63,7 +63,9 @@ fn debian_package_holds_the_appliance_and_its_scripts_are_sound() {
     ] {
         assert!(listing.lines().any(|l| l.ends_with(path)), "{path} missing from the package:\n{listing}");
     }
-    assert!(listing.lines().any(|l| l.contains(".octd-model-octd-compact-0.2.0.tar.gz")), "the default model bundle");
+    let (name, version) = common::shipped_model();
+    let bundle = format!(".octd-model-{name}-{version}.tar.gz");
+    assert!(listing.lines().any(|l| l.contains(&bundle)), "the default model bundle {bundle}");
     let config_line = listing.lines().find(|l| l.ends_with("./etc/octd/octd.toml")).unwrap();
     assert!(config_line.starts_with("-rw-r-----"), "the configuration may hold a password: {config_line}");
 
@@ -106,7 +108,7 @@ fn debian_package_holds_the_appliance_and_its_scripts_are_sound() {
         .arg(root.join("usr/share/octd/channel"))
         .arg("--root")
         .arg(root.join("etc/octd/root.json")));
-    assert!(verified.contains("0.2.0"), "{verified}");
+    assert!(verified.contains(&common::shipped_model().1), "{verified}");
     assert_eq!(
         std::fs::read_to_string(root.join("usr/lib/systemd/system/octd.service")).unwrap(),
         std::fs::read_to_string(repo().join("systemd/octd.service")).unwrap()

@@ -58,13 +58,11 @@ fn a_reviewer_works_through_the_worklist_by_keyboard_in_chromium() {
         OctdOptions { broker_url: broker.url(), workers: 1, extra: String::new(), channel: None },
     );
     octd.enable_display();
-    // The shipped model with its activation maps, where the .venv can add them.
-    let heatmap_model = common::model_with_heatmap(dir.path());
-    if let Some(model) = &heatmap_model {
-        let config = std::fs::read_to_string(&octd.config).unwrap();
-        let shipped = repo().join("models/default").display().to_string();
-        std::fs::write(&octd.config, config.replace(&shipped, &model.display().to_string())).unwrap();
-    }
+    // The shipped model gives activation maps (its manifest says so): the page must draw them.
+    let shipped: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo().join("models/default/manifest.json")).unwrap()).unwrap();
+    let has_heatmap = shipped.get("heatmap").is_some();
+    assert!(has_heatmap, "the shipped model gives activation maps (docs/model-manifest.md)");
     octd.env.push(("OCTD_DISPLAY__MQTT_WEBSOCKET".into(), format!("ws://127.0.0.1:{ws_port}")));
     common::add_reviewer(&octd.config, "dr-grey", PASSWORD);
     octd.start();
@@ -108,7 +106,7 @@ fn a_reviewer_works_through_the_worklist_by_keyboard_in_chromium() {
         .env("OCTD_UPLOADS", serde_json::json!(uploads).to_string())
         .env("OCTD_SIGNALS", &signals)
         .env("OCTD_OUTAGE_SCAN", outage_scan)
-        .env("OCTD_HEATMAP", if heatmap_model.is_some() { "1" } else { "0" })
+        .env("OCTD_HEATMAP", if has_heatmap { "1" } else { "0" })
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -141,7 +139,7 @@ fn a_reviewer_works_through_the_worklist_by_keyboard_in_chromium() {
     assert!(done["priorities"].as_array().unwrap().len() >= 2, "more than one priority to order: {done}");
     assert_eq!(done["volume"]["opened_at"], 7, "the volume opened at its CNV slice: {done}");
     assert_eq!(done["volume"]["frame_size"], serde_json::json!([512, 496]));
-    if heatmap_model.is_some() {
+    if has_heatmap {
         assert_eq!(done["heatmap_size"], serde_json::json!([512, 496]), "drawn at the B-scan's size: {done}");
     }
 

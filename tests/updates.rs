@@ -114,6 +114,19 @@ fn model_variant(dir: &Path, version: &str, edit: impl Fn(&mut serde_json::Value
     out
 }
 
+/// The shipped model's own bytes under another version: the base these tests update from,
+/// whatever version the repository ships.
+fn shipped_as(dir: &Path, version: &str) -> PathBuf {
+    let out = dir.join(format!("shipped-{version}"));
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(repo().join("models/default/model.onnx"), out.join("model.onnx")).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo().join("models/default/manifest.json")).unwrap()).unwrap();
+    manifest["version"] = version.into();
+    std::fs::write(out.join("manifest.json"), serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    out
+}
+
 /// A static HTTP server (Python's) over a folder, on a loopback port.
 struct HttpServer {
     child: Child,
@@ -162,7 +175,7 @@ struct Device {
 }
 
 impl Device {
-    /// A channel holding the default model as 0.2.0, and a device (not started) on it, with
+    /// A channel holding the shipped model as 0.2.0, and a device (not started) on it, with
     /// `update_settings` (TOML lines) added to its `[update]` table.
     fn new(workers: usize, update_settings: &str) -> Option<Device> {
         let images: Vec<Vec<u8>> =
@@ -172,7 +185,7 @@ impl Device {
         }
         let dir = tempfile::tempdir().unwrap();
         let channel = Channel::new(&dir.path().join("operator"));
-        channel.add(&channel.pack(&repo().join("models/default"), "0.2.0"));
+        channel.add(&channel.pack(&shipped_as(&channel.dir, "0.2.0"), "0.2.0"));
         let broker = Mosquitto::start(&dir.path().join("broker"));
         let sub = Subscriber::connect(broker.port, "oct/#");
         let octd = Octd::new(
@@ -344,7 +357,7 @@ fn manifest_incompatible_with_this_device_is_refused() {
     for f in ["model.onnx", "manifest.json"] {
         std::fs::copy(variant.join(f), st.join(f)).unwrap();
     }
-    std::fs::write(st.join("selftest/0.png"), std::fs::read(repo().join("models/default/roc_test.png")).unwrap())
+    std::fs::write(st.join("selftest/0.png"), std::fs::read(repo().join("models/default/roc_cv.png")).unwrap())
         .unwrap();
     let selftest = serde_json::json!({"format_version": 1, "tolerance": 0.001,
         "cases": [{"input": "selftest/0.png", "label": "HEALTHY", "probabilities": {}}]});

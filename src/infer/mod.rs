@@ -650,7 +650,12 @@ fn load_backend(
         match loaded {
             Ok(backend) => {
                 if !failures.is_empty() {
-                    tracing::warn!(backend = backend.name(), fell_back_from = %failures.join("; "), "inference backend fallback");
+                    // Under `auto` a missing GPU provider is expected, not a fault to warn of.
+                    if config.backend == BackendKind::Auto {
+                        tracing::info!(backend = backend.name(), not_available = %failures.join("; "), "inference backend chosen");
+                    } else {
+                        tracing::warn!(backend = backend.name(), fell_back_from = %failures.join("; "), "inference backend fallback");
+                    }
                 }
                 return Ok(backend);
             }

@@ -53,26 +53,21 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
-/// The shipped default model with its class activation maps added as a second output
-/// (`python -m octtrain.cam`, the same construction the trainer exports), in `dir`. None where
-/// the .venv is missing, unless OCTD_REQUIRE_VENV is set.
-pub fn model_with_heatmap(dir: &Path) -> Option<PathBuf> {
-    let python = repo().join(".venv/bin/python");
-    if !python.exists() {
-        assert!(std::env::var("OCTD_REQUIRE_VENV").is_err(), "the .venv is missing (run scripts/test.sh)");
-        eprintln!("SKIP: no .venv for the activation-map model (run scripts/test.sh)");
-        return None;
+/// The shipped default model's (name, version), which the development channel lists as its
+/// newest: what a device on embedded defaults runs.
+pub fn shipped_model() -> (String, String) {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo().join("models/default/manifest.json")).unwrap()).unwrap();
+    (manifest["name"].as_str().unwrap().to_string(), manifest["version"].as_str().unwrap().to_string())
+}
+
+/// The backend a daemon on embedded defaults (`model.backend = "auto"`) runs here: ONNX
+/// Runtime on the CPU where its library is found (no GPU on the test machines), else tract.
+pub fn default_backend() -> &'static str {
+    match octd::infer::ort_backend::find_library(None) {
+        Some(_) => "onnxruntime-cpu",
+        None => "tract",
     }
-    let out = dir.join("model-with-heatmap");
-    let run = Command::new(python)
-        .args(["-m", "octtrain.cam"])
-        .arg(repo().join("models/default"))
-        .arg(&out)
-        .current_dir(repo().join("trainer"))
-        .output()
-        .expect("python runs");
-    assert!(run.status.success(), "octtrain.cam: {}", String::from_utf8_lossy(&run.stderr));
-    Some(out)
 }
 
 /// `octd reviewer add ID --password-stdin` on the daemon's configuration.

@@ -30,7 +30,8 @@ def test_committed_default_model_matches_its_manifest():
     assert manifest["sha256"] == digest
     assert manifest["classes"] == ["CNV", "DME", "DRUSEN", "NORMAL"]
     assert manifest["input"] == {**INPUT, **manifest["input"]}
-    assert manifest["export_parity_max_abs_diff"] < 1e-4
+    # Every output: the maps and the OOD score (a sum over 1280 features) carry float32 rounding.
+    assert manifest["export_parity_max_abs_diff"] < 1e-3
 
 
 def test_activation_maps_are_exported_and_average_to_the_logits(tmp_path):

@@ -201,8 +201,8 @@ impl Config {
         if self.jobs.command.is_empty() {
             return invalid("jobs.command", "must name the job to run");
         }
-        if !matches!(self.jobs.architecture.as_str(), "xception" | "compact") {
-            return invalid("jobs.architecture", "must be xception or compact");
+        if !matches!(self.jobs.architecture.as_str(), "efficientnet_lite0" | "xception" | "compact") {
+            return invalid("jobs.architecture", "must be efficientnet_lite0, xception or compact");
         }
         if self.jobs.abandon_after < self.jobs.heartbeat * 3 {
             return invalid("jobs.abandon_after", "must be at least three heartbeats");

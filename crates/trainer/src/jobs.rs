@@ -34,7 +34,9 @@ pub struct JobsConfig {
     /// A job running longer is killed and failed.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
-    /// `xception` as in the original design, `compact` for CPU-only fleets.
+    /// `efficientnet_lite0` (ImageNet-initialised; the best by patient-grouped cross-
+    /// validation, models/default/README.md), `xception` as in the original design, or
+    /// `compact` for CPU-only fleets.
     pub architecture: String,
     /// The candidate model's name.
     pub model_name: String,
@@ -77,7 +79,7 @@ impl Default for JobsConfig {
             workdir: "trainer".into(),
             root: "var/octd-trainer/jobs".into(),
             timeout: Duration::from_secs(24 * 3600),
-            architecture: "xception".into(),
+            architecture: "efficientnet_lite0".into(),
             model_name: "octd".into(),
             check_interval: Duration::from_secs(60),
             heartbeat: Duration::from_secs(10),
