@@ -59,8 +59,9 @@ fn benches(c: &mut Criterion) {
     group.finish();
 
     let model_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
-    let classifier = Classifier::load(&model_dir, &ModelConfig::default(), &TriageConfig::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    // The group says tract: pinned, not whatever `auto` finds here.
+    let tract = ModelConfig { backend: octd::config::BackendKind::Tract, ..ModelConfig::default() };
+    let classifier = Classifier::load(&model_dir, &tract, &TriageConfig::default()).unwrap_or_else(|e| panic!("{e}"));
     let bscan_artifact = deid.deidentify(&bscan, &out, ScanId::new()).unwrap_or_else(|e| panic!("{e}")).artifact;
     let volume_artifact = deid.deidentify(&volume, &out, ScanId::new()).unwrap_or_else(|e| panic!("{e}")).artifact;
     let mut group = c.benchmark_group("infer_tract");

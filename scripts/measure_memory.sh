@@ -17,6 +17,7 @@ watch = ["$work/inbox"]
 settle = "200ms"
 [model]
 dir = "$PWD/models/default"
+backend = "tract"
 threads = 1
 [pipeline]
 workers = 1

@@ -162,8 +162,8 @@ pub enum BackendKind {
     Tensorrt,
     /// The fastest that loads here, the default: the TensorRT chain, so ONNX Runtime
     /// wherever its library is present (JetPack, the .venv wheel) and tract elsewhere. The
-    /// default model's depthwise convolutions run 25x slower on tract than on ONNX Runtime
-    /// (docs/benchmarks.md).
+    /// default model (depthwise convolutions) takes about 15x longer per B-scan on tract than
+    /// on ONNX Runtime (docs/benchmarks.md).
     Auto,
 }
 

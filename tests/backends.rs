@@ -113,7 +113,9 @@ fn activation_maps_agree_across_backends_and_draw_on_the_scan() {
         octd::infer::Classifier::load(&model, &m, &config.triage).unwrap()
     };
     let tract = load(octd::config::BackendKind::Tract, None);
-    let plain = octd::infer::Classifier::load(dir.path(), &config.model, &config.triage).unwrap();
+    let mut tract_config = config.model.clone();
+    tract_config.backend = octd::config::BackendKind::Tract;
+    let plain = octd::infer::Classifier::load(dir.path(), &tract_config, &config.triage).unwrap();
     assert!(tract.has_heatmap() && !plain.has_heatmap());
     let cnv = images.iter().find(|(_, l)| l == "CNV").map(|(p, _)| p.clone()).unwrap();
     let (with, heatmap) = tract.classify_artifact_with_heatmap(&cnv).unwrap();

@@ -1,15 +1,13 @@
 //! The inference backend: what is configured, whether ONNX Runtime and its GPU providers
 //! are present, and whether this machine has an NVIDIA GPU at all.
 
-use std::path::Path;
-
 use super::{Context, Finding};
 use crate::config::BackendKind;
-use crate::infer::ort_backend::{find_library, init_runtime, provider_available, Provider};
+use crate::infer::ort_backend::{find_library, gpu_device, init_runtime, provider_available, Provider};
 
 pub fn check(ctx: &Context) -> Finding {
     let model = &ctx.config.model;
-    let gpu = ["/dev/nvidia0", "/dev/nvhost-ctrl-gpu", "/dev/nvgpu"].iter().find(|p| Path::new(p).exists());
+    let gpu = gpu_device();
     let gpu_note = match gpu {
         Some(node) => format!("GPU present ({node})"),
         None => "no NVIDIA GPU device".to_string(),
@@ -21,9 +19,9 @@ pub fn check(ctx: &Context) -> Finding {
         return Finding::warn(
             "backend",
             format!(
-                "{:?} configured but no libonnxruntime.so found: octd falls back to tract (about 25x slower on the \
+                "{} configured but no libonnxruntime.so found: octd falls back to tract (about 15x slower on the \
                  default model); {gpu_note}",
-                model.backend
+                backend_name(model.backend)
             ),
             "install ONNX Runtime (JetPack's onnxruntime-gpu, or the onnxruntime wheel) and set model.onnxruntime_library",
         );
@@ -49,7 +47,8 @@ pub fn check(ctx: &Context) -> Finding {
         BackendKind::Cuda => Some(Provider::Cuda),
         _ => None,
     };
-    let summary = format!("{:?} with ONNX Runtime {} ({providers}); {gpu_note}", model.backend, library.display());
+    let summary =
+        format!("{} with ONNX Runtime {} ({providers}); {gpu_note}", backend_name(model.backend), library.display());
     match wanted {
         Some(p) if !has(p) || gpu.is_none() => Finding::warn(
             "backend",
@@ -59,4 +58,9 @@ pub fn check(ctx: &Context) -> Finding {
         ),
         _ => Finding::ok("backend", summary),
     }
+}
+
+/// The configuration's spelling (`auto`, `tensorrt`, ...).
+fn backend_name(kind: BackendKind) -> String {
+    serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }

@@ -590,7 +590,8 @@ impl Classifier {
             return false;
         }
         scores.sort_by(f32::total_cmp);
-        above(scores[scores.len() / 2])
+        // The lower median: two B-scans are judged by the more ordinary one.
+        above(scores[(scores.len() - 1) / 2])
     }
 
     fn unlike_training(&self, (mean, std): (f32, f32)) -> bool {
@@ -613,6 +614,8 @@ fn load_backend(
         BackendKind::Tract => &[None],
         BackendKind::Onnxruntime => &[Some(Provider::Cpu), None],
         BackendKind::Cuda => &[Some(Provider::Cuda), Some(Provider::Cpu), None],
+        // Without a GPU device `auto` does not try the GPU providers at every model load.
+        BackendKind::Auto if ort_backend::gpu_device().is_none() => &[Some(Provider::Cpu), None],
         BackendKind::Tensorrt | BackendKind::Auto => {
             &[Some(Provider::TensorRt), Some(Provider::Cuda), Some(Provider::Cpu), None]
         }
@@ -750,6 +753,8 @@ mod tests {
         let mostly: Vec<GreyFrame> = (0..5).map(|i| frame(i == 0, if i == 0 { 1.0 } else { 3.0 })).collect();
         let r = c.classify_frames(&mostly).unwrap();
         assert!(unlike(&r) && r.needs_review, "{r:?}");
+        // Of two B-scans, the more ordinary one speaks for the volume.
+        assert!(!unlike(&c.classify_frames(&[frame(true, 1.0), frame(false, 9.0)]).unwrap()));
         // A single B-scan at the threshold is not above it.
         assert!(!unlike(&c.classify_frames(&[frame(false, 2.0)]).unwrap()));
     }

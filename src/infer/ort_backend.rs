@@ -139,6 +139,12 @@ impl OrtBackend {
         let (_, environment) = init_runtime(settings.library.as_deref())?;
         let err = |e: ort::Error| InferError::Model(format!("ONNX Runtime ({}): {e}", provider.backend_name()));
         let mut builder = Session::builder(&environment).map_err(err)?;
+        if provider != Provider::Cpu && !provider_available(provider) {
+            return Err(InferError::Model(format!(
+                "the loaded ONNX Runtime has no {} execution provider",
+                provider.backend_name()
+            )));
+        }
         let dispatch = match provider {
             Provider::TensorRt => {
                 let mut trt = ep::TensorRT::default().with_fp16(settings.fp16).with_engine_cache(true);
@@ -157,12 +163,6 @@ impl OrtBackend {
             Provider::Cpu => None,
         };
         if let Some(dispatch) = dispatch {
-            if !provider_available(provider) {
-                return Err(InferError::Model(format!(
-                    "the loaded ONNX Runtime has no {} execution provider",
-                    provider.backend_name()
-                )));
-            }
             builder = builder.with_execution_providers([dispatch]).map_err(|e| err(e.into()))?;
         }
         if settings.threads > 0 {
@@ -241,4 +241,9 @@ impl Backend for OrtBackend {
         }
         Ok(Outputs { scores, others })
     }
+}
+
+/// The device node of an NVIDIA GPU (desktop or Jetson) when this machine has one.
+pub fn gpu_device() -> Option<&'static str> {
+    ["/dev/nvidia0", "/dev/nvhost-ctrl-gpu", "/dev/nvgpu"].into_iter().find(|p| Path::new(p).exists())
 }

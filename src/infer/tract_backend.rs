@@ -1,4 +1,4 @@
-//! tract-onnx: pure Rust, no native libraries, the embedded default backend.
+//! tract-onnx: pure Rust, no native libraries: what every other backend falls back to.
 
 use std::path::Path;
 use std::sync::Arc;
