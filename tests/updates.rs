@@ -501,6 +501,11 @@ fn new_model_is_committed_after_its_health_gate_and_old_versions_are_pruned() {
         v.sort();
         v
     };
+    // Pruning follows the install event: a 14 MB model takes a moment to remove.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while on_disk(&d) != ["0.3.0", "0.4.0"] && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(on_disk(&d), ["0.3.0", "0.4.0"]);
     assert!(events(&d.sub.messages()).iter().all(|e| e["kind"] != "model_committed"));
     assert_eq!(d.classify_one(), "0.4.0");
