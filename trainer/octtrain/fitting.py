@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .data import CLASSES, Sample
+from .evaluate import softmax
 from .model import WithActivationMaps, build
 from .preprocess import resize_bilinear
 from .singan import SinGAN, SinGANConfig
@@ -54,12 +55,6 @@ def tensor_from_grey(grey: np.ndarray, inp: dict = INPUT) -> np.ndarray:
     """The edge's preprocessing (see preprocess.py), on an already decoded grey image."""
     r = resize_bilinear(grey.astype(np.float32), inp["height"], inp["width"])
     return ((r - np.float32(inp["mean"][0])) / np.float32(inp["std"][0]))[None].astype(np.float32)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def predict(model: nn.Module, images: list[np.ndarray], device: str = "cpu", inp: dict = INPUT) -> np.ndarray:

@@ -48,6 +48,11 @@ def train(args: argparse.Namespace, log=print) -> dict:
     inp = input_spec(args.arch)
     real = lambda part: [(greys[s.path], IDX[s.label]) for s in part]  # noqa: E731
     labels_of = lambda part: np.array([IDX[s.label] for s in part], dtype=int)  # noqa: E731
+
+    def own_scorer(model, part):
+        """The OOD score of `model`: the images it was trained on are its reference."""
+        logits, feats = embed(model, [greys[s.path] for s in part], inp=inp)
+        return fit_scorer(args.ood_method, feats, labels_of(part), logits)
     args.use_singan = args.singan == "on" or (args.singan == "auto" and len(samples) < args.singan_threshold)
     ood_names, ood = load_images(args.ood)
     probes = non_oct_inputs(args.seed)
@@ -82,6 +87,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
             synthetic, synth_summary = synthesize(samples, greys, model, args, log)
             log(f"training on real + {len(synthetic)} synthetic images")
             model = fit(real(samples) + synthetic, [], args, log)
+        scorer = own_scorer(model, samples)
     else:
         train_s, val_s, test_s = patient_split(samples, seed=args.seed)
         counts = {part: dict(Counter(s.label for s in ss)) for part, ss in (("train", train_s), ("val", val_s),
@@ -98,8 +104,7 @@ def train(args: argparse.Namespace, log=print) -> dict:
         val_logits, val_feats = embed(model, [greys[s.path] for s in val_s], inp=inp)
         val_y = labels_of(val_s)
         temperature = fit_temperature(val_logits, val_y) if args.calibrate == "temperature" and len(val_y) else 1.0
-        tr_logits, tr_feats = embed(model, [greys[s.path] for s in train_s], inp=inp)
-        scorer = fit_scorer(args.ood_method, tr_feats, labels_of(train_s), tr_logits)
+        scorer = own_scorer(model, train_s)
         val_scores = scorer.score(val_feats, val_logits) if len(val_y) else np.zeros(0)
         # No validation images (a class needs 3 patients for one): no threshold can be chosen,
         # and the manifest declares no score rather than one that flags at random.
@@ -133,9 +138,6 @@ def train(args: argparse.Namespace, log=print) -> dict:
             report["cross_validation"] = summarise(raw, labels_of(samples), folds, args.ood_rate, args.bootstrap)
         held_probs, held_y = softmax(val_logits / temperature), val_y
 
-    # The OOD score of the shipped model: its own training images are its reference.
-    tr_logits, tr_feats = embed(model, [greys[s.path] for s in train_s], inp=inp)
-    scorer = fit_scorer(args.ood_method, tr_feats, labels_of(train_s), tr_logits)
     o_logits, o_feats = embed(model, ood, inp=inp)
     p_logits, p_feats = embed(model, list(probes.values()), inp=inp)
     ood_scores = scorer.score(o_feats, o_logits) if ood else np.zeros(0)
