@@ -17,25 +17,13 @@ fn onnxruntime_library() -> Option<PathBuf> {
     found
 }
 
-fn classify(backend: &str, library: Option<&Path>, files: &[PathBuf]) -> Vec<serde_json::Value> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_octd"));
-    cmd.arg("classify").arg("--json").arg("--model").arg(common::repo().join("models/default"));
-    cmd.args(files).env("OCTD_MODEL__BACKEND", backend).env_remove("ORT_DYLIB_PATH");
-    if let Some(lib) = library {
-        cmd.env("OCTD_MODEL__ONNXRUNTIME_LIBRARY", lib);
-    }
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "classify failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 #[test]
 fn onnxruntime_agrees_with_tract_on_the_shared_scans() {
     let Some(images) = common::shared_oct_images() else { return };
     let Some(library) = onnxruntime_library() else { return };
     let files: Vec<PathBuf> = images.into_iter().map(|(p, _)| p).collect();
-    let tract = classify("tract", None, &files);
-    let ort = classify("onnxruntime", Some(&library), &files);
+    let tract = common::classify_shipped("tract", None, &files);
+    let ort = common::classify_shipped("onnxruntime", Some(&library), &files);
     assert_eq!(tract.len(), files.len());
     assert_eq!(ort.len(), files.len());
     let mut worst = 0f64;
@@ -57,14 +45,14 @@ fn gpu_backends_fall_back_down_the_chain() {
     let file = vec![images[0].0.clone()];
     // No library at all: every ONNX Runtime step fails, tract runs.
     let missing = Path::new("/nonexistent/libonnxruntime.so");
-    let r = classify("tensorrt", Some(missing), &file);
+    let r = common::classify_shipped("tensorrt", Some(missing), &file);
     assert_eq!(r[0]["model"]["backend"], "tract");
     assert!(r[0]["label"].is_string());
 
     // With the CPU-only library: TensorRT and CUDA are not in it, CPU ONNX Runtime runs —
     // unless this machine really has them.
     let Some(library) = onnxruntime_library() else { return };
-    let r = classify("tensorrt", Some(&library), &file);
+    let r = common::classify_shipped("tensorrt", Some(&library), &file);
     let backend = r[0]["model"]["backend"].as_str().unwrap().to_string();
     assert!(
         ["onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"].contains(&backend.as_str()),
@@ -101,8 +89,7 @@ fn activation_maps_agree_across_backends_and_draw_on_the_scan() {
     for name in ["model.onnx", "manifest.json"] {
         std::fs::copy(model.join(name), dir.path().join(name)).unwrap();
     }
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(model.join("manifest.json")).unwrap()).unwrap();
+    let mut manifest = common::shipped_manifest();
     manifest.as_object_mut().unwrap().remove("heatmap");
     std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
     let config = octd::config::Config::default();

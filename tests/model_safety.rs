@@ -5,26 +5,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use serde_json::Value;
-
-fn default_manifest() -> Value {
-    serde_json::from_slice(&std::fs::read(common::repo().join("models/default/manifest.json")).unwrap()).unwrap()
-}
-
-fn classify(model: &Path, backend: &str, files: &[PathBuf]) -> Vec<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_octd"))
-        .args(["classify", "--json", "--model"])
-        .arg(model)
-        .args(files)
-        .env("OCTD_MODEL__BACKEND", backend)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "classify failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
 
 fn flagged(result: &Value) -> bool {
     result["review_reasons"].as_array().unwrap().iter().any(|r| r == "input_unlike_training")
@@ -40,9 +23,9 @@ fn shared_ood() -> Option<Vec<PathBuf>> {
 #[test]
 fn scans_of_conditions_the_model_never_learned_are_flagged_with_the_score() {
     let Some(files) = shared_ood() else { return };
-    let manifest = default_manifest();
+    let manifest = common::shipped_manifest();
     let threshold = manifest["ood"]["threshold"].as_f64().expect("the default model declares its ood score");
-    let results = classify(&common::repo().join("models/default"), "tract", &files);
+    let results = common::classify_shipped("tract", None, &files);
     let mut caught = 0;
     for r in &results {
         let score = r["unlike_training_score"].as_f64().expect("every result carries the score");
@@ -91,8 +74,8 @@ fn inputs_that_are_not_oct_b_scans_are_flagged() {
         dir.path().join(name)
     })
     .collect::<Vec<_>>();
-    let threshold = default_manifest()["ood"]["threshold"].as_f64().unwrap();
-    let results = classify(&common::repo().join("models/default"), "tract", &files);
+    let threshold = common::shipped_manifest()["ood"]["threshold"].as_f64().unwrap();
+    let results = common::classify_shipped("tract", None, &files);
     assert_eq!(results.len(), files.len());
     for r in results {
         assert!(flagged(&r) && r["needs_review"] == true, "not flagged: {r}");
@@ -104,7 +87,7 @@ fn inputs_that_are_not_oct_b_scans_are_flagged() {
 
 #[test]
 fn the_threshold_was_chosen_for_the_stated_rate_on_unseen_patients() {
-    let manifest = default_manifest();
+    let manifest = common::shipped_manifest();
     let ood = &manifest["ood"];
     let (target, measured) =
         (ood["target_in_distribution_rate"].as_f64().unwrap(), ood["in_distribution_flag_rate"].as_f64().unwrap());
@@ -113,7 +96,7 @@ fn the_threshold_was_chosen_for_the_stated_rate_on_unseen_patients() {
     let Some(images) = common::shared_oct_images() else { return };
     let files: Vec<PathBuf> = images.into_iter().map(|(p, _)| p).collect();
     let threshold = ood["threshold"].as_f64().unwrap();
-    let results = classify(&common::repo().join("models/default"), "tract", &files);
+    let results = common::classify_shipped("tract", None, &files);
     assert_eq!(results.len(), files.len());
     let above = results.iter().filter(|r| r["unlike_training_score"].as_f64().unwrap() > threshold).count();
     // Its own training images score around 1 (the median is 1 by construction): few of them
@@ -131,19 +114,8 @@ fn onnxruntime_computes_the_same_score_as_tract() {
     if let Some(images) = common::shared_oct_images() {
         files.extend(images.into_iter().take(4).map(|(p, _)| p));
     }
-    let model = common::repo().join("models/default");
-    let tract = classify(&model, "tract", &files);
-    let out = Command::new(env!("CARGO_BIN_EXE_octd"))
-        .args(["classify", "--json", "--model"])
-        .arg(&model)
-        .args(&files)
-        .env("OCTD_MODEL__BACKEND", "onnxruntime")
-        .env("OCTD_MODEL__ONNXRUNTIME_LIBRARY", &library)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let ort: Vec<Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let tract = common::classify_shipped("tract", None, &files);
+    let ort = common::classify_shipped("onnxruntime", Some(&library), &files);
     assert_eq!((tract.len(), ort.len()), (files.len(), files.len()));
     for (t, o) in tract.iter().zip(&ort) {
         assert_eq!(o["model"]["backend"], "onnxruntime-cpu");
@@ -162,7 +134,7 @@ fn a_manifest_naming_a_score_the_model_lacks_is_refused() {
     }
     let config = octd::config::Config::default();
     let write = |manifest: &Value| std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
-    let mut manifest = default_manifest();
+    let mut manifest = common::shipped_manifest();
     manifest["ood"]["output"] = "distance".into();
     write(&manifest);
     let err = octd::infer::Classifier::load(dir.path(), &config.model, &config.triage).unwrap_err().to_string();

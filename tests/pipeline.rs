@@ -9,10 +9,6 @@ use std::time::Duration;
 use common::{assert_no_phi, drop_file, events, results, Rig};
 use serde_json::Value;
 
-fn manifest() -> Value {
-    serde_json::from_slice(&std::fs::read(common::repo().join("models/default/manifest.json")).unwrap()).unwrap()
-}
-
 /// A name a scanner might really write: identity in the file name.
 fn phi_name(i: usize, ext: &str) -> String {
     format!("DOE_JOHN_MRN8675309_19450704_{i:03}.{ext}")
@@ -46,7 +42,7 @@ fn shared_images_become_deidentified_results_on_mqtt() {
         drop_file(&octd.inbox, &phi_name(i, "jpeg"), &std::fs::read(path).unwrap());
     }
     let messages = sub.wait_until(Duration::from_secs(180), |m| results(m).len() >= images.len(), "a result per image");
-    let manifest = manifest();
+    let manifest = common::shipped_manifest();
     let found = results(&messages);
     assert_eq!(found.len(), images.len());
     for result in found.values() {

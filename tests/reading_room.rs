@@ -59,8 +59,7 @@ fn a_reviewer_works_through_the_worklist_by_keyboard_in_chromium() {
     );
     octd.enable_display();
     // The shipped model gives activation maps (its manifest says so): the page must draw them.
-    let shipped: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(repo().join("models/default/manifest.json")).unwrap()).unwrap();
+    let shipped = common::shipped_manifest();
     let has_heatmap = shipped.get("heatmap").is_some();
     assert!(has_heatmap, "the shipped model gives activation maps (docs/model-manifest.md)");
     octd.env.push(("OCTD_DISPLAY__MQTT_WEBSOCKET".into(), format!("ws://127.0.0.1:{ws_port}")));

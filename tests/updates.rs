@@ -105,8 +105,7 @@ fn model_variant(dir: &Path, version: &str, edit: impl Fn(&mut serde_json::Value
     onnx.extend_from_slice(&[0xfa, 0x06, tag.len() as u8]); // field 111, length-delimited
     onnx.extend_from_slice(tag.as_bytes());
     std::fs::write(out.join("model.onnx"), &onnx).unwrap();
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(repo().join("models/default/manifest.json")).unwrap()).unwrap();
+    let mut manifest = common::shipped_manifest();
     manifest["version"] = version.into();
     manifest["sha256"] = hex::encode(Sha256::digest(&onnx)).into();
     edit(&mut manifest);
@@ -120,8 +119,7 @@ fn shipped_as(dir: &Path, version: &str) -> PathBuf {
     let out = dir.join(format!("shipped-{version}"));
     std::fs::create_dir_all(&out).unwrap();
     std::fs::copy(repo().join("models/default/model.onnx"), out.join("model.onnx")).unwrap();
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(repo().join("models/default/manifest.json")).unwrap()).unwrap();
+    let mut manifest = common::shipped_manifest();
     manifest["version"] = version.into();
     std::fs::write(out.join("manifest.json"), serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
     out

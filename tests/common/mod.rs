@@ -53,12 +53,30 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// The shipped default model's manifest.
+pub fn shipped_manifest() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(repo().join("models/default/manifest.json")).unwrap()).unwrap()
+}
+
 /// The shipped default model's (name, version), which the development channel lists as its
 /// newest: what a device on embedded defaults runs.
 pub fn shipped_model() -> (String, String) {
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(repo().join("models/default/manifest.json")).unwrap()).unwrap();
+    let manifest = shipped_manifest();
     (manifest["name"].as_str().unwrap().to_string(), manifest["version"].as_str().unwrap().to_string())
+}
+
+/// `octd classify --json` with the shipped model on `backend` (and `library` for ONNX
+/// Runtime; none: no ORT_DYLIB_PATH either): one result per file, in order.
+pub fn classify_shipped(backend: &str, library: Option<&Path>, files: &[PathBuf]) -> Vec<serde_json::Value> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_octd"));
+    cmd.arg("classify").arg("--json").arg("--model").arg(repo().join("models/default"));
+    cmd.args(files).env("OCTD_MODEL__BACKEND", backend).env_remove("ORT_DYLIB_PATH");
+    if let Some(lib) = library {
+        cmd.env("OCTD_MODEL__ONNXRUNTIME_LIBRARY", lib);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "classify failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 /// The backend a daemon on embedded defaults (`model.backend = "auto"`) runs here: ONNX
