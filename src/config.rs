@@ -177,7 +177,9 @@ pub struct ModelConfig {
     /// Inference threads; 0 = every core (tract: one pool shared by the pipeline's workers;
     /// ONNX Runtime on the CPU: each worker's session gets its share of the cores).
     pub threads: usize,
-    /// B-scans per inference call for volumes.
+    /// B-scans per inference call for volumes; 0 = the backend's choice (ONNX Runtime on the
+    /// CPU: 1, since a batch costs the same per B-scan there and holds more memory; 8
+    /// elsewhere).
     pub batch_size: usize,
     /// Overrides the manifest's review threshold when set.
     pub min_confidence: Option<f32>,
@@ -189,8 +191,9 @@ pub struct ModelConfig {
     pub fp16: bool,
     /// TensorRT engine cache; unset: `<state_dir>/engine-cache` (one folder per model hash).
     pub engine_cache_dir: Option<PathBuf>,
-    /// How many callers classify at once (the daemon: its pipeline workers): ONNX Runtime on
-    /// the CPU keeps a session for each, since one session runs one call at a time.
+    /// How many callers classify at once (the daemon: its pipeline workers, at most one per
+    /// core): ONNX Runtime on the CPU keeps a session for each, since one session runs one
+    /// call at a time.
     #[serde(skip, default = "one")]
     pub concurrency: usize,
 }
@@ -205,7 +208,7 @@ impl Default for ModelConfig {
             dir: None,
             backend: BackendKind::Auto,
             threads: 0,
-            batch_size: 8,
+            batch_size: 0,
             min_confidence: None,
             onnxruntime_library: None,
             fp16: true,
@@ -607,9 +610,6 @@ impl Config {
         }
         if self.pipeline.decoder_cpu_time.is_zero() || self.pipeline.decoder_timeout.is_zero() {
             return invalid("pipeline", "decoder_cpu_time and decoder_timeout must be greater than zero");
-        }
-        if self.model.batch_size == 0 {
-            return invalid("model.batch_size", "must be at least 1");
         }
         if let Some(c) = self.model.min_confidence {
             if !(0.0..=1.0).contains(&c) {

@@ -92,9 +92,13 @@ async fn run_until(
     if config.model.engine_cache_dir.is_none() {
         config.model.engine_cache_dir = Some(dirs.state.join("engine-cache"));
     }
-    // The workers classify at once (ONNX Runtime then gives each its session and its share of
-    // the cores; tract's one thread pool is shared by all).
-    config.model.concurrency = config.pipeline.workers.max(1);
+    // Up to one worker per core classifies at once (ONNX Runtime then keeps a session for
+    // each, with its share of the cores; tract's one thread pool is shared by all). Workers
+    // beyond the cores de-identify, commit and publish while others compute, and wait for a
+    // free session rather than add one: a session costs memory, and more inference threads
+    // than cores cost more in switching than they give.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    config.model.concurrency = config.pipeline.workers.clamp(1, cores);
     dirs.create().map_err(|e| DaemonError::Config(format!("cannot create {}: {e}", dirs.state.display())))?;
     systemd::status("opening the store");
     let secret = DeviceSecret::load_or_create(&dirs.state)

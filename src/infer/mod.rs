@@ -51,6 +51,10 @@ pub trait Backend: Send + Sync {
     fn output_names(&self) -> Vec<String> {
         Vec::new()
     }
+    /// B-scans per call for volumes when the configuration leaves it to the backend.
+    fn preferred_batch(&self) -> usize {
+        8
+    }
 }
 
 /// What a backend computed for one batch.
@@ -271,15 +275,12 @@ impl Classifier {
         };
         let min_confidence = config.min_confidence.unwrap_or(manifest.review.min_confidence);
         let outputs = OutputPositions::resolve(&manifest, &backend.output_names())?;
-        let classifier = Classifier {
-            outputs,
-            manifest,
-            backend,
-            stamp,
-            min_confidence,
-            batch_size: config.batch_size.max(1),
-            triage: triage.clone(),
+        let batch_size = match config.batch_size {
+            0 => backend.preferred_batch(),
+            n => n,
         };
+        let classifier =
+            Classifier { outputs, manifest, backend, stamp, min_confidence, batch_size, triage: triage.clone() };
         // A model that loads but cannot run (wrong input shape, wrong output width) must
         // fail here, at start-up, not on the first patient's scan.
         let probe = GreyFrame { width: 8, height: 8, pixels: vec![0.5; 64] };

@@ -7,7 +7,7 @@
 //! error here (and the caller falls back) rather than a silent CPU run under a GPU name.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
 use ort::environment::Environment;
 use ort::ep::{self, ExecutionProvider};
@@ -42,14 +42,63 @@ pub struct OrtSettings {
     pub fp16: bool,
     /// TensorRT engines are cached here (one sub-folder per model hash).
     pub engine_cache: Option<PathBuf>,
-    /// Sessions on the CPU provider: one per concurrent caller (a session runs one call at
-    /// a time, so one shared session made the pipeline's workers take turns).
+    /// Sessions on the CPU provider: one per call that may run at once (a session runs one
+    /// call at a time, so one shared session made the pipeline's workers take turns).
     pub sessions: usize,
 }
 
+/// Sessions lent to callers: a caller takes whichever is free and waits for the first one
+/// given back when none is, so callers beyond the sessions wait rather than oversubscribe.
+struct SessionPool {
+    free: Mutex<Vec<Session>>,
+    given_back: Condvar,
+    size: usize,
+}
+
+/// A session on loan; given back to the pool when dropped.
+struct Lent<'a> {
+    pool: &'a SessionPool,
+    session: Option<Session>,
+}
+
+impl SessionPool {
+    fn new(sessions: Vec<Session>) -> Self {
+        SessionPool { size: sessions.len(), free: Mutex::new(sessions), given_back: Condvar::new() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Session>> {
+        // A panic while the list was held cannot leave it half-changed (push/pop only).
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self) -> Lent<'_> {
+        let mut free = self.lock();
+        loop {
+            if let Some(session) = free.pop() {
+                return Lent { pool: self, session: Some(session) };
+            }
+            free = self.given_back.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Lent<'_> {
+    fn session(&mut self) -> Result<&mut Session, InferError> {
+        self.session.as_mut().ok_or_else(|| InferError::Backend("session already given back".into()))
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.pool.lock().push(session);
+            self.pool.given_back.notify_one();
+        }
+    }
+}
+
 pub struct OrtBackend {
-    sessions: Vec<Mutex<Session>>,
-    next: std::sync::atomic::AtomicUsize,
+    sessions: SessionPool,
     provider: Provider,
     fp16: bool,
     output_names: Vec<String>,
@@ -168,20 +217,25 @@ impl OrtBackend {
         if settings.threads > 0 {
             builder = builder.with_intra_threads(settings.threads).map_err(|e| err(e.into()))?;
         }
-        // A GPU session serves its device alone; CPU sessions are one per concurrent caller.
+        // A GPU session serves its device alone; CPU sessions are one per concurrent caller,
+        // and share one copy of the weights as the CPU kernels lay them out (prepacked).
         let count = if provider == Provider::Cpu { settings.sessions.clamp(1, 16) } else { 1 };
+        if count > 1 {
+            builder = builder
+                .with_prepacked_weights(&ort::session::builder::PrepackedWeights::new())
+                .map_err(|e| err(e.into()))?;
+        }
         let mut sessions = Vec::with_capacity(count);
         for _ in 0..count {
-            sessions.push(Mutex::new(builder.clone().commit_from_file(model).map_err(err)?));
+            sessions.push(builder.clone().commit_from_file(model).map_err(err)?);
         }
-        let output_names = match sessions.first().map(|s| s.lock()) {
-            Some(Ok(session)) => session.outputs().iter().map(|o| o.name().to_string()).collect(),
-            _ => Vec::new(),
+        let output_names = match sessions.first() {
+            Some(session) => session.outputs().iter().map(|o| o.name().to_string()).collect(),
+            None => Vec::new(),
         };
         Ok(OrtBackend {
             output_names,
-            sessions,
-            next: std::sync::atomic::AtomicUsize::new(0),
+            sessions: SessionPool::new(sessions),
             provider,
             fp16: settings.fp16 && provider == Provider::TensorRt,
         })
@@ -198,26 +252,30 @@ impl Backend for OrtBackend {
     }
 
     fn parallel_calls(&self) -> usize {
-        self.sessions.len()
+        self.sessions.size
     }
 
     fn output_names(&self) -> Vec<String> {
         self.output_names.clone()
     }
 
+    /// On the CPU a batch costs the same per B-scan as single calls (EfficientNet-Lite0, one
+    /// thread: 11.5 ms per B-scan at batch 1, 2, 4 or 8; docs/benchmarks.md) while the arena
+    /// keeps the largest batch's activations for good (about 80 MiB more per session at 8),
+    /// so a volume goes one B-scan per call, on every session at once. A GPU gains from batches.
+    fn preferred_batch(&self) -> usize {
+        match self.provider {
+            Provider::Cpu => 1,
+            Provider::Cuda | Provider::TensorRt => 8,
+        }
+    }
+
     fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError> {
         let err = |e: ort::Error| InferError::Backend(e.to_string());
         let shape_i64: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         let tensor = Tensor::from_array((shape_i64, input)).map_err(err)?;
-        // A free session if there is one, else wait for the next in turn.
-        let n = self.sessions.len();
-        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
-        let free = (0..n).find_map(|i| self.sessions[(start + i) % n].try_lock().ok());
-        let mut session = match free {
-            Some(session) => session,
-            None => self.sessions[start].lock().map_err(|_| InferError::Backend("session lock poisoned".into()))?,
-        };
-        let outputs = session.run(ort::inputs![tensor]).map_err(err)?;
+        let mut lent = self.sessions.take();
+        let outputs = lent.session()?.run(ort::inputs![tensor]).map_err(err)?;
         if outputs.len() == 0 {
             return Err(InferError::Backend("model produced no output".into()));
         }
