@@ -254,13 +254,40 @@ fn image_metadata_is_stripped_and_pixels_survive() {
     let input = bench.write("DOE_JOHN 19450704.jpeg", &tagged);
     let lines = bench.deidentify(&[input]);
     let out = PathBuf::from(lines[0]["output"].as_str().unwrap());
-    assert_eq!(out.extension().unwrap(), "png");
+    // Kept byte for byte without its metadata segments: no larger than the original, and
+    // its compressed image data is the original's.
+    assert_eq!(out.extension().unwrap(), "jpg");
     let bytes = std::fs::read(&out).unwrap();
-    assert_no_phi(&bytes, "de-identified PNG");
+    assert_no_phi(&bytes, "de-identified JPEG");
+    assert!(bytes.len() <= original.len(), "{} > {}", bytes.len(), original.len());
+    let scan_data = |jpeg: &[u8]| {
+        let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).expect("a scan");
+        jpeg[sos..].to_vec()
+    };
+    assert_eq!(scan_data(&bytes), scan_data(&original), "the scan and its data untouched");
     let decoded_in = image::load_from_memory(&original).unwrap().to_luma8();
     let decoded_out = image::open(&out).unwrap().to_luma8();
     assert_eq!(decoded_in.dimensions(), decoded_out.dimensions());
-    assert_eq!(decoded_in.as_raw(), decoded_out.as_raw(), "lossless re-encoding of the decoded pixels");
+    assert_eq!(decoded_in.as_raw(), decoded_out.as_raw(), "the same pixels");
+}
+
+#[test]
+fn every_shared_jpeg_is_kept_byte_for_byte_with_the_same_pixels() {
+    let Some(images) = shared_oct_images() else { return };
+    let limits = octd::deid::InputLimits::from(&octd::config::IngestConfig::default());
+    let deid = octd::deid::Deidentifier::new(octd::secret::DeviceSecret::ephemeral(), Vec::new(), limits);
+    for (path, _) in &images {
+        let original = std::fs::read(path).unwrap();
+        let tagged = jpeg_with_metadata(&original);
+        let out = deid.deidentify_bytes(tagged).unwrap();
+        assert_eq!(out.extension, "jpg", "{}", path.display());
+        assert_no_phi(&out.artifact, "a de-identified JPEG");
+        let pixels = out.pixels.expect("pixels for inference").into_image().unwrap();
+        let from_artifact = image::load_from_memory(&out.artifact).unwrap();
+        let from_original = image::load_from_memory(&original).unwrap();
+        assert_eq!(pixels.as_bytes(), from_artifact.as_bytes(), "inference sees what is kept");
+        assert_eq!(from_artifact.as_bytes(), from_original.as_bytes(), "{}", path.display());
+    }
 }
 
 #[test]

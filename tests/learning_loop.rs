@@ -21,13 +21,17 @@ use common::{
 use octd_uplink::{sha256_hex, ImageKind, LabelUpload, ModelStamp, Prediction, LABEL_SCHEMA};
 use serde_json::Value;
 
-/// A scan de-identified by octd's own code: its PNG artefact.
+/// A scan de-identified by octd's own code, as the uplink sends it: a JPEG artefact (kept
+/// byte for byte without its metadata) goes up as its pixels in PNG.
 fn deidentified_png(path: &Path) -> Vec<u8> {
     let limits = octd::deid::InputLimits::from(&octd::config::IngestConfig::default());
     let deid = octd::deid::Deidentifier::new(octd::secret::DeviceSecret::ephemeral(), Vec::new(), limits);
     let out = deid.deidentify_bytes(std::fs::read(path).unwrap()).expect("de-identifies");
-    assert_eq!(out.extension, "png");
-    out.artifact
+    assert_eq!(out.extension, "jpg");
+    let image = image::load_from_memory_with_format(&out.artifact, image::ImageFormat::Jpeg).unwrap();
+    let mut png = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    png.into_inner()
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -1,9 +1,11 @@
 //! De-identification: the only stage that reads scanner bytes. Its output — a DICOM object
-//! cleaned by the PS3.15 Annex E Basic profile, or a PNG with nothing but pixels — is all
+//! cleaned by the PS3.15 Annex E Basic profile, a JPEG with nothing but its image segments
+//! (`jpeg`), or a PNG with nothing but pixels — is all
 //! that later stages see. It also enforces the input limits, so a malformed or hostile file
 //! is refused here, before any large allocation.
 
 mod dicom;
+mod jpeg;
 pub use dicom::read_checked;
 pub mod profile;
 pub mod walk;
@@ -126,14 +128,14 @@ pub struct Deidentified {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeidOutput {
     pub kind: InputKind,
-    /// `dcm` or `png`: the artefact's file name is `<scan_id>.<extension>`.
+    /// `dcm`, `jpg` or `png`: the artefact's file name is `<scan_id>.<extension>`.
     pub extension: &'static str,
     pub artifact: Vec<u8>,
     pub frames: u32,
     pub identifiers: BTreeMap<String, String>,
     pub study_uid: Option<String>,
     pub laterality: Option<String>,
-    /// A 2-D image's pixels exactly as its PNG artefact holds them, for inference: the
+    /// A 2-D image's pixels exactly as its artefact holds them, for inference: the
     /// artefact is written for the record, not decoded again (None for DICOM).
     pub pixels: Option<DecodedPixels>,
 }
@@ -279,11 +281,11 @@ impl Deidentifier {
                 pixels: None,
             });
         }
-        let (png, pixels) = reencode_image(bytes, kind, &self.limits)?;
+        let (extension, artifact, pixels) = deidentify_image(bytes, kind, &self.limits)?;
         Ok(DeidOutput {
             kind,
-            extension: "png",
-            artifact: png,
+            extension,
+            artifact,
             frames: 1,
             identifiers: BTreeMap::new(),
             study_uid: None,
@@ -313,15 +315,16 @@ pub fn read_input_within(input: &Path, limits: &InputLimits) -> Result<Vec<u8>, 
     Ok(bytes)
 }
 
-/// Decode and re-encode as PNG: only pixels survive, so EXIF, XMP, IPTC, JPEG comments,
-/// PNG text chunks and ICC profiles are all gone.
-/// Decode (within the limits), keep nothing but pixels, write them as PNG; the decoded pixels
-/// come back too, for inference.
-fn reencode_image(
+/// A 2-D image as its artefact (extension and bytes) and its decoded pixels, for inference.
+/// A JPEG keeps its compressed image byte for byte, without its metadata segments (`jpeg`):
+/// no encode, and the one decode is of the artefact itself, so inference sees exactly what
+/// is kept. Anything else is decoded and re-encoded as PNG: only pixels survive, so EXIF,
+/// XMP, IPTC, comments, PNG text chunks and ICC profiles are all gone.
+fn deidentify_image(
     bytes: Vec<u8>,
     kind: InputKind,
     limits: &InputLimits,
-) -> Result<(Vec<u8>, Option<DecodedPixels>), DeidError> {
+) -> Result<(&'static str, Vec<u8>, Option<DecodedPixels>), DeidError> {
     let format = match kind {
         InputKind::Jpeg => ImageFormat::Jpeg,
         InputKind::Png => ImageFormat::Png,
@@ -332,24 +335,45 @@ fn reencode_image(
     if kind == InputKind::Jpeg && !jpeg_has_end_marker(&bytes) {
         return Err(DeidError::Truncated("JPEG has no end-of-image marker".into()));
     }
-    let (width, height) = ImageReader::with_format(Cursor::new(&bytes), format)
+    if kind == InputKind::Jpeg {
+        if let Some(stripped) = jpeg::strip_metadata(&bytes)? {
+            drop(bytes);
+            let image = decode_within(&stripped, format, limits)?;
+            return match image {
+                DynamicImage::ImageLuma8(_) | DynamicImage::ImageRgb8(_) => {
+                    Ok(("jpg", stripped, DecodedPixels::from_image(image)))
+                }
+                // A layout inference does not take as it is: the pixels as PNG.
+                _ => reencode_png(image),
+            };
+        }
+    }
+    reencode_png(decode_within(&bytes, format, limits)?)
+}
+
+/// Decode an image within the limits, its size checked before any pixel is.
+fn decode_within(bytes: &[u8], format: ImageFormat, limits: &InputLimits) -> Result<DynamicImage, DeidError> {
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
         .map_err(|e| DeidError::Corrupt(format!("image header: {}", toolkit_words(e))))?;
     check_frame_limits(width.into(), height.into(), 1, 8, limits)?;
-    let mut reader = ImageReader::with_format(Cursor::new(&bytes), format);
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut decode_limits = image::Limits::default();
     decode_limits.max_image_width = Some(width);
     decode_limits.max_image_height = Some(height);
     decode_limits.max_alloc = Some(limits.max_decoded_bytes);
     reader.limits(decode_limits);
-    let image = reader.decode().map_err(|e| match e {
+    reader.decode().map_err(|e| match e {
         image::ImageError::Limits(l) => DeidError::OverLimits(toolkit_words(l)),
         image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             DeidError::Truncated(toolkit_words(io))
         }
         other => DeidError::Corrupt(format!("image data: {}", toolkit_words(other))),
-    })?;
-    drop(bytes);
+    })
+}
+
+/// The pixels alone, as PNG, in a layout inference takes.
+fn reencode_png(image: DynamicImage) -> Result<(&'static str, Vec<u8>, Option<DecodedPixels>), DeidError> {
     let image = match image {
         DynamicImage::ImageLuma8(_)
         | DynamicImage::ImageLuma16(_)
@@ -371,7 +395,20 @@ fn reencode_image(
         image::codecs::png::FilterType::Adaptive,
     );
     image.write_with_encoder(encoder).map_err(|e| DeidError::Corrupt(format!("re-encoding: {e}")))?;
-    Ok((png, DecodedPixels::from_image(image)))
+    Ok(("png", png, DecodedPixels::from_image(image)))
+}
+
+/// Width and height as a 2-D artefact's own header states them (`png`: IHDR; `jpg`: the
+/// frame header), without decoding it; None for anything else or a header that is not there.
+pub fn image_dimensions(extension: &str, artifact: &[u8]) -> Option<(u32, u32)> {
+    match extension {
+        "png" => artifact
+            .get(16..24)
+            .filter(|_| artifact.get(12..16) == Some(b"IHDR".as_slice()))
+            .map(|b| (u32::from_be_bytes([b[0], b[1], b[2], b[3]]), u32::from_be_bytes([b[4], b[5], b[6], b[7]]))),
+        "jpg" => jpeg::frame_size(artifact),
+        _ => None,
+    }
 }
 
 /// A JPEG cut short still decodes (to a grey tail) with most decoders, so look for EOI.
@@ -506,7 +543,7 @@ mod tests {
         with_text.extend_from_slice(&text);
         with_text.extend_from_slice(&plain[33..]);
         assert!(with_text.windows(8).any(|w| w == b"DOE^JANE"));
-        let (out, _) = reencode_image(with_text, InputKind::Png, &limits()).unwrap();
+        let (_, out, _) = deidentify_image(with_text, InputKind::Png, &limits()).unwrap();
         assert!(!out.windows(8).any(|w| w == b"DOE^JANE"));
         let back = image::load_from_memory(&out).unwrap().to_luma8();
         assert_eq!(back.get_pixel(3, 3).0[0], 200);

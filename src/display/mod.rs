@@ -595,7 +595,11 @@ async fn scan_image(
             Err(e) => Some((Err(e), (file, None))),
         }
     });
-    let content_type = if artifact.ends_with(".dcm") { "application/dicom" } else { "image/png" };
+    let content_type = match artifact.rsplit('.').next() {
+        Some("dcm") => "application/dicom",
+        Some("jpg") => "image/jpeg",
+        _ => "image/png",
+    };
     Ok((
         [
             (header::CONTENT_TYPE, content_type.to_string()),

@@ -204,7 +204,8 @@ impl Decoder {
                 });
                 let laterality_ok = done.laterality.as_deref().is_none_or(|l| matches!(l, "R" | "L" | "B" | "U"));
                 // Decoded pixels follow the artefact: only for a 2-D image, within the limits,
-                // of the PNG's own size, and exactly as many bytes as that size says.
+                // of the artefact's own size (PNG or JPEG header), and exactly as many bytes as
+                // that size says.
                 let limits = &self.settings.limits;
                 let pixels = match done.pixels {
                     None => Ok(None),
@@ -214,16 +215,11 @@ impl Decoder {
                             .checked_mul(u64::from(p.height))
                             .and_then(|n| n.checked_mul(p.layout.bytes_per_pixel()))
                             .filter(|&n| n > 0 && n <= limits.max_decoded_bytes);
-                        let png_size = artifact
-                            .get(16..24)
-                            .filter(|_| artifact.get(12..16) == Some(b"IHDR".as_slice()))
-                            .map(|b| {
-                                (
-                                    u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-                                    u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
-                                )
-                            });
-                        let fits = png_size == Some((p.width, p.height))
+                        let artifact_size = usize::try_from(p.artifact_len)
+                            .ok()
+                            .and_then(|n| artifact.get(..n))
+                            .and_then(|a| crate::deid::image_dimensions(&done.extension, a));
+                        let fits = artifact_size == Some((p.width, p.height))
                             && size.and_then(|n| p.artifact_len.checked_add(n)) == Some(artifact.len() as u64);
                         match fits {
                             true => {
@@ -376,6 +372,7 @@ fn extension(kind: InputKind, claimed: &str) -> Result<&'static str, IsolationEr
             code: codes::PROCESSOR_CRASHED,
             detail: format!("the worker named a DICOM artefact {claimed:?}"),
         }),
+        (InputKind::Jpeg, "jpg") => Ok("jpg"),
         (_, "png") => Ok("png"),
         _ => Err(IsolationError::Killed {
             code: codes::PROCESSOR_CRASHED,
