@@ -132,6 +132,33 @@ pub struct OutboxMessage {
 pub struct Store {
     db: Database,
     seal: ChaCha20Poly1305,
+    group: GroupCommit,
+}
+
+/// State changes from several threads written in one durable transaction: while one commit
+/// is under way, the changes that arrive queue up and the first of their callers commits
+/// them all at once when it ends (a leader, no thread of its own). Each caller returns only
+/// once its change is durable, so nothing is published earlier than before; a burst pays
+/// one commit per group, not one per change.
+#[derive(Default)]
+struct GroupCommit {
+    state: std::sync::Mutex<GroupState>,
+    committed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GroupState {
+    queue: Vec<Change>,
+    committing: bool,
+    next_ticket: u64,
+    done: std::collections::HashMap<u64, Result<Option<u64>, StoreError>>,
+}
+
+/// One caller's state change, waiting for its commit.
+struct Change {
+    ticket: u64,
+    record: ScanRecord,
+    message: Option<OutboxMessage>,
 }
 
 impl std::fmt::Debug for Store {
@@ -179,7 +206,7 @@ impl Store {
         Self::count_scans_once(&txn)?;
         txn.commit()?;
         let key = secret.mac("octd linkage seal v1", b"");
-        Ok(Store { db, seal: ChaCha20Poly1305::new(Key::from_slice(&key)) })
+        Ok(Store { db, seal: ChaCha20Poly1305::new(Key::from_slice(&key)), group: GroupCommit::default() })
     }
 
     fn seal_linkage(&self, linkage: &Linkage) -> Result<Vec<u8>, StoreError> {
@@ -295,20 +322,83 @@ impl Store {
         value.map(|v| decode(v.value())).transpose()
     }
 
-    /// Commit a state change, with its outgoing message when it has one.
+    /// Commit a state change, with its outgoing message when it has one; returns once it is
+    /// durable, with the message's outbox sequence number. Changes made at the same time by
+    /// other threads share the commit (see [`GroupCommit`]).
     pub fn transition(&self, record: &ScanRecord, message: Option<&OutboxMessage>) -> Result<Option<u64>, StoreError> {
-        let mut record = record.clone();
-        record.updated_at_ms = now_ms();
+        let lock = || self.group.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.queue.push(Change { ticket, record: record.clone(), message: message.cloned() });
+        loop {
+            if let Some(result) = state.done.remove(&ticket) {
+                return result;
+            }
+            if state.committing {
+                state = self.group.committed.wait(state).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            // No commit under way and this change not yet done: it is still queued, and this
+            // caller commits everything queued.
+            let changes = std::mem::take(&mut state.queue);
+            if changes.is_empty() {
+                return Err(StoreError::Corrupt("a state change was lost by its group commit".into()));
+            }
+            state.committing = true;
+            drop(state);
+            let tickets: Vec<u64> = changes.iter().map(|c| c.ticket).collect();
+            let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit_changes(changes)));
+            state = lock();
+            state.committing = false;
+            self.group.committed.notify_all();
+            match results {
+                Ok(results) => state.done.extend(results),
+                Err(panic) => {
+                    // The others in the group learn that their change is not durable; this
+                    // caller's panic goes on up as it would have without the group.
+                    let failed = tickets.into_iter().filter(|&t| t != ticket);
+                    state
+                        .done
+                        .extend(failed.map(|t| (t, Err(StoreError::Corrupt("the group commit panicked".into())))));
+                    drop(state);
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        }
+    }
+
+    /// Several callers' changes in one transaction; when it fails, each alone, so that one
+    /// bad change fails only its own caller.
+    fn commit_changes(&self, changes: Vec<Change>) -> Vec<(u64, Result<Option<u64>, StoreError>)> {
+        if changes.len() > 1 {
+            if let Ok(seqs) = self.write_changes(&changes) {
+                return changes.iter().map(|c| c.ticket).zip(seqs.into_iter().map(Ok)).collect();
+            }
+        }
+        changes
+            .into_iter()
+            .map(|c| {
+                let ticket = c.ticket;
+                (ticket, self.write_changes(std::slice::from_ref(&c)).map(|mut seqs| seqs.pop().flatten()))
+            })
+            .collect()
+    }
+
+    fn write_changes(&self, changes: &[Change]) -> Result<Vec<Option<u64>>, StoreError> {
         let txn = self.db.begin_write()?;
-        let seq = {
+        let mut seqs = Vec::with_capacity(changes.len());
+        for change in changes {
+            let mut record = change.record.clone();
+            record.updated_at_ms = now_ms();
             Self::put_scan(&txn, &record)?;
-            match message {
+            seqs.push(match &change.message {
                 Some(m) => Some(Self::push(&txn, m)?),
                 None => None,
-            }
-        };
+            });
+        }
         txn.commit()?;
-        Ok(seq)
+        Ok(seqs)
     }
 
     /// The daemon takes the scan's pixels in hand: count the attempt, durably, before it
@@ -881,6 +971,48 @@ mod tests {
         store.acknowledge(seq).unwrap();
         assert_eq!(store.get(id).unwrap().unwrap().state, ScanState::Published);
         assert!(store.outbox_after(0, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn changes_from_many_threads_at_once_are_each_durable_with_their_own_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let (threads, each) = (8, 25);
+        let mut seqs = Vec::new();
+        {
+            let store = std::sync::Arc::new(open(dir.path()));
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let store = store.clone();
+                    std::thread::spawn(move || {
+                        let mut mine = Vec::new();
+                        for n in 0..each {
+                            let mut rec = ScanRecord::received(ScanId::new());
+                            store.record_claim(&rec, &Linkage::default()).unwrap();
+                            rec.state = ScanState::Deidentified;
+                            assert_eq!(store.transition(&rec, None).unwrap(), None);
+                            rec.state = ScanState::Classified;
+                            let seq = store.transition(&rec, Some(&message(t * 100 + n, Some(rec.scan_id)))).unwrap();
+                            mine.push((rec.scan_id, seq.expect("a sequence number")));
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            for h in handles {
+                seqs.extend(h.join().unwrap());
+            }
+        }
+        // Reopened: every change is there, each message under the number its caller got.
+        let store = open(dir.path());
+        let total = (threads * each) as usize;
+        let outbox: BTreeMap<u64, OutboxMessage> = store.outbox_after(0, total + 1).unwrap().into_iter().collect();
+        assert_eq!(outbox.len(), total);
+        for (id, seq) in &seqs {
+            assert_eq!(store.get(*id).unwrap().unwrap().state, ScanState::Classified);
+            assert_eq!(outbox[seq].completes_scan, Some(*id), "seq {seq}");
+        }
+        assert_eq!(store.counts().unwrap().by_state.get("classified"), Some(&(total as u64)));
+        assert_eq!(store.counts().unwrap().by_state.get("deidentified").copied().unwrap_or(0), 0);
     }
 
     #[test]
