@@ -3,7 +3,10 @@
 //! throughput and the daemon's peak RSS. Runs the release binary with the embedded broker.
 //!
 //!   cargo build --release && cargo run --release --example e2e_bench [-- --bscans 100]
-//!       [--backend tract|onnxruntime] [--workers N] [--octd PATH-TO-ANOTHER-BUILD]
+//!       [--backend tract|onnxruntime] [--workers N] [--octd PATH-TO-ANOTHER-BUILD] [--peer]
+//!
+//! `--peer` then runs the same scenarios against `scripts/python_peer.py` (a plain serial
+//! Python script doing the same job, with its own Mosquitto) on the same files.
 //!
 //! It also measures the machine's limit in the same run: the CPU time of the unavoidable
 //! work of one B-scan (JPEG decode, preprocess, one single-threaded inference on the same
@@ -142,110 +145,214 @@ fn main() -> Result<(), Error> {
         .stderr(Stdio::null())
         .spawn()?;
     let pid = daemon.id();
+    std::thread::sleep(Duration::from_secs(3));
+    let octd = scenarios(port, &inbox, &bscan, &volume, burst)?;
+    let rss = peak_rss_kib(pid);
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let _ = daemon.wait();
+    println!(
+        "octd ({backend}, {workers} workers): drop -> result on MQTT (embedded broker, files renamed into the folder)"
+    );
+    octd.print(rss);
 
+    // The plain-Python peer on the same files, on the same machine, right after.
+    let peer = match args.iter().any(|a| a == "--peer") {
+        true => Some(run_peer(&repo, dir.path(), &bscan, &volume, burst)?),
+        false => None,
+    };
+
+    let batch = batch_of_64(&repo, &bscan, &backend)?;
+    println!(
+        "  64 inferences in one batch ({backend}, every core): {:.0} ms; octd's volume p50 is {:.2}x of it",
+        batch * 1000.0,
+        octd.volume_p50() / (batch * 1000.0)
+    );
+    let (per_scan, cores) = machine_limit(&repo, &bscan, &backend)?;
+    let limit = cores as f64 / per_scan;
+    println!(
+        "  machine limit ({backend}): decode + preprocess + 1-thread inference {:.2} ms/scan x {cores} cores = {limit:.0} scans/s; octd's burst at {:.2}x of it",
+        per_scan * 1000.0,
+        octd.burst_rate() / limit
+    );
+    if let Some(peer) = peer {
+        println!(
+            "  octd against the Python peer: single B-scan p50 {:.0} vs {:.0} ms, volume p50 {:.0} vs {:.0} ms, burst {:.1} vs {:.1} scans/s ({:.2}x of the limit)",
+            percentile(&octd.single, 0.5),
+            percentile(&peer.single, 0.5),
+            octd.volume_p50(),
+            peer.volume_p50(),
+            octd.burst_rate(),
+            peer.burst_rate(),
+            peer.burst_rate() / limit
+        );
+    }
+    Ok(())
+}
+
+/// What one implementation did with the same files.
+struct Figures {
+    single: Vec<f64>,
+    volume: Vec<f64>,
+    burst: usize,
+    burst_s: f64,
+    /// Each burst result's own stage timings (queue, de-identification, inference, total).
+    burst_stages: Vec<[f64; 4]>,
+}
+
+impl Figures {
+    fn volume_p50(&self) -> f64 {
+        percentile(&self.volume, 0.5)
+    }
+
+    fn burst_rate(&self) -> f64 {
+        self.burst as f64 / self.burst_s
+    }
+
+    fn print(&self, rss_kib: Option<u64>) {
+        let (single, vol) = (&self.single, &self.volume);
+        println!(
+            "  single B-scan (512x496 JPEG), {} runs: p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+            single.len(),
+            percentile(single, 0.5),
+            percentile(single, 0.95),
+            single[single.len() - 1]
+        );
+        println!(
+            "  64-B-scan DICOM volume, {} runs:        p50 {:.0} ms, max {:.0} ms",
+            vol.len(),
+            percentile(vol, 0.5),
+            vol[vol.len() - 1]
+        );
+        println!("  burst of {} B-scans: {:.1} s, {:.1} scans/s", self.burst, self.burst_s, self.burst_rate());
+        for (i, name) in ["queue", "de-identify", "infer", "total"].iter().enumerate() {
+            let mut v: Vec<f64> = self.burst_stages.iter().map(|s| s[i]).collect();
+            v.sort_by(f64::total_cmp);
+            if !v.is_empty() && v[v.len() - 1] > 0.0 {
+                println!("    burst {name}: p50 {:.0} ms, p95 {:.0} ms", percentile(&v, 0.5), percentile(&v, 0.95));
+            }
+        }
+        match rss_kib {
+            Some(kib) => println!("  peak RSS (VmHWM): {:.0} MiB", kib as f64 / 1024.0),
+            None => println!("  peak RSS: unavailable"),
+        }
+    }
+}
+
+/// Drop the same files into `inbox` as a scanner would and time each result's arrival on the
+/// broker at `port`: a warm-up, 20 single B-scans, 5 volumes, then a burst.
+fn scenarios(port: u16, inbox: &Path, bscan: &[u8], volume: &[u8], burst: usize) -> Result<Figures, Error> {
     let (tx, rx) = mpsc::channel::<(String, Instant, Vec<u8>)>();
-    let mut options = rumqttc::MqttOptions::new("e2e-bench", "127.0.0.1", port);
+    let mut options = rumqttc::MqttOptions::new(format!("e2e-bench-{port}"), "127.0.0.1", port);
     options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = rumqttc::Client::new(options, 1000);
+    let (subscribed_tx, subscribed) = mpsc::channel::<()>();
     std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        let (client, mut connection) = rumqttc::Client::new(options, 1000);
         for event in connection.iter() {
             match event {
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                     let _ = client.try_subscribe("oct/+/+/results/#", rumqttc::QoS::AtLeastOnce);
                 }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    let _ = subscribed_tx.send(());
+                }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                    let _ = tx.send((p.topic.clone(), Instant::now(), p.payload.to_vec()));
+                    if tx.send((p.topic.clone(), Instant::now(), p.payload.to_vec())).is_err() {
+                        return;
+                    }
                 }
                 Ok(_) => {}
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         }
     });
-    std::thread::sleep(Duration::from_secs(3));
+    subscribed.recv_timeout(Duration::from_secs(30))?;
     let mut seen = HashSet::new();
-    // Each result's own stage timings (queue, de-identification, inference, total).
-    let stages = std::cell::RefCell::new(Vec::<[f64; 4]>::new());
-    let mut wait_one = |rx: &mpsc::Receiver<(String, Instant, Vec<u8>)>| -> Result<Instant, Error> {
+    let mut stages = Vec::<[f64; 4]>::new();
+    let mut wait_one = |stages: &mut Vec<[f64; 4]>| -> Result<Instant, Error> {
         loop {
             let (topic, at, payload) = rx.recv_timeout(Duration::from_secs(120))?;
             if seen.insert(topic) {
                 if let Ok(result) = serde_json::from_slice::<serde_json::Value>(&payload) {
                     let t = &result["timings_ms"];
                     let ms = |k: &str| t[k].as_f64().unwrap_or(0.0);
-                    stages.borrow_mut().push([ms("queue_ms"), ms("deid_ms"), ms("infer_ms"), ms("total_ms")]);
+                    stages.push([ms("queue_ms"), ms("deid_ms"), ms("infer_ms"), ms("total_ms")]);
                 }
                 return Ok(at);
             }
         }
     };
-    drop_in(&inbox, "warmup.jpeg", &bscan)?;
-    wait_one(&rx)?;
-
+    drop_in(inbox, "warmup.jpeg", bscan)?;
+    wait_one(&mut stages)?;
     let mut single = Vec::new();
     for i in 0..20 {
         let t0 = Instant::now();
-        drop_in(&inbox, &format!("s{i}.jpeg"), &bscan)?;
-        single.push((wait_one(&rx)? - t0).as_secs_f64() * 1000.0);
+        drop_in(inbox, &format!("s{i}.jpeg"), bscan)?;
+        single.push((wait_one(&mut stages)? - t0).as_secs_f64() * 1000.0);
     }
-    let mut vol = Vec::new();
+    let mut volume_ms = Vec::new();
     for i in 0..5 {
         let t0 = Instant::now();
-        drop_in(&inbox, &format!("v{i}.dcm"), &volume)?;
-        vol.push((wait_one(&rx)? - t0).as_secs_f64() * 1000.0);
+        drop_in(inbox, &format!("v{i}.dcm"), volume)?;
+        volume_ms.push((wait_one(&mut stages)? - t0).as_secs_f64() * 1000.0);
     }
-    let before_burst = stages.borrow().len();
+    stages.clear();
     let t0 = Instant::now();
     for i in 0..burst {
-        drop_in(&inbox, &format!("b{i}.jpeg"), &bscan)?;
+        drop_in(inbox, &format!("b{i}.jpeg"), bscan)?;
     }
     for _ in 0..burst {
-        wait_one(&rx)?;
+        wait_one(&mut stages)?;
     }
     let burst_s = t0.elapsed().as_secs_f64();
-    let burst_stages: Vec<[f64; 4]> = stages.borrow()[before_burst..].to_vec();
-    let rss = peak_rss_kib(pid);
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-    let _ = daemon.wait();
-
     single.sort_by(f64::total_cmp);
-    vol.sort_by(f64::total_cmp);
-    println!("drop -> result on MQTT (embedded broker, files renamed into the folder)");
-    println!(
-        "  single B-scan (512x496 JPEG), 20 runs: p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
-        percentile(&single, 0.5),
-        percentile(&single, 0.95),
-        single[single.len() - 1]
-    );
-    println!(
-        "  64-B-scan DICOM volume, 5 runs:        p50 {:.0} ms, max {:.0} ms",
-        percentile(&vol, 0.5),
-        vol[vol.len() - 1]
-    );
-    println!("  burst of {burst} B-scans: {burst_s:.1} s, {:.1} scans/s", burst as f64 / burst_s);
-    for (i, name) in ["queue", "de-identify", "infer", "total"].iter().enumerate() {
-        let mut v: Vec<f64> = burst_stages.iter().map(|s| s[i]).collect();
-        v.sort_by(f64::total_cmp);
-        if !v.is_empty() {
-            println!("    burst {name}: p50 {:.0} ms, p95 {:.0} ms", percentile(&v, 0.5), percentile(&v, 0.95));
-        }
+    volume_ms.sort_by(f64::total_cmp);
+    Ok(Figures { single, volume: volume_ms, burst, burst_s, burst_stages: stages })
+}
+
+/// The same scenarios against `scripts/python_peer.py`, with a Mosquitto of its own.
+fn run_peer(repo: &Path, dir: &Path, bscan: &[u8], volume: &[u8], burst: usize) -> Result<Figures, Error> {
+    use std::io::BufRead;
+    let python = repo.join(".venv/bin/python");
+    let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or("--peer needs Mosquitto (apt install mosquitto)")?;
+    if !python.exists() {
+        return Err("--peer needs the .venv (scripts/test.sh makes it)".into());
     }
-    let batch = batch_of_64(&repo, &bscan, &backend)?;
-    println!(
-        "  64 inferences in one batch ({backend}, every core): {:.0} ms; the volume's p50 is {:.2}x of it",
-        batch * 1000.0,
-        percentile(&vol, 0.5) / (batch * 1000.0)
-    );
-    let (per_scan, cores) = machine_limit(&repo, &bscan, &backend)?;
-    let limit = cores as f64 / per_scan;
-    println!(
-        "  machine limit ({backend}): decode + preprocess + 1-thread inference {:.2} ms/scan x {cores} cores = {limit:.0} scans/s; burst at {:.2}x of it",
-        per_scan * 1000.0,
-        burst as f64 / burst_s / limit
-    );
-    match rss {
-        Some(kib) => println!("  octd peak RSS (VmHWM): {:.0} MiB", kib as f64 / 1024.0),
-        None => println!("  octd peak RSS: unavailable"),
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut broker =
+        Command::new(mosquitto).args(["-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let inbox = dir.join("peer-inbox");
+    std::fs::create_dir_all(&inbox)?;
+    let mut peer = Command::new(python)
+        .arg(repo.join("scripts/python_peer.py"))
+        .arg("--watch")
+        .arg(&inbox)
+        .arg("--state")
+        .arg(dir.join("peer-state"))
+        .args(["--broker", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let pid = peer.id();
+    let mut ready = String::new();
+    if let Some(out) = peer.stdout.take() {
+        std::io::BufReader::new(out).read_line(&mut ready)?;
     }
-    Ok(())
+    let figures = match ready.trim() == "ready" {
+        true => scenarios(port, &inbox, bscan, volume, burst),
+        false => Err("the Python peer did not start".into()),
+    };
+    let rss = peak_rss_kib(pid);
+    let _ = peer.kill();
+    let _ = peer.wait();
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let figures = figures?;
+    println!("the Python peer (scripts/python_peer.py: serial, onnxruntime's default threads, SQLite, paho-mqtt QoS 1, Mosquitto)");
+    figures.print(rss);
+    Ok(figures)
 }
