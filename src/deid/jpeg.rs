@@ -4,14 +4,14 @@
 //! the quantisation and Huffman tables and the entropy-coded data. So the artefact is written
 //! from a whitelist: those segments are copied byte for byte, everything else is left out,
 //! and the only segments octd adds are fixed ones it writes itself (JFIF, Adobe colour
-//! transform) that keep the colours decoding as the original's did. Pixels are identical to
+//! transform) that keep the colours decoding as the original's did. Tables no frame or scan
+//! refers to are left out too (see [`strip_metadata`]). Pixels are identical to
 //! the original's, the file is the original's size or less, and nothing is encoded.
 //!
 //! What the whitelist cannot carry byte for byte (lossless, hierarchical or arithmetic-coded
-//! JPEG, CMYK, markers octd does not know) is reported as such, and the caller falls back to
-//! decoding the pixels and writing them as PNG.
-
-use super::DeidError;
+//! JPEG, CMYK, markers octd does not know, a table defined twice, any structure the walk does
+//! not expect) is reported as such, and the caller falls back to decoding the pixels and
+//! writing them as PNG.
 
 const SOI: u8 = 0xD8;
 const EOI: u8 = 0xD9;
@@ -25,99 +25,154 @@ const COM: u8 = 0xFE;
 const JFIF: [u8; 18] =
     [0xFF, APP0, 0x00, 0x10, b'J', b'F', b'I', b'F', 0x00, 0x01, 0x01, 0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00];
 
-/// Whether a marker's segment is part of the image (copied) or metadata (left out).
-enum Segment {
-    /// Frame headers (baseline, extended and progressive Huffman), Huffman and quantisation
-    /// tables, restart interval.
-    Image,
-    /// APPn and COM.
-    Metadata,
+/// A table-defining segment's tables, each with its identity: an unused table is free bytes
+/// (up to 256 in a Huffman table), so only tables the frame or a scan refers to are kept.
+type Tables = Vec<(TableId, std::ops::Range<usize>)>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TableId {
+    Quantisation(u8),
+    /// Class (0: DC, 1: AC) and destination.
+    Huffman(u8, u8),
 }
 
-fn classify(marker: u8) -> Option<Segment> {
-    match marker {
-        0xC0 | 0xC1 | 0xC2 | 0xC4 | 0xDB | 0xDD => Some(Segment::Image),
-        0xE0..=0xEF | COM => Some(Segment::Metadata),
-        _ => None,
+/// What the artefact is made of, in the input's order.
+enum Part {
+    /// Bytes of the input copied as they are: frame and scan headers, restart interval,
+    /// entropy-coded data.
+    Copied(std::ops::Range<usize>),
+    /// A DQT (0xDB) or DHT (0xC4) segment, written again with the used tables only.
+    Tables(u8, Tables),
+}
+
+fn quantisation_tables(payload: &[u8], at: usize) -> Option<Tables> {
+    let mut tables = Vec::new();
+    let mut i = 0;
+    while i < payload.len() {
+        let (precision, id) = (payload[i] >> 4, payload[i] & 0x0F);
+        let size = match precision {
+            0 => 64,
+            1 => 128,
+            _ => return None,
+        };
+        if id > 3 || i + 1 + size > payload.len() {
+            return None;
+        }
+        tables.push((TableId::Quantisation(id), at + i..at + i + 1 + size));
+        i += 1 + size;
     }
+    Some(tables)
 }
 
-/// The JPEG with only its image segments, or `Ok(None)` when it holds something the
-/// whitelist does not carry (the caller then decodes and re-encodes). A structure that is
-/// cut short or malformed is an error.
-pub(crate) fn strip_metadata(bytes: &[u8]) -> Result<Option<Vec<u8>>, DeidError> {
+fn huffman_tables(payload: &[u8], at: usize) -> Option<Tables> {
+    let mut tables = Vec::new();
+    let mut i = 0;
+    while i < payload.len() {
+        let (class, id) = (payload[i] >> 4, payload[i] & 0x0F);
+        let counts = payload.get(i + 1..i + 17)?;
+        let symbols: usize = counts.iter().map(|&c| usize::from(c)).sum();
+        if class > 1 || id > 3 || symbols > 256 || i + 17 + symbols > payload.len() {
+            return None;
+        }
+        tables.push((TableId::Huffman(class, id), at + i..at + i + 17 + symbols));
+        i += 17 + symbols;
+    }
+    Some(tables)
+}
+
+/// The JPEG with only its image segments, or None when it holds something the whitelist does
+/// not carry or a structure this walk does not expect (the caller then decodes the input and
+/// re-encodes its pixels, and the decoder's own checks decide).
+///
+/// What is kept: the frame header (baseline, extended or progressive Huffman; one or three
+/// components), the quantisation and Huffman tables the frame or a scan refers to (each
+/// defined once), the restart interval, the scan headers and their entropy-coded data. What
+/// remains is the kind of channel pixels themselves are: a file crafted to hide bytes in the
+/// symbol values of a used Huffman table, or in padding after a scan's last block, keeps
+/// them, as a pixel-preserving de-identification keeps whatever the pixels show.
+pub(crate) fn strip_metadata(bytes: &[u8]) -> Option<Vec<u8>> {
     if bytes.len() < 4 || bytes[0] != 0xFF || bytes[1] != SOI {
-        return Err(DeidError::Corrupt("JPEG does not start with a start-of-image marker".into()));
+        return None;
     }
-    let mut image = Vec::with_capacity(bytes.len());
+    let mut parts = Vec::new();
+    let mut used = std::collections::BTreeSet::new();
+    let mut defined = std::collections::BTreeSet::new();
     let (mut jfif, mut adobe_transform, mut frame, mut scans) = (false, None::<u8>, false, 0usize);
     let mut i = 2;
     loop {
         // A marker: 0xFF, any number of fill bytes 0xFF, then its code.
-        if i >= bytes.len() {
-            return Err(DeidError::Truncated("JPEG has no end-of-image marker".into()));
+        if *bytes.get(i)? != 0xFF {
+            return None;
         }
-        if bytes[i] != 0xFF {
-            return Err(DeidError::Corrupt(format!("JPEG: a marker was expected at byte {i}")));
-        }
-        while i < bytes.len() && bytes[i] == 0xFF {
+        while bytes.get(i) == Some(&0xFF) {
             i += 1;
         }
-        let Some(&marker) = bytes.get(i) else {
-            return Err(DeidError::Truncated("JPEG has no end-of-image marker".into()));
-        };
+        let marker = *bytes.get(i)?;
         i += 1;
         if marker == EOI {
             if !frame || scans == 0 {
-                return Err(DeidError::Corrupt("JPEG ends before its image".into()));
+                return None;
             }
-            image.extend_from_slice(&[0xFF, EOI]);
             break; // whatever follows the end of the image is left out
         }
-        let Some(length) = bytes.get(i..i + 2).map(|l| usize::from(u16::from_be_bytes([l[0], l[1]]))) else {
-            return Err(DeidError::Truncated("JPEG segment header cut short".into()));
-        };
+        let length = usize::from(u16::from_be_bytes([*bytes.get(i)?, *bytes.get(i + 1)?]));
         if length < 2 {
-            return Err(DeidError::Corrupt(format!("JPEG segment of length {length}")));
+            return None;
         }
         let end = i + length;
-        let Some(payload) = bytes.get(i + 2..end) else {
-            return Err(DeidError::Truncated("JPEG segment cut short".into()));
-        };
-        let whole = &bytes[i - 2..end];
-        match (marker, classify(marker)) {
-            (SOS, _) => {
-                if !frame {
-                    return Err(DeidError::Corrupt("JPEG scan before its frame header".into()));
+        let payload = bytes.get(i + 2..end)?;
+        match marker {
+            SOS => {
+                let components = usize::from(*payload.first()?);
+                for c in 0..components {
+                    let tables = *payload.get(2 + 2 * c)?;
+                    used.insert(TableId::Huffman(0, tables >> 4));
+                    used.insert(TableId::Huffman(1, tables & 0x0F));
                 }
-                image.extend_from_slice(whole);
+                if !frame {
+                    return None;
+                }
                 let data_end = entropy_coded_end(bytes, end)?;
-                image.extend_from_slice(&bytes[end..data_end]);
+                parts.push(Part::Copied(i - 2..data_end));
                 scans += 1;
                 i = data_end;
                 continue;
             }
-            (0xC0..=0xC2, _) => {
-                // Carried byte for byte only for greyscale and 3-component colour.
-                if frame || !matches!(payload.get(5), Some(1 | 3)) {
-                    return Ok(None);
+            0xC0..=0xC2 => {
+                let components = usize::from(*payload.get(5)?);
+                if frame || !matches!(components, 1 | 3) {
+                    return None;
+                }
+                for c in 0..components {
+                    used.insert(TableId::Quantisation(*payload.get(6 + 3 * c + 2)?));
                 }
                 frame = true;
-                image.extend_from_slice(whole);
+                parts.push(Part::Copied(i - 2..end));
             }
-            (_, Some(Segment::Image)) => image.extend_from_slice(whole),
-            (APP0, Some(Segment::Metadata)) => jfif |= payload.starts_with(b"JFIF\0"),
-            (APP14, Some(Segment::Metadata)) => {
+            0xDB | 0xC4 => {
+                let tables = match marker {
+                    0xDB => quantisation_tables(payload, i + 2)?,
+                    _ => huffman_tables(payload, i + 2)?,
+                };
+                // A table defined again would leave its first definition unused.
+                if !tables.iter().all(|(id, _)| defined.insert(*id)) {
+                    return None;
+                }
+                parts.push(Part::Tables(marker, tables));
+            }
+            0xDD => parts.push(Part::Copied(i - 2..end)),
+            APP0 => jfif |= payload.starts_with(b"JFIF\0"),
+            APP14 => {
                 if payload.len() >= 12 && payload.starts_with(b"Adobe") {
                     adobe_transform = Some(payload[11]);
                 }
             }
-            (_, Some(Segment::Metadata)) => {}
-            (_, None) => return Ok(None),
+            0xE1..=0xED | 0xEF | COM => {}
+            _ => return None,
         }
         i = end;
     }
-    let mut out = Vec::with_capacity(image.len() + 2 + JFIF.len() + 16);
+    let mut out = Vec::with_capacity(bytes.len().min(i) + JFIF.len() + 16);
     out.extend_from_slice(&[0xFF, SOI]);
     if jfif {
         out.extend_from_slice(&JFIF);
@@ -128,8 +183,25 @@ pub(crate) fn strip_metadata(bytes: &[u8]) -> Result<Option<Vec<u8>>, DeidError>
         out.extend_from_slice(&[0xFF, APP14, 0x00, 0x0E, b'A', b'd', b'o', b'b', b'e', 0x00, 0x64, 0, 0, 0, 0]);
         out.push(transform.min(2));
     }
-    out.extend_from_slice(&image);
-    Ok(Some(out))
+    for part in parts {
+        match part {
+            Part::Copied(range) => out.extend_from_slice(bytes.get(range)?),
+            Part::Tables(marker, tables) => {
+                let kept: Vec<_> = tables.into_iter().filter(|(id, _)| used.contains(id)).collect();
+                if kept.is_empty() {
+                    continue;
+                }
+                let length: usize = 2 + kept.iter().map(|(_, r)| r.len()).sum::<usize>();
+                out.extend_from_slice(&[0xFF, marker]);
+                out.extend_from_slice(&u16::try_from(length).ok()?.to_be_bytes());
+                for (_, range) in kept {
+                    out.extend_from_slice(bytes.get(range)?);
+                }
+            }
+        }
+    }
+    out.extend_from_slice(&[0xFF, EOI]);
+    Some(out)
 }
 
 /// The frame header's width and height, read by walking the segments before the first scan
@@ -139,7 +211,7 @@ pub(crate) fn frame_size(jpeg: &[u8]) -> Option<(u32, u32)> {
         return None;
     }
     let mut i = 2;
-    for _ in 0..64 {
+    while i < jpeg.len() {
         let (&0xFF, &marker) = (jpeg.get(i)?, jpeg.get(i + 1)?) else { return None };
         let length = usize::from(u16::from_be_bytes([*jpeg.get(i + 2)?, *jpeg.get(i + 3)?]));
         if (0xC0..=0xC2).contains(&marker) {
@@ -157,18 +229,14 @@ pub(crate) fn frame_size(jpeg: &[u8]) -> Option<(u32, u32)> {
 }
 
 /// Where a scan's entropy-coded data ends: at the first marker that is not a restart marker
-/// (0xFF 0x00 is a stuffed data byte).
-fn entropy_coded_end(bytes: &[u8], start: usize) -> Result<usize, DeidError> {
+/// (0xFF 0x00 is a stuffed data byte). None when no marker follows.
+fn entropy_coded_end(bytes: &[u8], start: usize) -> Option<usize> {
     let mut j = start;
     loop {
-        let Some(at) = bytes.get(j..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) else {
-            return Err(DeidError::Truncated("JPEG has no end-of-image marker".into()));
-        };
-        j += at;
-        match bytes.get(j + 1) {
-            None => return Err(DeidError::Truncated("JPEG has no end-of-image marker".into())),
-            Some(0x00 | 0xD0..=0xD7) => j += 2,
-            Some(_) => return Ok(j),
+        j += bytes.get(j..)?.iter().position(|&b| b == 0xFF)?;
+        match bytes.get(j + 1)? {
+            0x00 | 0xD0..=0xD7 => j += 2,
+            _ => return Some(j),
         }
     }
 }
@@ -191,6 +259,14 @@ mod tests {
         s
     }
 
+    /// `plain` with `extra` inserted right after its start-of-image marker.
+    fn with_after_soi(plain: &[u8], extra: &[u8]) -> Vec<u8> {
+        let mut out = plain[..2].to_vec();
+        out.extend_from_slice(extra);
+        out.extend_from_slice(&plain[2..]);
+        out
+    }
+
     /// Every marker of a stripped file, in order (entropy-coded data skipped).
     fn markers(bytes: &[u8]) -> Vec<u8> {
         let mut found = vec![SOI];
@@ -209,73 +285,87 @@ mod tests {
         found
     }
 
+    fn same_pixels(a: &[u8], b: &[u8]) {
+        let a = image::load_from_memory(a).unwrap().to_luma8();
+        let b = image::load_from_memory(b).unwrap().to_luma8();
+        assert_eq!(a.as_raw(), b.as_raw());
+    }
+
     #[test]
     fn metadata_anywhere_is_left_out_and_pixels_are_the_same() {
         let plain = grey_jpeg();
-        let mut tagged = plain[..2].to_vec();
-        tagged.extend(segment(0xE1, b"Exif\0\0MM DOE^JOHN"));
-        tagged.extend(segment(0xE2, b"ICC_PROFILE\0 Springfield"));
-        tagged.extend(segment(COM, b"MRN 8675309"));
-        // After the first table, between image segments.
-        let first_table_end = 2 + 2 + usize::from(u16::from_be_bytes([plain[4], plain[5]]));
-        tagged.extend_from_slice(&plain[2..first_table_end]);
-        tagged.extend(segment(0xED, b"Photoshop 3.0\0 born 19450704"));
-        tagged.extend_from_slice(&plain[first_table_end..]);
+        let mut extra = segment(0xE1, b"Exif\0\0MM DOE^JOHN");
+        extra.extend(segment(0xE2, b"ICC_PROFILE\0 Springfield"));
+        extra.extend(segment(COM, b"MRN 8675309"));
+        let mut tagged = with_after_soi(&plain, &extra);
+        // Between image segments too, and after the end.
+        let sof = tagged.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        tagged.splice(sof..sof, segment(0xED, b"Photoshop 3.0\0 born 19450704"));
         tagged.extend_from_slice(b"trailing DOE^JOHN after the end");
-        let stripped = strip_metadata(&tagged).unwrap().expect("a baseline JPEG is carried");
+        let stripped = strip_metadata(&tagged).expect("a baseline JPEG is carried");
         for phi in [&b"DOE^JOHN"[..], b"Springfield", b"8675309", b"19450704"] {
             assert!(!stripped.windows(phi.len()).any(|w| w == phi), "{}", String::from_utf8_lossy(phi));
         }
-        assert!(markers(&stripped).iter().all(|&m| m == SOI || m == EOI || m == SOS || classify(m).is_some()));
-        assert!(!markers(&stripped).iter().any(|&m| (0xE1..=0xEF).contains(&m) || m == COM));
-        let before = image::load_from_memory(&plain).unwrap().to_luma8();
-        let after = image::load_from_memory(&stripped).unwrap().to_luma8();
-        assert_eq!(before.as_raw(), after.as_raw());
+        let allowed = [SOI, EOI, SOS, 0xC0, 0xC1, 0xC2, 0xC4, 0xDB, 0xDD, APP0, APP14];
+        assert!(markers(&stripped).iter().all(|m| allowed.contains(m)), "{:x?}", markers(&stripped));
+        same_pixels(&plain, &stripped);
         assert_eq!(frame_size(&stripped), Some((40, 24)));
         assert_eq!(frame_size(&stripped[..12]), None);
     }
 
     #[test]
+    fn tables_no_frame_or_scan_uses_are_left_out() {
+        let plain = grey_jpeg();
+        // A greyscale image uses quantisation table 0 and Huffman tables 0: table 3 of each
+        // kind is free space, here holding identity.
+        let mut unused_q = vec![0x03];
+        unused_q.extend(b"DOE^JOHN 19450704".iter().cycle().take(64));
+        let mut unused_h = vec![0x13];
+        let mut counts = [0u8; 16];
+        counts[7] = 17;
+        unused_h.extend_from_slice(&counts);
+        unused_h.extend_from_slice(b"DOE^JOHN 19450704");
+        let mut extra = segment(0xDB, &unused_q);
+        extra.extend(segment(0xC4, &unused_h));
+        let tagged = with_after_soi(&plain, &extra);
+        image::load_from_memory(&tagged).expect("the decoder accepts the unused tables");
+        let stripped = strip_metadata(&tagged).expect("carried");
+        assert!(!stripped.windows(8).any(|w| w == b"DOE^JOHN"));
+        same_pixels(&plain, &stripped);
+        // A used table defined twice: its first definition would be unused, so it falls back.
+        let q0 = plain.windows(2).position(|w| w == [0xFF, 0xDB]).unwrap();
+        let q0_len = usize::from(u16::from_be_bytes([plain[q0 + 2], plain[q0 + 3]]));
+        let twice = with_after_soi(&plain, &plain[q0..q0 + 2 + q0_len]);
+        assert_eq!(strip_metadata(&twice), None);
+    }
+
+    #[test]
     fn jfif_and_adobe_are_rewritten_from_nothing_of_the_input() {
         let plain = grey_jpeg();
-        let mut tagged = plain[..2].to_vec();
-        // A JFIF header with a thumbnail-sized tail and an Adobe segment with extra bytes.
-        tagged.extend(segment(APP0, b"JFIF\0\x01\x02\x01\x00\x48\x00\x48\x00\x00DOE^JOHN"));
-        tagged.extend(segment(APP14, b"Adobe\0\x64\x80\x00\x00\x00\x01DOE^JOHN"));
-        tagged.extend_from_slice(&plain[2..]);
-        let stripped = strip_metadata(&tagged).unwrap().unwrap();
+        let mut extra = segment(APP0, b"JFIF\0\x01\x02\x01\x00\x48\x00\x48\x00\x00DOE^JOHN");
+        extra.extend(segment(APP14, b"Adobe\0\x64\x80\x00\x00\x00\x01DOE^JOHN"));
+        let tagged = with_after_soi(&plain, &extra);
+        let stripped = strip_metadata(&tagged).unwrap();
         assert!(!stripped.windows(8).any(|w| w == b"DOE^JOHN"));
         assert_eq!(&stripped[2..20], &JFIF);
         assert_eq!(stripped[20..36].last(), Some(&1), "the colour transform is kept");
     }
 
     #[test]
-    fn what_the_whitelist_cannot_carry_falls_back() {
+    fn what_the_walk_cannot_carry_falls_back() {
         let plain = grey_jpeg();
         // A lossless (SOF3) frame header instead of the baseline one.
         let mut lossless = plain.clone();
         let sof = lossless.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
         lossless[sof + 1] = 0xC3;
-        assert_eq!(strip_metadata(&lossless).unwrap(), None);
-        // An unknown marker segment.
-        let mut unknown = plain[..2].to_vec();
-        unknown.extend(segment(0xF1, b"vendor"));
-        unknown.extend_from_slice(&plain[2..]);
-        assert_eq!(strip_metadata(&unknown).unwrap(), None);
-    }
-
-    #[test]
-    fn broken_structures_are_refused() {
-        let plain = grey_jpeg();
-        for cut in [4, 10, plain.len() / 2, plain.len() - 2] {
-            let e = strip_metadata(&plain[..cut]).unwrap_err();
-            assert!(matches!(e, DeidError::Truncated(_)), "cut at {cut}: {e}");
+        assert_eq!(strip_metadata(&lossless), None);
+        // An unknown marker segment, bytes between segments, broken lengths, cut short.
+        assert_eq!(strip_metadata(&with_after_soi(&plain, &segment(0xF1, b"vendor"))), None);
+        assert_eq!(strip_metadata(&with_after_soi(&plain, b"\x00\x00")), None);
+        assert_eq!(strip_metadata(&with_after_soi(&plain, &[0xFF, 0xE1, 0x00, 0x01])), None);
+        for cut in [3, 4, 10, plain.len() / 2, plain.len() - 2] {
+            assert_eq!(strip_metadata(&plain[..cut]), None, "cut at {cut}");
         }
-        assert!(matches!(strip_metadata(b"\xFF\xD8\xFF\xD9"), Err(DeidError::Corrupt(_))));
-        assert!(matches!(strip_metadata(b"\xFF\xD8\x00\x00\x00"), Err(DeidError::Corrupt(_))));
-        let mut zero_length = plain[..2].to_vec();
-        zero_length.extend_from_slice(&[0xFF, 0xE1, 0x00, 0x01]);
-        zero_length.extend_from_slice(&plain[2..]);
-        assert!(matches!(strip_metadata(&zero_length), Err(DeidError::Corrupt(_))));
+        assert_eq!(strip_metadata(b"\xFF\xD8\xFF\xD9"), None);
     }
 }

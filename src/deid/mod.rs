@@ -250,7 +250,7 @@ impl Deidentifier {
         read_input_within(input, &self.limits)
     }
 
-    /// De-identify `input` into `out_dir/<scan_id>.{dcm,png}`, in this process (the one-shot
+    /// De-identify `input` into `out_dir/<scan_id>.{dcm,jpg,png}`, in this process (the one-shot
     /// commands; the daemon runs [`Deidentifier::deidentify_bytes`] in its decoder worker).
     /// The artefact is written atomically, so it either exists whole or not at all.
     pub fn deidentify(&self, input: &Path, out_dir: &Path, scan_id: ScanId) -> Result<Deidentified, DeidError> {
@@ -336,7 +336,7 @@ fn deidentify_image(
         return Err(DeidError::Truncated("JPEG has no end-of-image marker".into()));
     }
     if kind == InputKind::Jpeg {
-        if let Some(stripped) = jpeg::strip_metadata(&bytes)? {
+        if let Some(stripped) = jpeg::strip_metadata(&bytes) {
             drop(bytes);
             let image = decode_within(&stripped, format, limits)?;
             return match image {
