@@ -151,8 +151,12 @@ struct GroupState {
     queue: Vec<Change>,
     committing: bool,
     next_ticket: u64,
-    done: std::collections::HashMap<u64, Result<Option<u64>, StoreError>>,
+    done: std::collections::HashMap<u64, Outcome>,
 }
+
+/// A change's commit: its result, or the panic it caused (raised again in its own caller,
+/// not in whichever caller led the group).
+type Outcome = std::thread::Result<Result<Option<u64>, StoreError>>;
 
 /// One caller's state change, waiting for its commit.
 struct Change {
@@ -332,8 +336,9 @@ impl Store {
         state.next_ticket += 1;
         state.queue.push(Change { ticket, record: record.clone(), message: message.cloned() });
         loop {
-            if let Some(result) = state.done.remove(&ticket) {
-                return result;
+            if let Some(outcome) = state.done.remove(&ticket) {
+                drop(state);
+                return outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             }
             if state.committing {
                 state = self.group.committed.wait(state).unwrap_or_else(|p| p.into_inner());
@@ -347,40 +352,29 @@ impl Store {
             }
             state.committing = true;
             drop(state);
-            let tickets: Vec<u64> = changes.iter().map(|c| c.ticket).collect();
-            let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit_changes(changes)));
+            let outcomes = self.commit_changes(changes);
             state = lock();
+            state.done.extend(outcomes);
             state.committing = false;
             self.group.committed.notify_all();
-            match results {
-                Ok(results) => state.done.extend(results),
-                Err(panic) => {
-                    // The others in the group learn that their change is not durable; this
-                    // caller's panic goes on up as it would have without the group.
-                    let failed = tickets.into_iter().filter(|&t| t != ticket);
-                    state
-                        .done
-                        .extend(failed.map(|t| (t, Err(StoreError::Corrupt("the group commit panicked".into())))));
-                    drop(state);
-                    std::panic::resume_unwind(panic);
-                }
-            }
         }
     }
 
-    /// Several callers' changes in one transaction; when it fails, each alone, so that one
-    /// bad change fails only its own caller.
-    fn commit_changes(&self, changes: Vec<Change>) -> Vec<(u64, Result<Option<u64>, StoreError>)> {
+    /// Several callers' changes in one transaction; when it fails or panics, each alone, so
+    /// that one bad change fails (or panics) only its own caller. Never panics itself.
+    fn commit_changes(&self, changes: Vec<Change>) -> Vec<(u64, Outcome)> {
+        let attempt =
+            |changes: &[Change]| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write_changes(changes)));
         if changes.len() > 1 {
-            if let Ok(seqs) = self.write_changes(&changes) {
-                return changes.iter().map(|c| c.ticket).zip(seqs.into_iter().map(Ok)).collect();
+            if let Ok(Ok(seqs)) = attempt(&changes) {
+                return changes.iter().map(|c| c.ticket).zip(seqs.into_iter().map(|seq| Ok(Ok(seq)))).collect();
             }
         }
         changes
-            .into_iter()
+            .iter()
             .map(|c| {
-                let ticket = c.ticket;
-                (ticket, self.write_changes(std::slice::from_ref(&c)).map(|mut seqs| seqs.pop().flatten()))
+                let outcome = attempt(std::slice::from_ref(c)).map(|r| r.map(|mut seqs| seqs.pop().flatten()));
+                (c.ticket, outcome)
             })
             .collect()
     }
