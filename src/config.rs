@@ -292,7 +292,9 @@ impl Default for TriageConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineConfig {
-    /// Scans processed concurrently.
+    /// Scans processed concurrently. More than the cores, so that one scan's
+    /// de-identification and commits overlap another's inference (at most one per core
+    /// classifies at a time).
     pub workers: usize,
     /// Claimed scans waiting for a worker; intake pauses when full.
     pub queue_capacity: usize,
@@ -313,7 +315,7 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
-            workers: 2,
+            workers: 4,
             queue_capacity: 32,
             max_attempts: 2,
             decoder_memory_bytes: 3 << 30,

@@ -276,7 +276,7 @@ impl Classifier {
         let min_confidence = config.min_confidence.unwrap_or(manifest.review.min_confidence);
         let outputs = OutputPositions::resolve(&manifest, &backend.output_names())?;
         let batch_size = match config.batch_size {
-            0 => backend.preferred_batch(),
+            0 => backend.preferred_batch().max(1),
             n => n,
         };
         let classifier =

@@ -260,9 +260,10 @@ impl Backend for OrtBackend {
     }
 
     /// On the CPU a batch costs the same per B-scan as single calls (EfficientNet-Lite0, one
-    /// thread: 11.5 ms per B-scan at batch 1, 2, 4 or 8; docs/benchmarks.md) while the arena
-    /// keeps the largest batch's activations for good (about 80 MiB more per session at 8),
-    /// so a volume goes one B-scan per call, on every session at once. A GPU gains from batches.
+    /// thread: 11.4–12.2 ms per B-scan at batch 1 to 16) while the arena keeps the largest
+    /// batch's activations for good (about 80 MiB more per session at 8), so a volume goes
+    /// one B-scan per call, on every session at once (docs/benchmarks.md, "Toward the
+    /// machine's limit"). A GPU gains from batches.
     fn preferred_batch(&self) -> usize {
         match self.provider {
             Provider::Cpu => 1,
