@@ -3,7 +3,7 @@
 //! throughput and the daemon's peak RSS. Runs the release binary with the embedded broker.
 //!
 //!   cargo build --release && cargo run --release --example e2e_bench [-- --bscans 100]
-//!       [--backend tract|onnxruntime] [--workers N] [--octd PATH-TO-ANOTHER-BUILD] [--peer]
+//!       [--backend onnxruntime|tract] (default onnxruntime, as `auto` picks where its library is) [--workers N] [--octd PATH-TO-ANOTHER-BUILD] [--peer]
 //!
 //! `--peer` then runs the same scenarios against `scripts/python_peer.py` (a plain serial
 //! Python script doing the same job, with its own Mosquitto) on the same files.
@@ -102,8 +102,8 @@ fn main() -> Result<(), Error> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     let option = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let backend = option("--backend").unwrap_or_else(|| "tract".into());
-    let workers: usize = option("--workers").and_then(|w| w.parse().ok()).unwrap_or(2);
+    let backend = option("--backend").unwrap_or_else(|| "onnxruntime".into());
+    let workers: usize = option("--workers").and_then(|w| w.parse().ok()).unwrap_or(4);
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let bin = match option("--octd") {
         Some(path) => PathBuf::from(path),
@@ -176,7 +176,7 @@ fn main() -> Result<(), Error> {
     );
     if let Some(peer) = peer {
         println!(
-            "  octd against the Python peer: single B-scan p50 {:.0} vs {:.0} ms, volume p50 {:.0} vs {:.0} ms, burst {:.1} vs {:.1} scans/s ({:.2}x of the limit)",
+            "  octd ({backend}) against the Python peer (onnxruntime): single B-scan p50 {:.0} vs {:.0} ms, volume p50 {:.0} vs {:.0} ms, burst {:.1} vs {:.1} scans/s ({:.2}x of the limit)",
             percentile(&octd.single, 0.5),
             percentile(&peer.single, 0.5),
             octd.volume_p50(),

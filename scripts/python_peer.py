@@ -79,16 +79,19 @@ def deidentify(path: pathlib.Path, out_dir: pathlib.Path, scan_id: str) -> tuple
                 delattr(ds, keyword)
         ds.remove_private_tags()
         pixels = ds.pixel_array
-        frames = [Image.fromarray(f) for f in (pixels if pixels.ndim == 3 else pixels[None])]
+        several = int(getattr(ds, "NumberOfFrames", 1) or 1) > 1
+        frames = [Image.fromarray(f) for f in (pixels if several else pixels[None])]
         out = out_dir / f"{scan_id}.dcm"
         ds.save_as(out)
     else:
         with Image.open(path) as img:
             img.load()
+            if img.mode in ("P", "PA", "CMYK"):
+                img = img.convert("RGB")
             clean = Image.frombytes(img.mode, img.size, img.tobytes())  # pixels only
         frames = [clean]
         out = out_dir / f"{scan_id}.png"
-        clean.save(out, compress_level=1)  # fast deflate, as octd's PNG artefacts
+        clean.save(out, compress_level=1)  # fast deflate, as octd's PNG artefacts (it keeps a JPEG as JPEG)
     with open(out, "rb+") as f:
         os.fsync(f.fileno())
     return frames, out.name
