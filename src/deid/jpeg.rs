@@ -86,10 +86,12 @@ fn huffman_tables(payload: &[u8], at: usize) -> Option<Tables> {
 ///
 /// What is kept: the frame header (baseline, extended or progressive Huffman; one or three
 /// components), the quantisation and Huffman tables the frame or a scan refers to (each
-/// defined once), the restart interval, the scan headers and their entropy-coded data. What
-/// remains is the kind of channel pixels themselves are: a file crafted to hide bytes in the
-/// symbol values of a used Huffman table, or in padding after a scan's last block, keeps
-/// them, as a pixel-preserving de-identification keeps whatever the pixels show.
+/// defined once), the restart interval, the scan headers and their entropy-coded data, each
+/// header of exactly its fields' length. What remains is the kind of channel pixels
+/// themselves are: a file crafted to hide bytes in the symbol values of a used Huffman table,
+/// in the quantisation entries of coefficients that are always zero, or in padding after a
+/// scan's last block keeps them, as a pixel-preserving de-identification keeps whatever the
+/// pixels show.
 pub(crate) fn strip_metadata(bytes: &[u8]) -> Option<Vec<u8>> {
     if bytes.len() < 4 || bytes[0] != 0xFF || bytes[1] != SOI {
         return None;
@@ -98,6 +100,7 @@ pub(crate) fn strip_metadata(bytes: &[u8]) -> Option<Vec<u8>> {
     let mut used = std::collections::BTreeSet::new();
     let mut defined = std::collections::BTreeSet::new();
     let (mut jfif, mut adobe_transform, mut frame, mut scans) = (false, None::<u8>, false, 0usize);
+    let mut progressive = false;
     let mut i = 2;
     loop {
         // A marker: 0xFF, any number of fill bytes 0xFF, then its code.
@@ -124,13 +127,25 @@ pub(crate) fn strip_metadata(bytes: &[u8]) -> Option<Vec<u8>> {
         match marker {
             SOS => {
                 let components = usize::from(*payload.first()?);
+                if !frame || !(1..=4).contains(&components) || payload.len() != 4 + 2 * components {
+                    return None;
+                }
+                // A progressive scan codes DC (Ss = 0) or AC coefficients, never both: only
+                // the tables it consults count as used, and each must be defined by now.
+                let first_coefficient = *payload.get(1 + 2 * components)?;
+                let (dc, ac) = match progressive {
+                    true => (first_coefficient == 0, first_coefficient > 0),
+                    false => (true, true),
+                };
                 for c in 0..components {
                     let tables = *payload.get(2 + 2 * c)?;
-                    used.insert(TableId::Huffman(0, tables >> 4));
-                    used.insert(TableId::Huffman(1, tables & 0x0F));
-                }
-                if !frame {
-                    return None;
+                    let consulted = [(dc, TableId::Huffman(0, tables >> 4)), (ac, TableId::Huffman(1, tables & 0x0F))];
+                    for (_, id) in consulted.into_iter().filter(|(consults, _)| *consults) {
+                        if !defined.contains(&id) {
+                            return None;
+                        }
+                        used.insert(id);
+                    }
                 }
                 let data_end = entropy_coded_end(bytes, end)?;
                 parts.push(Part::Copied(i - 2..data_end));
@@ -140,9 +155,10 @@ pub(crate) fn strip_metadata(bytes: &[u8]) -> Option<Vec<u8>> {
             }
             0xC0..=0xC2 => {
                 let components = usize::from(*payload.get(5)?);
-                if frame || !matches!(components, 1 | 3) {
+                if frame || !matches!(components, 1 | 3) || payload.len() != 6 + 3 * components {
                     return None;
                 }
+                progressive = marker == 0xC2;
                 for c in 0..components {
                     used.insert(TableId::Quantisation(*payload.get(6 + 3 * c + 2)?));
                 }
@@ -160,7 +176,7 @@ pub(crate) fn strip_metadata(bytes: &[u8]) -> Option<Vec<u8>> {
                 }
                 parts.push(Part::Tables(marker, tables));
             }
-            0xDD => parts.push(Part::Copied(i - 2..end)),
+            0xDD if payload.len() == 2 => parts.push(Part::Copied(i - 2..end)),
             APP0 => jfif |= payload.starts_with(b"JFIF\0"),
             APP14 => {
                 if payload.len() >= 12 && payload.starts_with(b"Adobe") {
@@ -205,7 +221,7 @@ pub(crate) fn strip_metadata(bytes: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// The frame header's width and height, read by walking the segments before the first scan
-/// (at most 64 of them).
+/// (every one: the walk is linear).
 pub(crate) fn frame_size(jpeg: &[u8]) -> Option<(u32, u32)> {
     if jpeg.get(..2) != Some(&[0xFF, SOI][..]) {
         return None;
@@ -332,9 +348,19 @@ mod tests {
         let stripped = strip_metadata(&tagged).expect("carried");
         assert!(!stripped.windows(8).any(|w| w == b"DOE^JOHN"));
         same_pixels(&plain, &stripped);
-        // A used table defined twice: its first definition would be unused, so it falls back.
+        // An unused table inside the image's own DQT segment: the segment is written again,
+        // shorter, with the used table alone.
         let q0 = plain.windows(2).position(|w| w == [0xFF, 0xDB]).unwrap();
         let q0_len = usize::from(u16::from_be_bytes([plain[q0 + 2], plain[q0 + 3]]));
+        let mut shared = plain[q0 + 4..q0 + 2 + q0_len].to_vec();
+        shared.extend_from_slice(&unused_q);
+        let mut one_segment = plain[..q0].to_vec();
+        one_segment.extend(segment(0xDB, &shared));
+        one_segment.extend_from_slice(&plain[q0 + 2 + q0_len..]);
+        let stripped = strip_metadata(&one_segment).expect("carried");
+        assert!(!stripped.windows(8).any(|w| w == b"DOE^JOHN"));
+        same_pixels(&plain, &stripped);
+        // A used table defined twice: its first definition would be unused, so it falls back.
         let twice = with_after_soi(&plain, &plain[q0..q0 + 2 + q0_len]);
         assert_eq!(strip_metadata(&twice), None);
     }
@@ -343,12 +369,12 @@ mod tests {
     fn jfif_and_adobe_are_rewritten_from_nothing_of_the_input() {
         let plain = grey_jpeg();
         let mut extra = segment(APP0, b"JFIF\0\x01\x02\x01\x00\x48\x00\x48\x00\x00DOE^JOHN");
-        extra.extend(segment(APP14, b"Adobe\0\x64\x80\x00\x00\x00\x01DOE^JOHN"));
+        extra.extend(segment(APP14, b"Adobe\0\x64\x80\x00\x00\x00\x02DOE^JOHN"));
         let tagged = with_after_soi(&plain, &extra);
         let stripped = strip_metadata(&tagged).unwrap();
         assert!(!stripped.windows(8).any(|w| w == b"DOE^JOHN"));
         assert_eq!(&stripped[2..20], &JFIF);
-        assert_eq!(stripped[20..36].last(), Some(&1), "the colour transform is kept");
+        assert_eq!(stripped[20..36].last(), Some(&2), "the colour transform is kept");
     }
 
     #[test]
@@ -367,5 +393,15 @@ mod tests {
             assert_eq!(strip_metadata(&plain[..cut]), None, "cut at {cut}");
         }
         assert_eq!(strip_metadata(b"\xFF\xD8\xFF\xD9"), None);
+        // A scan consulting a Huffman table nothing defined (as Motion-JPEG frames do, relying
+        // on a decoder's defaults): the decoder, not this walk, decides.
+        let dht = plain.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
+        let mut no_tables = plain[..dht].to_vec();
+        let sos = plain.windows(2).position(|w| w == [0xFF, SOS]).unwrap();
+        no_tables.extend_from_slice(&plain[sos..]);
+        assert_eq!(strip_metadata(&no_tables), None);
+        // Bytes riding after a header's fields.
+        let dri = segment(0xDD, b"\x00\x00DOE^JOHN");
+        assert_eq!(strip_metadata(&with_after_soi(&plain, &dri)), None);
     }
 }

@@ -336,16 +336,19 @@ fn deidentify_image(
         return Err(DeidError::Truncated("JPEG has no end-of-image marker".into()));
     }
     if kind == InputKind::Jpeg {
+        // Kept only when the kept bytes decode as they are; otherwise the input is decoded
+        // and re-encoded, its own decoding errors deciding.
         if let Some(stripped) = jpeg::strip_metadata(&bytes) {
-            drop(bytes);
-            let image = decode_within(&stripped, format, limits)?;
-            return match image {
-                DynamicImage::ImageLuma8(_) | DynamicImage::ImageRgb8(_) => {
-                    Ok(("jpg", stripped, DecodedPixels::from_image(image)))
-                }
-                // A layout inference does not take as it is: the pixels as PNG.
-                _ => reencode_png(image),
-            };
+            if let Ok(image) = decode_within(&stripped, format, limits) {
+                drop(bytes);
+                return match image {
+                    DynamicImage::ImageLuma8(_) | DynamicImage::ImageRgb8(_) => {
+                        Ok(("jpg", stripped, DecodedPixels::from_image(image)))
+                    }
+                    // A layout inference does not take as it is: the pixels as PNG.
+                    _ => reencode_png(image),
+                };
+            }
         }
     }
     reencode_png(decode_within(&bytes, format, limits)?)
@@ -396,6 +399,16 @@ fn reencode_png(image: DynamicImage) -> Result<(&'static str, Vec<u8>, Option<De
     );
     image.write_with_encoder(encoder).map_err(|e| DeidError::Corrupt(format!("re-encoding: {e}")))?;
     Ok(("png", png, DecodedPixels::from_image(image)))
+}
+
+/// A de-identified JPEG artefact's pixels as PNG: what the uplink sends (the trainer's
+/// contract carries PNG and DICOM). One encoder, one setting, so the same bytes every time.
+pub fn png_of_jpeg(jpeg: &[u8]) -> Result<Vec<u8>, DeidError> {
+    let image = image::load_from_memory_with_format(jpeg, ImageFormat::Jpeg)
+        .map_err(|e| DeidError::Corrupt(format!("image data: {}", toolkit_words(e))))?;
+    let mut png = Cursor::new(Vec::new());
+    image.write_to(&mut png, ImageFormat::Png).map_err(|e| DeidError::Corrupt(format!("re-encoding: {e}")))?;
+    Ok(png.into_inner())
 }
 
 /// Width and height as a 2-D artefact's own header states them (`png`: IHDR; `jpg`: the
