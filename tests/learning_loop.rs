@@ -28,10 +28,7 @@ fn deidentified_png(path: &Path) -> Vec<u8> {
     let deid = octd::deid::Deidentifier::new(octd::secret::DeviceSecret::ephemeral(), Vec::new(), limits);
     let out = deid.deidentify_bytes(std::fs::read(path).unwrap()).expect("de-identifies");
     assert_eq!(out.extension, "jpg");
-    let image = image::load_from_memory_with_format(&out.artifact, image::ImageFormat::Jpeg).unwrap();
-    let mut png = std::io::Cursor::new(Vec::new());
-    image.write_to(&mut png, image::ImageFormat::Png).unwrap();
-    png.into_inner()
+    octd::deid::png_of_jpeg(&out.artifact).unwrap()
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -301,7 +301,7 @@ impl Uplink {
             // up as the same pixels in PNG (the same bytes at every retry: one encoder, one
             // setting).
             Ok(bytes) if artifact.ends_with(".jpg") => {
-                match tokio::task::spawn_blocking(move || png_of(&bytes)).await {
+                match tokio::task::spawn_blocking(move || crate::deid::png_of_jpeg(&bytes)).await {
                     Ok(Ok(png)) => Ok(png),
                     Ok(Err(e)) => Err(Delivery::Refused(format!("the de-identified artefact does not decode: {e}"))),
                     Err(e) => Err(Delivery::Retry(e.to_string())),
@@ -430,14 +430,6 @@ impl Uplink {
             false => Delivery::Retry(format!("{path}: {status} {code}")),
         }
     }
-}
-
-/// A de-identified JPEG's pixels as PNG.
-fn png_of(jpeg: &[u8]) -> Result<Vec<u8>, image::ImageError> {
-    let image = image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)?;
-    let mut png = std::io::Cursor::new(Vec::new());
-    image.write_to(&mut png, image::ImageFormat::Png)?;
-    Ok(png.into_inner())
 }
 
 fn kind_of(scan: &ScanRecord) -> ImageKind {

@@ -39,13 +39,17 @@ pub fn shared_oct_images() -> Option<Vec<(PathBuf, String)>> {
     Some(out)
 }
 
-/// A real scan de-identified by octd's own code: (artefact bytes, extension).
+/// A real scan de-identified by octd's own code, as its uplink sends it: (bytes, extension).
+/// A JPEG kept without its metadata goes up as its pixels in PNG.
 pub fn deidentified(input: Vec<u8>) -> (Vec<u8>, &'static str) {
     let limits = octd::deid::InputLimits::from(&octd::config::IngestConfig::default());
     let deid = octd::deid::Deidentifier::new(octd::secret::DeviceSecret::ephemeral(), Vec::new(), limits)
         .with_scope(octd::deid::Scope::AnyObject);
     let out = deid.deidentify_bytes(input).expect("de-identifies");
-    (out.artifact, out.extension)
+    match out.extension {
+        "jpg" => (octd::deid::png_of_jpeg(&out.artifact).expect("converts"), "png"),
+        other => (out.artifact, other),
+    }
 }
 
 /// A device as `octd provision` makes it: a PKCS#8 identity key and its public JSON.
