@@ -34,12 +34,20 @@ def _rust_tensor(dump, image, tmp_path, spec):
     return np.fromfile(out, dtype="<f4").reshape(spec["channels"], spec["height"], spec["width"])
 
 
-def _deidentify(octd, image, tmp_path):
+def _deidentify(octd, dump, image, tmp_path):
+    """The de-identified artefact as lossless pixels: a JPEG, kept byte for byte by octd, is
+    written out as PNG of the pixels the edge's decoder gives (PIL's JPEG decoder may differ
+    by a grey level, which test_jpeg_decoder_skew_is_small measures on its own)."""
     cfg = tmp_path / "octd.toml"
     cfg.write_text(f'[device]\nstate_dir = "{tmp_path / "state"}"\n')
     out = subprocess.run([octd, "--config", cfg, "deidentify", image, "--out", tmp_path / "deid"],
                          check=True, capture_output=True, text=True)
-    return Path(json.loads(out.stdout.splitlines()[0])["output"])
+    artefact = Path(json.loads(out.stdout.splitlines()[0])["output"])
+    if artefact.suffix != ".jpg":
+        return artefact
+    png = artefact.with_suffix(".png")
+    subprocess.run([dump, "--png", artefact, png], check=True)
+    return png
 
 
 def test_rust_and_python_preprocessing_agree(shared_oct, tmp_path):
@@ -54,7 +62,7 @@ def test_rust_and_python_preprocessing_agree(shared_oct, tmp_path):
     inputs = images + [tmp_path / "sixteen.png", tmp_path / "colour.png"]
     worst = 0.0
     for image in inputs:
-        png = _deidentify(octd, image, tmp_path)
+        png = _deidentify(octd, dump, image, tmp_path)
         rust = _rust_tensor(dump, png, tmp_path, spec)
         py = preprocess(Image.open(png), spec)
         diff = float(np.abs(rust - py).max())
@@ -84,7 +92,7 @@ def test_rust_and_python_agree_on_probabilities_and_the_ood_score(shared_oct, tm
 
     from octtrain.evaluate import softmax
 
-    octd, _ = _binaries()
+    octd, dump = _binaries()
     manifest = json.loads((MODEL / "manifest.json").read_text())
     assert "ood" in manifest, "the default model declares its ood score"
     sess = ort.InferenceSession(str(MODEL / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -92,7 +100,7 @@ def test_rust_and_python_agree_on_probabilities_and_the_ood_score(shared_oct, tm
     ood_dir = shared_oct.parent / "ood"
     images = [sorted((shared_oct / c).iterdir())[0] for c in ("CNV", "NORMAL")] + sorted(ood_dir.iterdir())[:2]
     for image in images:
-        png = _deidentify(octd, image, tmp_path)
+        png = _deidentify(octd, dump, image, tmp_path)
         res = subprocess.run([octd, "classify", png, "--model", MODEL, "--json"], capture_output=True, text=True,
                              check=True, env={"OCTD_MODEL__BACKEND": "tract", "PATH": "/usr/bin:/bin"})
         edge = json.loads(res.stdout.splitlines()[0])
