@@ -97,8 +97,7 @@ async fn run_until(
     // beyond the cores de-identify, commit and publish while others compute, and wait for a
     // free session rather than add one: a session costs memory, and more inference threads
     // than cores cost more in switching than they give.
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    config.model.concurrency = config.pipeline.workers.clamp(1, cores);
+    config.model.concurrency = config.pipeline.workers.clamp(1, crate::infer::cores());
     dirs.create().map_err(|e| DaemonError::Config(format!("cannot create {}: {e}", dirs.state.display())))?;
     systemd::status("opening the store");
     let secret = DeviceSecret::load_or_create(&dirs.state)

@@ -332,10 +332,10 @@ fn deidentify_image(
         InputKind::Bmp => ImageFormat::Bmp,
         InputKind::Dicom => return Err(DeidError::NotAnImage),
     };
-    if kind == InputKind::Jpeg && !jpeg_has_end_marker(&bytes) {
-        return Err(DeidError::Truncated("JPEG has no end-of-image marker".into()));
-    }
     if kind == InputKind::Jpeg {
+        if !jpeg_has_end_marker(&bytes) {
+            return Err(DeidError::Truncated("JPEG has no end-of-image marker".into()));
+        }
         // Kept only when the kept bytes decode as they are; otherwise the input is decoded
         // and re-encoded, its own decoding errors deciding.
         if let Some(stripped) = jpeg::strip_metadata(&bytes) {

@@ -191,6 +191,12 @@ impl std::fmt::Debug for Classifier {
     }
 }
 
+/// The cores this process may run on (1 when the system cannot say): what inference threads
+/// and sessions are sized against.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut file = std::fs::File::open(path)?;
@@ -626,10 +632,7 @@ fn load_backend(
         // Sessions run at once, each with its own pool: unset, each gets its share of the
         // cores, since more threads than cores cost more in switching than they give.
         threads: match config.threads {
-            0 => {
-                let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-                (cores / config.concurrency.max(1)).max(1)
-            }
+            0 => (cores() / config.concurrency.max(1)).max(1),
             n => n,
         },
         fp16: config.fp16,

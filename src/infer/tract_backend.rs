@@ -26,8 +26,7 @@ impl TractBackend {
         let fact = f32::fact([batch.to_dim(), channels.to_dim(), height.to_dim(), width.to_dim()]);
         inference = inference.with_input_fact(0, fact.into()).map_err(err)?;
         let typed = inference.into_optimized().map_err(err)?;
-        let threads =
-            if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { threads };
+        let threads = if threads == 0 { super::cores() } else { threads };
         let options = RunOptions {
             executor: (threads > 1).then(|| Executor::multithread_with_name(threads, "octd-infer")),
             ..Default::default()

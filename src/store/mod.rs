@@ -158,7 +158,7 @@ struct GroupState {
 /// not in whichever caller led the group).
 type Outcome = std::thread::Result<Result<Option<u64>, StoreError>>;
 
-/// One caller's state change, waiting for its commit.
+/// One caller's state change (its record stamped when it was made), waiting for its commit.
 struct Change {
     ticket: u64,
     record: ScanRecord,
@@ -334,7 +334,9 @@ impl Store {
         let mut state = lock();
         let ticket = state.next_ticket;
         state.next_ticket += 1;
-        state.queue.push(Change { ticket, record: record.clone(), message: message.cloned() });
+        let mut record = record.clone();
+        record.updated_at_ms = now_ms();
+        state.queue.push(Change { ticket, record, message: message.cloned() });
         loop {
             if let Some(outcome) = state.done.remove(&ticket) {
                 drop(state);
@@ -383,9 +385,7 @@ impl Store {
         let txn = self.db.begin_write()?;
         let mut seqs = Vec::with_capacity(changes.len());
         for change in changes {
-            let mut record = change.record.clone();
-            record.updated_at_ms = now_ms();
-            Self::put_scan(&txn, &record)?;
+            Self::put_scan(&txn, &change.record)?;
             seqs.push(match &change.message {
                 Some(m) => Some(Self::push(&txn, m)?),
                 None => None,
