@@ -36,6 +36,29 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// CPU seconds (user + system) spent so far by these processes and every process below them.
+fn cpu_seconds(roots: &[u32]) -> f64 {
+    let tick = 100.0; // USER_HZ, 100 on every Linux the bench runs on
+    let mut total = 0.0;
+    let mut pending: Vec<u32> = roots.to_vec();
+    while let Some(pid) = pending.pop() {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // Fields after the command name, which may hold spaces, closed by the last ')'.
+            let fields: Vec<&str> =
+                stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+            let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            total += (ticks(11) + ticks(12)) / tick; // utime, stime
+        }
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                pending.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+            }
+        }
+    }
+    total
+}
+
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
@@ -66,19 +89,22 @@ fn batch_of_64(repo: &Path, jpeg: &[u8], backend: &str) -> Result<f64, Error> {
 }
 
 /// Seconds of CPU per B-scan for the work no implementation can skip, measured here on one
-/// thread; and the cores there are.
-fn machine_limit(repo: &Path, jpeg: &[u8], backend: &str) -> Result<(f64, usize), Error> {
+/// thread while the other cores idle; the same work on every core at once (one session
+/// each), as seconds of wall time per B-scan; and the cores there are.
+fn machine_limit(repo: &Path, jpeg: &[u8], backend: &str) -> Result<(f64, f64, usize), Error> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut config = octd::config::Config::default();
     config.model.threads = 1;
     config.model.batch_size = 1;
+    config.model.concurrency = cores;
     config.model.backend = match backend {
         "onnxruntime" => octd::config::BackendKind::Onnxruntime,
         _ => octd::config::BackendKind::Tract,
     };
     let classifier = octd::infer::Classifier::load(&repo.join("models/default"), &config.model, &config.triage)?;
-    let once = || -> Result<(), Error> {
-        let image = image::load_from_memory(jpeg)?;
-        classifier.classify_frames(&[octd::infer::frames::from_image(&image)])?;
+    let once = || -> Result<(), String> {
+        let image = image::load_from_memory(jpeg).map_err(|e| e.to_string())?;
+        classifier.classify_frames(&[octd::infer::frames::from_image(&image)]).map_err(|e| e.to_string())?;
         Ok(())
     };
     for _ in 0..20 {
@@ -89,8 +115,14 @@ fn machine_limit(repo: &Path, jpeg: &[u8], backend: &str) -> Result<(f64, usize)
     for _ in 0..runs {
         once()?;
     }
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    Ok((t0.elapsed().as_secs_f64() / runs as f64, cores))
+    let alone = t0.elapsed().as_secs_f64() / runs as f64;
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        let lanes: Vec<_> = (0..cores).map(|_| s.spawn(|| (0..runs / 2).try_for_each(|_| once()))).collect();
+        lanes.into_iter().try_for_each(|lane| lane.join().map_err(|_| "a lane panicked".to_string())?)
+    })?;
+    let together = t0.elapsed().as_secs_f64() / (cores * (runs / 2)) as f64;
+    Ok((alone, together, cores))
 }
 
 fn main() -> Result<(), Error> {
@@ -146,7 +178,7 @@ fn main() -> Result<(), Error> {
         .spawn()?;
     let pid = daemon.id();
     std::thread::sleep(Duration::from_secs(3));
-    let octd = scenarios(port, &inbox, &bscan, &volume, burst)?;
+    let octd = scenarios(port, &inbox, &bscan, &volume, burst, &[pid])?;
     let rss = peak_rss_kib(pid);
     let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
     let _ = daemon.wait();
@@ -167,12 +199,18 @@ fn main() -> Result<(), Error> {
         batch * 1000.0,
         octd.volume_p50() / (batch * 1000.0)
     );
-    let (per_scan, cores) = machine_limit(&repo, &bscan, &backend)?;
+    let (per_scan, together, cores) = machine_limit(&repo, &bscan, &backend)?;
     let limit = cores as f64 / per_scan;
     println!(
         "  machine limit ({backend}): decode + preprocess + 1-thread inference {:.2} ms/scan x {cores} cores = {limit:.0} scans/s; octd's burst at {:.2}x of it",
         per_scan * 1000.0,
         octd.burst_rate() / limit
+    );
+    println!(
+        "  the same work on all {cores} cores at once: {:.0} scans/s ({:.2}x of the limit: what sharing the machine costs); octd's burst at {:.2}x of it",
+        1.0 / together,
+        per_scan / together / cores as f64,
+        octd.burst_rate() * together
     );
     if let Some(peer) = peer {
         println!(
@@ -195,8 +233,12 @@ struct Figures {
     volume: Vec<f64>,
     burst: usize,
     burst_s: f64,
+    /// CPU seconds the implementation (with its broker) spent during the burst.
+    burst_cpu_s: f64,
     /// Each burst result's own stage timings (queue, de-identification, inference, total).
     burst_stages: Vec<[f64; 4]>,
+    /// The same for each volume.
+    volume_stages: Vec<[f64; 4]>,
 }
 
 impl Figures {
@@ -223,7 +265,28 @@ impl Figures {
             percentile(vol, 0.5),
             vol[vol.len() - 1]
         );
-        println!("  burst of {} B-scans: {:.1} s, {:.1} scans/s", self.burst, self.burst_s, self.burst_rate());
+        let stage_p50 = |stages: &[[f64; 4]], i: usize| {
+            let mut v: Vec<f64> = stages.iter().map(|s| s[i]).collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        // An implementation that reports no stage timings (the Python peer) shows none.
+        if self.volume_stages.iter().any(|s| s[3] > 0.0) {
+            println!(
+                "    volume queue p50 {:.0} ms, de-identify p50 {:.0} ms, infer p50 {:.0} ms, claimed -> classified p50 {:.0} ms",
+                stage_p50(&self.volume_stages, 0),
+                stage_p50(&self.volume_stages, 1),
+                stage_p50(&self.volume_stages, 2),
+                stage_p50(&self.volume_stages, 3)
+            );
+        }
+        println!(
+            "  burst of {} B-scans: {:.1} s, {:.1} scans/s, {:.1} ms of CPU per scan (with its broker and workers)",
+            self.burst,
+            self.burst_s,
+            self.burst_rate(),
+            self.burst_cpu_s * 1000.0 / self.burst as f64
+        );
         for (i, name) in ["queue", "de-identify", "infer", "total"].iter().enumerate() {
             let mut v: Vec<f64> = self.burst_stages.iter().map(|s| s[i]).collect();
             v.sort_by(f64::total_cmp);
@@ -240,7 +303,15 @@ impl Figures {
 
 /// Drop the same files into `inbox` as a scanner would and time each result's arrival on the
 /// broker at `port`: a warm-up, 20 single B-scans, 5 volumes, then a burst.
-fn scenarios(port: u16, inbox: &Path, bscan: &[u8], volume: &[u8], burst: usize) -> Result<Figures, Error> {
+/// `processes`: whose CPU time (theirs and their children's) the burst is charged.
+fn scenarios(
+    port: u16,
+    inbox: &Path,
+    bscan: &[u8],
+    volume: &[u8],
+    burst: usize,
+    processes: &[u32],
+) -> Result<Figures, Error> {
     let (tx, rx) = mpsc::channel::<(String, Instant, Vec<u8>)>();
     let mut options = rumqttc::MqttOptions::new(format!("e2e-bench-{port}"), "127.0.0.1", port);
     options.set_max_packet_size(1 << 20, 1 << 20);
@@ -295,7 +366,9 @@ fn scenarios(port: u16, inbox: &Path, bscan: &[u8], volume: &[u8], burst: usize)
         drop_in(inbox, &format!("v{i}.dcm"), volume)?;
         volume_ms.push((wait_one(&mut stages)? - t0).as_secs_f64() * 1000.0);
     }
+    let volume_stages = stages.split_off(stages.len() - volume_ms.len());
     stages.clear();
+    let cpu0 = cpu_seconds(processes);
     let t0 = Instant::now();
     for i in 0..burst {
         drop_in(inbox, &format!("b{i}.jpeg"), bscan)?;
@@ -304,9 +377,10 @@ fn scenarios(port: u16, inbox: &Path, bscan: &[u8], volume: &[u8], burst: usize)
         wait_one(&mut stages)?;
     }
     let burst_s = t0.elapsed().as_secs_f64();
+    let burst_cpu_s = cpu_seconds(processes) - cpu0;
     single.sort_by(f64::total_cmp);
     volume_ms.sort_by(f64::total_cmp);
-    Ok(Figures { single, volume: volume_ms, burst, burst_s, burst_stages: stages })
+    Ok(Figures { single, volume: volume_ms, burst, burst_s, burst_cpu_s, burst_stages: stages, volume_stages })
 }
 
 /// The same scenarios against `scripts/python_peer.py`, with a Mosquitto of its own.
@@ -343,7 +417,7 @@ fn run_peer(repo: &Path, dir: &Path, bscan: &[u8], volume: &[u8], burst: usize) 
         std::io::BufReader::new(out).read_line(&mut ready)?;
     }
     let figures = match ready.trim() == "ready" {
-        true => scenarios(port, &inbox, bscan, volume, burst),
+        true => scenarios(port, &inbox, bscan, volume, burst, &[pid, broker.id()]),
         false => Err("the Python peer did not start".into()),
     };
     let rss = peak_rss_kib(pid);
