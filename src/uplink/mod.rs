@@ -264,8 +264,9 @@ impl Uplink {
     }
 
     /// The upload, built at the first attempt and kept (with the queue entry) so every retry
-    /// sends the same bytes.
-    async fn freeze(&self, label: &LabelRecord) -> Result<FrozenUpload, Delivery> {
+    /// sends the same bytes; and the image it was built from, for that first attempt to send
+    /// (a JPEG artefact's PNG is encoded once, not again to send it).
+    async fn freeze(&self, label: &LabelRecord) -> Result<(FrozenUpload, Vec<u8>), Delivery> {
         let store = self.store.clone();
         let scan_id = label.scan_id;
         let (scan, linkage) =
@@ -289,7 +290,7 @@ impl Uplink {
         let upload = upload_body(label, &scan, &image_sha256, kind, patient);
         let body = serde_json::to_string(&upload)
             .map_err(|e| Delivery::Refused(format!("the label cannot be encoded: {e}")))?;
-        Ok(FrozenUpload { body, image_sha256, image_kind: kind.extension().into(), image_done: false })
+        Ok((FrozenUpload { body, image_sha256, image_kind: kind.extension().into(), image_done: false }, image))
     }
 
     async fn artefact(&self, scan: &ScanRecord) -> Result<Vec<u8>, Delivery> {
@@ -317,9 +318,13 @@ impl Uplink {
 
     /// The image (unless the trainer has it), then the label revision, as frozen in `state`.
     async fn deliver(&self, label: &LabelRecord, state: &mut UplinkState) -> Delivery {
+        let mut just_frozen = None;
         if state.frozen.is_none() {
             match self.freeze(label).await {
-                Ok(frozen) => state.frozen = Some(frozen),
+                Ok((frozen, image)) => {
+                    state.frozen = Some(frozen);
+                    just_frozen = Some(image);
+                }
                 Err(d) => return d,
             }
         }
@@ -334,9 +339,12 @@ impl Uplink {
                 Ok(Err(e)) => return Delivery::Retry(format!("store: {e}")),
                 Err(e) => return Delivery::Retry(e.to_string()),
             };
-            let image = match self.artefact(&scan).await {
-                Ok(image) => image,
-                Err(d) => return d,
+            let image = match just_frozen {
+                Some(image) => image,
+                None => match self.artefact(&scan).await {
+                    Ok(image) => image,
+                    Err(d) => return d,
+                },
             };
             if sha256_hex(&image) != frozen.image_sha256 {
                 // A JPEG artefact goes up as PNG, encoded at each attempt: a newer octd may
