@@ -47,7 +47,8 @@ fn cpu_seconds(roots: &[u32]) -> f64 {
             let fields: Vec<&str> =
                 stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
             let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            total += (ticks(11) + ticks(12)) / tick; // utime, stime
+            // utime, stime, and cutime, cstime: a child reaped during the burst counts there.
+            total += (ticks(11) + ticks(12) + ticks(13) + ticks(14)) / tick;
         }
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
             for task in tasks.flatten() {
@@ -93,10 +94,12 @@ fn batch_of_64(repo: &Path, jpeg: &[u8], backend: &str) -> Result<f64, Error> {
 /// each), as seconds of wall time per B-scan; and the cores there are.
 fn machine_limit(repo: &Path, jpeg: &[u8], backend: &str) -> Result<(f64, f64, usize), Error> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // ONNX Runtime keeps at most 16 CPU sessions: one lane per session, never waiting for one.
+    let lanes = cores.min(16);
     let mut config = octd::config::Config::default();
     config.model.threads = 1;
     config.model.batch_size = 1;
-    config.model.concurrency = cores;
+    config.model.concurrency = lanes;
     config.model.backend = match backend {
         "onnxruntime" => octd::config::BackendKind::Onnxruntime,
         _ => octd::config::BackendKind::Tract,
@@ -116,12 +119,17 @@ fn machine_limit(repo: &Path, jpeg: &[u8], backend: &str) -> Result<(f64, f64, u
         once()?;
     }
     let alone = t0.elapsed().as_secs_f64() / runs as f64;
+    // Every session warm before the clock starts, as in the daemon after its first scans.
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..lanes).map(|_| s.spawn(|| (0..5).try_for_each(|_| once()))).collect();
+        handles.into_iter().try_for_each(|lane| lane.join().map_err(|_| "a lane panicked".to_string())?)
+    })?;
     let t0 = Instant::now();
     std::thread::scope(|s| {
-        let lanes: Vec<_> = (0..cores).map(|_| s.spawn(|| (0..runs / 2).try_for_each(|_| once()))).collect();
-        lanes.into_iter().try_for_each(|lane| lane.join().map_err(|_| "a lane panicked".to_string())?)
+        let handles: Vec<_> = (0..lanes).map(|_| s.spawn(|| (0..runs / 2).try_for_each(|_| once()))).collect();
+        handles.into_iter().try_for_each(|lane| lane.join().map_err(|_| "a lane panicked".to_string())?)
     })?;
-    let together = t0.elapsed().as_secs_f64() / (cores * (runs / 2)) as f64;
+    let together = t0.elapsed().as_secs_f64() / (lanes * (runs / 2)) as f64;
     Ok((alone, together, cores))
 }
 
@@ -207,7 +215,7 @@ fn main() -> Result<(), Error> {
         octd.burst_rate() / limit
     );
     println!(
-        "  the same work on all {cores} cores at once: {:.0} scans/s ({:.2}x of the limit: what sharing the machine costs); octd's burst at {:.2}x of it",
+        "  the same work on every core at once (a session each, at most 16): {:.0} scans/s ({:.2}x of the limit: what sharing the machine costs); octd's burst at {:.2}x of it",
         1.0 / together,
         per_scan / together / cores as f64,
         octd.burst_rate() * together
@@ -281,7 +289,7 @@ impl Figures {
             );
         }
         println!(
-            "  burst of {} B-scans: {:.1} s, {:.1} scans/s, {:.1} ms of CPU per scan (with its broker and workers)",
+            "  burst of {} B-scans: {:.1} s, {:.1} scans/s, {:.1} ms of CPU per scan (its processes and their broker)",
             self.burst,
             self.burst_s,
             self.burst_rate(),
