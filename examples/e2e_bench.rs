@@ -60,18 +60,29 @@ fn cpu_seconds(roots: &[u32]) -> f64 {
     total
 }
 
+/// One stage's timings (index into queue, de-identification, inference, total), sorted.
+fn sorted_stage(stages: &[[f64; 4]], i: usize) -> Vec<f64> {
+    let mut v: Vec<f64> = stages.iter().map(|s| s[i]).collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
+fn backend_kind(backend: &str) -> octd::config::BackendKind {
+    match backend {
+        "onnxruntime" => octd::config::BackendKind::Onnxruntime,
+        _ => octd::config::BackendKind::Tract,
+    }
+}
+
 /// Seconds for one inference call over 64 preprocessed B-scans (the volume goal's yardstick).
 fn batch_of_64(repo: &Path, jpeg: &[u8], backend: &str) -> Result<f64, Error> {
     let mut config = octd::config::Config::default();
-    config.model.backend = match backend {
-        "onnxruntime" => octd::config::BackendKind::Onnxruntime,
-        _ => octd::config::BackendKind::Tract,
-    };
+    config.model.backend = backend_kind(backend);
     let classifier = octd::infer::Classifier::load(&repo.join("models/default"), &config.model, &config.triage)?;
     let frame = octd::infer::frames::from_image(&image::load_from_memory(jpeg)?);
     let spec = classifier.input_spec().clone();
@@ -93,17 +104,14 @@ fn batch_of_64(repo: &Path, jpeg: &[u8], backend: &str) -> Result<f64, Error> {
 /// thread while the other cores idle; the same work on every core at once (one session
 /// each), as seconds of wall time per B-scan; and the cores there are.
 fn machine_limit(repo: &Path, jpeg: &[u8], backend: &str) -> Result<(f64, f64, usize), Error> {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = octd::infer::cores();
     // ONNX Runtime keeps at most 16 CPU sessions: one lane per session, never waiting for one.
     let lanes = cores.min(16);
     let mut config = octd::config::Config::default();
     config.model.threads = 1;
     config.model.batch_size = 1;
     config.model.concurrency = lanes;
-    config.model.backend = match backend {
-        "onnxruntime" => octd::config::BackendKind::Onnxruntime,
-        _ => octd::config::BackendKind::Tract,
-    };
+    config.model.backend = backend_kind(backend);
     let classifier = octd::infer::Classifier::load(&repo.join("models/default"), &config.model, &config.triage)?;
     let once = || -> Result<(), String> {
         let image = image::load_from_memory(jpeg).map_err(|e| e.to_string())?;
@@ -119,16 +127,16 @@ fn machine_limit(repo: &Path, jpeg: &[u8], backend: &str) -> Result<(f64, f64, u
         once()?;
     }
     let alone = t0.elapsed().as_secs_f64() / runs as f64;
+    let on_every_lane = |each: usize| {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..lanes).map(|_| s.spawn(|| (0..each).try_for_each(|_| once()))).collect();
+            handles.into_iter().try_for_each(|lane| lane.join().map_err(|_| "a lane panicked".to_string())?)
+        })
+    };
     // Every session warm before the clock starts, as in the daemon after its first scans.
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..lanes).map(|_| s.spawn(|| (0..5).try_for_each(|_| once()))).collect();
-        handles.into_iter().try_for_each(|lane| lane.join().map_err(|_| "a lane panicked".to_string())?)
-    })?;
+    on_every_lane(5)?;
     let t0 = Instant::now();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..lanes).map(|_| s.spawn(|| (0..runs / 2).try_for_each(|_| once()))).collect();
-        handles.into_iter().try_for_each(|lane| lane.join().map_err(|_| "a lane panicked".to_string())?)
-    })?;
+    on_every_lane(runs / 2)?;
     let together = t0.elapsed().as_secs_f64() / (lanes * (runs / 2)) as f64;
     Ok((alone, together, cores))
 }
@@ -273,11 +281,7 @@ impl Figures {
             percentile(vol, 0.5),
             vol[vol.len() - 1]
         );
-        let stage_p50 = |stages: &[[f64; 4]], i: usize| {
-            let mut v: Vec<f64> = stages.iter().map(|s| s[i]).collect();
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied().unwrap_or(0.0)
-        };
+        let stage_p50 = |stages: &[[f64; 4]], i: usize| percentile(&sorted_stage(stages, i), 0.5);
         // An implementation that reports no stage timings (the Python peer) shows none.
         if self.volume_stages.iter().any(|s| s[3] > 0.0) {
             println!(
@@ -296,8 +300,7 @@ impl Figures {
             self.burst_cpu_s * 1000.0 / self.burst as f64
         );
         for (i, name) in ["queue", "de-identify", "infer", "total"].iter().enumerate() {
-            let mut v: Vec<f64> = self.burst_stages.iter().map(|s| s[i]).collect();
-            v.sort_by(f64::total_cmp);
+            let v = sorted_stage(&self.burst_stages, i);
             if !v.is_empty() && v[v.len() - 1] > 0.0 {
                 println!("    burst {name}: p50 {:.0} ms, p95 {:.0} ms", percentile(&v, 0.5), percentile(&v, 0.95));
             }

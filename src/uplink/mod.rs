@@ -339,23 +339,31 @@ impl Uplink {
                 Ok(Err(e)) => return Delivery::Retry(format!("store: {e}")),
                 Err(e) => return Delivery::Retry(e.to_string()),
             };
+            // Frozen in this call: the very bytes hashed. Otherwise read again, and checked.
             let image = match just_frozen {
                 Some(image) => image,
-                None => match self.artefact(&scan).await {
-                    Ok(image) => image,
-                    Err(d) => return d,
-                },
-            };
-            if sha256_hex(&image) != frozen.image_sha256 {
-                // A JPEG artefact goes up as PNG, encoded at each attempt: a newer octd may
-                // encode the same pixels into other bytes. Nothing of this revision has been
-                // accepted yet, so it is built again rather than lost.
-                if scan.artifact.as_deref().is_some_and(|a| a.ends_with(".jpg")) {
-                    state.frozen = None;
-                    return Delivery::Retry("the artefact's PNG encoding changed; the upload is built again".into());
+                None => {
+                    let image = match self.artefact(&scan).await {
+                        Ok(image) => image,
+                        Err(d) => return d,
+                    };
+                    if sha256_hex(&image) != frozen.image_sha256 {
+                        // A JPEG artefact goes up as PNG, encoded at each attempt: a newer octd
+                        // may encode the same pixels into other bytes. Nothing of this revision
+                        // has been accepted yet, so it is built again rather than lost.
+                        if scan.artifact.as_deref().is_some_and(|a| a.ends_with(".jpg")) {
+                            state.frozen = None;
+                            return Delivery::Retry(
+                                "the artefact's PNG encoding changed; the upload is built again".into(),
+                            );
+                        }
+                        return Delivery::Refused(
+                            "the de-identified artefact changed since the verdict was queued".into(),
+                        );
+                    }
+                    image
                 }
-                return Delivery::Refused("the de-identified artefact changed since the verdict was queued".into());
-            }
+            };
             match self
                 .put(
                     &format!("/api/v1/images/{}", frozen.image_sha256),
