@@ -67,9 +67,13 @@ fn sorted_stage(stages: &[[f64; 4]], i: usize) -> Vec<f64> {
     v
 }
 
+/// The process's peak RSS (VmHWM) since it started or since the last call, which resets it
+/// (clear_refs 5), so that each phase of a run reports its own peak.
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    let peak = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok();
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    peak
 }
 
 fn backend_kind(backend: &str) -> octd::config::BackendKind {
@@ -165,10 +169,13 @@ fn main() -> Result<(), Error> {
     let bscan = std::fs::read(&bscan_path)
         .map_err(|e| format!("{}: {e} (the bench needs ../shared/data)", bscan_path.display()))?;
     let frame = dicom::grey_frame(&bscan_path, 512, 496);
-    let volume = dicom::build(dicom::Spec::plain(
-        dicom::OPT_SOP_CLASS,
-        dicom::Pixels::Native { width: 512, height: 496, frames: vec![frame; 64] },
-    ));
+    let volume_of = |frames: usize| {
+        dicom::build(dicom::Spec::plain(
+            dicom::OPT_SOP_CLASS,
+            dicom::Pixels::Native { width: 512, height: 496, frames: vec![frame.clone(); frames] },
+        ))
+    };
+    let (volume, volume_128) = (volume_of(64), volume_of(128));
 
     let dir = tempfile::tempdir()?;
     let inbox = dir.path().join("inbox");
@@ -194,18 +201,17 @@ fn main() -> Result<(), Error> {
         .spawn()?;
     let pid = daemon.id();
     std::thread::sleep(Duration::from_secs(3));
-    let octd = scenarios(port, &inbox, &bscan, &volume, burst, &[pid])?;
-    let rss = peak_rss_kib(pid);
+    let octd = scenarios(port, &inbox, &bscan, &volume, &volume_128, burst, &[pid])?;
     let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
     let _ = daemon.wait();
     println!(
         "octd ({backend}, {workers} workers): drop -> result on MQTT (embedded broker, files renamed into the folder)"
     );
-    octd.print(rss);
+    octd.print();
 
     // The plain-Python peer on the same files, on the same machine, right after.
     let peer = match args.iter().any(|a| a == "--peer") {
-        true => Some(run_peer(&repo, dir.path(), &bscan, &volume, burst)?),
+        true => Some(run_peer(&repo, dir.path(), &bscan, &volume, &volume_128, burst)?),
         false => None,
     };
 
@@ -255,6 +261,13 @@ struct Figures {
     burst_stages: Vec<[f64; 4]>,
     /// The same for each volume.
     volume_stages: Vec<[f64; 4]>,
+    /// Drop -> result of single B-scans dropped while a 128-B-scan volume was in the works.
+    behind: Vec<f64>,
+    /// That volume's inference time as it reports it (empty where it reports none).
+    volume_128_infer: Vec<f64>,
+    /// Peak RSS of the implementation's process in each phase: single B-scans and 64-B-scan
+    /// volumes, the 128-B-scan volumes with B-scans behind them, the burst.
+    peak_rss_kib: [Option<u64>; 3],
 }
 
 impl Figures {
@@ -266,7 +279,7 @@ impl Figures {
         self.burst as f64 / self.burst_s
     }
 
-    fn print(&self, rss_kib: Option<u64>) {
+    fn print(&self) {
         let (single, vol) = (&self.single, &self.volume);
         println!(
             "  single B-scan (512x496 JPEG), {} runs: p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
@@ -292,6 +305,24 @@ impl Figures {
                 stage_p50(&self.volume_stages, 3)
             );
         }
+        if !self.behind.is_empty() {
+            let idle = percentile(single, 0.5);
+            let worst = self.behind[self.behind.len() - 1];
+            print!(
+                "  single B-scans behind a 128-B-scan volume ({} dropped one every 100 ms after it): p50 {:.0} ms, max {:.0} ms, {:.0} ms more than idle at worst",
+                self.behind.len(),
+                percentile(&self.behind, 0.5),
+                worst,
+                worst - idle
+            );
+            match self.volume_128_infer.is_empty() {
+                true => println!(),
+                false => {
+                    let infer = percentile(&self.volume_128_infer, 0.5);
+                    println!(" ({:.2}x of the volume's own inference, p50 {infer:.0} ms)", (worst - idle) / infer)
+                }
+            }
+        }
         println!(
             "  burst of {} B-scans: {:.1} s, {:.1} scans/s, {:.1} ms of CPU per scan (its processes and their broker)",
             self.burst,
@@ -305,21 +336,27 @@ impl Figures {
                 println!("    burst {name}: p50 {:.0} ms, p95 {:.0} ms", percentile(&v, 0.5), percentile(&v, 0.95));
             }
         }
-        match rss_kib {
-            Some(kib) => println!("  peak RSS (VmHWM): {:.0} MiB", kib as f64 / 1024.0),
-            None => println!("  peak RSS: unavailable"),
-        }
+        let mib = |kib: Option<u64>| kib.map_or("unavailable".to_string(), |k| format!("{:.0} MiB", k as f64 / 1024.0));
+        let [small, big, burst] = self.peak_rss_kib;
+        println!(
+            "  peak RSS (VmHWM) of its process: single B-scans and 64-B-scan volumes {}, 128-B-scan volumes {}, burst {}",
+            mib(small),
+            mib(big),
+            mib(burst)
+        );
     }
 }
 
 /// Drop the same files into `inbox` as a scanner would and time each result's arrival on the
-/// broker at `port`: a warm-up, 20 single B-scans, 5 volumes, then a burst.
+/// broker at `port`: a warm-up, 20 single B-scans, 5 volumes, single B-scans behind three
+/// 128-B-scan volumes, then a burst.
 /// `processes`: whose CPU time (theirs and their children's) the burst is charged.
 fn scenarios(
     port: u16,
     inbox: &Path,
     bscan: &[u8],
     volume: &[u8],
+    volume_128: &[u8],
     burst: usize,
     processes: &[u32],
 ) -> Result<Figures, Error> {
@@ -350,52 +387,111 @@ fn scenarios(
     subscribed.recv_timeout(Duration::from_secs(30))?;
     let mut seen = HashSet::new();
     let mut stages = Vec::<[f64; 4]>::new();
-    let mut wait_one = |stages: &mut Vec<[f64; 4]>| -> Result<Instant, Error> {
+    // The next result not seen before: when it arrived, whether it was a volume's, and when
+    // the implementation received the file (octd says; the peer does not).
+    let mut next_result = |stages: &mut Vec<[f64; 4]>| -> Result<(Instant, bool, String), Error> {
         loop {
             let (topic, at, payload) = rx.recv_timeout(Duration::from_secs(120))?;
             if seen.insert(topic) {
+                let (mut volume, mut received) = (false, String::new());
                 if let Ok(result) = serde_json::from_slice::<serde_json::Value>(&payload) {
                     let t = &result["timings_ms"];
                     let ms = |k: &str| t[k].as_f64().unwrap_or(0.0);
                     stages.push([ms("queue_ms"), ms("deid_ms"), ms("infer_ms"), ms("total_ms")]);
+                    // octd names the input's kind; the peer counts the frames.
+                    volume = result["input_kind"] == "dicom" || result["frames"].as_u64().is_some_and(|n| n > 1);
+                    received = result["received_at"].as_str().unwrap_or_default().to_string();
                 }
-                return Ok(at);
+                return Ok((at, volume, received));
             }
         }
     };
     drop_in(inbox, "warmup.jpeg", bscan)?;
-    wait_one(&mut stages)?;
+    next_result(&mut stages)?.0;
     let mut single = Vec::new();
     for i in 0..20 {
         let t0 = Instant::now();
         drop_in(inbox, &format!("s{i}.jpeg"), bscan)?;
-        single.push((wait_one(&mut stages)? - t0).as_secs_f64() * 1000.0);
+        single.push((next_result(&mut stages)?.0 - t0).as_secs_f64() * 1000.0);
     }
     let mut volume_ms = Vec::new();
     for i in 0..5 {
         let t0 = Instant::now();
         drop_in(inbox, &format!("v{i}.dcm"), volume)?;
-        volume_ms.push((wait_one(&mut stages)? - t0).as_secs_f64() * 1000.0);
+        volume_ms.push((next_result(&mut stages)?.0 - t0).as_secs_f64() * 1000.0);
     }
     let volume_stages = stages.split_off(stages.len() - volume_ms.len());
     stages.clear();
+    let rss_single_and_64 = peak_rss_kib(processes[0]);
+    // Single B-scans queued behind a 128-B-scan volume: one every 100 ms from the volume's
+    // drop on, so that some wait on its de-identification and some on its inference.
+    let mut behind = Vec::new();
+    let mut volume_128_infer = Vec::new();
+    for run in 0..3 {
+        let mut dropped = Vec::new();
+        drop_in(inbox, &format!("big{run}.dcm"), volume_128)?;
+        let v0 = Instant::now();
+        for i in 0..8 {
+            std::thread::sleep((v0 + Duration::from_millis(100 * (i + 1))).saturating_duration_since(Instant::now()));
+            dropped.push(Instant::now());
+            drop_in(inbox, &format!("behind{run}-{i}.jpeg"), bscan)?;
+        }
+        // Results arrive in any order: a B-scan's result is matched to its drop by when the
+        // daemon received it (drops are 100 ms apart; RFC 3339 times of one zone sort as
+        // text). The serial peer answers in the order of the drops.
+        let mut answers = Vec::new();
+        for _ in 0..=dropped.len() {
+            let mut one = Vec::new();
+            let (at, volume, received) = next_result(&mut one)?;
+            match volume {
+                true => volume_128_infer.extend(one.first().map(|s| s[2]).filter(|ms| *ms > 0.0)),
+                false => answers.push((received, at)),
+            }
+        }
+        answers.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((_, at), drop) in answers.iter().zip(&dropped) {
+            behind.push((*at - *drop).as_secs_f64() * 1000.0);
+        }
+    }
+    let rss_128 = peak_rss_kib(processes[0]);
     let cpu0 = cpu_seconds(processes);
     let t0 = Instant::now();
     for i in 0..burst {
         drop_in(inbox, &format!("b{i}.jpeg"), bscan)?;
     }
     for _ in 0..burst {
-        wait_one(&mut stages)?;
+        next_result(&mut stages)?.0;
     }
     let burst_s = t0.elapsed().as_secs_f64();
     let burst_cpu_s = cpu_seconds(processes) - cpu0;
+    let rss_burst = peak_rss_kib(processes[0]);
     single.sort_by(f64::total_cmp);
     volume_ms.sort_by(f64::total_cmp);
-    Ok(Figures { single, volume: volume_ms, burst, burst_s, burst_cpu_s, burst_stages: stages, volume_stages })
+    behind.sort_by(f64::total_cmp);
+    volume_128_infer.sort_by(f64::total_cmp);
+    Ok(Figures {
+        single,
+        volume: volume_ms,
+        burst,
+        burst_s,
+        burst_cpu_s,
+        burst_stages: stages,
+        volume_stages,
+        behind,
+        volume_128_infer,
+        peak_rss_kib: [rss_single_and_64, rss_128, rss_burst],
+    })
 }
 
 /// The same scenarios against `scripts/python_peer.py`, with a Mosquitto of its own.
-fn run_peer(repo: &Path, dir: &Path, bscan: &[u8], volume: &[u8], burst: usize) -> Result<Figures, Error> {
+fn run_peer(
+    repo: &Path,
+    dir: &Path,
+    bscan: &[u8],
+    volume: &[u8],
+    volume_128: &[u8],
+    burst: usize,
+) -> Result<Figures, Error> {
     use std::io::BufRead;
     let python = repo.join(".venv/bin/python");
     let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
@@ -428,16 +524,15 @@ fn run_peer(repo: &Path, dir: &Path, bscan: &[u8], volume: &[u8], burst: usize) 
         std::io::BufReader::new(out).read_line(&mut ready)?;
     }
     let figures = match ready.trim() == "ready" {
-        true => scenarios(port, &inbox, bscan, volume, burst, &[pid, broker.id()]),
+        true => scenarios(port, &inbox, bscan, volume, volume_128, burst, &[pid, broker.id()]),
         false => Err("the Python peer did not start".into()),
     };
-    let rss = peak_rss_kib(pid);
     let _ = peer.kill();
     let _ = peer.wait();
     let _ = broker.kill();
     let _ = broker.wait();
     let figures = figures?;
     println!("the Python peer (scripts/python_peer.py: serial, onnxruntime's default threads, SQLite, paho-mqtt QoS 1, Mosquitto)");
-    figures.print(rss);
+    figures.print();
     Ok(figures)
 }
