@@ -312,6 +312,23 @@ fn bound_large_allocations() {
     // exists. An unknown or refused parameter returns 0 and changes nothing.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        // One heap for every thread: the pipeline's threads each kept their own heap's freed
+        // memory resident, measured 10–15 MiB more peak RSS in a burst for no speed gained
+        // (docs/benchmarks.md, "Memory"); the daemon allocates little per scan outside
+        // ONNX Runtime's own arena, so the shared heap's lock is not contended.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    octd::infer::release_after_load(trim_heap);
+}
+
+/// Give the heap's free pages back to the system (after a model load, which frees much).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() {
+    // SAFETY: malloc_trim only returns free memory of the allocator's own heap to the system;
+    // it takes the allocator's locks and touches no memory in use.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
