@@ -33,11 +33,14 @@ import sys
 import time
 import uuid
 
-import numpy as np
-import onnxruntime as ort
-import paho.mqtt.client as mqtt
-import pydicom
-from PIL import Image
+# Set before onnxruntime is imported, which starts its telemetry (octtrain/__init__.py).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import paho.mqtt.client as mqtt  # noqa: E402
+import pydicom  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "trainer"))

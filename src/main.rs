@@ -332,8 +332,17 @@ fn trim_heap() {
     }
 }
 
+/// ONNX Runtime 1.29+ as Microsoft builds it (the wheel, JetPack's) queues usage events in
+/// ~/.cache/Microsoft and uploads them; one of them is logged while its environment is being
+/// created, before the API's own switch (set too, in `infer::ort_backend`) can act. Only
+/// this variable, read then, stops that one: set here before any thread exists.
+fn silence_onnxruntime_telemetry() {
+    std::env::set_var("ORT_DISABLE_TELEMETRY", "1");
+}
+
 fn main() -> ExitCode {
     bound_large_allocations();
+    silence_onnxruntime_telemetry();
     let cli = Cli::parse();
     // The decoder worker confines itself first thing: no configuration, no logging.
     if let Command::Broker { memory_bytes } = cli.command {

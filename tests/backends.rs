@@ -179,3 +179,47 @@ fn a_volume_on_several_sessions_gives_the_answer_of_one() {
     assert_eq!(one, lanes, "frame order, per-class maxima and the most suspicious B-scan are kept");
     assert_eq!(lanes.frames, 20);
 }
+
+/// Microsoft's ONNX Runtime builds keep a device id and queue usage events for upload under
+/// ~/.cache/Microsoft unless told not to; a clinic's device must leave nothing there. The CI
+/// variables that would silence the runtime on their own are removed, so this fails without
+/// octd's own switch.
+#[test]
+fn onnxruntime_keeps_and_queues_no_telemetry() {
+    let Some(images) = common::shared_oct_images() else { return };
+    let Some(library) = onnxruntime_library() else { return };
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_octd"));
+    cmd.arg("classify").arg("--json").arg("--model").arg(common::repo().join("models/default")).arg(&images[0].0);
+    cmd.env("HOME", home.path())
+        .env("OCTD_MODEL__BACKEND", "onnxruntime")
+        .env("OCTD_MODEL__ONNXRUNTIME_LIBRARY", &library);
+    for quiet in [
+        "ORT_DISABLE_TELEMETRY",
+        "ORT_RUNNING_UNIT_TESTS",
+        "XDG_CACHE_HOME",
+        "CI",
+        "TF_BUILD",
+        "GITHUB_ACTIONS",
+        "GITLAB_CI",
+    ] {
+        cmd.env_remove(quiet);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "classify failed: {}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["model"]["backend"], "onnxruntime-cpu", "ONNX Runtime ran");
+    let left: Vec<_> = walk(home.path());
+    assert!(left.is_empty(), "ONNX Runtime left telemetry state in the home folder: {left:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        out.push(entry.path());
+        if entry.path().is_dir() {
+            out.extend(walk(&entry.path()));
+        }
+    }
+    out
+}

@@ -156,8 +156,14 @@ pub fn init_runtime(configured: Option<&Path>) -> Result<(PathBuf, Environment),
                     .to_string()
             })?;
             let builder = ort::init_from(&path).map_err(|e| format!("cannot load {}: {e}", path.display()))?;
-            let environment =
-                builder.with_name("octd").build().map_err(|e| format!("ONNX Runtime environment: {e}"))?;
+            // Microsoft's builds (the wheel, JetPack's) queue usage events for upload to
+            // Microsoft in ~/.cache by default: a clinic's device says nothing to anyone
+            // it was not configured to talk to.
+            let environment = builder
+                .with_name("octd")
+                .with_telemetry(false)
+                .build()
+                .map_err(|e| format!("ONNX Runtime environment: {e}"))?;
             tracing::info!(library = %path.display(), "ONNX Runtime loaded");
             Ok((path, environment))
         })
