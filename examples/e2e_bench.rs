@@ -261,6 +261,8 @@ struct Figures {
     burst_stages: Vec<[f64; 4]>,
     /// The same for each volume.
     volume_stages: Vec<[f64; 4]>,
+    /// The same for each single B-scan dropped into the idle daemon.
+    single_stages: Vec<[f64; 4]>,
     /// Drop -> result of single B-scans dropped while a 128-B-scan volume was in the works.
     behind: Vec<f64>,
     /// That volume's inference time as it reports it (empty where it reports none).
@@ -288,14 +290,23 @@ impl Figures {
             percentile(single, 0.95),
             single[single.len() - 1]
         );
+        let stage_p50 = |stages: &[[f64; 4]], i: usize| percentile(&sorted_stage(stages, i), 0.5);
+        // An implementation that reports no stage timings (the Python peer) shows none.
+        if self.single_stages.iter().any(|s| s[3] > 0.0) {
+            println!(
+                "    single queue p50 {:.0} ms, de-identify p50 {:.0} ms, infer p50 {:.0} ms, claimed -> classified p50 {:.0} ms",
+                stage_p50(&self.single_stages, 0),
+                stage_p50(&self.single_stages, 1),
+                stage_p50(&self.single_stages, 2),
+                stage_p50(&self.single_stages, 3)
+            );
+        }
         println!(
             "  64-B-scan DICOM volume, {} runs:        p50 {:.0} ms, max {:.0} ms",
             vol.len(),
             percentile(vol, 0.5),
             vol[vol.len() - 1]
         );
-        let stage_p50 = |stages: &[[f64; 4]], i: usize| percentile(&sorted_stage(stages, i), 0.5);
-        // An implementation that reports no stage timings (the Python peer) shows none.
         if self.volume_stages.iter().any(|s| s[3] > 0.0) {
             println!(
                 "    volume queue p50 {:.0} ms, de-identify p50 {:.0} ms, infer p50 {:.0} ms, claimed -> classified p50 {:.0} ms",
@@ -414,6 +425,7 @@ fn scenarios(
         drop_in(inbox, &format!("s{i}.jpeg"), bscan)?;
         single.push((next_result(&mut stages)?.0 - t0).as_secs_f64() * 1000.0);
     }
+    let single_stages = stages.split_off(stages.len() - single.len());
     let mut volume_ms = Vec::new();
     for i in 0..5 {
         let t0 = Instant::now();
@@ -477,6 +489,7 @@ fn scenarios(
         burst_cpu_s,
         burst_stages: stages,
         volume_stages,
+        single_stages,
         behind,
         volume_128_infer,
         peak_rss_kib: [rss_single_and_64, rss_128, rss_burst],
