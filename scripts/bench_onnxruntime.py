@@ -6,12 +6,16 @@ compared with in docs/benchmarks.md.
     .venv/bin/python scripts/bench_onnxruntime.py [--threads 2] [--runs 200]
 """
 import argparse
+import os
 import pathlib
 import statistics
 import time
 
-import numpy as np
-import onnxruntime as ort
+# Before onnxruntime is imported, which starts its telemetry (octd and octtrain do the same).
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -9,11 +9,15 @@ B-scan per call on the CPU.
 Run it on a quiet machine: the other core's load shows in the figures.
 """
 import argparse
+import os
 import pathlib
 import time
 
-import numpy as np
-import onnxruntime as ort
+# Before onnxruntime is imported, which starts its telemetry (octd and octtrain do the same).
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
 
 MODEL = pathlib.Path(__file__).resolve().parent.parent / "models/default/model.onnx"
 

@@ -33,8 +33,8 @@ import sys
 import time
 import uuid
 
-# Set before onnxruntime is imported, which starts its telemetry (octtrain/__init__.py).
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+# Before onnxruntime is imported, which starts its telemetry (octd and octtrain do the same).
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402

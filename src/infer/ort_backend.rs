@@ -104,6 +104,22 @@ pub struct OrtBackend {
     output_names: Vec<String>,
 }
 
+/// The variable ONNX Runtime reads as it starts to keep its telemetry off from the start.
+pub const TELEMETRY_OFF_VARIABLE: &str = "ORT_DISABLE_TELEMETRY";
+
+/// ONNX Runtime builds with telemetry compiled in (Microsoft's, 1.29 and later: the PyPI
+/// wheel, the release archives) keep a device id and queue usage events for upload under
+/// ~/.cache/Microsoft; one event is logged while the runtime's environment is created,
+/// before the API's own switch (also set, in [`init_runtime`]) can act. Only this variable,
+/// read then, stops it. A clinic's device and trainer say nothing to anyone they were not
+/// configured to talk to.
+///
+/// Call first thing in `main`, before anything starts a thread: setting the environment
+/// races with any other thread reading it (and needs `unsafe` from edition 2024 on).
+pub fn keep_telemetry_off_from_start() {
+    std::env::set_var(TELEMETRY_OFF_VARIABLE, "1");
+}
+
 /// The library is loaded once per process; later calls get the same answer.
 static RUNTIME: OnceLock<Result<(PathBuf, Environment), String>> = OnceLock::new();
 
@@ -156,9 +172,13 @@ pub fn init_runtime(configured: Option<&Path>) -> Result<(PathBuf, Environment),
                     .to_string()
             })?;
             let builder = ort::init_from(&path).map_err(|e| format!("cannot load {}: {e}", path.display()))?;
-            // Microsoft's builds (the wheel, JetPack's) queue usage events for upload to
-            // Microsoft in ~/.cache by default: a clinic's device says nothing to anyone
-            // it was not configured to talk to.
+            if std::env::var(TELEMETRY_OFF_VARIABLE).as_deref() != Ok("1") {
+                // A process that did not start through a binary of this project (a bench, a
+                // test): the start-up event is logged before the switch below can act.
+                tracing::warn!(
+                    "{TELEMETRY_OFF_VARIABLE} is not set to 1: an ONNX Runtime built with telemetry logs its start-up event"
+                );
+            }
             let environment = builder
                 .with_name("octd")
                 .with_telemetry(false)

@@ -61,6 +61,8 @@ fn humantime_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists: the gate and the packer load ONNX Runtime.
+    octd::infer::ort_backend::keep_telemetry_off_from_start();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
