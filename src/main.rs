@@ -301,25 +301,41 @@ fn print_report(result: Result<serde_json::Value, String>) -> ExitCode {
     }
 }
 
-/// Buffers the size of a volume are mapped for themselves and unmapped when freed. glibc's
-/// default raises this threshold after the first large free, after which a volume's input,
-/// artefact and parsed object land in different threads' arenas and stay resident together:
-/// measured, a 128-B-scan volume then cost the daemon 5x its pixels instead of 1x
-/// (docs/benchmarks.md). Smaller buffers (frames, model activations) keep the fast arenas.
-fn bound_large_allocations() {
+/// How glibc's allocator serves this process (docs/benchmarks.md, "Memory within 120 MiB"):
+/// - Buffers the size of a volume are mapped for themselves and unmapped when freed. glibc's
+///   default raises this threshold after the first large free, after which a volume's input,
+///   artefact and parsed object stayed resident together: measured, a 128-B-scan volume then
+///   cost the daemon 5x its pixels instead of 1x.
+/// - The heap is trimmed after each model load, which leaves about 15 MiB per ONNX Runtime
+///   session freed but resident.
+fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; it is called before any other thread
-    // exists. An unknown or refused parameter returns 0 and changes nothing.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        // One heap for every thread: the pipeline's threads each kept their own heap's freed
-        // memory resident, measured 10–15 MiB more peak RSS in a burst for no speed gained
-        // (docs/benchmarks.md, "Memory"); the daemon allocates little per scan outside
-        // ONNX Runtime's own arena, so the shared heap's lock is not contended.
-        libc::mallopt(libc::M_ARENA_MAX, 1);
+    {
+        // SAFETY: mallopt only sets an allocator parameter; it is called before any other
+        // thread exists. An unknown or refused parameter returns 0 and changes nothing.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        }
+        octd::infer::release_after_load(trim_heap);
     }
+}
+
+/// One heap for every thread, where ONNX Runtime will run the model: with a heap per thread
+/// each kept its own freed memory resident, 10–15 MiB more at a burst's peak for no speed
+/// gained. Not for tract, whose threads allocate on every run: one heap cut its peak from
+/// about 690 to 275 MiB but made its volumes 45 % slower (docs/benchmarks.md, "Memory
+/// within 120 MiB"). Call before anything starts a thread; later arenas obey it only then.
+#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(unused_variables))]
+fn one_heap_for_onnxruntime(model: &octd::config::ModelConfig) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    octd::infer::release_after_load(trim_heap);
+    if model.backend != octd::config::BackendKind::Tract
+        && octd::infer::ort_backend::find_library(model.onnxruntime_library.as_deref()).is_some()
+    {
+        // SAFETY: as in tune_allocator; no other thread exists yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
 }
 
 /// Give the heap's free pages back to the system (after a model load, which frees much).
@@ -332,17 +348,10 @@ fn trim_heap() {
     }
 }
 
-/// ONNX Runtime 1.29+ as Microsoft builds it (the wheel, JetPack's) queues usage events in
-/// ~/.cache/Microsoft and uploads them; one of them is logged while its environment is being
-/// created, before the API's own switch (set too, in `infer::ort_backend`) can act. Only
-/// this variable, read then, stops that one: set here before any thread exists.
-fn silence_onnxruntime_telemetry() {
-    std::env::set_var("ORT_DISABLE_TELEMETRY", "1");
-}
-
 fn main() -> ExitCode {
-    bound_large_allocations();
-    silence_onnxruntime_telemetry();
+    // First: both set process-wide state that other threads must not race with.
+    tune_allocator();
+    octd::infer::ort_backend::keep_telemetry_off_from_start();
     let cli = Cli::parse();
     // The decoder worker confines itself first thing: no configuration, no logging.
     if let Command::Broker { memory_bytes } = cli.command {
@@ -410,6 +419,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
+    one_heap_for_onnxruntime(&config.model);
     if matches!(cli.command, Command::Run | Command::Config { .. }) {
         if let Err(e) = config.check_files() {
             eprintln!("octd: {e}");

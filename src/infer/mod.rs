@@ -261,7 +261,7 @@ fn colour(v: f32) -> [u8; 3] {
 /// What the process runs after each model load to hand the memory the load used and freed
 /// back to the system; the binary registers glibc's `malloc_trim`, since this library has no
 /// unsafe code. Building a session's graph leaves about 15 MiB per ONNX Runtime session
-/// free but resident in the allocator's heap (docs/benchmarks.md, "Memory").
+/// free but resident in the allocator's heap (docs/benchmarks.md, "Memory within 120 MiB").
 static RELEASE_AFTER_LOAD: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 
 /// Register what runs after each model load (once per process; later calls change nothing).
