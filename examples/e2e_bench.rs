@@ -1,6 +1,7 @@
 //! End-to-end bench: file dropped into the watched folder -> result received over MQTT
-//! (the broker forwards it as it PUBACKs), for single B-scans and 64-B-scan volumes, plus
-//! throughput and the daemon's peak RSS. Runs the release binary with the embedded broker.
+//! (the broker forwards it as it PUBACKs), for single B-scans, 64-B-scan volumes, single
+//! B-scans queued behind 128-B-scan volumes, and a burst; with the peak RSS of the daemon's
+//! own process in each phase. Runs the release binary with the embedded broker.
 //!
 //!   cargo build --release && cargo run --release --example e2e_bench [-- --bscans 100]
 //!       [--backend onnxruntime|tract] (default onnxruntime, as `auto` picks where its library is) [--workers N] [--octd PATH-TO-ANOTHER-BUILD] [--peer]
@@ -67,13 +68,30 @@ fn sorted_stage(stages: &[[f64; 4]], i: usize) -> Vec<f64> {
     v
 }
 
-/// The process's peak RSS (VmHWM) since it started or since the last call, which resets it
-/// (clear_refs 5), so that each phase of a run reports its own peak.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let peak = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok();
-    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
-    peak
+/// A process's peak RSS phase by phase: each [`PhasePeaks::take`] reads the peak (VmHWM)
+/// since the previous one and resets it (clear_refs 5). Once a reset fails, later phases
+/// report none rather than a peak that is not theirs.
+struct PhasePeaks {
+    pid: u32,
+    since_reset: bool,
+}
+
+impl PhasePeaks {
+    fn new(pid: u32) -> Self {
+        PhasePeaks { pid, since_reset: true }
+    }
+
+    fn take(&mut self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok();
+        let peak = status
+            .as_deref()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kib| kib.parse().ok())
+            .filter(|_| self.since_reset);
+        self.since_reset = std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5").is_ok();
+        peak
+    }
 }
 
 fn backend_kind(backend: &str) -> octd::config::BackendKind {
@@ -267,9 +285,10 @@ struct Figures {
     behind: Vec<f64>,
     /// That volume's inference time as it reports it (empty where it reports none).
     volume_128_infer: Vec<f64>,
-    /// Peak RSS of the implementation's process in each phase: single B-scans and 64-B-scan
-    /// volumes, the 128-B-scan volumes with B-scans behind them, the burst.
-    peak_rss_kib: [Option<u64>; 3],
+    /// Peak RSS of the implementation's process in each phase: start-up (model load and a
+    /// warm-up scan), single B-scans and 64-B-scan volumes, the 128-B-scan volumes with
+    /// B-scans behind them, the burst.
+    peak_rss_kib: [Option<u64>; 4],
 }
 
 impl Figures {
@@ -320,7 +339,7 @@ impl Figures {
             let idle = percentile(single, 0.5);
             let worst = self.behind[self.behind.len() - 1];
             print!(
-                "  single B-scans behind a 128-B-scan volume ({} dropped one every 100 ms after it): p50 {:.0} ms, max {:.0} ms, {:.0} ms more than idle at worst",
+                "  single B-scans behind a 128-B-scan volume ({} in all, 8 per volume, 100 ms apart): p50 {:.0} ms, max {:.0} ms, {:.0} ms more than idle at worst",
                 self.behind.len(),
                 percentile(&self.behind, 0.5),
                 worst,
@@ -348,9 +367,10 @@ impl Figures {
             }
         }
         let mib = |kib: Option<u64>| kib.map_or("unavailable".to_string(), |k| format!("{:.0} MiB", k as f64 / 1024.0));
-        let [small, big, burst] = self.peak_rss_kib;
+        let [start, small, big, burst] = self.peak_rss_kib;
         println!(
-            "  peak RSS (VmHWM) of its process: single B-scans and 64-B-scan volumes {}, 128-B-scan volumes {}, burst {}",
+            "  peak RSS (VmHWM) of its process: start-up {}, single B-scans and 64-B-scan volumes {}, 128-B-scan volumes {}, burst {}",
+            mib(start),
             mib(small),
             mib(big),
             mib(burst)
@@ -400,9 +420,11 @@ fn scenarios(
     let mut stages = Vec::<[f64; 4]>::new();
     // The next result not seen before: when it arrived, whether it was a volume's, and when
     // the implementation received the file (octd says; the peer does not).
-    let mut next_result = |stages: &mut Vec<[f64; 4]>| -> Result<(Instant, bool, String), Error> {
+    let mut next_result = |stages: &mut Vec<[f64; 4]>, phase: &str| -> Result<(Instant, bool, String), Error> {
         loop {
-            let (topic, at, payload) = rx.recv_timeout(Duration::from_secs(120))?;
+            let (topic, at, payload) = rx
+                .recv_timeout(Duration::from_secs(120))
+                .map_err(|e| format!("{phase}: no new result within 120 s after {} ({e})", seen.len()))?;
             if seen.insert(topic) {
                 let (mut volume, mut received) = (false, String::new());
                 if let Ok(result) = serde_json::from_slice::<serde_json::Value>(&payload) {
@@ -411,32 +433,40 @@ fn scenarios(
                     stages.push([ms("queue_ms"), ms("deid_ms"), ms("infer_ms"), ms("total_ms")]);
                     // octd names the input's kind; the peer counts the frames.
                     volume = result["input_kind"] == "dicom" || result["frames"].as_u64().is_some_and(|n| n > 1);
-                    received = result["received_at"].as_str().unwrap_or_default().to_string();
+                    received = match (result["received_at"].as_str(), result["input_kind"].is_null()) {
+                        (Some(at), _) => at.to_string(),
+                        // The peer says neither; octd always says when it received the file.
+                        (None, true) => String::new(),
+                        (None, false) => return Err(format!("{phase}: a result without received_at").into()),
+                    };
                 }
                 return Ok((at, volume, received));
             }
         }
     };
+    let mut peaks = PhasePeaks::new(processes[0]);
     drop_in(inbox, "warmup.jpeg", bscan)?;
-    next_result(&mut stages)?.0;
+    next_result(&mut stages, "warm-up")?;
+    let rss_start = peaks.take();
     let mut single = Vec::new();
     for i in 0..20 {
         let t0 = Instant::now();
         drop_in(inbox, &format!("s{i}.jpeg"), bscan)?;
-        single.push((next_result(&mut stages)?.0 - t0).as_secs_f64() * 1000.0);
+        single.push((next_result(&mut stages, "single B-scans")?.0 - t0).as_secs_f64() * 1000.0);
     }
     let single_stages = stages.split_off(stages.len() - single.len());
     let mut volume_ms = Vec::new();
     for i in 0..5 {
         let t0 = Instant::now();
         drop_in(inbox, &format!("v{i}.dcm"), volume)?;
-        volume_ms.push((next_result(&mut stages)?.0 - t0).as_secs_f64() * 1000.0);
+        volume_ms.push((next_result(&mut stages, "64-B-scan volumes")?.0 - t0).as_secs_f64() * 1000.0);
     }
     let volume_stages = stages.split_off(stages.len() - volume_ms.len());
     stages.clear();
-    let rss_single_and_64 = peak_rss_kib(processes[0]);
-    // Single B-scans queued behind a 128-B-scan volume: one every 100 ms from the volume's
-    // drop on, so that some wait on its de-identification and some on its inference.
+    let rss_single_and_64 = peaks.take();
+    // Single B-scans dropped behind a 128-B-scan volume, one every 100 ms while it is
+    // de-identified and classified: what a scanner's next patient waits for when a volume is
+    // in the works (with several workers, a free inference session rather than the volume).
     let mut behind = Vec::new();
     let mut volume_128_infer = Vec::new();
     for run in 0..3 {
@@ -454,29 +484,32 @@ fn scenarios(
         let mut answers = Vec::new();
         for _ in 0..=dropped.len() {
             let mut one = Vec::new();
-            let (at, volume, received) = next_result(&mut one)?;
+            let (at, volume, received) = next_result(&mut one, "B-scans behind a 128-B-scan volume")?;
             match volume {
                 true => volume_128_infer.extend(one.first().map(|s| s[2]).filter(|ms| *ms > 0.0)),
                 false => answers.push((received, at)),
             }
+        }
+        if answers.len() != dropped.len() {
+            return Err(format!("{} results for {} B-scans behind volume {run}", answers.len(), dropped.len()).into());
         }
         answers.sort_by(|a, b| a.0.cmp(&b.0));
         for ((_, at), drop) in answers.iter().zip(&dropped) {
             behind.push((*at - *drop).as_secs_f64() * 1000.0);
         }
     }
-    let rss_128 = peak_rss_kib(processes[0]);
+    let rss_128 = peaks.take();
     let cpu0 = cpu_seconds(processes);
     let t0 = Instant::now();
     for i in 0..burst {
         drop_in(inbox, &format!("b{i}.jpeg"), bscan)?;
     }
     for _ in 0..burst {
-        next_result(&mut stages)?.0;
+        next_result(&mut stages, "burst")?;
     }
     let burst_s = t0.elapsed().as_secs_f64();
     let burst_cpu_s = cpu_seconds(processes) - cpu0;
-    let rss_burst = peak_rss_kib(processes[0]);
+    let rss_burst = peaks.take();
     single.sort_by(f64::total_cmp);
     volume_ms.sort_by(f64::total_cmp);
     behind.sort_by(f64::total_cmp);
@@ -492,7 +525,7 @@ fn scenarios(
         single_stages,
         behind,
         volume_128_infer,
-        peak_rss_kib: [rss_single_and_64, rss_128, rss_burst],
+        peak_rss_kib: [rss_start, rss_single_and_64, rss_128, rss_burst],
     })
 }
 
