@@ -69,8 +69,8 @@ fn sorted_stage(stages: &[[f64; 4]], i: usize) -> Vec<f64> {
 }
 
 /// A process's peak RSS phase by phase: each [`PhasePeaks::take`] reads the peak (VmHWM)
-/// since the previous one and resets it (clear_refs 5). Once a reset fails, later phases
-/// report none rather than a peak that is not theirs.
+/// since the previous one and resets it (clear_refs 5). The phase after a failed reset
+/// reports none rather than a peak that is not its own.
 struct PhasePeaks {
     pid: u32,
     since_reset: bool,

@@ -306,8 +306,8 @@ fn print_report(result: Result<serde_json::Value, String>) -> ExitCode {
 ///   default raises this threshold after the first large free, after which a volume's input,
 ///   artefact and parsed object stayed resident together: measured, a 128-B-scan volume then
 ///   cost the daemon 5x its pixels instead of 1x.
-/// - The heap is trimmed after each model load, which leaves about 15 MiB per ONNX Runtime
-///   session freed but resident.
+/// - The heap is trimmed after each model load, which otherwise leaves about 15 MiB per ONNX
+///   Runtime session freed but resident.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -324,12 +324,14 @@ fn tune_allocator() {
 /// each kept its own freed memory resident, 10–15 MiB more at a burst's peak for no speed
 /// gained. Not for tract, whose threads allocate on every run: one heap cut its peak from
 /// about 690 to 275 MiB but made its volumes 45 % slower (docs/benchmarks.md, "Memory
-/// within 120 MiB"). Call before anything starts a thread; later arenas obey it only then.
+/// within 120 MiB"). glibc fixes the number of heaps at the first one it adds: call before
+/// anything starts a thread. Should ONNX Runtime then fail to load, the tract fallback runs
+/// on the one heap (slower, smaller; the fallback is logged).
 #[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(unused_variables))]
 fn one_heap_for_onnxruntime(model: &octd::config::ModelConfig) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if model.backend != octd::config::BackendKind::Tract
-        && octd::infer::ort_backend::find_library(model.onnxruntime_library.as_deref()).is_some()
+        && octd::infer::ort_backend::find_library(model.onnxruntime_library.as_deref()).is_some_and(|p| p.is_file())
     {
         // SAFETY: as in tune_allocator; no other thread exists yet.
         unsafe {

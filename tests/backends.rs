@@ -200,8 +200,13 @@ fn onnxruntime_keeps_and_queues_no_telemetry() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_octd"));
     cmd.arg("classify").arg("--json").arg("--model").arg(common::repo().join("models/default"));
     cmd.arg(images[0].0.canonicalize().unwrap()).current_dir(work.path()).env_clear();
-    cmd.env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", home.path())
+    // What a process needs to run at all; none of it silences the runtime.
+    for needed in ["PATH", "TMPDIR", "LD_LIBRARY_PATH"] {
+        if let Some(value) = std::env::var_os(needed) {
+            cmd.env(needed, value);
+        }
+    }
+    cmd.env("HOME", home.path())
         .env("OCTD_MODEL__BACKEND", "onnxruntime")
         .env("OCTD_MODEL__ONNXRUNTIME_LIBRARY", &library);
     let out = cmd.output().unwrap();
