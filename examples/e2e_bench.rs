@@ -68,6 +68,21 @@ fn sorted_stage(stages: &[[f64; 4]], i: usize) -> Vec<f64> {
     v
 }
 
+/// One line of a scenario's stage p50s; none for an implementation that reports no stage
+/// timings (the Python peer).
+fn print_stage_p50s(scenario: &str, stages: &[[f64; 4]]) {
+    if stages.iter().any(|s| s[3] > 0.0) {
+        let p50 = |i: usize| percentile(&sorted_stage(stages, i), 0.5);
+        println!(
+            "    {scenario} queue p50 {:.0} ms, de-identify p50 {:.0} ms, infer p50 {:.0} ms, claimed -> classified p50 {:.0} ms",
+            p50(0),
+            p50(1),
+            p50(2),
+            p50(3)
+        );
+    }
+}
+
 /// A process's peak RSS phase by phase: each [`PhasePeaks::take`] reads the peak (VmHWM)
 /// since the previous one and resets it (clear_refs 5). The phase after a failed reset
 /// reports none rather than a peak that is not its own.
@@ -309,32 +324,14 @@ impl Figures {
             percentile(single, 0.95),
             single[single.len() - 1]
         );
-        let stage_p50 = |stages: &[[f64; 4]], i: usize| percentile(&sorted_stage(stages, i), 0.5);
-        // An implementation that reports no stage timings (the Python peer) shows none.
-        if self.single_stages.iter().any(|s| s[3] > 0.0) {
-            println!(
-                "    single queue p50 {:.0} ms, de-identify p50 {:.0} ms, infer p50 {:.0} ms, claimed -> classified p50 {:.0} ms",
-                stage_p50(&self.single_stages, 0),
-                stage_p50(&self.single_stages, 1),
-                stage_p50(&self.single_stages, 2),
-                stage_p50(&self.single_stages, 3)
-            );
-        }
+        print_stage_p50s("single", &self.single_stages);
         println!(
             "  64-B-scan DICOM volume, {} runs:        p50 {:.0} ms, max {:.0} ms",
             vol.len(),
             percentile(vol, 0.5),
             vol[vol.len() - 1]
         );
-        if self.volume_stages.iter().any(|s| s[3] > 0.0) {
-            println!(
-                "    volume queue p50 {:.0} ms, de-identify p50 {:.0} ms, infer p50 {:.0} ms, claimed -> classified p50 {:.0} ms",
-                stage_p50(&self.volume_stages, 0),
-                stage_p50(&self.volume_stages, 1),
-                stage_p50(&self.volume_stages, 2),
-                stage_p50(&self.volume_stages, 3)
-            );
-        }
+        print_stage_p50s("volume", &self.volume_stages);
         if !self.behind.is_empty() {
             let idle = percentile(single, 0.5);
             let worst = self.behind[self.behind.len() - 1];

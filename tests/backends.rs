@@ -190,8 +190,8 @@ fn onnxruntime_keeps_and_queues_no_telemetry() {
     let Some(images) = common::shared_oct_images() else { return };
     let Some(library) = onnxruntime_library() else { return };
     let library = library.canonicalize().unwrap();
-    let compiled_in =
-        std::fs::read(&library).unwrap().windows(37).any(|w| w == b"Microsoft/DeveloperTools/.onnxruntime");
+    let telemetry_folder: &[u8] = b"Microsoft/DeveloperTools/.onnxruntime";
+    let compiled_in = std::fs::read(&library).unwrap().windows(telemetry_folder.len()).any(|w| w == telemetry_folder);
     if !compiled_in {
         eprintln!("SKIP: {} has no telemetry compiled in; nothing to keep off", library.display());
         return;
