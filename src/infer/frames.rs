@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use dicom_dictionary_std::tags;
+use dicom_object::file::ReadPreamble;
 use dicom_object::OpenFileOptions;
 use dicom_pixeldata::{PixelDecoder, PlanarConfiguration};
 use image::DynamicImage;
@@ -20,19 +21,59 @@ pub fn load(artifact: &Path) -> Result<Vec<GreyFrame>, InferError> {
     Ok(all)
 }
 
+/// Where a scan's B-scans are read from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// A written artefact; its extension says whether it is DICOM or an image.
+    File(&'a Path),
+    /// A de-identified DICOM object's bytes in memory (the decoder worker's answer, while it
+    /// is being written): native pixel data is read in place, without a copy.
+    Dicom(&'a [u8]),
+}
+
 /// The artefact's B-scans, `batch` at a time, in order: a volume is never held as f32 whole,
 /// only its decoded pixels and one batch of converted frames.
 pub fn for_each_batch(
     artifact: &Path,
     batch: usize,
+    f: impl FnMut(&[GreyFrame]) -> Result<(), InferError>,
+) -> Result<(), InferError> {
+    for_each_batch_of(Source::File(artifact), batch, f)
+}
+
+/// As [`for_each_batch`], from either source.
+pub fn for_each_batch_of(
+    source: Source<'_>,
+    batch: usize,
     mut f: impl FnMut(&[GreyFrame]) -> Result<(), InferError>,
 ) -> Result<(), InferError> {
-    let is_dicom = artifact.extension().is_some_and(|e| e == "dcm");
-    if is_dicom {
-        dicom_batches(artifact, batch.max(1), f)
-    } else {
-        let image = image::open(artifact).map_err(|e| InferError::Input(format!("artefact does not decode: {e}")))?;
-        f(&[from_image(&image)])
+    let batch = batch.max(1);
+    match source {
+        Source::Dicom(bytes) => match native_in_place(bytes) {
+            Some((layout, pixels)) => frame_batches(&layout, Pixels::Native(Native::Bytes(pixels.into())), batch, f),
+            None => {
+                let preamble = bytes.get(128..132) == Some(b"DICM".as_slice());
+                let options = OpenFileOptions::new().read_preamble(match preamble {
+                    true => ReadPreamble::Always,
+                    false => ReadPreamble::Never,
+                });
+                let obj = options
+                    .from_reader(bytes)
+                    .map_err(|e| InferError::Input(format!("artefact is not readable DICOM: {e}")))?;
+                object_batches(&obj, batch, f)
+            }
+        },
+        Source::File(artifact) if artifact.extension().is_some_and(|e| e == "dcm") => {
+            let obj = OpenFileOptions::new()
+                .open_file(artifact)
+                .map_err(|e| InferError::Input(format!("artefact is not readable DICOM: {e}")))?;
+            object_batches(&obj, batch, f)
+        }
+        Source::File(artifact) => {
+            let image =
+                image::open(artifact).map_err(|e| InferError::Input(format!("artefact does not decode: {e}")))?;
+            f(&[from_image(&image)])
+        }
     }
 }
 
@@ -109,8 +150,12 @@ impl Layout {
         })
     }
 
-    fn frame_bytes(&self) -> usize {
-        self.rows * self.cols * self.samples * usize::from(self.bits_allocated).div_ceil(8)
+    /// None when the attributes multiply past what memory can address.
+    fn frame_bytes(&self) -> Option<usize> {
+        self.rows
+            .checked_mul(self.cols)?
+            .checked_mul(self.samples)?
+            .checked_mul(usize::from(self.bits_allocated).div_ceil(8))
     }
 }
 
@@ -143,44 +188,98 @@ impl Native<'_> {
     }
 }
 
-fn dicom_batches(
-    path: &Path,
+/// The layout and pixel bytes of a DICOM object whose last element is native, little-endian
+/// pixel data of exactly the size its attributes give (what the decoder worker writes for
+/// every native object): the frames are read where they lie. Anything else (compressed or
+/// big-endian pixels, elements after them, a size that does not match) is None, and the
+/// object is parsed whole instead, with that parse's own errors.
+fn native_in_place(bytes: &[u8]) -> Option<(Layout, &[u8])> {
+    const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+    const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+    let preamble = bytes.get(128..132) == Some(b"DICM".as_slice());
+    let data = if preamble { bytes.get(128..)? } else { bytes };
+    // The meta group and the data set before the pixel data, parsed without them.
+    let head = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Never)
+        .read_until(tags::PIXEL_DATA)
+        .from_reader(data)
+        .ok()?;
+    let explicit = match head.meta().transfer_syntax().trim_end_matches(['\0', ' ']) {
+        EXPLICIT_VR_LE => true,
+        IMPLICIT_VR_LE => false,
+        _ => return None,
+    };
+    let layout = Layout::read(&head).ok()?;
+    let size = layout.frame_bytes()?.checked_mul(layout.frames as usize)?;
+    let stored = size.checked_add(size % 2)?;
+    let value = data.len().checked_sub(stored)?;
+    let header = value.checked_sub(if explicit { 12 } else { 8 })?;
+    let h = data.get(header..value)?;
+    let length = |at: usize| h.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let fits = h.get(..4) == Some([0xE0, 0x7F, 0x10, 0x00].as_slice())
+        && match explicit {
+            true => matches!(h.get(4..8), Some(b"OB\0\0" | b"OW\0\0")) && length(8) == Some(stored),
+            false => length(4) == Some(stored),
+        };
+    if !fits {
+        return None;
+    }
+    // The header found must be the next element after a whole data set, not bytes that look
+    // like one inside some other element's value: everything before it parses to its end
+    // and holds nothing at or after the pixel data's tag.
+    let before = OpenFileOptions::new().read_preamble(ReadPreamble::Never).from_reader(data.get(..header)?).ok()?;
+    if before.iter().any(|e| e.header().tag >= tags::PIXEL_DATA) {
+        return None;
+    }
+    Some((layout, data.get(value..value + size)?))
+}
+
+/// Where a volume's frames come from.
+enum Pixels<'a> {
+    Native(Native<'a>),
+    /// Compressed: decoded whole, as the decoder worker proved it (one copy of the pixels).
+    Decoded(dicom_pixeldata::DecodedPixelData<'a>),
+}
+
+fn object_batches(
+    obj: &DicomFile,
+    batch: usize,
+    f: impl FnMut(&[GreyFrame]) -> Result<(), InferError>,
+) -> Result<(), InferError> {
+    use dicom_core::value::{PrimitiveValue, Value};
+    let layout = Layout::read(obj)?;
+    let pixel_data = obj.get(tags::PIXEL_DATA).ok_or_else(|| InferError::Input("PixelData missing".into()))?;
+    let pixels = match pixel_data.value() {
+        Value::Primitive(PrimitiveValue::U8(b)) => Pixels::Native(Native::Bytes(std::borrow::Cow::Borrowed(&b[..]))),
+        Value::Primitive(PrimitiveValue::U16(w)) => Pixels::Native(Native::Words(&w[..])),
+        // Stored as another type (rare): converted once.
+        Value::Primitive(p) => Pixels::Native(Native::Bytes(p.to_bytes())),
+        Value::PixelSequence(_) => Pixels::Decoded(
+            obj.decode_pixel_data().map_err(|e| InferError::Input(format!("pixel data does not decode: {e}")))?,
+        ),
+        Value::Sequence(_) => return Err(InferError::Input("PixelData is a sequence".into())),
+    };
+    frame_batches(&layout, pixels, batch, f)
+}
+
+fn frame_batches(
+    layout: &Layout,
+    pixels: Pixels<'_>,
     batch: usize,
     mut f: impl FnMut(&[GreyFrame]) -> Result<(), InferError>,
 ) -> Result<(), InferError> {
-    use dicom_core::value::{PrimitiveValue, Value};
-    let obj = OpenFileOptions::new()
-        .open_file(path)
-        .map_err(|e| InferError::Input(format!("artefact is not readable DICOM: {e}")))?;
-    let layout = Layout::read(&obj)?;
-    let pixel_data = obj.get(tags::PIXEL_DATA).ok_or_else(|| InferError::Input("PixelData missing".into()))?;
-    let native = match pixel_data.value() {
-        Value::Primitive(PrimitiveValue::U8(b)) => Some(Native::Bytes(std::borrow::Cow::Borrowed(&b[..]))),
-        Value::Primitive(PrimitiveValue::U16(w)) => Some(Native::Words(&w[..])),
-        // Stored as another type (rare): converted once.
-        Value::Primitive(p) => Some(Native::Bytes(p.to_bytes())),
-        Value::PixelSequence(_) => None,
-        Value::Sequence(_) => return Err(InferError::Input("PixelData is a sequence".into())),
-    };
-    // Compressed: decoded whole, as the decoder worker proved it (one copy of the pixels).
-    let decoded = match native {
-        Some(_) => None,
-        None => {
-            Some(obj.decode_pixel_data().map_err(|e| InferError::Input(format!("pixel data does not decode: {e}")))?)
-        }
-    };
     let mut frames = Vec::with_capacity(batch.min(layout.frames as usize));
     let mut raw = Vec::new();
     for i in 0..layout.frames {
-        let frame = match &native {
-            Some(native) => {
+        let frame = match &pixels {
+            Pixels::Native(native) => {
+                let len = layout.frame_bytes().ok_or_else(|| InferError::Input("frames too large".into()))?;
                 native
-                    .frame(i as usize, layout.frame_bytes(), &mut raw)
+                    .frame(i as usize, len, &mut raw)
                     .ok_or_else(|| InferError::Input(format!("frame {i} is short")))?;
-                convert(&raw, &layout)?
+                convert(&raw, layout)?
             }
-            None => {
-                let Some(decoded) = &decoded else { return Err(InferError::Input("no pixel data".into())) };
+            Pixels::Decoded(decoded) => {
                 let decoded_layout = Layout {
                     rows: decoded.rows() as usize,
                     cols: decoded.columns() as usize,
@@ -189,7 +288,7 @@ fn dicom_batches(
                     bits_stored: decoded.bits_stored().clamp(1, 16),
                     signed: decoded.pixel_representation() == dicom_pixeldata::PixelRepresentation::Signed,
                     planar: decoded.planar_configuration() == PlanarConfiguration::PixelFirst,
-                    ..layout
+                    ..*layout
                 };
                 let data = decoded.frame_data(i).map_err(|e| InferError::Input(format!("frame {i}: {e}")))?;
                 convert(data, &decoded_layout)?
@@ -207,7 +306,8 @@ fn dicom_batches(
 /// One frame's native samples -> grey [0, 1] (same conversions as octtrain.preprocess).
 /// Exactly one frame's bytes are read, whatever follows them.
 fn convert(data: &[u8], layout: &Layout) -> Result<GreyFrame, InferError> {
-    let data = data.get(..layout.frame_bytes()).ok_or_else(|| InferError::Input("a frame is short".into()))?;
+    let len = layout.frame_bytes().ok_or_else(|| InferError::Input("frames too large".into()))?;
+    let data = data.get(..len).ok_or_else(|| InferError::Input("a frame is short".into()))?;
     let max = ((1u32 << layout.bits_stored) - 1) as f32;
     let offset = if layout.signed { f32::from(1u16 << (layout.bits_stored - 1)) } else { 0.0 };
     let signed = layout.signed;
@@ -250,18 +350,49 @@ mod tests {
 
     use super::*;
 
+    const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+    const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+
     fn write(elements: Vec<DataElement<InMemDicomObject>>, pixel: DataElement<InMemDicomObject>) -> tempfile::TempPath {
+        write_as(EXPLICIT_VR_LE, elements, pixel)
+    }
+
+    fn write_as(
+        transfer_syntax: &str,
+        elements: Vec<DataElement<InMemDicomObject>>,
+        pixel: DataElement<InMemDicomObject>,
+    ) -> tempfile::TempPath {
         let mut obj = InMemDicomObject::from_element_iter(elements);
         obj.put(pixel);
         let meta = FileMetaTableBuilder::new()
             .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.77.1.5.4")
             .media_storage_sop_instance_uid("2.25.1")
-            .transfer_syntax("1.2.840.10008.1.2.1")
+            .transfer_syntax(transfer_syntax)
             .build()
             .unwrap();
         let path = tempfile::Builder::new().suffix(".dcm").tempfile().unwrap().into_temp_path();
         obj.with_exact_meta(meta).write_to_file(&path).unwrap();
         path
+    }
+
+    /// Every frame from the file and from its bytes in memory, and whether the bytes were
+    /// read in place.
+    type Read = Result<Vec<GreyFrame>, String>;
+
+    fn both_ways(path: &Path) -> (Read, Read, bool) {
+        let bytes = std::fs::read(path).unwrap();
+        let mut from_memory = Vec::new();
+        let memory = for_each_batch_of(Source::Dicom(&bytes), 2, |batch| {
+            from_memory.extend_from_slice(batch);
+            Ok(())
+        });
+        let file = load(path).map_err(|e| e.to_string());
+        (file, memory.map(|()| from_memory).map_err(|e| e.to_string()), native_in_place(&bytes).is_some())
+    }
+
+    fn padding(value: Vec<u8>) -> Vec<DataElement<InMemDicomObject>> {
+        // Data Set Trailing Padding: the one element a writer puts after the pixel data.
+        vec![DataElement::new(dicom_core::Tag(0xFFFC, 0xFFFC), VR::OB, PrimitiveValue::U8(value.into()))]
     }
 
     fn us(tag: dicom_core::Tag, v: u16) -> DataElement<InMemDicomObject> {
@@ -326,5 +457,78 @@ mod tests {
             DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(words.into())),
         );
         assert!(matches!(load(&short), Err(InferError::Input(m)) if m.contains("frame 2")));
+    }
+
+    #[test]
+    fn a_volume_in_memory_is_read_in_place_as_the_file_would_be() {
+        let bytes: Vec<u8> = (0..3 * 4 * 5).map(|i| (i * 4) as u8).collect();
+        let words: Vec<u16> = (0..2 * 3 * 3).map(|i| i * 200).collect();
+        for syntax in [EXPLICIT_VR_LE, IMPLICIT_VR_LE] {
+            let eight = write_as(
+                syntax,
+                geometry(4, 5, "3", 8, 8),
+                DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(bytes.clone().into())),
+            );
+            let sixteen = write_as(
+                syntax,
+                geometry(3, 3, "2", 16, 12),
+                DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(words.clone().into())),
+            );
+            // 3 x 3 x 1 bytes: an odd length, stored with a pad byte.
+            let odd = write_as(
+                syntax,
+                geometry(3, 3, "1", 8, 8),
+                DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(bytes[..9].to_vec().into())),
+            );
+            for path in [&eight, &sixteen, &odd] {
+                let (file, memory, in_place) = both_ways(path);
+                assert!(in_place, "{syntax}: native pixel data at the end is read where it lies");
+                assert!(file.as_ref().is_ok_and(|f| !f.is_empty()), "{syntax}: {file:?}");
+                assert_eq!(memory, file, "{syntax}: the same frames either way");
+                // The same object without the 128-byte preamble.
+                let whole = std::fs::read(path).unwrap();
+                let bare = &whole[128..];
+                assert!(native_in_place(bare).is_some(), "{syntax}: read in place without a preamble");
+                let mut frames = Vec::new();
+                for_each_batch_of(Source::Dicom(bare), 2, |batch| {
+                    frames.extend_from_slice(batch);
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(Ok(frames), file, "{syntax}: the same frames without a preamble");
+            }
+        }
+    }
+
+    #[test]
+    fn a_volume_in_memory_that_is_not_plainly_laid_out_is_parsed_whole() {
+        let bytes: Vec<u8> = (0..3 * 4 * 5).map(|i| (i * 4) as u8).collect();
+        let pixels = || DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(bytes.clone().into()));
+        // Something after the pixel data.
+        let mut elements = geometry(4, 5, "3", 8, 8);
+        elements.extend(padding(vec![0; 8]));
+        let trailing = write(elements, pixels());
+        // Trailing bytes that look like pixel data of the right size, with a header of their
+        // own: the real frames are the ones the object holds.
+        let mut fake = vec![0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0];
+        fake.extend_from_slice(&60u32.to_le_bytes());
+        fake.extend(std::iter::repeat_n(255u8, 60));
+        let mut elements = geometry(4, 5, "3", 8, 8);
+        elements.extend(padding(fake));
+        let disguised = write(elements, pixels());
+        // Fewer bytes than the geometry says.
+        let short = write(
+            geometry(4, 5, "4", 8, 8),
+            DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(bytes.clone().into())),
+        );
+        for (name, path) in [("trailing", &trailing), ("disguised", &disguised), ("short", &short)] {
+            let (file, memory, in_place) = both_ways(path);
+            assert!(!in_place, "{name}: not read in place");
+            assert_eq!(memory, file, "{name}: the same frames or the same refusal either way");
+        }
+        let (file, _, _) = both_ways(&disguised);
+        let first = file.unwrap().remove(0);
+        assert!((first.pixels[1] - 4.0 / 255.0).abs() < 1e-6, "the object's own pixels, not the disguised ones");
+        assert!(both_ways(&short).1.is_err_and(|e| e.contains("frame 3")));
     }
 }

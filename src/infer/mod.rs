@@ -351,14 +351,23 @@ impl Classifier {
         &self,
         artifact: &Path,
     ) -> Result<(Classification, Option<Heatmap>), InferError> {
+        self.classify_source_with_heatmap(frames::Source::File(artifact))
+    }
+
+    /// As [`Classifier::classify_artifact_with_heatmap`], from a written artefact or a
+    /// de-identified DICOM object still in memory.
+    pub fn classify_source_with_heatmap(
+        &self,
+        source: frames::Source<'_>,
+    ) -> Result<(Classification, Option<Heatmap>), InferError> {
         let lanes = self.backend.parallel_calls().min(MAX_LANES);
         let scored = match lanes {
             0 | 1 => {
                 let mut scored = Vec::new();
-                frames::for_each_batch(artifact, self.batch_size, |batch| self.score_batch(batch, &mut scored))?;
+                frames::for_each_batch_of(source, self.batch_size, |batch| self.score_batch(batch, &mut scored))?;
                 scored
             }
-            _ => self.score_in_lanes(artifact, lanes)?,
+            _ => self.score_in_lanes(source, lanes)?,
         };
         self.with_heatmap(scored)
     }
@@ -368,7 +377,7 @@ impl Classifier {
     /// converted at a time; results are put back in frame order. A failure is the first
     /// failing batch's, as one lane would have met it; a panic is raised again here, as if
     /// the batches had run on this thread.
-    fn score_in_lanes(&self, artifact: &Path, lanes: usize) -> Result<Vec<Scored>, InferError> {
+    fn score_in_lanes(&self, source: frames::Source<'_>, lanes: usize) -> Result<Vec<Scored>, InferError> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<GreyFrame>)>(lanes);
         let rx = std::sync::Mutex::new(rx);
         let done = std::sync::Mutex::new(Vec::<(usize, Vec<Scored>)>::new());
@@ -416,7 +425,7 @@ impl Classifier {
                 });
             }
             let mut index = 0;
-            let produced = frames::for_each_batch(artifact, self.batch_size, |batch| {
+            let produced = frames::for_each_batch_of(source, self.batch_size, |batch| {
                 if stopped() {
                     return Err(InferError::Backend("an inference lane failed".into()));
                 }
