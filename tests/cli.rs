@@ -132,6 +132,25 @@ fn dicom_volume_gives_one_result_with_the_most_suspicious_bscan() {
     );
     common::assert_no_phi(result.to_string().as_bytes(), "volume result");
     assert!(octd.stop().success());
+    // The daemon classified the volume from its bytes in memory while it wrote them: the
+    // artefact it committed gives the same answer when read back from disk.
+    let artefact = octd.state.join(format!("deid/{}.dcm", result["scan_id"].as_str().unwrap()));
+    assert!(artefact.is_file(), "the artefact was committed with the result");
+    let out = Command::new(env!("CARGO_BIN_EXE_octd"))
+        .arg("--config")
+        .arg(&octd.config)
+        .args(["classify", "--json"])
+        .arg(&artefact)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let from_disk: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(from_disk["label"], result["label"]);
+    assert_eq!(from_disk["most_suspicious_frame"], result["most_suspicious_frame"]);
+    for (class, p) in probabilities {
+        let again = from_disk["probabilities"][class].as_f64().unwrap();
+        assert!((again - p.as_f64().unwrap()).abs() < 1e-5, "{class}: {again} against {p}");
+    }
 }
 
 #[test]

@@ -114,7 +114,15 @@ fn a_scan_in_hand_at_repeated_daemon_deaths_is_set_aside_as_poison() {
     let poison = rejected(&messages).into_iter().find(|e| e["code"] == "poison_scan").unwrap();
     assert!(poison["detail"].as_str().unwrap().contains("2 times"), "{poison}");
     let classified: Vec<String> = results(&messages).keys().cloned().collect();
-    assert!(!classified.contains(&poison["scan_id"].as_str().unwrap().to_string()));
+    let poisoned = poison["scan_id"].as_str().unwrap().to_string();
+    assert!(!classified.contains(&poisoned));
+    // Its de-identified artefact (committed or not) goes with it.
+    let left: Vec<_> = std::fs::read_dir(rig.octd.state.join("deid"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(&poisoned))
+        .collect();
+    assert!(left.is_empty(), "the poison scan's artefact stayed: {left:?}");
     assert!(rig.octd.stop().success());
 }
 

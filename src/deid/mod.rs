@@ -199,10 +199,17 @@ impl DecodedPixels {
 
 impl DeidOutput {
     /// Write the artefact atomically into `out_dir` as `<scan_id>.<extension>`.
-    pub fn write(self, out_dir: &Path, scan_id: ScanId) -> Result<Deidentified, DeidError> {
+    pub fn write(mut self, out_dir: &Path, scan_id: ScanId) -> Result<Deidentified, DeidError> {
+        let bytes = std::mem::take(&mut self.artifact);
+        self.write_from(&bytes, out_dir, scan_id)
+    }
+
+    /// As [`DeidOutput::write`], with the artefact's bytes held elsewhere (read by inference
+    /// while they are written).
+    pub fn write_from(self, bytes: &[u8], out_dir: &Path, scan_id: ScanId) -> Result<Deidentified, DeidError> {
         std::fs::create_dir_all(out_dir)?;
         let artifact = out_dir.join(format!("{scan_id}.{}", self.extension));
-        crate::fsutil::write_atomic(&artifact, &self.artifact)?;
+        crate::fsutil::write_atomic(&artifact, bytes)?;
         Ok(Deidentified {
             kind: self.kind,
             artifact,

@@ -26,7 +26,7 @@ use crate::ingest::Job;
 use crate::isolation::{Decoder, IsolationError};
 use crate::mqtt::{self, Topics};
 use crate::scan::{
-    now_ms, rfc3339_ms, EventKind, EventMessage, ResultMessage, ScanId, ScanRecord, ScanState, StageTimings,
+    now_ms, rfc3339_ms, EventKind, EventMessage, InputKind, ResultMessage, ScanId, ScanRecord, ScanState, StageTimings,
     RESULT_SCHEMA,
 };
 use crate::store::{OutboxMessage, Store, StoreError};
@@ -44,6 +44,51 @@ pub enum PipelineError {
     /// A step panicked on this scan: retrying would panic again, so it is the scan's fault.
     #[error("a processing step panicked")]
     Panicked,
+}
+
+/// What de-identification hands to inference.
+enum Handover {
+    /// The artefact is committed; a 2-D image's decoded pixels come along when the decoder
+    /// worker gave them.
+    Committed(ScanRecord, Option<crate::deid::DecodedPixels>),
+    /// A DICOM object whose attempt is counted: inference reads its bytes while they are
+    /// written.
+    Writing(PendingArtefact),
+}
+
+/// A de-identified scan whose artefact is not yet on disk.
+struct PendingArtefact {
+    record: ScanRecord,
+    out: crate::deid::DeidOutput,
+    /// The identified original, deleted once the artefact is committed.
+    spooled: PathBuf,
+    /// When the spooled scan was first read.
+    started: Instant,
+    /// De-identification's time when it ended before the artefact's write (a DICOM object);
+    /// None: until the artefact's commit.
+    deid_ms: Option<u64>,
+}
+
+/// The B-scans inference reads.
+#[derive(Clone, Copy)]
+enum Frames<'a> {
+    /// A 2-D image's frame, converted from the pixels the decoder worker handed over.
+    Decoded(&'a [crate::infer::preprocess::GreyFrame]),
+    Source(crate::infer::frames::Source<'a>),
+}
+
+/// What inference made of a scan.
+enum Inferred<'a> {
+    Classified {
+        classification: crate::scan::Classification,
+        heatmap: Option<crate::infer::Heatmap>,
+        model: Arc<crate::update::ActiveModel>,
+        /// A pending model's health gate counts the scan once its result is committed.
+        busy: Option<crate::update::InferenceGuard<'a>>,
+        infer_ms: u64,
+    },
+    /// The scan's fault (undecodable) or the model's (no fallback left): quarantined.
+    Refused { code: &'static str, detail: String },
 }
 
 /// The folders under the state directory.
@@ -114,7 +159,13 @@ impl Pipeline {
         let mut pixels = None;
         if record.state == ScanState::Received {
             match self.deidentify_step(decoder, record, counted).await? {
-                Some((next, decoded)) => (record, pixels) = (next, decoded),
+                Some(Handover::Committed(next, decoded)) => (record, pixels) = (next, decoded),
+                Some(Handover::Writing(pending)) => {
+                    let me = self.clone();
+                    blocking(move || me.classify_while_writing(pending, queue_ms)).await??;
+                    self.wake.notify_one();
+                    return Ok(());
+                }
                 None => return Ok(()), // quarantined
             }
         }
@@ -143,14 +194,13 @@ impl Pipeline {
         Ok(taken.ok_or(PipelineError::Store(StoreError::UnknownScan(id)))?.attempts)
     }
 
-    /// Returns the de-identified record (and a 2-D image's decoded pixels), or None when the
-    /// scan went to quarantine.
+    /// Returns what inference goes on from, or None when the scan went to quarantine.
     async fn deidentify_step(
         self: &Arc<Self>,
         decoder: &mut Decoder,
         mut record: ScanRecord,
         counted: &mut bool,
-    ) -> Result<Option<(ScanRecord, Option<crate::deid::DecodedPixels>)>, PipelineError> {
+    ) -> Result<Option<Handover>, PipelineError> {
         let id = record.scan_id;
         let spooled = self.dirs.spool.join(id.to_string());
         if !spooled.exists() {
@@ -184,41 +234,95 @@ impl Pipeline {
                 return self.quarantine_async(record, kind, &code, &detail).await
             }
         };
-        // From here the daemon's own process works on the scan's data: inference follows. The
-        // attempt is counted in the same commit as the artefact (one durable commit fewer per
-        // scan), so a death from then on counts; writing bytes to a file before it is not
-        // something an input can make fail (and a scan re-decoded after a death there is not
-        // blamed, as while the isolated decoder held it).
-        let count = !*counted;
+        // From here the daemon's own process works on the scan's data: inference follows, and
+        // its attempt for the poison-scan rule must be durable first.
         let pixels = out.pixels.take();
+        if out.kind == InputKind::Dicom && pixels.is_none() {
+            // A DICOM object (a volume: up to hundreds of MiB of pixels) is classified from
+            // the bytes in memory while they are written and fsynced, off inference's path;
+            // the attempt takes a commit of its own (about a millisecond) so that it is
+            // counted before inference starts, not with the artefact.
+            if !*counted {
+                let me = self.clone();
+                let taken = blocking(move || me.store.take_in_hand(id)).await??;
+                record.attempts = taken.ok_or(PipelineError::Store(StoreError::UnknownScan(id)))?.attempts;
+                *counted = true;
+            }
+            // Its de-identification ends here: what follows overlaps inference.
+            let deid_ms = Some(started.elapsed().as_millis() as u64);
+            return Ok(Some(Handover::Writing(PendingArtefact { record, out, spooled, started, deid_ms })));
+        }
+        // A 2-D image is small: the attempt is counted in the same commit as its artefact
+        // (one durable commit fewer per scan), so a death from then on counts; writing bytes
+        // to a file before it is not something an input can make fail (and a scan re-decoded
+        // after a death there is not blamed, as while the isolated decoder held it).
+        let count = !*counted;
         let me = self.clone();
-        let next = blocking(move || -> Result<ScanRecord, PipelineError> {
-            let frames = out.frames;
-            let written = out.write(&me.dirs.deid, id).map_err(|e| PipelineError::Transient(e.to_string()))?;
-            if !written.identifiers.is_empty() {
-                me.store.extend_linkage(id, written.identifiers)?;
-            }
-            record.state = ScanState::Deidentified;
-            record.kind = Some(written.kind);
-            record.frames = Some(frames);
-            record.artifact = written.artifact.file_name().map(|n| n.to_string_lossy().into_owned());
-            record.study_uid = written.study_uid;
-            record.laterality = written.laterality;
-            record.deid_ms = Some(started.elapsed().as_millis() as u64);
-            if count {
-                record.attempts = record.attempts.saturating_add(1);
-            }
-            me.store.transition(&record, None)?;
-            // The de-identified artefact is committed; the identified original may go. Its
-            // identity stays in the sealed linkage.
-            let _ = std::fs::remove_file(&spooled);
-            let _ = crate::fsutil::sync_dir(&me.dirs.spool);
-            tracing::info!(scan_id = %id, frames, "de-identified");
-            Ok(record)
+        let next = blocking(move || {
+            let mut out = out;
+            let artifact = std::mem::take(&mut out.artifact);
+            me.commit_artefact(PendingArtefact { record, out, spooled, started, deid_ms: None }, &artifact, count)
         })
         .await??;
         *counted = true;
-        Ok(Some((next, pixels)))
+        Ok(Some(Handover::Committed(next, pixels)))
+    }
+
+    /// Write the de-identified artefact, commit the scan as de-identified (counting the
+    /// attempt in the same commit when `count`), then let the identified original go.
+    fn commit_artefact(
+        &self,
+        pending: PendingArtefact,
+        artifact: &[u8],
+        count: bool,
+    ) -> Result<ScanRecord, PipelineError> {
+        let PendingArtefact { mut record, out, spooled, started, deid_ms } = pending;
+        let id = record.scan_id;
+        let frames = out.frames;
+        let written =
+            out.write_from(artifact, &self.dirs.deid, id).map_err(|e| PipelineError::Transient(e.to_string()))?;
+        if !written.identifiers.is_empty() {
+            self.store.extend_linkage(id, written.identifiers)?;
+        }
+        record.state = ScanState::Deidentified;
+        record.kind = Some(written.kind);
+        record.frames = Some(frames);
+        record.artifact = written.artifact.file_name().map(|n| n.to_string_lossy().into_owned());
+        record.study_uid = written.study_uid;
+        record.laterality = written.laterality;
+        record.deid_ms = Some(deid_ms.unwrap_or_else(|| started.elapsed().as_millis() as u64));
+        if count {
+            record.attempts = record.attempts.saturating_add(1);
+        }
+        self.store.transition(&record, None)?;
+        // The de-identified artefact is committed; the identified original may go. Its
+        // identity stays in the sealed linkage.
+        let _ = std::fs::remove_file(&spooled);
+        let _ = crate::fsutil::sync_dir(&self.dirs.spool);
+        tracing::info!(scan_id = %id, frames, "de-identified");
+        Ok(record)
+    }
+
+    /// A DICOM object's inference from its bytes in memory while another thread writes and
+    /// commits them. The result is committed only after the artefact: a scan is never
+    /// classified without its de-identified record on disk. A failed write discards the
+    /// inference; the scan is tried again from its spooled original.
+    fn classify_while_writing(&self, pending: PendingArtefact, queue_ms: u64) -> Result<(), PipelineError> {
+        let mut pending = pending;
+        let artifact = std::mem::take(&mut pending.out.artifact);
+        let id = pending.record.scan_id;
+        std::thread::scope(|s| {
+            let writer = std::thread::Builder::new()
+                .name("octd-artefact".into())
+                .spawn_scoped(s, || self.commit_artefact(pending, &artifact, false))
+                .map_err(|e| PipelineError::Transient(format!("starting the artefact's writer: {e}")))?;
+            let inferred = self.infer(id, Frames::Source(crate::infer::frames::Source::Dicom(&artifact)));
+            let record = match writer.join() {
+                Ok(written) => written?,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            self.record_inference(record, queue_ms, inferred?)
+        })
     }
 
     fn classify_step(
@@ -228,35 +332,46 @@ impl Pipeline {
         counted: &mut bool,
         pixels: Option<crate::deid::DecodedPixels>,
     ) -> Result<(), PipelineError> {
-        // The pixels the artefact holds, as the same conversion from its decoded image.
-        let frames = pixels.and_then(|p| p.into_image()).map(|image| vec![crate::infer::frames::from_image(&image)]);
         let id = record.scan_id;
+        if !*counted {
+            // Resumed after the artefact was written: count before inference.
+            let taken = self.store.take_in_hand(id)?.ok_or(PipelineError::Store(StoreError::UnknownScan(id)))?;
+            record.attempts = taken.attempts;
+            *counted = true;
+        }
+        // The pixels the artefact holds, as the same conversion from its decoded image.
+        let decoded = pixels.and_then(|p| p.into_image()).map(|image| vec![crate::infer::frames::from_image(&image)]);
         let artifact = self.dirs.deid.join(record.artifact.clone().unwrap_or_default());
+        let frames = match &decoded {
+            Some(frames) => Frames::Decoded(frames),
+            None => Frames::Source(crate::infer::frames::Source::File(&artifact)),
+        };
+        let inferred = self.infer(id, frames)?;
+        self.record_inference(record, queue_ms, inferred)
+    }
+
+    /// One inference of a scan, on the model current when it starts (rolled back and tried
+    /// once more when a new model fails).
+    fn infer(&self, id: ScanId, frames: Frames<'_>) -> Result<Inferred<'_>, PipelineError> {
         let started = Instant::now();
         let mut retried = false;
-        let (classification, model, busy) = loop {
+        loop {
             // The scan keeps this model until its result is written, whatever is swapped in meanwhile.
             let model = self.updater.current().ok_or_else(|| PipelineError::Transient("no model is loaded".into()))?;
-            if !*counted {
-                // Resumed after the artefact was written: count before inference.
-                let taken = self.store.take_in_hand(id)?.ok_or(PipelineError::Store(StoreError::UnknownScan(id)))?;
-                record.attempts = taken.attempts;
-                *counted = true;
-            }
             let busy = self.updater.inference_started(&model);
-            let classified = match &frames {
-                Some(frames) => model.classifier.classify_frames_with_heatmap(frames),
-                None => model.classifier.classify_artifact_with_heatmap(&artifact),
+            let classified = match frames {
+                Frames::Decoded(frames) => model.classifier.classify_frames_with_heatmap(frames),
+                Frames::Source(source) => model.classifier.classify_source_with_heatmap(source),
             };
             match classified {
-                Ok((c, heatmap)) => {
-                    record.heatmap = heatmap;
-                    break (c, model, busy);
+                Ok((classification, heatmap)) => {
+                    let infer_ms = started.elapsed().as_millis() as u64;
+                    return Ok(Inferred::Classified { classification, heatmap, model, busy, infer_ms });
                 }
                 Err(e @ InferError::Input(_)) => {
                     drop(busy);
                     tracing::error!(scan_id = %id, error = %e, "classification failed");
-                    return self.quarantine(record, EventKind::Rejected, codes::UNDECODABLE, &e.to_string());
+                    return Ok(Inferred::Refused { code: codes::UNDECODABLE, detail: e.to_string() });
                 }
                 Err(e) => {
                     drop(busy);
@@ -266,11 +381,29 @@ impl Pipeline {
                         continue;
                     }
                     tracing::error!(scan_id = %id, error = %e, "classification failed");
-                    return self.quarantine(record, EventKind::Rejected, codes::INFERENCE_FAILED, &e.to_string());
+                    return Ok(Inferred::Refused { code: codes::INFERENCE_FAILED, detail: e.to_string() });
                 }
             }
+        }
+    }
+
+    /// Commit an inference's result (durable before it is published), or quarantine the scan
+    /// when inference refused it.
+    fn record_inference(
+        &self,
+        mut record: ScanRecord,
+        queue_ms: u64,
+        inferred: Inferred<'_>,
+    ) -> Result<(), PipelineError> {
+        let id = record.scan_id;
+        let (classification, heatmap, model, busy, infer_ms) = match inferred {
+            Inferred::Classified { classification, heatmap, model, busy, infer_ms } => {
+                (classification, heatmap, model, busy, infer_ms)
+            }
+            Inferred::Refused { code, detail } => return self.quarantine(record, EventKind::Rejected, code, &detail),
         };
-        let infer_ms = started.elapsed().as_millis() as u64;
+        record.heatmap = heatmap;
+
         let now = now_ms();
         let kind =
             record.kind.ok_or_else(|| PipelineError::Transient("de-identified scan without input kind".into()))?;
@@ -350,8 +483,18 @@ impl Pipeline {
         if let Err(e) = self.quarantine.admit(&spooled, &reason) {
             tracing::error!(scan_id = %id, error = %e, "cannot write the quarantine folder; recording the reason in the store");
         }
-        if let Some(artifact) = &record.artifact {
-            let _ = std::fs::remove_file(self.dirs.deid.join(artifact));
+        match &record.artifact {
+            Some(artifact) => {
+                let _ = std::fs::remove_file(self.dirs.deid.join(artifact));
+            }
+            // A DICOM object's artefact is written while it is classified: a death then (a
+            // poison scan's) leaves it, or its temp file, without a commit naming it.
+            None => {
+                for extension in ["dcm", "jpg", "png"] {
+                    let _ = std::fs::remove_file(self.dirs.deid.join(format!("{id}.{extension}")));
+                    let _ = std::fs::remove_file(self.dirs.deid.join(format!(".{id}.{extension}.tmp")));
+                }
+            }
         }
         record.state = ScanState::Quarantined;
         record.reason = Some(format!("{code}: {detail}"));
