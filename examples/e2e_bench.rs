@@ -4,7 +4,7 @@
 //! own process in each phase. Runs the release binary with the embedded broker.
 //!
 //!   cargo build --release && cargo run --release --example e2e_bench [-- --bscans 100]
-//!       [--backend onnxruntime|tract] (default onnxruntime, as `auto` picks where its library is) [--workers N] [--octd PATH-TO-ANOTHER-BUILD] [--peer]
+//!       [--backend onnxruntime|tract] (default onnxruntime, as `auto` picks where its library is) [--workers N] [--volumes N] (64-B-scan volumes, default 5) [--octd PATH-TO-ANOTHER-BUILD] [--peer]
 //!
 //! `--peer` then runs the same scenarios against `scripts/python_peer.py` (a plain serial
 //! Python script doing the same job, with its own Mosquitto) on the same files.
@@ -189,6 +189,8 @@ fn main() -> Result<(), Error> {
     let option = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let backend = option("--backend").unwrap_or_else(|| "onnxruntime".into());
     let workers: usize = option("--workers").and_then(|w| w.parse().ok()).unwrap_or(4);
+    let volumes: usize = option("--volumes").and_then(|w| w.parse().ok()).unwrap_or(5).max(1);
+    let counts = Counts { burst, volumes };
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let bin = match option("--octd") {
         Some(path) => PathBuf::from(path),
@@ -234,7 +236,7 @@ fn main() -> Result<(), Error> {
         .spawn()?;
     let pid = daemon.id();
     std::thread::sleep(Duration::from_secs(3));
-    let octd = scenarios(port, &inbox, &bscan, &volume, &volume_128, burst, &[pid])?;
+    let octd = scenarios(port, &inbox, &bscan, &volume, &volume_128, counts, &[pid])?;
     let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
     let _ = daemon.wait();
     println!(
@@ -244,7 +246,7 @@ fn main() -> Result<(), Error> {
 
     // The plain-Python peer on the same files, on the same machine, right after.
     let peer = match args.iter().any(|a| a == "--peer") {
-        true => Some(run_peer(&repo, dir.path(), &bscan, &volume, &volume_128, burst)?),
+        true => Some(run_peer(&repo, dir.path(), &bscan, &volume, &volume_128, counts)?),
         false => None,
     };
 
@@ -282,10 +284,19 @@ fn main() -> Result<(), Error> {
     Ok(())
 }
 
+/// How many scans the scenarios drop: B-scans in the burst, 64-B-scan volumes one by one.
+#[derive(Clone, Copy)]
+struct Counts {
+    burst: usize,
+    volumes: usize,
+}
+
 /// What one implementation did with the same files.
 struct Figures {
     single: Vec<f64>,
     volume: Vec<f64>,
+    /// CPU seconds the implementation (with its broker) spent on the 64-B-scan volumes.
+    volume_cpu_s: f64,
     burst: usize,
     burst_s: f64,
     /// CPU seconds the implementation (with its broker) spent during the burst.
@@ -326,10 +337,11 @@ impl Figures {
         );
         print_stage_p50s("single", &self.single_stages);
         println!(
-            "  64-B-scan DICOM volume, {} runs:        p50 {:.0} ms, max {:.0} ms",
+            "  64-B-scan DICOM volume, {} runs:        p50 {:.0} ms, max {:.0} ms, {:.0} ms of CPU each",
             vol.len(),
             percentile(vol, 0.5),
-            vol[vol.len() - 1]
+            vol[vol.len() - 1],
+            self.volume_cpu_s * 1000.0 / vol.len() as f64
         );
         print_stage_p50s("volume", &self.volume_stages);
         if !self.behind.is_empty() {
@@ -376,7 +388,7 @@ impl Figures {
 }
 
 /// Drop the same files into `inbox` as a scanner would and time each result's arrival on the
-/// broker at `port`: a warm-up, 20 single B-scans, 5 volumes, single B-scans behind three
+/// broker at `port`: a warm-up, 20 single B-scans, `volumes` 64-B-scan volumes, single B-scans behind three
 /// 128-B-scan volumes, then a burst.
 /// `processes`: whose CPU time (theirs and their children's) the burst is charged.
 fn scenarios(
@@ -385,9 +397,10 @@ fn scenarios(
     bscan: &[u8],
     volume: &[u8],
     volume_128: &[u8],
-    burst: usize,
+    counts: Counts,
     processes: &[u32],
 ) -> Result<Figures, Error> {
+    let Counts { burst, volumes } = counts;
     let (tx, rx) = mpsc::channel::<(String, Instant, Vec<u8>)>();
     let mut options = rumqttc::MqttOptions::new(format!("e2e-bench-{port}"), "127.0.0.1", port);
     options.set_max_packet_size(1 << 20, 1 << 20);
@@ -453,11 +466,13 @@ fn scenarios(
     }
     let single_stages = stages.split_off(stages.len() - single.len());
     let mut volume_ms = Vec::new();
-    for i in 0..5 {
+    let volume_cpu0 = cpu_seconds(processes);
+    for i in 0..volumes {
         let t0 = Instant::now();
         drop_in(inbox, &format!("v{i}.dcm"), volume)?;
         volume_ms.push((next_result(&mut stages, "64-B-scan volumes")?.0 - t0).as_secs_f64() * 1000.0);
     }
+    let volume_cpu_s = cpu_seconds(processes) - volume_cpu0;
     let volume_stages = stages.split_off(stages.len() - volume_ms.len());
     stages.clear();
     let rss_single_and_64 = peaks.take();
@@ -514,6 +529,7 @@ fn scenarios(
     Ok(Figures {
         single,
         volume: volume_ms,
+        volume_cpu_s,
         burst,
         burst_s,
         burst_cpu_s,
@@ -533,7 +549,7 @@ fn run_peer(
     bscan: &[u8],
     volume: &[u8],
     volume_128: &[u8],
-    burst: usize,
+    counts: Counts,
 ) -> Result<Figures, Error> {
     use std::io::BufRead;
     let python = repo.join(".venv/bin/python");
@@ -567,7 +583,7 @@ fn run_peer(
         std::io::BufReader::new(out).read_line(&mut ready)?;
     }
     let figures = match ready.trim() == "ready" {
-        true => scenarios(port, &inbox, bscan, volume, volume_128, burst, &[pid, broker.id()]),
+        true => scenarios(port, &inbox, bscan, volume, volume_128, counts, &[pid, broker.id()]),
         false => Err("the Python peer did not start".into()),
     };
     let _ = peer.kill();
