@@ -51,8 +51,7 @@ enum Handover {
     /// The artefact is committed; a 2-D image's decoded pixels come along when the decoder
     /// worker gave them.
     Committed(ScanRecord, Option<crate::deid::DecodedPixels>),
-    /// A DICOM object whose attempt is counted: inference reads its bytes while they are
-    /// written.
+    /// A volume whose attempt is counted: inference reads its bytes while they are written.
     Writing(PendingArtefact),
 }
 
@@ -64,8 +63,8 @@ struct PendingArtefact {
     spooled: PathBuf,
     /// When the spooled scan was first read.
     started: Instant,
-    /// De-identification's time when it ended before the artefact's write (a DICOM object);
-    /// None: until the artefact's commit.
+    /// De-identification's time when it ended before the artefact's write (a volume); None:
+    /// until the artefact's commit.
     deid_ms: Option<u64>,
 }
 
@@ -237,11 +236,11 @@ impl Pipeline {
         // From here the daemon's own process works on the scan's data: inference follows, and
         // its attempt for the poison-scan rule must be durable first.
         let pixels = out.pixels.take();
-        if out.kind == InputKind::Dicom && pixels.is_none() {
-            // A DICOM object (a volume: up to hundreds of MiB of pixels) is classified from
-            // the bytes in memory while they are written and fsynced, off inference's path;
-            // the attempt takes a commit of its own (about a millisecond) so that it is
-            // counted before inference starts, not with the artefact.
+        if out.kind == InputKind::Dicom && pixels.is_none() && out.frames > 1 {
+            // A volume (up to hundreds of MiB of pixels) is classified from the bytes in
+            // memory while they are written and fsynced, off inference's path; the attempt
+            // takes a commit of its own (about a millisecond) so that it is counted before
+            // inference starts, not with the artefact. A single frame is not worth that commit.
             if !*counted {
                 let me = self.clone();
                 let taken = blocking(move || me.store.take_in_hand(id)).await??;
@@ -303,8 +302,8 @@ impl Pipeline {
         Ok(record)
     }
 
-    /// A DICOM object's inference from its bytes in memory while another thread writes and
-    /// commits them. The result is committed only after the artefact: a scan is never
+    /// A volume's inference from its bytes in memory while another thread writes and commits
+    /// them. The result is committed only after the artefact: a scan is never
     /// classified without its de-identified record on disk. A failed write discards the
     /// inference; the scan is tried again from its spooled original.
     fn classify_while_writing(&self, pending: PendingArtefact, queue_ms: u64) -> Result<(), PipelineError> {
@@ -487,7 +486,7 @@ impl Pipeline {
             Some(artifact) => {
                 let _ = std::fs::remove_file(self.dirs.deid.join(artifact));
             }
-            // A DICOM object's artefact is written while it is classified: a death then (a
+            // A volume's artefact is written while it is classified: a death then (a
             // poison scan's) leaves it, or its temp file, without a commit naming it.
             None => {
                 for extension in ["dcm", "jpg", "png"] {

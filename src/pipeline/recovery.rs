@@ -1,7 +1,7 @@
 //! Start-up: resume the scans a crash interrupted, unless one of them is what keeps killing
 //! the daemon. A scan in the daemon's own hands (`ScanRecord::attempts`, committed before the
-//! daemon runs inference on it: with a 2-D image's de-identified artefact, on its own for a
-//! DICOM object, or at the scan's first failed try) each time the daemon died,
+//! daemon runs inference on it: with a 2-D image's or a single frame's de-identified artefact,
+//! on its own for a volume, or at the scan's first failed try) each time the daemon died,
 //! `pipeline.max_attempts` times, is quarantined as `poison_scan` instead of resumed, so no
 //! single input can hold the device in a restart loop. The parsing and de-identification of
 //! scanner bytes before that run in an isolated decoder process and are not counted: a power
