@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use dicom_dictionary_std::tags;
+use dicom_dictionary_std::uids::{EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN};
 use dicom_object::file::ReadPreamble;
 use dicom_object::OpenFileOptions;
 use dicom_pixeldata::{PixelDecoder, PlanarConfiguration};
@@ -52,13 +53,9 @@ pub fn for_each_batch_of(
         Source::Dicom(bytes) => match native_in_place(bytes) {
             Some((layout, pixels)) => frame_batches(&layout, Pixels::Native(Native::Bytes(pixels.into())), batch, f),
             None => {
-                let preamble = bytes.get(128..132) == Some(b"DICM".as_slice());
-                let options = OpenFileOptions::new().read_preamble(match preamble {
-                    true => ReadPreamble::Always,
-                    false => ReadPreamble::Never,
-                });
-                let obj = options
-                    .from_reader(bytes)
+                let obj = OpenFileOptions::new()
+                    .read_preamble(ReadPreamble::Never)
+                    .from_reader(without_preamble(bytes))
                     .map_err(|e| InferError::Input(format!("artefact is not readable DICOM: {e}")))?;
                 object_batches(&obj, batch, f)
             }
@@ -194,10 +191,7 @@ impl Native<'_> {
 /// big-endian pixels, elements after them, a size that does not match) is None, and the
 /// object is parsed whole instead, with that parse's own errors.
 fn native_in_place(bytes: &[u8]) -> Option<(Layout, &[u8])> {
-    const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
-    const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
-    let preamble = bytes.get(128..132) == Some(b"DICM".as_slice());
-    let data = if preamble { bytes.get(128..)? } else { bytes };
+    let data = without_preamble(bytes);
     // The meta group and the data set before the pixel data, parsed without them.
     let head = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
@@ -205,8 +199,8 @@ fn native_in_place(bytes: &[u8]) -> Option<(Layout, &[u8])> {
         .from_reader(data)
         .ok()?;
     let explicit = match head.meta().transfer_syntax().trim_end_matches(['\0', ' ']) {
-        EXPLICIT_VR_LE => true,
-        IMPLICIT_VR_LE => false,
+        EXPLICIT_VR_LITTLE_ENDIAN => true,
+        IMPLICIT_VR_LITTLE_ENDIAN => false,
         _ => return None,
     };
     let layout = Layout::read(&head).ok()?;
@@ -232,6 +226,15 @@ fn native_in_place(bytes: &[u8]) -> Option<(Layout, &[u8])> {
         return None;
     }
     Some((layout, data.get(value..value + size)?))
+}
+
+/// A DICOM object's bytes from its "DICM" magic on: the 128-byte preamble the decoder worker
+/// writes, when there is one, skipped.
+fn without_preamble(bytes: &[u8]) -> &[u8] {
+    match bytes.get(128..132) == Some(b"DICM".as_slice()) {
+        true => &bytes[128..],
+        false => bytes,
+    }
 }
 
 /// Where a volume's frames come from.
@@ -350,11 +353,8 @@ mod tests {
 
     use super::*;
 
-    const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
-    const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
-
     fn write(elements: Vec<DataElement<InMemDicomObject>>, pixel: DataElement<InMemDicomObject>) -> tempfile::TempPath {
-        write_as(EXPLICIT_VR_LE, elements, pixel)
+        write_as(EXPLICIT_VR_LITTLE_ENDIAN, elements, pixel)
     }
 
     fn write_as(
@@ -463,7 +463,7 @@ mod tests {
     fn a_volume_in_memory_is_read_in_place_as_the_file_would_be() {
         let bytes: Vec<u8> = (0..3 * 4 * 5).map(|i| (i * 4) as u8).collect();
         let words: Vec<u16> = (0..2 * 3 * 3).map(|i| i * 200).collect();
-        for syntax in [EXPLICIT_VR_LE, IMPLICIT_VR_LE] {
+        for syntax in [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN] {
             let eight = write_as(
                 syntax,
                 geometry(4, 5, "3", 8, 8),

@@ -306,8 +306,7 @@ impl Pipeline {
     /// them. The result is committed only after the artefact: a scan is never
     /// classified without its de-identified record on disk. A failed write discards the
     /// inference; the scan is tried again from its spooled original.
-    fn classify_while_writing(&self, pending: PendingArtefact, queue_ms: u64) -> Result<(), PipelineError> {
-        let mut pending = pending;
+    fn classify_while_writing(&self, mut pending: PendingArtefact, queue_ms: u64) -> Result<(), PipelineError> {
         let artifact = std::mem::take(&mut pending.out.artifact);
         let id = pending.record.scan_id;
         std::thread::scope(|s| {
