@@ -101,8 +101,15 @@ fn write_direct(_tmp: &Path, _bytes: &[u8], _mode: u32) -> io::Result<bool> {
 /// Both folders are fsynced, so after a power cut the file is in exactly one of them: a
 /// claimed scan must not reappear in the export folder and be processed twice.
 pub fn move_file(from: &Path, to: &Path) -> io::Result<()> {
+    rename_unsynced(from, to)?;
+    sync_folders_of(&[(from, to)])
+}
+
+/// The move of [`move_file`] without its folders' fsyncs: several moves then share them
+/// ([`sync_folders_of`]), one fsync per folder instead of two per file.
+pub fn rename_unsynced(from: &Path, to: &Path) -> io::Result<()> {
     match fs::rename(from, to) {
-        Ok(()) => {}
+        Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(18) => {
             // EXDEV: another filesystem (network share, USB stick)
             let dir = to.parent().unwrap_or(Path::new("."));
@@ -110,16 +117,28 @@ pub fn move_file(from: &Path, to: &Path) -> io::Result<()> {
             fs::copy(from, &tmp)?;
             fs::File::open(&tmp)?.sync_all()?;
             fs::rename(&tmp, to)?;
-            fs::remove_file(from)?;
+            fs::remove_file(from)
         }
-        Err(e) => return Err(e),
+        Err(e) => Err(e),
     }
-    if let Some(dir) = to.parent() {
+}
+
+/// fsync the folders that moves by [`rename_unsynced`] changed, each once: every destination
+/// folder (an error here is returned), then every source folder (a watch folder we may not
+/// open for reading, a share, cannot be synced; the destination's sync still holds the new
+/// name).
+pub fn sync_folders_of(moves: &[(&Path, &Path)]) -> io::Result<()> {
+    let mut destinations: Vec<&Path> = moves.iter().filter_map(|(_, to)| to.parent()).collect();
+    destinations.sort();
+    destinations.dedup();
+    for dir in &destinations {
         sync_dir(dir)?;
     }
-    if let Some(dir) = from.parent().filter(|d| Some(*d) != to.parent()) {
-        // A watch folder we may not open for reading (a share) cannot be synced; the
-        // destination's sync above still holds the new name.
+    let mut sources: Vec<&Path> =
+        moves.iter().filter_map(|(from, _)| from.parent()).filter(|d| !destinations.contains(d)).collect();
+    sources.sort();
+    sources.dedup();
+    for dir in sources {
         if let Err(e) = sync_dir(dir) {
             tracing::debug!(error = %e.kind(), "cannot fsync the source folder");
         }

@@ -239,6 +239,42 @@ fn bad_inputs_are_quarantined_and_the_daemon_keeps_going() {
     assert!(octd.stop().success(), "the daemon is still running and exits cleanly");
 }
 
+/// Files renamed in together are claimed together, as many at a time as the queue has room
+/// for: with room for two, a dozen renamed at once from their `.partial` names in the folder
+/// itself (as scanners export, each rename reported twice) are each claimed and classified
+/// exactly once, nothing is rejected, and none is left behind. The hourly rescan cannot
+/// cover for a file the watcher's events lost.
+#[test]
+fn files_renamed_in_together_are_each_claimed_once_past_a_full_queue() {
+    let Some(Rig { images, sub, mut octd, broker: _broker, dir: _dir }) = Rig::new(1, "oct/#") else {
+        return;
+    };
+    octd.env.push(("OCTD_PIPELINE__QUEUE_CAPACITY".into(), "2".into()));
+    octd.env.push(("OCTD_INGEST__RESCAN_INTERVAL".into(), "1h".into()));
+    octd.start();
+    octd.wait_ready();
+    let n = 12;
+    let partial = |i: usize| octd.inbox.join(format!(".{}.partial", phi_name(i, "jpeg")));
+    for i in 0..n {
+        std::fs::write(partial(i), std::fs::read(&images[i % images.len()].0).unwrap()).unwrap();
+    }
+    for i in 0..n {
+        std::fs::rename(partial(i), octd.inbox.join(phi_name(i, "jpeg"))).unwrap();
+    }
+    sub.wait_until(Duration::from_secs(120), |m| results(m).len() == n, "a result for every file");
+    // Anything claimed twice would publish a second result, or a rejection, under another id.
+    std::thread::sleep(Duration::from_millis(1500));
+    let messages = sub.messages();
+    assert_eq!(results(&messages).len(), n);
+    let refused: Vec<_> = events(&messages).into_iter().filter(|e| e["scan_id"].is_string()).collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(std::fs::read_dir(&octd.inbox).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(octd.state.join("spool")).unwrap().count(), 0);
+    let log = octd.log();
+    assert!(!log.contains("could not move claimed"), "{log}");
+    assert_eq!(log.matches("claimed").count(), n, "{log}");
+}
+
 #[test]
 fn a_stop_with_a_backlog_resumes_at_the_next_start() {
     let Some(Rig { images, sub, mut octd, broker: _broker, dir: _dir }) = Rig::new(1, "oct/+/+/results/#") else {

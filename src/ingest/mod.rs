@@ -26,6 +26,11 @@ use crate::store::{Store, StoreError};
 const MAX_CANDIDATES: usize = 10_000;
 /// Deepest folder level looked into below a watch folder.
 const MAX_DEPTH: usize = 8;
+/// Most files claimed in one commit.
+const MAX_CLAIM_BATCH: usize = 64;
+/// Most watch events taken in one turn of the loop, so a stream of them cannot hold off
+/// shutdown and the polls.
+const MAX_EVENTS_PER_TURN: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -150,17 +155,27 @@ impl Ingest {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
-                Some((path, renamed_in)) = events.recv() => {
-                    if renamed_in && eligible_name(&path) {
-                        if let Some(seen) = regular_file(&path) {
-                            if seen.size > 0 {
-                                self.candidates.remove(&path);
-                                self.claim(path, seen).await?;
-                                continue;
+                Some(event) = events.recv() => {
+                    // Files renamed in together (a burst, an archive) are claimed together,
+                    // sharing a commit and the folders' fsyncs: whatever else is already
+                    // waiting joins this one.
+                    let mut whole: Vec<(PathBuf, Seen)> = Vec::new();
+                    let mut next = Some(event);
+                    let mut drained = 0;
+                    while let Some((path, renamed_in)) = next.take() {
+                        drained += 1;
+                        // One rename within the folder is reported twice (`To`, then `Both`).
+                        if !whole.iter().any(|(p, _)| *p == path) {
+                            match renamed_in.then(|| self.complete(&path)).flatten() {
+                                Some(seen) => whole.push((path, seen)),
+                                None => self.observe(path),
                             }
                         }
+                        if whole.len() < MAX_CLAIM_BATCH && drained < MAX_EVENTS_PER_TURN {
+                            next = events.try_recv().ok();
+                        }
                     }
-                    self.observe(path);
+                    self.claim_all(whole).await?;
                 }
                 _ = poll.tick() => {
                     self.beat();
@@ -226,72 +241,127 @@ impl Ingest {
         }
         // Oldest first, so a backlog is processed in the order the scanner wrote it.
         ready.sort_by_key(|(_, seen)| seen.mtime);
-        for (path, seen) in ready {
-            self.candidates.remove(&path);
-            self.claim(path, seen).await?;
+        for (path, _) in &ready {
+            self.candidates.remove(path);
+        }
+        self.claim_all(ready).await
+    }
+
+    /// A file renamed into a watch folder, whole at once (a rename is atomic): what it looks
+    /// like, or None when it is not one to claim now.
+    fn complete(&mut self, path: &Path) -> Option<Seen> {
+        let seen = regular_file(path).filter(|seen| seen.size > 0 && eligible_name(path))?;
+        self.candidates.remove(path);
+        Some(seen)
+    }
+
+    /// Claim `files` in order, as many at a time as the pipeline has room for (at most
+    /// [`MAX_CLAIM_BATCH`]), each group in one commit and one fsync per folder.
+    async fn claim_all(&mut self, files: Vec<(PathBuf, Seen)>) -> Result<(), IngestError> {
+        let mut files = files.into_iter().peekable();
+        let jobs = self.jobs.clone();
+        while let Some((path, seen)) = files.next() {
+            if !self.disk.intake_allowed(seen.size) {
+                // The files stay where they are, watched, until space returns.
+                self.requeue(std::iter::once((path, seen)).chain(files));
+                return Ok(());
+            }
+            // Waiting for a busy pipeline is back-pressure, not a hang: keep the heartbeat going.
+            let first = loop {
+                match tokio::time::timeout(std::time::Duration::from_secs(1), jobs.reserve()).await {
+                    Ok(Ok(permit)) => break permit,
+                    Ok(Err(_)) => return Ok(()),
+                    Err(_) => self.beat(),
+                }
+            };
+            let mut group = vec![(path, seen, first)];
+            while group.len() < MAX_CLAIM_BATCH {
+                let Some((_, seen)) = files.peek() else { break };
+                if !self.disk.intake_allowed(seen.size) {
+                    break;
+                }
+                let Ok(permit) = jobs.try_reserve() else { break };
+                let Some((path, seen)) = files.next() else { break };
+                group.push((path, seen, permit));
+            }
+            if !self.claim(group).await? {
+                // The store could not record the claims: they stay in the export folder and
+                // are tried again at the next poll, while the store recovers.
+                self.requeue(files);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                return Ok(());
+            }
         }
         Ok(())
     }
 
-    /// Record, then move into the spool, then hand to a worker. Waits for room in the
-    /// pipeline first, so a backlog stays in the export folder rather than in memory.
-    async fn claim(&mut self, path: PathBuf, seen: Seen) -> Result<(), IngestError> {
-        if !self.disk.intake_allowed(seen.size) {
-            // The file stays where it is, watched, until space returns.
-            self.candidates.insert(path, Candidate { seen, polls_unchanged: 0 });
-            return Ok(());
-        }
-        // Waiting for a busy pipeline is back-pressure, not a hang: keep the heartbeat going.
-        let permit = loop {
-            match tokio::time::timeout(std::time::Duration::from_secs(1), self.jobs.reserve()).await {
-                Ok(Ok(permit)) => break permit,
-                Ok(Err(_)) => return Ok(()),
-                Err(_) => self.beat(),
-            }
-        };
-        let scan_id = ScanId::new();
-        let record = ScanRecord::received(scan_id);
-        let linkage = Linkage {
-            original_path: path.to_string_lossy().into_owned(),
-            original_name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            identifiers: Default::default(),
-            claimed_at_ms: now_ms(),
-        };
+    /// Record, then move into the spool, then hand to a worker with the permit that came
+    /// with each file. False when nothing could be recorded; the files are then candidates
+    /// again.
+    async fn claim(&mut self, group: Vec<(PathBuf, Seen, mpsc::Permit<'_, Job>)>) -> Result<bool, IngestError> {
+        let claims: Vec<(ScanRecord, Linkage, PathBuf, PathBuf)> = group
+            .iter()
+            .map(|(path, _, _)| {
+                let scan_id = ScanId::new();
+                let linkage = Linkage {
+                    original_path: path.to_string_lossy().into_owned(),
+                    original_name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                    identifiers: Default::default(),
+                    claimed_at_ms: now_ms(),
+                };
+                (ScanRecord::received(scan_id), linkage, path.clone(), self.spool.join(scan_id.to_string()))
+            })
+            .collect();
         let store = self.store.clone();
-        let spool = self.spool.join(scan_id.to_string());
-        let source = path.clone();
-        let outcome = tokio::task::spawn_blocking(move || -> Result<std::io::Result<()>, StoreError> {
-            store.record_claim(&record, &linkage)?;
-            Ok(crate::fsutil::move_file(&source, &spool))
+        let ids: Vec<ScanId> = claims.iter().map(|(record, ..)| record.scan_id).collect();
+        let outcome = tokio::task::spawn_blocking(move || -> Result<Vec<std::io::Result<()>>, StoreError> {
+            let records: Vec<(ScanRecord, Linkage)> =
+                claims.iter().map(|(record, linkage, ..)| (record.clone(), linkage.clone())).collect();
+            store.record_claims(&records)?;
+            let mut moved: Vec<std::io::Result<()>> =
+                claims.iter().map(|(_, _, source, spool)| crate::fsutil::rename_unsynced(source, spool)).collect();
+            let renamed: Vec<(&Path, &Path)> = claims
+                .iter()
+                .zip(&moved)
+                .filter(|(_, result)| result.is_ok())
+                .map(|((_, _, source, spool), _)| (source.as_path(), spool.as_path()))
+                .collect();
+            if let Err(e) = crate::fsutil::sync_folders_of(&renamed) {
+                for result in moved.iter_mut().filter(|r| r.is_ok()) {
+                    *result = Err(std::io::Error::new(e.kind(), e.to_string()));
+                }
+            }
+            Ok(moved)
         })
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let outcome = match outcome {
+        let moved = match outcome {
             Ok(moved) => moved,
             Err(e) => {
-                // Nothing was claimed (the record did not commit): the file stays where it is
-                // and is tried again at the next poll, while the store recovers.
-                tracing::error!(error = %e, "cannot record a claim; the file stays in the export folder");
-                self.candidates.insert(path, Candidate { seen, polls_unchanged: 0 });
-                drop(permit);
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                return Ok(());
+                tracing::error!(error = %e, files = group.len(), "cannot record a claim; the files stay in the export folder");
+                self.requeue(group.into_iter().map(|(path, seen, _)| (path, seen)));
+                return Ok(false);
             }
         };
-        match outcome {
-            Ok(()) => {
-                tracing::info!(%scan_id, "claimed");
-                permit.send(Job { scan_id, queued_at: Instant::now() });
+        for (((path, seen, permit), scan_id), moved) in group.into_iter().zip(ids).zip(moved) {
+            match moved {
+                Ok(()) => tracing::info!(%scan_id, "claimed"),
+                Err(e) => {
+                    // The record exists; the worker accounts for the missing file (quarantine
+                    // record "source_missing"), so nothing is silently dropped.
+                    tracing::warn!(%scan_id, error = %e.kind(), "could not move claimed file into the spool");
+                    self.failed.insert(path, seen);
+                }
             }
-            Err(e) => {
-                // The record exists; the worker accounts for the missing file (quarantine
-                // record "source_missing"), so nothing is silently dropped.
-                tracing::warn!(%scan_id, error = %e.kind(), "could not move claimed file into the spool");
-                self.failed.insert(path, seen);
-                permit.send(Job { scan_id, queued_at: Instant::now() });
-            }
+            permit.send(Job { scan_id, queued_at: Instant::now() });
         }
-        Ok(())
+        Ok(true)
+    }
+
+    fn requeue(&mut self, files: impl IntoIterator<Item = (PathBuf, Seen)>) {
+        for (path, seen) in files {
+            self.candidates.insert(path, Candidate { seen, polls_unchanged: 0 });
+        }
     }
 }
 

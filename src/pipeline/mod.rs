@@ -48,9 +48,10 @@ pub enum PipelineError {
 
 /// What de-identification hands to inference.
 enum Handover {
-    /// The artefact is committed; a 2-D image's decoded pixels come along when the decoder
-    /// worker gave them.
-    Committed(ScanRecord, Option<crate::deid::DecodedPixels>),
+    /// A 2-D image or a single frame: its artefact is written and committed (counting the
+    /// attempt when `count`) on the same blocking thread that then classifies it, one hand-off
+    /// fewer per scan; the decoded pixels come along when the decoder worker gave them.
+    Write { pending: PendingArtefact, count: bool, pixels: Option<crate::deid::DecodedPixels> },
     /// A volume whose attempt is counted: inference reads its bytes while they are written.
     Writing(PendingArtefact),
 }
@@ -66,6 +67,16 @@ struct PendingArtefact {
     /// De-identification's time when it ended before the artefact's write (a volume); None:
     /// until the artefact's commit.
     deid_ms: Option<u64>,
+}
+
+/// A scan's spooled original as read for de-identification.
+enum Spooled {
+    /// Gone: a quarantine a crash interrupted, or a file that vanished before its claim.
+    Missing,
+    Read {
+        bytes: Result<Vec<u8>, DeidError>,
+        started: Instant,
+    },
 }
 
 /// The B-scans inference reads.
@@ -149,16 +160,37 @@ impl Pipeline {
         let queue_ms = job.queued_at.elapsed().as_millis() as u64;
         let me = self.clone();
         let id = job.scan_id;
-        let taken = blocking(move || me.store.get(id)).await??;
-        let Some(mut record) = taken else {
+        // A scan to de-identify has its spooled original read on the thread that looked it
+        // up: one hand-off fewer per scan.
+        let (taken, spooled) = blocking(move || -> Result<_, StoreError> {
+            let record = me.store.get(id)?;
+            let spooled = record.as_ref().filter(|r| r.state == ScanState::Received).map(|_| me.read_spooled(id));
+            Ok((record, spooled))
+        })
+        .await??;
+        let Some(record) = taken else {
             return Err(PipelineError::Store(StoreError::UnknownScan(id)));
         };
-        // A 2-D image's decoded pixels, handed over by the decoder worker; after a crash the
-        // scan resumes from its written artefact instead.
-        let mut pixels = None;
-        if record.state == ScanState::Received {
-            match self.deidentify_step(decoder, record, counted).await? {
-                Some(Handover::Committed(next, decoded)) => (record, pixels) = (next, decoded),
+        if let Some(spooled) = spooled {
+            match self.deidentify_step(decoder, record, spooled, counted).await? {
+                Some(Handover::Write { pending, count, pixels }) => {
+                    let me = self.clone();
+                    let (classified, committed) = blocking(move || {
+                        let mut pending = pending;
+                        let artifact = std::mem::take(&mut pending.out.artifact);
+                        match me.commit_artefact(pending, &artifact, count) {
+                            Ok(record) => (me.classify_step(record, queue_ms, &mut true, pixels), true),
+                            Err(e) => (Err(e), false),
+                        }
+                    })
+                    .await?;
+                    // The attempt is counted once the artefact's commit holds, whatever
+                    // inference did after it.
+                    *counted |= committed;
+                    classified?;
+                    self.wake.notify_one();
+                    return Ok(());
+                }
                 Some(Handover::Writing(pending)) => {
                     let me = self.clone();
                     blocking(move || me.classify_while_writing(pending, queue_ms)).await??;
@@ -172,7 +204,8 @@ impl Pipeline {
             let me = self.clone();
             let mut now_counted = *counted;
             let (classified, now_counted) = blocking(move || {
-                let classified = me.classify_step(record, queue_ms, &mut now_counted, pixels);
+                // Resumed from its written artefact (after a crash or a transient failure).
+                let classified = me.classify_step(record, queue_ms, &mut now_counted, None);
                 (classified, now_counted)
             })
             .await?;
@@ -193,29 +226,40 @@ impl Pipeline {
         Ok(taken.ok_or(PipelineError::Store(StoreError::UnknownScan(id)))?.attempts)
     }
 
+    /// A scan's spooled original, within the input limits.
+    fn read_spooled(&self, id: ScanId) -> Spooled {
+        let path = self.dirs.spool.join(id.to_string());
+        if !path.exists() {
+            return Spooled::Missing;
+        }
+        let started = Instant::now();
+        let bytes = crate::deid::read_input_within(&path, &InputLimits::from(&self.config.ingest));
+        Spooled::Read { bytes, started }
+    }
+
     /// Returns what inference goes on from, or None when the scan went to quarantine.
     async fn deidentify_step(
         self: &Arc<Self>,
         decoder: &mut Decoder,
         mut record: ScanRecord,
+        spooled_original: Spooled,
         counted: &mut bool,
     ) -> Result<Option<Handover>, PipelineError> {
         let id = record.scan_id;
         let spooled = self.dirs.spool.join(id.to_string());
-        if !spooled.exists() {
+        let (read, started) = match spooled_original {
+            Spooled::Read { bytes, started } => (bytes, started),
             // Either a quarantine a crash interrupted, or a file that vanished before its claim.
-            return match self.quarantine.reason(id) {
-                Some(r) => self.quarantine_async(record, r.kind, &r.code, &r.detail).await,
-                None => {
-                    let detail = "the claimed file disappeared before it could be read";
-                    self.quarantine_async(record, EventKind::Rejected, codes::SOURCE_MISSING, detail).await
+            Spooled::Missing => {
+                return match self.quarantine.reason(id) {
+                    Some(r) => self.quarantine_async(record, r.kind, &r.code, &r.detail).await,
+                    None => {
+                        let detail = "the claimed file disappeared before it could be read";
+                        self.quarantine_async(record, EventKind::Rejected, codes::SOURCE_MISSING, detail).await
+                    }
                 }
-            };
-        }
-        let started = Instant::now();
-        let limits = InputLimits::from(&self.config.ingest);
-        let path = spooled.clone();
-        let read = blocking(move || crate::deid::read_input_within(&path, &limits)).await?;
+            }
+        };
         let bytes = match read {
             Ok(bytes) => bytes,
             Err(DeidError::Io(e)) => return Err(PipelineError::Transient(format!("reading the spooled scan: {e}"))),
@@ -255,16 +299,8 @@ impl Pipeline {
         // (one durable commit fewer per scan), so a death from then on counts; writing bytes
         // to a file before it is not something an input can make fail (and a scan re-decoded
         // after a death there is not blamed, as while the isolated decoder held it).
-        let count = !*counted;
-        let me = self.clone();
-        let next = blocking(move || {
-            let mut out = out;
-            let artifact = std::mem::take(&mut out.artifact);
-            me.commit_artefact(PendingArtefact { record, out, spooled, started, deid_ms: None }, &artifact, count)
-        })
-        .await??;
-        *counted = true;
-        Ok(Some(Handover::Committed(next, pixels)))
+        let pending = PendingArtefact { record, out, spooled, started, deid_ms: None };
+        Ok(Some(Handover::Write { pending, count: !*counted, pixels }))
     }
 
     /// Write the de-identified artefact, commit the scan as de-identified (counting the
@@ -295,9 +331,12 @@ impl Pipeline {
         }
         self.store.transition(&record, None)?;
         // The de-identified artefact is committed; the identified original may go. Its
-        // identity stays in the sealed linkage.
+        // identity stays in the sealed linkage. The removal is not fsynced here (one I/O wait
+        // fewer per scan): a power cut that undoes it leaves the original of a scan past
+        // `Received`, which start-up recovery removes before anything else runs
+        // (`recovery::sweep`); a quarantine fsyncs it first (`quarantine`), and any later
+        // claim's fsync of the spool makes it durable too.
         let _ = std::fs::remove_file(&spooled);
-        let _ = crate::fsutil::sync_dir(&self.dirs.spool);
         tracing::info!(scan_id = %id, frames, "de-identified");
         Ok(record)
     }
@@ -493,6 +532,12 @@ impl Pipeline {
                     let _ = std::fs::remove_file(self.dirs.deid.join(format!(".{id}.{extension}.tmp")));
                 }
             }
+        }
+        if record.state != ScanState::Received {
+            // Its spooled original went when its artefact was committed, unsynced (see
+            // `commit_artefact`): a power cut after this commit must not bring the original
+            // back, for recovery would keep it sealed as this quarantined scan's.
+            let _ = crate::fsutil::sync_dir(&self.dirs.spool);
         }
         record.state = ScanState::Quarantined;
         record.reason = Some(format!("{code}: {detail}"));

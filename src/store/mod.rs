@@ -290,11 +290,26 @@ impl Store {
 
     /// A claimed file: its record and its (sealed) linkage, in one transaction.
     pub fn record_claim(&self, record: &ScanRecord, linkage: &Linkage) -> Result<(), StoreError> {
-        let key = record.scan_id.to_string();
-        let sealed = self.seal_linkage(linkage)?;
+        self.record_claims(&[(record.clone(), linkage.clone())])
+    }
+
+    /// As [`Store::record_claim`] for several files in one durable commit: files renamed
+    /// into the folder together (a burst, an archive) are claimed together.
+    pub fn record_claims(&self, claims: &[(ScanRecord, Linkage)]) -> Result<(), StoreError> {
+        let sealed = claims
+            .iter()
+            .map(|(record, linkage)| Ok((record.scan_id.to_string(), self.seal_linkage(linkage)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let txn = self.db.begin_write()?;
-        Self::put_scan(&txn, record)?;
-        txn.open_table(LINKAGE)?.insert(key.as_str(), sealed.as_slice())?;
+        {
+            let mut table = txn.open_table(LINKAGE)?;
+            for (key, sealed) in &sealed {
+                table.insert(key.as_str(), sealed.as_slice())?;
+            }
+        }
+        for (record, _) in claims {
+            Self::put_scan(&txn, record)?;
+        }
         txn.commit()?;
         Ok(())
     }
