@@ -5,8 +5,10 @@ Starts `octd run` (embedded broker, ONNX Runtime where the .venv has it) on a te
 state folder, classifies 8 single B-scans to warm it up, then renames N copies of one shared
 B-scan into the watch folder at once and waits until each has its artefact and its spooled
 original is gone. Prints, for the daemon's threads (by name) and its child processes (the
-decoder workers, the broker), the context switches and the CPU time per scan over the burst,
-read from /proc.
+decoder workers, the broker: both are `octd` processes, so their main threads share a row),
+the context switches and the CPU time per scan, read from /proc from just before the first
+rename to half a second after the last artefact. Counts are per live thread: a thread that
+exits inside that window (an idle blocking thread, a replaced decoder worker) drops out.
 
     .venv/bin/python scripts/burst_profile.py --octd target/release/octd [--scans 400]
 
