@@ -299,32 +299,32 @@ impl Ingest {
     /// with each file. False when nothing could be recorded; the files are then candidates
     /// again.
     async fn claim(&mut self, group: Vec<(PathBuf, Seen, mpsc::Permit<'_, Job>)>) -> Result<bool, IngestError> {
-        let claims: Vec<(ScanRecord, Linkage, PathBuf, PathBuf)> = group
-            .iter()
-            .map(|(path, _, _)| {
-                let scan_id = ScanId::new();
-                let linkage = Linkage {
+        let mut claims: Vec<(ScanRecord, Linkage)> = Vec::with_capacity(group.len());
+        let mut moves: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(group.len());
+        for (path, _, _) in &group {
+            let scan_id = ScanId::new();
+            claims.push((
+                ScanRecord::received(scan_id),
+                Linkage {
                     original_path: path.to_string_lossy().into_owned(),
                     original_name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
                     identifiers: Default::default(),
                     claimed_at_ms: now_ms(),
-                };
-                (ScanRecord::received(scan_id), linkage, path.clone(), self.spool.join(scan_id.to_string()))
-            })
-            .collect();
+                },
+            ));
+            moves.push((path.clone(), self.spool.join(scan_id.to_string())));
+        }
+        let ids: Vec<ScanId> = claims.iter().map(|(record, _)| record.scan_id).collect();
         let store = self.store.clone();
-        let ids: Vec<ScanId> = claims.iter().map(|(record, ..)| record.scan_id).collect();
         let outcome = tokio::task::spawn_blocking(move || -> Result<Vec<std::io::Result<()>>, StoreError> {
-            let records: Vec<(ScanRecord, Linkage)> =
-                claims.iter().map(|(record, linkage, ..)| (record.clone(), linkage.clone())).collect();
-            store.record_claims(&records)?;
+            store.record_claims(&claims)?;
             let mut moved: Vec<std::io::Result<()>> =
-                claims.iter().map(|(_, _, source, spool)| crate::fsutil::rename_unsynced(source, spool)).collect();
-            let renamed: Vec<(&Path, &Path)> = claims
+                moves.iter().map(|(source, spool)| crate::fsutil::rename_unsynced(source, spool)).collect();
+            let renamed: Vec<(&Path, &Path)> = moves
                 .iter()
                 .zip(&moved)
                 .filter(|(_, result)| result.is_ok())
-                .map(|((_, _, source, spool), _)| (source.as_path(), spool.as_path()))
+                .map(|((source, spool), _)| (source.as_path(), spool.as_path()))
                 .collect();
             if let Err(e) = crate::fsutil::sync_folders_of(&renamed) {
                 for result in moved.iter_mut().filter(|r| r.is_ok()) {

@@ -286,9 +286,7 @@ impl Pipeline {
             // takes a commit of its own (about a millisecond) so that it is counted before
             // inference starts, not with the artefact. A single frame is not worth that commit.
             if !*counted {
-                let me = self.clone();
-                let taken = blocking(move || me.store.take_in_hand(id)).await??;
-                record.attempts = taken.ok_or(PipelineError::Store(StoreError::UnknownScan(id)))?.attempts;
+                record.attempts = self.count_attempt(id).await?;
                 *counted = true;
             }
             // Its de-identification ends here: what follows overlaps inference.
