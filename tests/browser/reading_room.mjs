@@ -46,6 +46,14 @@ async function ask(what, answer) {
   }
 }
 
+async function until(condition, what) {
+  const deadline = Date.now() + TIMEOUT;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 async function worklistIds(page) {
   return page.$$eval("#worklist li", (items) => items.map((li) => li.dataset.scanId));
 }
@@ -129,9 +137,26 @@ try {
   const b = await browser.newContext();
   const other = await b.newPage();
   other.setDefaultTimeout(TIMEOUT);
+  // Its second worklist request (the catch-up once it is live) is answered with what the
+  // server said at once, but handed over only when the test lets it go: after the verdicts
+  // below and their events. An answer older than an event must not bring a reviewed scan back.
+  const held = { lists: 0, fetched: 0, delivered: false, release: null };
+  const released = new Promise((resolve) => (held.release = resolve));
+  await other.route(
+    (url) => url.pathname === "/api/v1/scans",
+    async (route) => {
+      const n = ++held.lists;
+      const response = await route.fetch();
+      held.fetched = Math.max(held.fetched, n);
+      if (n === 2) await released;
+      await route.fulfill({ response });
+      if (n === 2) held.delivered = true;
+    },
+  );
   await login(other, PASSWORD);
   await other.waitForSelector("#app-view", { state: "visible" });
   await other.waitForFunction((n) => document.querySelectorAll("#worklist li").length >= n, SCANS.length);
+  await until(() => held.fetched >= 2, "the second display's catch-up request");
 
   // Keyboard only: the first scan is open; Enter confirms it, the next opens; a digit corrects.
   await page.focus("#worklist");
@@ -156,6 +181,13 @@ try {
   for (const id of [first, second]) {
     await other.waitForFunction((id) => !document.querySelector(`#worklist li[data-scan-id="${id}"]`), id);
   }
+  // The catch-up asked for before both verdicts arrives now: it must not bring them back.
+  held.release();
+  await until(() => held.delivered, "the held catch-up's answer");
+  await other.waitForTimeout(500);
+  const afterStale = await worklistIds(other);
+  assert.ok(!afterStale.includes(first) && !afterStale.includes(second), `a stale answer brought reviewed scans back: ${afterStale}`);
+  out.stale_answer_ignored = true;
 
   // Undo: the last verdict (the correction) is taken back; the scan is unreviewed again,
   // here and on the other display; then it is confirmed for good.

@@ -23,6 +23,9 @@ const state = {
   heatmapUrl: null,
   heatmapFor: null, // the scan whose heatmap is loaded
   lastVerdict: null, // the scan of this reviewer's last verdict here, for undo
+  asked: 0, // requests for scan data sent so far (see ask())
+  listAsked: 0, // the number of the latest list request
+  scanAsked: new Map(), // scan_id -> the number of the latest request for that scan alone
 };
 
 class Unauthorized extends Error {}
@@ -84,6 +87,7 @@ $("logout").addEventListener("click", async () => {
   } catch (_) {}
   sessionStorage.removeItem(TOKEN);
   state.scans.clear();
+  state.scanAsked.clear();
   state.selected = null;
   showLogin("Logged out.");
 });
@@ -147,19 +151,40 @@ for (const id of ["f-unreviewed", "f-urgent", "f-review", "f-model"]) {
   $(id).addEventListener("change", renderWorklist);
 }
 
+// Answers can arrive out of order: a list asked for before a verdict can come back after the
+// scan's own refresh that the verdict's event caused, and would put the reviewed scan back on
+// the worklist. Every request is numbered when it is sent, and a scan takes data only from the
+// latest request sent about it; a request sent after an event is answered with data at least
+// as new as that event, so the last answer applied is never older than the last event.
+function ask() {
+  state.asked += 1;
+  return state.asked;
+}
+
+function latestAbout(id, asked) {
+  return asked >= Math.max(state.listAsked, state.scanAsked.get(id) || 0);
+}
+
 async function loadScans() {
+  const asked = ask();
+  state.listAsked = asked;
   const response = await api("/api/v1/scans?limit=500");
   if (!response.ok) return;
   const body = await response.json();
-  for (const scan of body.scans) state.scans.set(scan.scan_id, scan);
+  for (const scan of body.scans) {
+    if (latestAbout(scan.scan_id, asked)) state.scans.set(scan.scan_id, scan);
+  }
   renderWorklist();
   if (state.selected && state.scans.has(state.selected)) renderScan();
 }
 
 async function refreshScan(id) {
+  const asked = ask();
+  state.scanAsked.set(id, asked);
   const response = await api("/api/v1/scans/" + encodeURIComponent(id));
   if (!response.ok) return;
   const scan = await response.json();
+  if (!latestAbout(scan.scan_id, asked)) return;
   state.scans.set(scan.scan_id, scan);
   renderWorklist();
   if (state.selected === scan.scan_id) renderScan();
@@ -616,9 +641,12 @@ function startLive() {
   client.on("connect", () => {
     setPill("live", "live", "good");
     const t = state.settings.topics;
-    client.subscribe([t.results, t.events, t.status, t.quality], { qos: 1 });
-    // Results published while this page was away are not retained: catch up from the API.
-    loadScans().catch(() => {});
+    // Results published while this page was away are not retained: catch up from the API,
+    // once the broker has granted the subscription, so that nothing falls between the two.
+    client.subscribe([t.results, t.events, t.status, t.quality], { qos: 1 }, (error) => {
+      if (error) setPill("live", "live: " + (error.message || "subscription refused"), "bad");
+      loadScans().catch(() => {});
+    });
   });
   client.on("close", () => setPill("live", "live: reconnecting…", "bad"));
   client.on("message", onMessage);
