@@ -156,6 +156,43 @@ fn onnxruntime_serves_concurrent_callers_each_on_its_own_session() {
     assert_eq!(alone, together);
 }
 
+/// Several CPU sessions run on one copy of the weights ONNX Runtime optimized once, and a
+/// lone B-scan may run on the idle machine's session with every core: each answers as a
+/// session that optimized the model for itself.
+#[test]
+fn sessions_on_one_copy_of_the_weights_answer_as_a_session_of_its_own() {
+    let Some(images) = common::shared_oct_images() else { return };
+    let Some(library) = onnxruntime_library() else { return };
+    let config = octd::config::Config::default();
+    let load = |concurrency: usize| {
+        let mut model = config.model.clone();
+        model.backend = octd::config::BackendKind::Onnxruntime;
+        model.onnxruntime_library = Some(library.clone());
+        model.concurrency = concurrency;
+        octd::infer::Classifier::load(&common::repo().join("models/default"), &model, &config.triage).unwrap()
+    };
+    let own = load(1);
+    let shared = load(2);
+    assert!(!own.shares_weights(), "one session on every core has nothing to share");
+    assert!(shared.shares_weights(), "two sessions (and the idle machine's) share the weights");
+    let mut worst = 0f32;
+    for (path, _) in images.iter().take(6) {
+        let frame = octd::infer::frames::from_image(&image::open(path).unwrap());
+        let expected = own.classify_frames_with_heatmap(std::slice::from_ref(&frame), false).unwrap();
+        // On a shared session, then alone (the idle machine's session where there is one).
+        for alone in [false, true] {
+            let got = shared.classify_frames_with_heatmap(std::slice::from_ref(&frame), alone).unwrap();
+            assert_eq!(got.0.label, expected.0.label, "{}", path.display());
+            for (class, p) in &expected.0.probabilities {
+                worst = worst.max((p - got.0.probabilities[class]).abs());
+            }
+            let (map, want) = (got.1.unwrap().values, expected.1.as_ref().unwrap().values.clone());
+            worst = map.iter().zip(&want).fold(worst, |w, (a, b)| w.max((a - b).abs()));
+        }
+    }
+    assert!(worst < 1e-5, "shared weights changed an answer by {worst}");
+}
+
 #[test]
 fn a_volume_on_several_sessions_gives_the_answer_of_one() {
     let Some(images) = common::shared_oct_images() else { return };

@@ -146,7 +146,10 @@ fn a_reviewer_works_through_the_worklist_by_keyboard_in_chromium() {
     assert_eq!(done["uploaded"], 2, "{done}");
     assert!(done["upload_refused"].as_str().unwrap().contains("1 refused: not a JPEG"), "{done}");
     assert!(done["caught_up"].is_string(), "{done}");
-    assert_eq!(done["stale_answer_ignored"], true, "the second display ignored an answer older than the verdicts: {done}");
+    assert_eq!(
+        done["stale_answer_ignored"], true,
+        "the second display ignored an answer older than the verdicts: {done}"
+    );
     // Each reveal is logged with who and which scan, never the identity itself.
     let revealed = done["revealed"]["scan_id"].as_str().unwrap();
     let log = octd.plain_log();

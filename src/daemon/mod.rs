@@ -239,6 +239,7 @@ async fn run_until(
         wake: wake.clone(),
         telemetry: telemetry.clone(),
         quarantine: Quarantine::new(&dirs.quarantine, &secret),
+        in_process: Default::default(),
     });
     let decoders = Arc::new(WorkerSettings {
         program: std::env::current_exe().map_err(|e| {

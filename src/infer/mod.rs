@@ -43,9 +43,19 @@ pub trait Backend: Send + Sync {
         false
     }
     fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError>;
+    /// As [`Backend::run`], for a single B-scan's one call (not a volume's): a backend that
+    /// finds nothing else running may give it every core, which a lone scan on an idle daemon
+    /// gains from and a busy one does not.
+    fn run_single(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError> {
+        self.run(input, shape)
+    }
     /// Calls that run at once without sharing threads (ONNX Runtime: its CPU sessions).
     fn parallel_calls(&self) -> usize {
         1
+    }
+    /// Several sessions (or threads) run on one copy of the model's weights.
+    fn shares_weights(&self) -> bool {
+        false
     }
     /// The model's output names in order, where the backend can tell them.
     fn output_names(&self) -> Vec<String> {
@@ -264,6 +274,37 @@ fn colour(v: f32) -> [u8; 3] {
 /// free but resident in the allocator's heap (docs/benchmarks.md, "Memory within 120 MiB").
 static RELEASE_AFTER_LOAD: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 
+/// What the process runs to have the allocations of the calling thread start on a 64-byte
+/// line (true) or as the allocator likes (false): the binary's allocator, since this library
+/// has no unsafe code. ONNX Runtime's kernels run slower on weights at a lesser alignment
+/// (`ort_backend::SharedWeights`).
+static ALIGN_WEIGHTS: std::sync::OnceLock<fn(bool)> = std::sync::OnceLock::new();
+
+/// Register how weights are aligned (once per process; later calls change nothing).
+pub fn align_weights_with(aligning: fn(bool)) {
+    let _ = ALIGN_WEIGHTS.set(aligning);
+}
+
+/// While held, the calling thread's allocations are aligned for weights.
+pub(crate) struct AligningWeights(());
+
+impl AligningWeights {
+    pub(crate) fn start() -> Self {
+        if let Some(aligning) = ALIGN_WEIGHTS.get() {
+            aligning(true);
+        }
+        AligningWeights(())
+    }
+}
+
+impl Drop for AligningWeights {
+    fn drop(&mut self) {
+        if let Some(aligning) = ALIGN_WEIGHTS.get() {
+            aligning(false);
+        }
+    }
+}
+
 /// Register what runs after each model load (once per process; later calls change nothing).
 pub fn release_after_load(release: fn()) {
     let _ = RELEASE_AFTER_LOAD.set(release);
@@ -309,7 +350,9 @@ impl Classifier {
         // A model that loads but cannot run (wrong input shape, wrong output width) must
         // fail here, at start-up, not on the first patient's scan.
         let probe = GreyFrame { width: 8, height: 8, pixels: vec![0.5; 64] };
-        classifier.classify_frames(&[probe])?;
+        // Alone: the idle machine's session, where there is one, is tried (and warmed) too.
+        classifier.classify_frames(std::slice::from_ref(&probe))?;
+        classifier.classify_frames_with_heatmap(&[probe], true)?;
         Ok(classifier)
     }
 
@@ -319,6 +362,11 @@ impl Classifier {
 
     pub fn classes(&self) -> &[String] {
         &self.manifest.classes
+    }
+
+    /// The backend's sessions run on one copy of the model's weights.
+    pub fn shares_weights(&self) -> bool {
+        self.backend.shares_weights()
     }
 
     /// The backend computes in reduced precision (FP16); see `update::selftest`.
@@ -364,7 +412,9 @@ impl Classifier {
         let scored = match lanes {
             0 | 1 => {
                 let mut scored = Vec::new();
-                frames::for_each_batch_of(source, self.batch_size, |batch| self.score_batch(batch, &mut scored))?;
+                frames::for_each_batch_of(source, self.batch_size, |batch| {
+                    self.score_batch(batch, &mut scored, false)
+                })?;
                 scored
             }
             _ => self.score_in_lanes(source, lanes)?,
@@ -401,8 +451,9 @@ impl Classifier {
                     }
                     let mut out = Vec::with_capacity(batch.len());
                     // Caught, so that a lane never dies and leaves the producer waiting.
-                    let outcome =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.score_batch(&batch, &mut out)));
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.score_batch(&batch, &mut out, false)
+                    }));
                     match outcome {
                         Ok(Ok(())) => {
                             if let Ok(mut done) = done.lock() {
@@ -452,13 +503,17 @@ impl Classifier {
     }
 
     /// As [`Classifier::classify_frames`], with where the model looked when it can say.
+    /// `alone`: no other scan is being processed, so a single B-scan may have every core
+    /// ([`Backend::run_single`]).
     pub fn classify_frames_with_heatmap(
         &self,
         frames: &[GreyFrame],
+        alone: bool,
     ) -> Result<(Classification, Option<Heatmap>), InferError> {
         let mut scored = Vec::with_capacity(frames.len());
+        let single = alone && frames.len() == 1;
         for batch in frames.chunks(self.batch_size) {
-            self.score_batch(batch, &mut scored)?;
+            self.score_batch(batch, &mut scored, single)?;
         }
         self.with_heatmap(scored)
     }
@@ -492,18 +547,20 @@ impl Classifier {
     /// maximum over B-scans, the label is that of the least normal B-scan, and
     /// `most_suspicious_frame` says which one it is.
     pub fn classify_frames(&self, frames: &[GreyFrame]) -> Result<Classification, InferError> {
-        self.classify_frames_with_heatmap(frames).map(|(c, _)| c)
+        self.classify_frames_with_heatmap(frames, false).map(|(c, _)| c)
     }
 
-    /// Run one batch; append each B-scan's probabilities and input statistics.
-    fn score_batch(&self, batch: &[GreyFrame], out: &mut Vec<Scored>) -> Result<(), InferError> {
+    /// Run one batch; append each B-scan's probabilities and input statistics. `single`: the
+    /// batch is a single B-scan's whole scan ([`Backend::run_single`]).
+    fn score_batch(&self, batch: &[GreyFrame], out: &mut Vec<Scored>, single: bool) -> Result<(), InferError> {
         let spec = &self.manifest.input;
         let classes = &self.manifest.classes;
         let mut input = Vec::with_capacity(spec.channels * spec.height * spec.width * batch.len());
         for frame in batch {
             preprocess::preprocess_into(frame, spec, &mut input);
         }
-        let outputs = self.backend.run(input, [batch.len(), spec.channels, spec.height, spec.width])?;
+        let shape = [batch.len(), spec.channels, spec.height, spec.width];
+        let outputs = if single { self.backend.run_single(input, shape)? } else { self.backend.run(input, shape)? };
         let declared = |index: usize, what: &str| {
             outputs
                 .others
@@ -655,17 +712,24 @@ fn load_backend(
             &[Some(Provider::TensorRt), Some(Provider::Cuda), Some(Provider::Cpu), None]
         }
     };
+    // Sessions run at once, each with its own pool: unset, each gets its share of the
+    // cores, since more threads than cores cost more in switching than they give.
+    let share = (cores() / config.concurrency.max(1)).max(1);
     let settings = OrtSettings {
         library: config.onnxruntime_library.clone(),
-        // Sessions run at once, each with its own pool: unset, each gets its share of the
-        // cores, since more threads than cores cost more in switching than they give.
         threads: match config.threads {
-            0 => (cores() / config.concurrency.max(1)).max(1),
+            0 => share,
             n => n,
         },
         fp16: config.fp16,
         engine_cache: config.engine_cache_dir.clone(),
         sessions: config.concurrency.max(1),
+        // Unset threads: a lone B-scan on an idle daemon gets every core (a session more,
+        // sharing the weights; docs/benchmarks.md, "A lone B-scan on every core").
+        idle_threads: match config.threads {
+            0 if share < cores() => cores(),
+            _ => 0,
+        },
     };
     let mut failures = Vec::new();
     for step in chain {

@@ -7,12 +7,14 @@
 //! error here (and the caller falls back) rather than a silent CPU run under a GPU name.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use ort::environment::Environment;
 use ort::ep::{self, ExecutionProvider};
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
-use ort::value::Tensor;
+use ort::value::{DynValue, Tensor};
+use prost::Message;
 
 use super::{Backend, InferError, Outputs, RawOutput};
 
@@ -45,13 +47,27 @@ pub struct OrtSettings {
     /// Sessions on the CPU provider: one per call that may run at once (a session runs one
     /// call at a time, so one shared session made the pipeline's workers take turns).
     pub sessions: usize,
+    /// Threads of one more CPU session, lent only to a single B-scan's call while no other
+    /// session is out (0 or 1: none). On an idle machine a lone B-scan then runs on every
+    /// core instead of its worker's share (`Backend::run_single`).
+    pub idle_threads: usize,
+}
+
+/// The sessions not on loan, and how many are.
+struct Sessions {
+    shared: Vec<Session>,
+    /// The session with `OrtSettings::idle_threads`, when there is one and it is free.
+    idle: Option<Session>,
+    lent: usize,
 }
 
 /// Sessions lent to callers: a caller takes whichever is free and waits for the first one
 /// given back when none is, so callers beyond the sessions wait rather than oversubscribe.
 struct SessionPool {
-    free: Mutex<Vec<Session>>,
+    free: Mutex<Sessions>,
     given_back: Condvar,
+    /// The sessions that run at once (the idle machine's session is not counted: it is lent
+    /// only while none of them is out).
     size: usize,
 }
 
@@ -59,23 +75,37 @@ struct SessionPool {
 struct Lent<'a> {
     pool: &'a SessionPool,
     session: Option<Session>,
+    /// The idle machine's session, given back to its own place.
+    idle: bool,
 }
 
 impl SessionPool {
-    fn new(sessions: Vec<Session>) -> Self {
-        SessionPool { size: sessions.len(), free: Mutex::new(sessions), given_back: Condvar::new() }
+    fn new(sessions: Vec<Session>, idle: Option<Session>) -> Self {
+        SessionPool {
+            size: sessions.len(),
+            free: Mutex::new(Sessions { shared: sessions, idle, lent: 0 }),
+            given_back: Condvar::new(),
+        }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<Session>> {
+    fn lock(&self) -> MutexGuard<'_, Sessions> {
         // A panic while the list was held cannot leave it half-changed (push/pop only).
         self.free.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take(&self) -> Lent<'_> {
+    /// `alone`: the call may take the idle machine's session, if nothing else is running.
+    fn take(&self, alone: bool) -> Lent<'_> {
         let mut free = self.lock();
+        if alone && free.lent == 0 {
+            if let Some(session) = free.idle.take() {
+                free.lent += 1;
+                return Lent { pool: self, session: Some(session), idle: true };
+            }
+        }
         loop {
-            if let Some(session) = free.pop() {
-                return Lent { pool: self, session: Some(session) };
+            if let Some(session) = free.shared.pop() {
+                free.lent += 1;
+                return Lent { pool: self, session: Some(session), idle: false };
             }
             free = self.given_back.wait(free).unwrap_or_else(|p| p.into_inner());
         }
@@ -91,14 +121,102 @@ impl Lent<'_> {
 impl Drop for Lent<'_> {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
-            self.pool.lock().push(session);
-            self.pool.given_back.notify_one();
+            let mut free = self.pool.lock();
+            free.lent = free.lent.saturating_sub(1);
+            if self.idle {
+                free.idle = Some(session);
+            } else {
+                free.shared.push(session);
+                // Only a shared session is waited for.
+                self.pool.given_back.notify_one();
+            }
         }
+    }
+}
+
+/// A model's weights as ONNX Runtime's optimizations lay them out for this machine's CPU,
+/// held once for every session of the model. Prepacking shares only what kernels pack at
+/// creation; the weights the graph optimizations rewrite (the NCHWc convolutions) were kept
+/// once per session, about 12 MiB each with the default model (docs/benchmarks.md, "A lone
+/// B-scan on every core").
+struct SharedWeights {
+    /// The optimized graph, as ONNX, which each session takes with optimizations off.
+    graph: Vec<u8>,
+    weights: Vec<(String, Arc<DynValue>)>,
+}
+
+impl SharedWeights {
+    /// Optimize `model` once, through a session that is not kept, and read its weights back.
+    fn optimize(builder: &SessionBuilder, model: &Path) -> Result<SharedWeights, String> {
+        // Written by ONNX Runtime itself, which takes only a path; removed when dropped.
+        let scratch = tempfile::Builder::new()
+            .prefix("octd-optimized-")
+            .suffix(".onnx")
+            .tempfile()
+            .map_err(|e| format!("a scratch file for the optimized graph: {e}"))?;
+        // ONNX Runtime warns that the graph it writes is fit for this machine only: it is read
+        // back here, on this machine, and never kept.
+        let optimizing = builder
+            .clone()
+            .with_log_level(ort::logging::LogLevel::Error)
+            .map_err(|e| format!("log level: {e}"))?
+            .with_optimized_model_path(scratch.path())
+            .map_err(|e| format!("optimized model path: {e}"))?
+            .commit_from_file(model)
+            .map_err(|e| format!("optimizing: {e}"))?;
+        drop(optimizing);
+        let graph = std::fs::read(scratch.path()).map_err(|e| format!("reading the optimized graph: {e}"))?;
+        let proto = tract_onnx::pb::ModelProto::decode(graph.as_slice())
+            .map_err(|e| format!("parsing the optimized graph: {e}"))?;
+        let mut weights = Vec::new();
+        let _aligned = super::AligningWeights::start();
+        for tensor in proto.graph.map(|g| g.initializer).unwrap_or_default() {
+            // Float tensors held in the graph: the weights. Anything else stays in the graph,
+            // where each session reads it as before (shapes and indices, a few bytes).
+            let float = tract_onnx::pb::tensor_proto::DataType::Float as i32;
+            if tensor.data_type != float || tensor.data_location == Some(1) {
+                continue;
+            }
+            let count: i64 = tensor.dims.iter().product();
+            let stored = match tensor.raw_data.is_empty() {
+                true => tensor.float_data.len(),
+                false => tensor.raw_data.len() / 4,
+            };
+            if usize::try_from(count).ok() != Some(stored) || tensor.raw_data.len() % 4 != 0 {
+                continue;
+            }
+            // Allocated on a 64-byte line while `_aligned` holds (ONNX Runtime refuses
+            // weights from its own allocator); at glibc's 16 bytes its kernels ran 6 % slower.
+            let values: Vec<f32> = match tensor.raw_data.is_empty() {
+                true => tensor.float_data.to_vec(),
+                false => {
+                    tensor.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+                }
+            };
+            let value =
+                Tensor::from_array((tensor.dims, values)).map_err(|e| format!("weight {}: {e}", tensor.name))?;
+            weights.push((tensor.name, Arc::new(value.into_dyn())));
+        }
+        Ok(SharedWeights { graph, weights })
+    }
+
+    /// A session of the optimized graph on these weights.
+    fn commit(&self, builder: SessionBuilder) -> Result<Session, ort::Error> {
+        // Optimized once already: optimizing again would rewrite the shared weights into
+        // copies of the session's own.
+        let mut builder =
+            builder.with_optimization_level(GraphOptimizationLevel::Disable).map_err(ort::Error::<()>::from)?;
+        for (name, value) in &self.weights {
+            builder = builder.with_initializer(name, value.clone()).map_err(ort::Error::<()>::from)?;
+        }
+        builder.commit_from_memory(&self.graph)
     }
 }
 
 pub struct OrtBackend {
     sessions: SessionPool,
+    /// Every session runs on one copy of the weights (`SharedWeights`).
+    shares_weights: bool,
     provider: Provider,
     fp16: bool,
     output_names: Vec<String>,
@@ -240,28 +358,60 @@ impl OrtBackend {
         if let Some(dispatch) = dispatch {
             builder = builder.with_execution_providers([dispatch]).map_err(|e| err(e.into()))?;
         }
-        if settings.threads > 0 {
-            builder = builder.with_intra_threads(settings.threads).map_err(|e| err(e.into()))?;
-        }
         // A GPU session serves its device alone; CPU sessions are one per concurrent caller,
         // and share one copy of the weights as the CPU kernels lay them out (prepacked).
         let count = if provider == Provider::Cpu { settings.sessions.clamp(1, 16) } else { 1 };
-        if count > 1 {
+        let idle_threads =
+            if provider == Provider::Cpu && settings.idle_threads > 1 { settings.idle_threads } else { 0 };
+        if count > 1 || idle_threads > 0 {
             builder = builder
                 .with_prepacked_weights(&ort::session::builder::PrepackedWeights::new())
                 .map_err(|e| err(e.into()))?;
         }
+        let shared = match provider == Provider::Cpu && (count > 1 || idle_threads > 0) {
+            true => match SharedWeights::optimize(&builder, model) {
+                Ok(shared) => Some(shared),
+                Err(why) => {
+                    tracing::info!(%why, "each ONNX Runtime session keeps its own weights");
+                    None
+                }
+            },
+            false => None,
+        };
+        let unshared = std::sync::atomic::AtomicBool::new(shared.is_none());
+        let commit = |mut builder: SessionBuilder| -> Result<Session, InferError> {
+            if let Some(shared) = &shared {
+                match shared.commit(builder.clone()) {
+                    Ok(session) => return Ok(session),
+                    Err(why) => {
+                        tracing::warn!(%why, "an ONNX Runtime session could not take the shared weights: it keeps its own");
+                        unshared.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+            builder.commit_from_file(model).map_err(err)
+        };
+        let idle = match idle_threads {
+            0 => None,
+            n => Some(commit(builder.clone().with_intra_threads(n).map_err(|e| err(e.into()))?)?),
+        };
+        if settings.threads > 0 {
+            builder = builder.with_intra_threads(settings.threads).map_err(|e| err(e.into()))?;
+        }
         let mut sessions = Vec::with_capacity(count);
         for _ in 0..count {
-            sessions.push(builder.clone().commit_from_file(model).map_err(err)?);
+            sessions.push(commit(builder.clone())?);
         }
+        drop(shared);
+        let shares_weights = !unshared.into_inner();
         let output_names = match sessions.first() {
             Some(session) => session.outputs().iter().map(|o| o.name().to_string()).collect(),
             None => Vec::new(),
         };
         Ok(OrtBackend {
             output_names,
-            sessions: SessionPool::new(sessions),
+            sessions: SessionPool::new(sessions, idle),
+            shares_weights,
             provider,
             fp16: settings.fp16 && provider == Provider::TensorRt,
         })
@@ -281,6 +431,10 @@ impl Backend for OrtBackend {
         self.sessions.size
     }
 
+    fn shares_weights(&self) -> bool {
+        self.shares_weights
+    }
+
     fn output_names(&self) -> Vec<String> {
         self.output_names.clone()
     }
@@ -298,10 +452,20 @@ impl Backend for OrtBackend {
     }
 
     fn run(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError> {
+        self.run_on(input, shape, false)
+    }
+
+    fn run_single(&self, input: Vec<f32>, shape: [usize; 4]) -> Result<Outputs, InferError> {
+        self.run_on(input, shape, true)
+    }
+}
+
+impl OrtBackend {
+    fn run_on(&self, input: Vec<f32>, shape: [usize; 4], alone: bool) -> Result<Outputs, InferError> {
         let err = |e: ort::Error| InferError::Backend(e.to_string());
         let shape_i64: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         let tensor = Tensor::from_array((shape_i64, input)).map_err(err)?;
-        let mut lent = self.sessions.take();
+        let mut lent = self.sessions.take(alone);
         let outputs = lent.session()?.run(ort::inputs![tensor]).map_err(err)?;
         if outputs.len() == 0 {
             return Err(InferError::Backend("model produced no output".into()));

@@ -138,6 +138,24 @@ pub struct Pipeline {
     pub wake: Arc<Notify>,
     pub telemetry: Arc<Telemetry>,
     pub quarantine: Quarantine,
+    /// Scans the workers are processing now: one alone may have every core for inference.
+    pub in_process: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a scan in `Pipeline::in_process` while it lives.
+struct InProcess<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> InProcess<'a> {
+    fn start(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InProcess(count)
+    }
+}
+
+impl Drop for InProcess<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PipelineError> {
@@ -158,6 +176,7 @@ impl Pipeline {
         counted: &mut bool,
     ) -> Result<(), PipelineError> {
         let queue_ms = job.queued_at.elapsed().as_millis() as u64;
+        let _in_process = InProcess::start(&self.in_process);
         let me = self.clone();
         let id = job.scan_id;
         // A scan to de-identify has its spooled original read on the thread that looked it
@@ -395,7 +414,10 @@ impl Pipeline {
             let model = self.updater.current().ok_or_else(|| PipelineError::Transient("no model is loaded".into()))?;
             let busy = self.updater.inference_started(&model);
             let classified = match frames {
-                Frames::Decoded(frames) => model.classifier.classify_frames_with_heatmap(frames),
+                Frames::Decoded(frames) => {
+                    let alone = self.in_process.load(std::sync::atomic::Ordering::Relaxed) <= 1;
+                    model.classifier.classify_frames_with_heatmap(frames, alone)
+                }
                 Frames::Source(source) => model.classifier.classify_source_with_heatmap(source),
             };
             match classified {

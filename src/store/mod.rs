@@ -186,9 +186,13 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// redb's page cache. Its default (1 GiB) let a burst of writes keep growing the daemon's
+/// memory; the store's hot pages (recent scans, the outbox, counters) fit in far less.
+const STORE_CACHE_BYTES: usize = 16 << 20;
+
 impl Store {
     pub fn open(path: &Path, secret: &DeviceSecret) -> Result<Store, StoreError> {
-        let db = Database::create(path)?;
+        let db = Database::builder().set_cache_size(STORE_CACHE_BYTES).create(path)?;
         let txn = db.begin_write()?;
         {
             txn.open_table(SCANS)?;
