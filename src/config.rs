@@ -175,7 +175,9 @@ pub struct ModelConfig {
     pub dir: Option<PathBuf>,
     pub backend: BackendKind,
     /// Inference threads; 0 = every core (tract: one pool shared by the pipeline's workers;
-    /// ONNX Runtime on the CPU: each worker's session gets its share of the cores).
+    /// ONNX Runtime on the CPU: each worker's session gets its share of the cores, and a 2-D
+    /// scan alone in the pipeline runs on one more session with a thread per core). Set, every
+    /// session has that many and there is no such session.
     pub threads: usize,
     /// B-scans per inference call for volumes; 0 = the backend's choice (ONNX Runtime on the
     /// CPU: 1, since a batch costs the same per B-scan there and holds more memory; 8

@@ -306,7 +306,7 @@ fn print_report(result: Result<serde_json::Value, String>) -> ExitCode {
 /// octd allocates (`ort_backend::SharedWeights`), and its kernels ran about 6 % slower on
 /// weights at glibc's 16-byte alignment. Aligning every such block instead cost 50 MiB of
 /// heap and time (docs/benchmarks.md, "A lone B-scan on every core").
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
 mod weight_allocator {
     use std::alloc::{GlobalAlloc, Layout};
     use std::cell::Cell;
@@ -353,6 +353,19 @@ mod weight_allocator {
             }
         }
 
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            let align = wanted(layout);
+            if align <= MALLOC_ALIGN && align <= layout.size() {
+                // calloc skips zeroing the pages a large block gets fresh from the kernel.
+                return unsafe { libc::calloc(layout.size(), 1) }.cast();
+            }
+            let block = unsafe { self.alloc(layout) };
+            if !block.is_null() {
+                unsafe { std::ptr::write_bytes(block, 0, layout.size()) };
+            }
+            block
+        }
+
         unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
             unsafe { libc::free(ptr.cast()) }
         }
@@ -376,7 +389,7 @@ mod weight_allocator {
     }
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
 #[global_allocator]
 static ALLOCATOR: weight_allocator::WeightAligned = weight_allocator::WeightAligned;
 
@@ -396,6 +409,7 @@ fn tune_allocator() {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
         }
         octd::infer::release_after_load(trim_heap);
+        #[cfg(target_pointer_width = "64")]
         octd::infer::align_weights_with(weight_allocator::aligning);
     }
 }

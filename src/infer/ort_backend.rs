@@ -135,10 +135,11 @@ impl Drop for Lent<'_> {
 }
 
 /// A model's weights as ONNX Runtime's optimizations lay them out for this machine's CPU,
-/// held once for every session of the model. Prepacking shares only what kernels pack at
-/// creation; the weights the graph optimizations rewrite (the NCHWc convolutions) were kept
-/// once per session, about 12 MiB each with the default model (docs/benchmarks.md, "A lone
-/// B-scan on every core").
+/// held once for every session of the model. Without them each session kept its own copy of
+/// the weights its graph optimizations rewrite (the NCHWc convolutions), about 12 MiB each
+/// with the default model, and the prepacked-weights container shared nothing: ONNX Runtime
+/// caches packed weights only for shared initializers (docs/benchmarks.md, "A lone B-scan on
+/// every core").
 struct SharedWeights {
     /// The optimized graph, as ONNX, which each session takes with optimizations off.
     graph: Vec<u8>,
@@ -173,11 +174,16 @@ impl SharedWeights {
         for tensor in proto.graph.map(|g| g.initializer).unwrap_or_default() {
             // Float tensors held in the graph: the weights. Anything else stays in the graph,
             // where each session reads it as before (shapes and indices, a few bytes).
+            // Data outside the graph (a file, or ONNX Runtime's in-memory tag, a pointer into
+            // the session just dropped) cannot be read back here: no sharing then.
+            if tensor.data_location == Some(1) || !tensor.external_data.is_empty() {
+                return Err(format!("weight {} is stored outside the optimized graph", tensor.name));
+            }
             let float = tract_onnx::pb::tensor_proto::DataType::Float as i32;
-            if tensor.data_type != float || tensor.data_location == Some(1) {
+            if tensor.data_type != float {
                 continue;
             }
-            let count: i64 = tensor.dims.iter().product();
+            let count = tensor.dims.iter().try_fold(1i64, |n, &d| n.checked_mul(d)).unwrap_or(-1);
             let stored = match tensor.raw_data.is_empty() {
                 true => tensor.float_data.len(),
                 false => tensor.raw_data.len() / 4,
@@ -187,6 +193,8 @@ impl SharedWeights {
             }
             // Allocated on a 64-byte line while `_aligned` holds (ONNX Runtime refuses
             // weights from its own allocator); at glibc's 16 bytes its kernels ran 6 % slower.
+            // Each is allocated at its final size at once: a reallocation keeps only
+            // malloc's alignment.
             let values: Vec<f32> = match tensor.raw_data.is_empty() {
                 true => tensor.float_data.to_vec(),
                 false => {
@@ -196,6 +204,10 @@ impl SharedWeights {
             let value =
                 Tensor::from_array((tensor.dims, values)).map_err(|e| format!("weight {}: {e}", tensor.name))?;
             weights.push((tensor.name, Arc::new(value.into_dyn())));
+        }
+        if weights.is_empty() {
+            // Weights of another type (FP16, quantized) stay in each session's graph.
+            return Err("the optimized graph has no float weights to share".into());
         }
         Ok(SharedWeights { graph, weights })
     }
@@ -358,8 +370,9 @@ impl OrtBackend {
         if let Some(dispatch) = dispatch {
             builder = builder.with_execution_providers([dispatch]).map_err(|e| err(e.into()))?;
         }
-        // A GPU session serves its device alone; CPU sessions are one per concurrent caller,
-        // and share one copy of the weights as the CPU kernels lay them out (prepacked).
+        // A GPU session serves its device alone; CPU sessions are one per concurrent caller.
+        // ONNX Runtime caches prepacked weights only for shared initializers
+        // (`SharedWeights`): with them, the kernels' packed layouts are shared too.
         let count = if provider == Provider::Cpu { settings.sessions.clamp(1, 16) } else { 1 };
         let idle_threads =
             if provider == Provider::Cpu && settings.idle_threads > 1 { settings.idle_threads } else { 0 };
@@ -372,7 +385,8 @@ impl OrtBackend {
             true => match SharedWeights::optimize(&builder, model) {
                 Ok(shared) => Some(shared),
                 Err(why) => {
-                    tracing::info!(%why, "each ONNX Runtime session keeps its own weights");
+                    // About 12 MiB more per session with the default model.
+                    tracing::warn!(%why, "each ONNX Runtime session keeps its own weights");
                     None
                 }
             },
