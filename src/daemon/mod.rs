@@ -420,6 +420,16 @@ async fn work(
     mut decoder: Decoder,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
+    // A worker that cannot start now is tried again, and reported, by the first scan.
+    tokio::select! {
+        biased;
+        _ = crate::shutdown::requested(&mut shutdown) => return Ok(()),
+        started = decoder.warm_up() => {
+            if let Err(e) = started {
+                tracing::warn!(worker, error = %e, "the decoder worker did not start ahead of the first scan");
+            }
+        }
+    }
     loop {
         // Queued scans are already durable (state received); on shutdown they wait for the
         // next start rather than delaying this one.
