@@ -304,8 +304,8 @@ fn print_report(result: Result<serde_json::Value, String>) -> ExitCode {
 /// glibc's allocator, except that a thread may ask for its blocks of 4 KiB and more to start
 /// on a 64-byte line: ONNX Runtime's CPU sessions share one copy of a model's weights, which
 /// octd allocates (`ort_backend::SharedWeights`), and its kernels ran about 6 % slower on
-/// weights at glibc's 16-byte alignment. Aligning every such block instead cost 50 MiB of
-/// heap and time (docs/benchmarks.md, "A lone B-scan on every core").
+/// weights at glibc's 16-byte alignment. Aligning every such block instead raised the
+/// start-up peak by about 40 MiB (docs/benchmarks.md, "A lone B-scan on every core").
 #[cfg(all(target_os = "linux", target_env = "gnu", target_pointer_width = "64"))]
 mod weight_allocator {
     use std::alloc::{GlobalAlloc, Layout};
@@ -327,6 +327,12 @@ mod weight_allocator {
         ALIGNING.with(|a| a.set(on));
     }
 
+    /// malloc, calloc and realloc give this alignment for this size (as std's System
+    /// allocator decides).
+    fn by_malloc(align: usize, size: usize) -> bool {
+        align <= MALLOC_ALIGN && align <= size
+    }
+
     fn wanted(layout: Layout) -> usize {
         let aligning = ALIGNING.try_with(Cell::get).unwrap_or(false);
         match aligning && layout.size() >= FROM {
@@ -342,7 +348,7 @@ mod weight_allocator {
     unsafe impl GlobalAlloc for WeightAligned {
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
             let align = wanted(layout);
-            if align <= MALLOC_ALIGN && align <= layout.size() {
+            if by_malloc(align, layout.size()) {
                 return unsafe { libc::malloc(layout.size()) }.cast();
             }
             let mut out = std::ptr::null_mut();
@@ -355,7 +361,7 @@ mod weight_allocator {
 
         unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
             let align = wanted(layout);
-            if align <= MALLOC_ALIGN && align <= layout.size() {
+            if by_malloc(align, layout.size()) {
                 // calloc skips zeroing the pages a large block gets fresh from the kernel.
                 return unsafe { libc::calloc(layout.size(), 1) }.cast();
             }
@@ -371,7 +377,7 @@ mod weight_allocator {
         }
 
         unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-            if layout.align() <= MALLOC_ALIGN && layout.align() <= new_size {
+            if by_malloc(layout.align(), new_size) {
                 return unsafe { libc::realloc(ptr.cast(), new_size) }.cast();
             }
             let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else {

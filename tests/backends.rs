@@ -17,6 +17,22 @@ fn onnxruntime_library() -> Option<PathBuf> {
     found
 }
 
+/// The shipped model on ONNX Runtime's CPU, with `concurrency` callers and the settings
+/// `adjust` makes.
+fn shipped_on_onnxruntime(
+    library: &Path,
+    concurrency: usize,
+    adjust: impl FnOnce(&mut octd::config::ModelConfig),
+) -> octd::infer::Classifier {
+    let config = octd::config::Config::default();
+    let mut model = config.model.clone();
+    model.backend = octd::config::BackendKind::Onnxruntime;
+    model.onnxruntime_library = Some(library.to_path_buf());
+    model.concurrency = concurrency;
+    adjust(&mut model);
+    octd::infer::Classifier::load(&common::repo().join("models/default"), &model, &config.triage).unwrap()
+}
+
 #[test]
 fn onnxruntime_agrees_with_tract_on_the_shared_scans() {
     let Some(images) = common::shared_oct_images() else { return };
@@ -135,14 +151,7 @@ fn activation_maps_agree_across_backends_and_draw_on_the_scan() {
 fn onnxruntime_serves_concurrent_callers_each_on_its_own_session() {
     let Some(images) = common::shared_oct_images() else { return };
     let Some(library) = onnxruntime_library() else { return };
-    let config = octd::config::Config::default();
-    let mut model = config.model.clone();
-    model.backend = octd::config::BackendKind::Onnxruntime;
-    model.onnxruntime_library = Some(library);
-    model.threads = 1;
-    model.concurrency = 2;
-    let repo = common::repo();
-    let classifier = octd::infer::Classifier::load(&repo.join("models/default"), &model, &config.triage).unwrap();
+    let classifier = shipped_on_onnxruntime(&library, 2, |model| model.threads = 1);
     let files: Vec<PathBuf> = images.iter().take(8).map(|(p, _)| p.clone()).collect();
     let alone: Vec<_> = files.iter().map(|f| classifier.classify_artifact(f).unwrap()).collect();
     // Two callers at once, as the pipeline's two workers: the same answers.
@@ -163,16 +172,8 @@ fn onnxruntime_serves_concurrent_callers_each_on_its_own_session() {
 fn sessions_on_one_copy_of_the_weights_answer_as_a_session_of_its_own() {
     let Some(images) = common::shared_oct_images() else { return };
     let Some(library) = onnxruntime_library() else { return };
-    let config = octd::config::Config::default();
-    let load = |concurrency: usize| {
-        let mut model = config.model.clone();
-        model.backend = octd::config::BackendKind::Onnxruntime;
-        model.onnxruntime_library = Some(library.clone());
-        model.concurrency = concurrency;
-        octd::infer::Classifier::load(&common::repo().join("models/default"), &model, &config.triage).unwrap()
-    };
-    let own = load(1);
-    let shared = load(2);
+    let own = shipped_on_onnxruntime(&library, 1, |_| ());
+    let shared = shipped_on_onnxruntime(&library, 2, |_| ());
     assert!(!own.shares_weights(), "one session on every core has nothing to share");
     assert!(shared.shares_weights(), "two sessions (and the idle machine's) share the weights");
     let mut worst = 0f32;
@@ -201,16 +202,8 @@ fn a_volume_on_several_sessions_gives_the_answer_of_one() {
     // 20 B-scans, one of them CNV.
     let volume = dir.path().join("volume.dcm");
     std::fs::write(&volume, common::dicom::volume_with_cnv_at(&images, 13, 20, 256, 248)).unwrap();
-    let config = octd::config::Config::default();
-    let load = |concurrency: usize| {
-        let mut model = config.model.clone();
-        model.backend = octd::config::BackendKind::Onnxruntime;
-        model.onnxruntime_library = Some(library.clone());
-        model.concurrency = concurrency;
-        // One B-scan a batch: twenty batches over three lanes finish out of order.
-        model.batch_size = 1;
-        octd::infer::Classifier::load(&common::repo().join("models/default"), &model, &config.triage).unwrap()
-    };
+    // One B-scan a batch: twenty batches over three lanes finish out of order.
+    let load = |concurrency: usize| shipped_on_onnxruntime(&library, concurrency, |model| model.batch_size = 1);
     let one = load(1).classify_artifact(&volume).unwrap();
     let lanes = load(3).classify_artifact(&volume).unwrap();
     assert_eq!(one, lanes, "frame order, per-class maxima and the most suspicious B-scan are kept");

@@ -183,12 +183,7 @@ impl SharedWeights {
             if tensor.data_type != float {
                 continue;
             }
-            let count = tensor.dims.iter().try_fold(1i64, |n, &d| n.checked_mul(d)).unwrap_or(-1);
-            let stored = match tensor.raw_data.is_empty() {
-                true => tensor.float_data.len(),
-                false => tensor.raw_data.len() / 4,
-            };
-            if usize::try_from(count).ok() != Some(stored) || tensor.raw_data.len() % 4 != 0 {
+            if tensor.raw_data.len() % 4 != 0 {
                 continue;
             }
             // Allocated on a 64-byte line while `_aligned` holds (ONNX Runtime refuses
@@ -201,6 +196,10 @@ impl SharedWeights {
                     tensor.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
                 }
             };
+            let count = tensor.dims.iter().try_fold(1i64, |n, &d| n.checked_mul(d));
+            if count.and_then(|n| usize::try_from(n).ok()) != Some(values.len()) {
+                continue;
+            }
             let value =
                 Tensor::from_array((tensor.dims, values)).map_err(|e| format!("weight {}: {e}", tensor.name))?;
             weights.push((tensor.name, Arc::new(value.into_dyn())));
@@ -376,12 +375,14 @@ impl OrtBackend {
         let count = if provider == Provider::Cpu { settings.sessions.clamp(1, 16) } else { 1 };
         let idle_threads =
             if provider == Provider::Cpu && settings.idle_threads > 1 { settings.idle_threads } else { 0 };
-        if count > 1 || idle_threads > 0 {
+        // Several CPU sessions (a GPU provider has one and no idle machine's session).
+        let several = count > 1 || idle_threads > 0;
+        if several {
             builder = builder
                 .with_prepacked_weights(&ort::session::builder::PrepackedWeights::new())
                 .map_err(|e| err(e.into()))?;
         }
-        let shared = match provider == Provider::Cpu && (count > 1 || idle_threads > 0) {
+        let shared = match several {
             true => match SharedWeights::optimize(&builder, model) {
                 Ok(shared) => Some(shared),
                 Err(why) => {
@@ -392,14 +393,14 @@ impl OrtBackend {
             },
             false => None,
         };
-        let unshared = std::sync::atomic::AtomicBool::new(shared.is_none());
+        let unshared = std::cell::Cell::new(shared.is_none());
         let commit = |mut builder: SessionBuilder| -> Result<Session, InferError> {
             if let Some(shared) = &shared {
                 match shared.commit(builder.clone()) {
                     Ok(session) => return Ok(session),
                     Err(why) => {
                         tracing::warn!(%why, "an ONNX Runtime session could not take the shared weights: it keeps its own");
-                        unshared.store(true, std::sync::atomic::Ordering::Relaxed);
+                        unshared.set(true);
                     }
                 }
             }
@@ -417,7 +418,7 @@ impl OrtBackend {
             sessions.push(commit(builder.clone())?);
         }
         drop(shared);
-        let shares_weights = !unshared.into_inner();
+        let shares_weights = !unshared.get();
         let output_names = match sessions.first() {
             Some(session) => session.outputs().iter().map(|o| o.name().to_string()).collect(),
             None => Vec::new(),
