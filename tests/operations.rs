@@ -187,7 +187,9 @@ fn a_wedged_worker_stops_the_watchdog_pings_until_it_moves_again() {
     let notify = NotifySocket::bind(dir.path());
     octd.env.push(("NOTIFY_SOCKET".into(), notify.path.display().to_string()));
     octd.env.push(("WATCHDOG_USEC".into(), "600000".into()));
-    // One scan may take 1 s; the volume below takes several on one thread.
+    // One scan may take 1 s; the volume below takes longer than that by more than the 600 ms
+    // wedge asserted below. 96 B-scans were not enough on a faster machine: that volume took
+    // about 1.6 s there, and the test failed in 2 of 3 runs with "the wedge was too short".
     octd.env.push(("OCTD_TELEMETRY__STUCK_AFTER".into(), "1s".into()));
     octd.start();
     let ready = notify.wait_for("READY=1", Duration::from_secs(60));
@@ -195,7 +197,7 @@ fn a_wedged_worker_stops_the_watchdog_pings_until_it_moves_again() {
     let first_ping = notify.wait_for("WATCHDOG=1", Duration::from_secs(5));
     assert!(first_ping < ready, "no watchdog ping before READY: {:?}", notify.texts());
 
-    let frames: Vec<Vec<u8>> = (0..96).map(|i| fixture::grey_frame(&images[i % images.len()].0, 512, 496)).collect();
+    let frames: Vec<Vec<u8>> = (0..192).map(|i| fixture::grey_frame(&images[i % images.len()].0, 512, 496)).collect();
     let volume = fixture::build(fixture::Spec::plain(
         fixture::OPT_SOP_CLASS,
         Pixels::Native { width: 512, height: 496, frames },
