@@ -1,5 +1,6 @@
 //! Per-stage latency on real data: de-identification and classification of one B-scan and
-//! of a 64-B-scan volume, and one store commit. `cargo bench --bench stages`.
+//! of a 64-B-scan volume, a B-scan's conversion to the model's input, and one store commit.
+//! `cargo bench --bench stages`.
 //! Uses ../shared/data/oct when present, else a synthetic speckle image (figures in
 //! docs/benchmarks.md come from the real data).
 
@@ -62,6 +63,24 @@ fn benches(c: &mut Criterion) {
     // The group says tract: pinned, not whatever `auto` finds here.
     let tract = ModelConfig { backend: octd::config::BackendKind::Tract, ..ModelConfig::default() };
     let classifier = Classifier::load(&model_dir, &tract, &TriageConfig::default()).unwrap_or_else(|e| panic!("{e}"));
+    // What a 2-D scan costs besides inference: its decoded pixels to grey levels, their
+    // statistics for the review's input ranges, and the model's input.
+    let decoded = image::open(&bscan).unwrap_or_else(|e| panic!("{e}"));
+    let frame = octd::infer::frames::from_image(&decoded);
+    let spec = classifier.input_spec().clone();
+    let mut group = c.benchmark_group("preprocess");
+    group.bench_function("grey_levels", |b| b.iter(|| octd::infer::frames::from_image(&decoded)));
+    group.bench_function("mean_std", |b| b.iter(|| frame.mean_std()));
+    group.bench_function("model_input", |b| {
+        let mut input = Vec::with_capacity(spec.channels * spec.height * spec.width);
+        b.iter(|| {
+            input.clear();
+            octd::infer::preprocess::preprocess_into(&frame, &spec, &mut input);
+            input.len()
+        })
+    });
+    group.finish();
+
     let bscan_artifact = deid.deidentify(&bscan, &out, ScanId::new()).unwrap_or_else(|e| panic!("{e}")).artifact;
     let volume_artifact = deid.deidentify(&volume, &out, ScanId::new()).unwrap_or_else(|e| panic!("{e}")).artifact;
     let mut group = c.benchmark_group("infer_tract");
