@@ -177,7 +177,7 @@ fn kill_9_at_random_points_loses_nothing() {
     // Each input was claimed once: the store holds exactly one scan per input.
     let reasons: HashMap<String, Value> =
         octd.quarantine_reasons().into_iter().map(|r| (r["scan_id"].as_str().unwrap().to_string(), r)).collect();
-    assert!(reasons.values().all(|r| r["code"] == "not_an_image"));
+    assert!(reasons.values().all(|r| r["code"] == "not_an_image"), "{reasons:?}\nlog tail:\n{}", tail(&octd.log(), 40));
     let _ = (good, bad);
 }
 

@@ -150,18 +150,28 @@ impl Quarantine {
         self.sealed_path(id).exists()
     }
 
-    /// Seal `spooled` (when it is still there) into quarantine, remove the plaintext and write
-    /// the reason, all durably: the store records the quarantine only after this.
+    /// Seal `spooled` (when it is still there) into quarantine, write the reason, then remove
+    /// the plaintext, all durably: the store records the quarantine only after this.
     pub fn admit(&self, spooled: &Path, reason: &QuarantineReason) -> io::Result<()> {
-        if spooled.exists() {
+        let sealing = spooled.exists();
+        if sealing {
             self.seal(spooled, reason.scan_id)?;
+        }
+        // The reason is down before the spooled original goes: a death in between otherwise
+        // left a scan without its original and without a reason, finished at the next start
+        // as "source_missing" instead of what was wrong with it (seen once in
+        // tests/pipeline.rs's kill -9 test). A death before the removal leaves the original,
+        // and start-up discards the sealed copy and its reason and processes it again.
+        let json = serde_json::to_vec_pretty(reason).map_err(io::Error::other)?;
+        let reasoned = crate::fsutil::write_atomic(&self.reason_path(reason.scan_id), &json);
+        // Sealed, the plaintext original goes even when its reason could not be written.
+        if sealing {
             fs::remove_file(spooled)?;
             if let Some(dir) = spooled.parent() {
                 crate::fsutil::sync_dir(dir)?;
             }
         }
-        let json = serde_json::to_vec_pretty(reason).map_err(io::Error::other)?;
-        crate::fsutil::write_atomic(&self.reason_path(reason.scan_id), &json)
+        reasoned
     }
 
     /// Seal the file at `plain` as the original of `id` (temporary file, fsync, rename).
