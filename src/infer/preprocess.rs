@@ -173,7 +173,7 @@ mod tests {
             let (want_mean, want_std) = mean_std_two_pass(frame);
             assert!((f64::from(mean) - want_mean).abs() < 1e-6, "mean {mean} against {want_mean}");
             // Absolute for a real spread; relative for a near-flat frame's tiny one.
-            let tolerance = (want_std * 1e-2).max(1e-7).min(1e-5);
+            let tolerance = (want_std * 1e-2).clamp(1e-7, 1e-5);
             assert!((f64::from(std) - want_std).abs() < tolerance, "std {std} against {want_std}");
         }
         assert_eq!(GreyFrame { width: 0, height: 0, pixels: Vec::new() }.mean_std(), (0.0, 0.0));
