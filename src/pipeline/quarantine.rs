@@ -153,6 +153,8 @@ impl Quarantine {
     /// Seal `spooled` (when it is still there) into quarantine, write the reason, then remove
     /// the plaintext, all durably: the store records the quarantine only after this.
     pub fn admit(&self, spooled: &Path, reason: &QuarantineReason) -> io::Result<()> {
+        // Serialised first: nothing returns early between the seal and the plaintext's removal.
+        let json = serde_json::to_vec_pretty(reason).map_err(io::Error::other)?;
         let sealing = spooled.exists();
         if sealing {
             self.seal(spooled, reason.scan_id)?;
@@ -162,7 +164,6 @@ impl Quarantine {
         // as "source_missing" instead of what was wrong with it (seen once in
         // tests/pipeline.rs's kill -9 test). A death before the removal leaves the original,
         // and start-up discards the sealed copy and its reason and processes it again.
-        let json = serde_json::to_vec_pretty(reason).map_err(io::Error::other)?;
         let reasoned = crate::fsutil::write_atomic(&self.reason_path(reason.scan_id), &json);
         // Sealed, the plaintext original goes even when its reason could not be written.
         if sealing {
